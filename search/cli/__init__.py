@@ -1,0 +1,88 @@
+"""The ``koopman-search`` command line.
+
+Data goes to stdout, logs to stderr. Exit codes: 0 success, 1 runtime error, 2 usage or input error.
+A traceback is printed only with ``--debug``. Each subcommand lives in its own module exposing
+``add_parser(subparsers)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from trainer.errors import ConfigError, KoopmanError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+# subcommand name -> module under search.cli
+COMMANDS: dict[str, str] = {
+    "train": "search.cli.train",
+    "create": "search.cli.create",
+    "launch": "search.cli.launch",
+    "worker": "search.cli.worker",
+    "status": "search.cli.status",
+    "best": "search.cli.best",
+    "dashboard": "search.cli.dashboard",
+    "report": "search.cli.report",
+}
+
+
+def _modules() -> dict[str, ModuleType]:
+    return {name: importlib.import_module(path) for name, path in COMMANDS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koopman-search",
+        description="Hyperparameter search for hybrid Koopman language-model training.",
+        epilog="Example: koopman-search launch studies/quickstart.toml",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _modules().items():
+        command = module.add_parser(sub)
+        command.set_defaults(_run=module.run, _name=name)
+    return parser
+
+
+def _configure_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("trainer", "search"):
+        logging.getLogger(name).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.debug, args.quiet)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        print(f"koopman-search {args._name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KoopmanError as exc:
+        if args.debug:
+            raise
+        print(f"koopman-search {args._name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"koopman-search {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The per-epoch record the trainer hands to its callback, and that the search stores for every trial."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["RECORD_FIELDS", "EpochRecord"]
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What one epoch did. Losses are means over the epoch's training batches (DESIGN.md)."""
+
+    epoch: int  # 1..epochs
+    epochs: int
+    lm_loss: float
+    koopman_loss: float  # mean raw Koopman loss over batches where it was on (0 when off)
+    total_loss: float  # mean over batches of lm_loss + effective_weight * koopman_loss
+    koopman_weight: float  # the scheduled weight of this epoch
+    effective_weight: float  # mean over batches of the weight actually applied (after fallback)
+    fallback_batches: int  # batches whose weight was cut by the fallback
+    nonfinite_batches: int  # batches whose Koopman loss was NaN/Inf (the term is then off for the epoch)
+    val_loss: float  # token-weighted mean validation cross-entropy
+    val_ppl: float  # exp(val_loss)
+    val_koopman_nre: float  # 1 - R^2 of K on centred lifted validation states, mean over blocks
+    seconds: float  # wall time of the epoch, evaluation included
+    tokens_per_s: float  # training tokens per second of training time
+    steps: int  # training steps in this epoch
+    val_koopman_ppl: float = math.nan  # "Koopman-forward" perplexity, when koopman.forward_ppl is on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EpochRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(EpochRecord))
