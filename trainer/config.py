@@ -134,7 +134,6 @@ class KoopmanConfig:
     fallback_threshold: float = field(default=10.0, metadata=_check(_positive))
     fallback_factor: float = field(default=0.01, metadata=_check(_unit_interval))
     fallback_batches: int = field(default=10, metadata=_check(_non_negative))
-    forward_ppl: bool = False  # also evaluate "Koopman-forward" perplexity on the validation set
 
 
 @dataclass(frozen=True)

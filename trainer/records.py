@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -24,11 +23,11 @@ class EpochRecord:
     nonfinite_batches: int  # batches whose Koopman loss was NaN/Inf (the term is then off for the epoch)
     val_loss: float  # token-weighted mean validation cross-entropy
     val_ppl: float  # exp(val_loss)
-    val_koopman_nre: float  # 1 - R^2 of K on centred lifted validation states, mean over blocks
+    val_koopman_nre: float  # 1 - R^2 of K on centred lifted validation states, mean over blocks;
+    #                         NaN in epochs where the Koopman loss is off (and in the baseline)
     seconds: float  # wall time of the epoch, evaluation included
     tokens_per_s: float  # training tokens per second of training time
     steps: int  # training steps in this epoch
-    val_koopman_ppl: float = math.nan  # "Koopman-forward" perplexity, when koopman.forward_ppl is on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

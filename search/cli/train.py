@@ -1,0 +1,112 @@
+"""``koopman-search train``: one training run of the hybrid trainer, no study involved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import FIT_MODES, SCHEDULES, TrainerConfig, load_config, with_overrides
+from trainer.errors import ConfigError
+from trainer.records import EpochRecord
+
+__all__ = ["FLAG_KEYS", "add_parser", "format_record", "run"]
+
+logger = logging.getLogger(__name__)
+
+# flag dest -> (config key, type, help)
+FLAG_KEYS: dict[str, tuple[str, type, str]] = {
+    "data": ("data.source", str, "corpus: builtin | files:DIR | hf:NAME/CONFIG"),
+    "epochs": ("train.epochs", int, "number of epochs E"),
+    "seed": ("train.seed", int, "seed of initialisation and data order"),
+    "device": ("train.device", str, "auto | cpu | cuda | cuda:N"),
+    "koopman_weight_max": ("koopman.weight_max", float, "Koopman weight reached at the last epoch"),
+    "koopman_start_epoch": ("koopman.start_epoch", int, "epochs 1..s are pure LM training"),
+    "fallback_threshold": ("koopman.fallback_threshold", float, "Koopman loss above which the weight is cut"),
+    "schedule": ("koopman.schedule", str, f"weight schedule: {', '.join(SCHEDULES)}"),
+    "koopman_dim": ("koopman.dim", int, "Koopman (lifted) dimension k"),
+    "koopman_fit": ("koopman.fit", str, f"owner of K: {' | '.join(FIT_MODES)}"),
+    "batch_size": ("data.batch_size", int, "sequences per batch"),
+    "seq_len": ("data.seq_len", int, "tokens per sequence"),
+    "d_model": ("model.d_model", int, "hidden width"),
+    "n_layers": ("model.n_layers", int, "number of blocks"),
+    "vocab_size": ("data.vocab_size", int, "vocabulary cap (train split only)"),
+    "lr": ("train.lr", float, "AdamW learning rate"),
+    "max_steps_per_epoch": ("train.max_steps_per_epoch", int, "cap on training steps per epoch (0 = all)"),
+}
+
+EXAMPLE = """example:
+  koopman-search train --data files:../shared/data/wikitext-2 --epochs 3 \\
+      --koopman-start-epoch 1 --max-steps-per-epoch 50 --json
+  koopman-search train --config best.toml --checkpoint-dir runs/best   # then --resume to continue
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "train",
+        help="train once with the hybrid Koopman trainer",
+        description="Train the language model with the hybrid Koopman loss. Flags override --config.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="trainer config ([data] [model] [koopman] [train])")
+    for dest, (key, kind, help_text) in FLAG_KEYS.items():
+        flag = "--" + dest.replace("_", "-")
+        p.add_argument(flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
+                       help=f"{help_text} [{key}]")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="save epoch_E.pt and last.pt here after each epoch")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/last.pt of --checkpoint-dir")
+    p.add_argument("--json", action="store_true", help="one JSON object per epoch on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> TrainerConfig:
+    cfg = load_config(args.config) if args.config else TrainerConfig()
+    overrides = {key: getattr(args, dest) for dest, (key, _, _) in FLAG_KEYS.items()
+                 if getattr(args, dest) is not None}
+    overrides["train.progress"] = not args.no_progress and sys.stderr.isatty()
+    return with_overrides(cfg, overrides, origin="command line")
+
+
+def format_record(r: EpochRecord) -> str:
+    """One line per epoch, in the user's own notebook format."""
+    return (
+        f"Epoch {r.epoch}/{r.epochs}: Train Loss {r.total_loss:.4f} (LM {r.lm_loss:.4f}, "
+        f"Koopman {r.koopman_loss:.4f}) weight {r.koopman_weight:.4f} | val PPL {r.val_ppl:.2f}"
+        + (f" | NRE {r.val_koopman_nre:.4f}" if not math.isnan(r.val_koopman_nre) else "")
+        + (f" | fallback {r.fallback_batches}" if r.fallback_batches else "")
+        + f" | {r.seconds:.1f} s"
+    )
+
+
+def _json_record(r: EpochRecord) -> str:
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in r.to_dict().items()})
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.loop import HybridKoopmanTrainer
+
+    cfg = build_config(args)
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir, but got checkpoint_dir=None")
+    last = Path(args.checkpoint_dir) / "last.pt" if args.checkpoint_dir else None
+    if args.resume and last is not None and last.exists():
+        trainer = HybridKoopmanTrainer.from_checkpoint(last, cfg)
+        logger.info("resuming from %s after epoch %d", last, trainer.epoch)
+    else:
+        if args.resume:
+            logger.info("no checkpoint at %s yet: starting from epoch 1", last)
+        trainer = HybridKoopmanTrainer(cfg)
+
+    def show(record: EpochRecord) -> None:
+        print(_json_record(record) if args.json else format_record(record), flush=True)
+
+    trainer.fit(callback=show, checkpoint_dir=args.checkpoint_dir)
+    return 0

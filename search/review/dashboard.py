@@ -1,0 +1,326 @@
+"""optuna-dashboard for koopman-search studies: notes and figures through the dashboard's own API, and
+the server.
+
+Who writes what:
+
+- :func:`annotate_trial` is called by the objective when a trial finishes, is pruned or fails (after its
+  user attrs are set). It writes the trial's note. Only that trial's own worker writes it, so workers never
+  race. It never raises: a review problem must not fail a trial.
+- :func:`annotate_study` writes the study note, the trial-curve figures and the Pareto front, and fills in
+  any missing trial note. It is run by one process at a time (``koopman-search dashboard`` before serving
+  and every ``--refresh`` seconds), because optuna-dashboard stores a figure as several study attrs that
+  two concurrent writers could interleave.
+
+Both are idempotent: unchanged text is not rewritten, and a note someone edited in the dashboard is kept
+(the digest of what was last written is stored beside it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+import optuna_dashboard
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import FrozenTrial, TrialState
+
+from search.review import figures
+from search.review.notes import study_note, trial_note
+from search.review.stored import (
+    Baseline,
+    Rules,
+    TrialFacts,
+    objective_directions,
+    objective_names,
+    read_baseline,
+    read_rules,
+    search_meta,
+    trial_facts,
+)
+from search.review.summary import best_trials, summarize
+
+__all__ = [
+    "FIGURE_IDS",
+    "AnnotationCounts",
+    "DashboardServer",
+    "annotate_storage",
+    "annotate_study",
+    "annotate_trial",
+    "is_loopback",
+    "make_server_for",
+]
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# optuna-dashboard graph-object ids of the study figures (stable, so a refresh overwrites them)
+FIGURE_IDS = {
+    "val_ppl": "koopman-val-ppl",
+    "losses": "koopman-losses",
+    "weight": "koopman-weight",
+    "pareto": "koopman-pareto-front",
+}
+_DIGEST_PREFIX = "koopman_search:digest:"
+
+
+@dataclass
+class AnnotationCounts:
+    notes_written: int = 0
+    notes_unchanged: int = 0
+    notes_kept: int = 0  # edited by someone in the dashboard, left alone
+    figures_written: int = 0
+    figures_unchanged: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.notes_written} notes written, {self.notes_unchanged} unchanged, "
+            f"{self.notes_kept} kept as edited; {self.figures_written} figures written, "
+            f"{self.figures_unchanged} unchanged"
+        )
+
+
+class _NoteTarget:
+    """What optuna_dashboard's ``save_note``/``get_note`` read from a trial: its storage, study and id.
+
+    A finished trial has no live ``optuna.Trial``, and building one would call the sampler's hooks."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.study = study
+        self.storage = study._storage
+        self._trial_id = trial_id
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def _write_note(study: optuna.Study, trial_id: int | None, body: str, counts: AnnotationCounts) -> None:
+    """Write ``body`` unless it is already there or the current note was edited by someone else."""
+    target: Any = study if trial_id is None else _NoteTarget(study, trial_id)
+    key = _DIGEST_PREFIX + ("note" if trial_id is None else f"note:{trial_id}")
+    current = optuna_dashboard.get_note(target)
+    if current == body:
+        counts.notes_unchanged += 1
+        return
+    if current and _system_attrs(study).get(key) != _digest(current):
+        logger.debug("keeping the edited note of %s", "the study" if trial_id is None else f"trial id {trial_id}")
+        counts.notes_kept += 1
+        return
+    optuna_dashboard.save_note(cast("optuna.Trial", target), body)
+    _set_system_attr(study, key, _digest(body))
+    counts.notes_written += 1
+
+
+def _write_figure(study: optuna.Study, figure_id: str, figure: Any, counts: AnnotationCounts) -> None:
+    text = figure.to_json()
+    key = _DIGEST_PREFIX + f"figure:{figure_id}"
+    if _system_attrs(study).get(key) == _digest(text):
+        counts.figures_unchanged += 1
+        return
+    optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=figure_id)
+    _set_system_attr(study, key, _digest(text))
+    counts.figures_written += 1
+
+
+def _rules_from(rules: Rules | Mapping[str, Any] | None, study: optuna.Study) -> Rules:
+    if isinstance(rules, Rules):
+        return rules
+    if rules is None:
+        return read_rules(study.user_attrs)
+    return read_rules({"koopman_search": {"rules": dict(rules)}})
+
+
+def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> Baseline | None:
+    stored = read_baseline(study.user_attrs)
+    if curve is None:
+        return stored
+    return Baseline(
+        seed=stored.seed if stored is not None else 0,
+        state=stored.state if stored is not None else "given",
+        val_ppl=tuple(None if v is None else float(v) for v in curve),
+        columns=stored.columns if stored is not None else None,
+    )
+
+
+def annotate_trial(
+    study: optuna.Study,
+    trial: optuna.Trial | FrozenTrial,
+    *,
+    values: Sequence[float] | None = None,
+    baseline_curve: Sequence[float | None] | None = None,
+    rules: Rules | Mapping[str, Any] | None = None,
+) -> bool:
+    """Write the dashboard note of one finished trial. Returns whether the note is in place.
+
+    Call it from the objective once the trial's user attrs (``records``, ``prune_reason``, ``epochs_run``,
+    ...) are stored, just before returning ``values`` or raising ``TrialPruned``. A running ``optuna.Trial``
+    counts as pruned when it has a ``prune_reason`` attr, failed with a ``fail_reason``, else complete with
+    ``values``. ``baseline_curve`` (val perplexity per epoch) and ``rules`` (``total_loss_max``,
+    ``val_ppl_ratio_max``) default to what the study stores. Never raises: problems are logged.
+    """
+    try:
+        facts = trial_facts(trial, values)
+        note = trial_note(
+            facts, objective_names(study), _baseline_from(baseline_curve, study), _rules_from(rules, study)
+        )
+        _write_note(study, facts.trial_id, note, AnnotationCounts())
+    except Exception:  # the review is a side product: a failure here must never fail the trial
+        logger.warning("could not write the dashboard note of trial %d", trial.number, exc_info=True)
+        return False
+    return True
+
+
+def annotate_study(study: optuna.Study) -> AnnotationCounts:
+    """Write the study note and figures, and every missing or stale trial note; idempotent.
+
+    Run by one process at a time (see the module docstring). Raises what the storage raises."""
+    counts = AnnotationCounts()
+    meta = search_meta(study.user_attrs)
+    names = objective_names(study)
+    if study.metric_names is None and meta.get("objectives"):
+        study.set_metric_names(names)  # optuna-dashboard then labels the objectives by name
+    rules = read_rules(study.user_attrs)
+    baseline = read_baseline(study.user_attrs)
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    facts = [trial_facts(t) for t in finished]
+    for fact in facts:
+        _write_note(study, fact.trial_id, trial_note(fact, names, baseline, rules), counts)
+    all_facts = [trial_facts(t) for t in study.get_trials(deepcopy=False)]
+    best = best_trials(study)
+    summary = summarize(all_facts, baseline)
+    note = study_note(
+        study.study_name, names, objective_directions(study), summary, baseline, rules, best
+    )
+    _write_note(study, None, note, counts)
+    for figure_id, figure in study_figures(study, facts, baseline, rules, best).items():
+        _write_figure(study, figure_id, figure, counts)
+    logger.info("annotated study %s: %s", study.study_name, counts)
+    return counts
+
+
+def study_figures(
+    study: optuna.Study,
+    facts: Sequence[TrialFacts],
+    baseline: Baseline | None,
+    rules: Rules,
+    best: Sequence[TrialFacts],
+) -> dict[str, Any]:
+    """The dashboard's study figures by graph-object id: the three trial-curve views (best trial first
+    selected) and, for two or more objectives, the Pareto front."""
+    selected = best[0].number if best else None
+    out: dict[str, Any] = {}
+    for kind in figures.KINDS:
+        out[FIGURE_IDS[kind]] = figures.trial_curves_figure(kind, facts, baseline, rules, selected=selected)
+    if len(study.directions) >= 2 and any(f.values is not None for f in facts):
+        out[FIGURE_IDS["pareto"]] = figures.pareto_front_figure(
+            study, objective_names(study), facts, baseline, rules
+        )
+    return out
+
+
+def annotate_storage(
+    storage: str | optuna.storages.BaseStorage, study_names: Sequence[str] | None = None
+) -> dict[str, AnnotationCounts]:
+    """:func:`annotate_study` for the named studies, or for every koopman-search study in the storage.
+
+    Studies that fail are logged and skipped, so one broken study does not keep the others unannotated."""
+    if study_names is None:
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+        study_names = [s.study_name for s in summaries if "koopman_search" in s.user_attrs]
+    done: dict[str, AnnotationCounts] = {}
+    for name in study_names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        try:
+            done[name] = annotate_study(study)
+        except (optuna.exceptions.OptunaError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("could not annotate study %s: %s", name, exc, exc_info=logger.isEnabledFor(10))
+    return done
+
+
+# ---- serving ---------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Requests go to the debug log, not to stderr: the dashboard polls every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.address_string(), format % args)
+
+
+class DashboardServer(ThreadingMixIn, WSGIServer):
+    """optuna-dashboard's WSGI app on a threading ``wsgiref`` server (one request does not block others)."""
+
+    daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/dashboard"
+
+
+def make_server_for(
+    storage: str | optuna.storages.BaseStorage,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    artifacts_dir: str | Path | None = None,
+) -> DashboardServer:
+    """An optuna-dashboard server bound to ``host:port`` (port 0: a free one); call ``serve_forever()``.
+
+    With ``artifacts_dir`` the study's artifact store (checkpoints, uploaded files) is attached."""
+    store = FileSystemArtifactStore(str(artifacts_dir)) if artifacts_dir is not None else None
+    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    server = make_server(host, port, app, server_class=DashboardServer, handler_class=_QuietHandler)
+    return cast("DashboardServer", server)
+
+
+class Refresher(threading.Thread):
+    """Re-annotates studies every ``interval_s`` seconds while the dashboard serves them."""
+
+    def __init__(
+        self,
+        storage: str | optuna.storages.BaseStorage,
+        study_names: Sequence[str] | None,
+        interval_s: float,
+    ) -> None:
+        super().__init__(name="koopman-search-annotate", daemon=True)
+        self._storage = storage
+        self._study_names = study_names
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                annotate_storage(self._storage, self._study_names)
+            except optuna.exceptions.OptunaError as exc:  # e.g. a storage blip: try again next round
+                logger.warning("could not refresh the dashboard annotations: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,439 @@
+"""Plotly figures built from stored epoch records (never from re-running anything).
+
+Three views of a trial's records, each with the study's limits drawn:
+
+- ``"losses"``: LM, Koopman and total loss per epoch, with the total-loss limit (7.0 by default);
+- ``"val_ppl"``: val perplexity with the baseline curve and the band up to ratio × baseline (1.3×);
+- ``"weight"``: scheduled vs effective Koopman weight, fallback batches as bars on a second axis.
+
+:func:`trial_figure` draws one trial. :func:`trial_curves_figure` draws every finished trial of a study in
+one figure: all of them faint in the background (losses and val_ppl), one highlighted, and a dropdown to
+pick which; the dropdown swaps the highlighted trial's data, so the figure stays small for large studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+
+from search.review.stored import Baseline, Rules, TrialFacts
+from search.review.summary import fmt, state_word
+
+__all__ = [
+    "KINDS",
+    "loss_figure",
+    "pareto_front_figure",
+    "trial_curves_figure",
+    "trial_figure",
+    "trial_label",
+    "val_ppl_figure",
+    "weight_figure",
+]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("losses", "val_ppl", "weight")
+MAX_DROPDOWN_TRIALS = 500  # the most recent ones when a study has more; the background shows them all
+
+COLORS = {
+    "lm": "#1f77b4",
+    "koopman": "#9467bd",
+    "total": "#ff7f0e",
+    "val_ppl": "#1f77b4",
+    "baseline": "#222222",
+    "limit": "#d62728",
+    "band": "rgba(44, 160, 44, 0.13)",
+    "others": "rgba(130, 130, 130, 0.35)",
+    "scheduled": "#7f7f7f",
+    "effective": "#2ca02c",
+    "fallback": "rgba(214, 39, 40, 0.35)",
+    "hand_tuned": "#ffbf00",
+}
+_TITLES = {
+    "losses": "Training losses per epoch",
+    "val_ppl": "Validation perplexity vs the baseline",
+    "weight": "Koopman weight: scheduled vs applied",
+}
+_HEIGHT = 450  # optuna-dashboard shows study figures in 450 px high cards
+
+
+def trial_label(trial: TrialFacts) -> str:
+    """``Trial 7 · pruned at epoch 7 · hand-tuned 1``: what a dropdown entry or a title calls a trial."""
+    state = state_word(trial.state)
+    if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
+        state += f" at epoch {trial.pruned_epoch}"
+    parts = [f"Trial {trial.number}", state]
+    if trial.label:
+        parts.append(trial.label)
+    return " · ".join(parts)
+
+
+def _epochs(trial: TrialFacts) -> list[int]:
+    return [int(e) for e in trial.metric("epoch")]
+
+
+def _limit_curve(baseline: Baseline, ratio: float) -> list[float | None]:
+    return [None if v is None else ratio * v for v in baseline.val_ppl]
+
+
+def _prune_marker(trial: TrialFacts, metric: str) -> dict[str, Any]:
+    """The point where the trial was pruned, on ``metric``'s curve, hovering the reason. Empty otherwise."""
+    epoch = trial.pruned_epoch if trial.prune_reason else None
+    epochs = _epochs(trial)
+    if epoch is None or epoch not in epochs:
+        return {"x": [], "y": [], "text": []}
+    value = trial.metric(metric)[epochs.index(epoch)]
+    return {"x": [epoch], "y": [value], "text": [trial.prune_reason or ""]}
+
+
+def _slot_data(kind: str, trial: TrialFacts) -> list[dict[str, Any]]:
+    """Data of the traces that show one trial, in the order :func:`_slot_traces` creates them."""
+    x = _epochs(trial)
+    if kind == "losses":
+        return [
+            {"x": x, "y": trial.metric("lm_loss")},
+            {"x": x, "y": trial.metric("koopman_loss")},
+            {"x": x, "y": trial.metric("total_loss")},
+            _prune_marker(trial, "total_loss"),
+        ]
+    if kind == "val_ppl":
+        return [{"x": x, "y": trial.metric("val_ppl")}, _prune_marker(trial, "val_ppl")]
+    if kind == "weight":
+        return [
+            {"x": x, "y": trial.metric("koopman_weight")},
+            {"x": x, "y": trial.metric("effective_weight")},
+            {"x": x, "y": trial.metric("fallback_batches")},
+        ]
+    raise ValueError(f"kind must be one of {', '.join(KINDS)}, but got kind={kind!r}")
+
+
+def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
+    data = _slot_data(kind, trial)
+    marker_style = {
+        "mode": "markers",
+        "marker": {"symbol": "x", "size": 13, "color": COLORS["limit"], "line": {"width": 1}},
+        "name": "pruned here",
+        "hovertemplate": "pruned: %{text}<extra></extra>",
+    }
+    if kind == "losses":
+        return [
+            go.Scatter(**data[0], name="LM loss", mode="lines+markers", line={"color": COLORS["lm"]}),
+            go.Scatter(
+                **data[1], name="Koopman loss (raw)", mode="lines+markers", line={"color": COLORS["koopman"]}
+            ),
+            go.Scatter(
+                **data[2],
+                name="total loss = LM + weight × Koopman",
+                mode="lines+markers",
+                line={"color": COLORS["total"], "width": 3},
+            ),
+            go.Scatter(**data[3], **marker_style),
+        ]
+    if kind == "val_ppl":
+        return [
+            go.Scatter(
+                **data[0],
+                name="this trial",
+                mode="lines+markers",
+                line={"color": COLORS["val_ppl"], "width": 3},
+            ),
+            go.Scatter(**data[1], **marker_style),
+        ]
+    return [
+        go.Scatter(
+            **data[0],
+            name="scheduled weight",
+            mode="lines+markers",
+            line={"color": COLORS["scheduled"], "dash": "dot"},
+        ),
+        go.Scatter(
+            **data[1],
+            name="applied weight (mean over batches)",
+            mode="lines+markers",
+            line={"color": COLORS["effective"], "width": 3},
+        ),
+        go.Bar(
+            **data[2],
+            name="fallback batches (right axis)",
+            marker={"color": COLORS["fallback"]},
+            yaxis="y2",
+        ),
+    ]
+
+
+def _background_trace(kind: str, trials: Sequence[TrialFacts]) -> go.Scatter | None:
+    """Every trial's curve as one faint trace (None between trials), for context behind the chosen one."""
+    metric = {"losses": "total_loss", "val_ppl": "val_ppl"}.get(kind)
+    if metric is None:
+        return None
+    xs: list[int | None] = []
+    ys: list[float | None] = []
+    who: list[str] = []
+    for trial in trials:
+        epochs = _epochs(trial)
+        if not epochs:
+            continue
+        xs += [*epochs, None]
+        ys += [*trial.metric(metric), None]
+        who += [trial_label(trial)] * len(epochs) + [""]
+    if not xs:
+        return None
+    name = "all trials' total loss" if kind == "losses" else "all trials"
+    return go.Scatter(
+        x=xs,
+        y=ys,
+        text=who,
+        name=name,
+        mode="lines",
+        line={"color": COLORS["others"], "width": 1},
+        hovertemplate="%{text}<br>epoch %{x}: %{y}<extra></extra>",
+    )
+
+
+def _fixed_traces(
+    kind: str, epochs: int | None, baseline: Baseline | None, rules: Rules
+) -> list[go.Scatter]:
+    """The references: the total-loss limit, or the baseline and its allowed band."""
+    traces: list[go.Scatter] = []
+    if kind == "losses" and rules.total_loss_max is not None and epochs:
+        limit = rules.total_loss_max
+        traces.append(
+            go.Scatter(
+                x=[1, epochs],
+                y=[limit, limit],
+                name=f"total loss limit {fmt(limit)} (pruned above)",
+                mode="lines",
+                line={"color": COLORS["limit"], "dash": "dash", "width": 2},
+                hovertemplate=f"total loss limit {fmt(limit)}<extra></extra>",
+            )
+        )
+    if kind == "val_ppl" and baseline is not None and baseline.val_ppl:
+        x = list(range(1, len(baseline.val_ppl) + 1))
+        traces.append(
+            go.Scatter(
+                x=x,
+                y=list(baseline.val_ppl),
+                name=f"baseline (Koopman off, seed {baseline.seed})",
+                mode="lines+markers",
+                line={"color": COLORS["baseline"], "width": 2},
+            )
+        )
+        ratio = rules.val_ppl_ratio_max
+        if ratio is not None:
+            traces.append(
+                go.Scatter(
+                    x=x,
+                    y=_limit_curve(baseline, ratio),
+                    name=f"limit {fmt(ratio)} × baseline (pruned above)",
+                    mode="lines",
+                    line={"color": COLORS["limit"], "dash": "dash", "width": 2},
+                    fill="tonexty",
+                    fillcolor=COLORS["band"],
+                )
+            )
+    return traces
+
+
+def _layout(kind: str, title: str, trials: Sequence[TrialFacts]) -> dict[str, Any]:
+    y_titles = {
+        "losses": "loss (mean over the epoch's batches)",
+        "val_ppl": "validation perplexity",
+        "weight": "Koopman weight",
+    }
+    layout: dict[str, Any] = {
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
+        "height": _HEIGHT,
+        "template": "plotly_white",
+        "margin": {"l": 60, "r": 60 if kind == "weight" else 20, "t": 80, "b": 40},
+        "xaxis": {"title": {"text": "epoch"}, "dtick": 1},
+        "yaxis": {"title": {"text": y_titles[kind]}},
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0, "font": {"size": 11}},
+        "hovermode": "closest",
+    }
+    if kind == "val_ppl":
+        values = [v for t in trials for v in t.metric("val_ppl") if v is not None]
+        if values and max(values) / max(min(values), 1e-9) > 20:
+            layout["yaxis"]["type"] = "log"  # one diverged trial would flatten every other curve
+    if kind == "weight":
+        layout["yaxis2"] = {
+            "title": {"text": "fallback batches"},
+            "overlaying": "y",
+            "side": "right",
+            "rangemode": "tozero",
+            "showgrid": False,
+        }
+        layout["barmode"] = "overlay"
+    return layout
+
+
+def trial_figure(
+    kind: str, trial: TrialFacts, baseline: Baseline | None = None, rules: Rules | None = None
+) -> go.Figure:
+    """One view (see :data:`KINDS`) of one trial, with the study's limits drawn."""
+    rules = rules or Rules()
+    fig = go.Figure()
+    for trace in _fixed_traces(kind, trial.epochs_total, baseline, rules):
+        fig.add_trace(trace)
+    for trace in _slot_traces(kind, trial):
+        fig.add_trace(trace)
+    fig.update_layout(_layout(kind, f"{_TITLES[kind]}: {trial_label(trial)}", [trial]))
+    return fig
+
+
+def loss_figure(trial: TrialFacts, rules: Rules | None = None) -> go.Figure:
+    """LM / Koopman / total loss per epoch with the total-loss limit."""
+    return trial_figure("losses", trial, None, rules)
+
+
+def val_ppl_figure(trial: TrialFacts, baseline: Baseline | None, rules: Rules | None = None) -> go.Figure:
+    """Val perplexity with the baseline curve and the ratio × baseline band."""
+    return trial_figure("val_ppl", trial, baseline, rules)
+
+
+def weight_figure(trial: TrialFacts) -> go.Figure:
+    """Scheduled vs effective Koopman weight, fallback batches as bars on the right axis."""
+    return trial_figure("weight", trial)
+
+
+def trial_curves_figure(
+    kind: str,
+    trials: Sequence[TrialFacts],
+    baseline: Baseline | None = None,
+    rules: Rules | None = None,
+    *,
+    selected: int | None = None,
+) -> go.Figure:
+    """One view of every trial with records: the trial numbered ``selected`` (default: the first)
+    highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it."""
+    rules = rules or Rules()
+    shown = [t for t in trials if t.metric("epoch")]
+    shown = sorted(shown, key=lambda t: t.number)[-MAX_DROPDOWN_TRIALS:]
+    epochs = max((t.epochs_total or 0 for t in shown), default=0) or (
+        len(baseline.val_ppl) if baseline is not None else 0
+    )
+    fig = go.Figure()
+    background = _background_trace(kind, shown)
+    if background is not None:
+        fig.add_trace(background)
+    for trace in _fixed_traces(kind, epochs, baseline, rules):
+        fig.add_trace(trace)
+    if not shown:
+        fig.update_layout(_layout(kind, f"{_TITLES[kind]}: no finished trial yet", shown))
+        return fig
+    numbers = [t.number for t in shown]
+    active = numbers.index(selected) if selected in numbers else 0
+    first_slot = len(fig.data)
+    for trace in _slot_traces(kind, shown[active]):
+        fig.add_trace(trace)
+    slots = list(range(first_slot, len(fig.data)))
+    buttons = []
+    for trial in shown:
+        data = _slot_data(kind, trial)
+        restyle = {key: [d.get(key, []) for d in data] for key in ("x", "y", "text")}
+        buttons.append(
+            {
+                "label": trial_label(trial),
+                "method": "update",
+                "args": [restyle, {"title.text": f"{_TITLES[kind]}: {trial_label(trial)}"}, slots],
+            }
+        )
+    layout = _layout(kind, f"{_TITLES[kind]}: {trial_label(shown[active])}", shown)
+    layout["margin"]["t"] = 110
+    layout["legend"]["y"] = 1.0
+    layout["updatemenus"] = [
+        {
+            "type": "dropdown",
+            "buttons": buttons,
+            "active": active,
+            "x": 1.0,
+            "xanchor": "right",
+            "y": 1.22,
+            "yanchor": "bottom",
+            "showactive": True,
+            "bgcolor": "#f4f4f4",
+        }
+    ]
+    fig.update_layout(layout)
+    return fig
+
+
+def pareto_front_figure(
+    study: optuna.Study,
+    names: Sequence[str],
+    trials: Sequence[TrialFacts],
+    baseline: Baseline | None = None,
+    rules: Rules | None = None,
+) -> go.Figure:
+    """Optuna's Pareto-front plot of the first two objectives, the hand-tuned trials (user attr
+    ``label``) starred, and the baseline's final val perplexity (and its limit) as vertical lines."""
+    rules = rules or Rules()
+    fig = optuna.visualization.plot_pareto_front(study, target_names=list(names[:2]))
+    labelled = [t for t in trials if t.label]
+    done = [t for t in labelled if t.values is not None and len(t.values) >= 2]
+    if done:
+        fig.add_trace(
+            go.Scatter(
+                x=[t.values[0] for t in done if t.values],
+                y=[t.values[1] for t in done if t.values],
+                text=[f"{t.label} (trial {t.number})" for t in done],
+                mode="markers+text",
+                textposition="top center",
+                name="hand-tuned options",
+                marker={
+                    "symbol": "star",
+                    "size": 18,
+                    "color": COLORS["hand_tuned"],
+                    "line": {"color": "#000000", "width": 1},
+                },
+                hovertemplate="%{text}<br>%{x}, %{y}<extra></extra>",
+            )
+        )
+    done_numbers = {t.number for t in done}
+    for trial in labelled:
+        if trial.number in done_numbers:
+            continue
+        why = trial.prune_reason or trial.fail_reason or "no result yet"
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker={"symbol": "star-open", "size": 12, "color": COLORS["hand_tuned"]},
+                name=f"{trial.label}: {state_word(trial.state)} ({why})",
+            )
+        )
+    if baseline is not None and names and names[0] == "val_ppl":
+        final = next((v for v in reversed(baseline.val_ppl) if v is not None), None)
+        if final is not None and math.isfinite(final):
+            fig.add_vline(
+                x=final,
+                line={"color": COLORS["baseline"], "dash": "dot"},
+                annotation_text=f"baseline {fmt(final)}",
+                annotation_position="top left",
+            )
+            if rules.val_ppl_ratio_max is not None:
+                limit = rules.val_ppl_ratio_max * final
+                fig.add_vline(
+                    x=limit,
+                    line={"color": COLORS["limit"], "dash": "dash"},
+                    annotation_text=f"{fmt(rules.val_ppl_ratio_max)} × baseline",
+                    annotation_position="top right",
+                )
+    better = ", ".join(
+        f"{name} {'lower' if d == optuna.study.StudyDirection.MINIMIZE else 'higher'} is better"
+        for name, d in zip(names[:2], study.directions[:2])
+    )
+    fig.update_layout(
+        title={"text": f"Pareto front ({better})", "x": 0.01},
+        height=_HEIGHT,
+        template="plotly_white",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.15, "x": 0},
+        margin={"l": 60, "r": 20, "t": 60, "b": 40},
+    )
+    return fig

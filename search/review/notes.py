@@ -1,0 +1,160 @@
+"""Markdown notes for optuna-dashboard: one per finished trial, one for the study.
+
+A trial's note says, in a few lines, what it tried, how it ended (result, or prune reason and epoch),
+how its val perplexity compares with the baseline at the same epoch, and what it cost and saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from optuna.trial import TrialState
+
+from search.review.stored import Baseline, Rules, TrialFacts
+from search.review.summary import StudySummary, fmt, fmt_seconds, state_word
+
+__all__ = ["study_note", "trial_note"]
+
+logger = logging.getLogger(__name__)
+
+FIGURES_HINT = "Figures: *Training losses*, *Validation perplexity* and *Koopman weight* on the study page"
+
+
+def _escape(text: str) -> str:
+    """Text safe inside a markdown table cell or emphasis."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("\n", " ")
+
+
+def _ratio_text(value: float | None, reference: float | None, limit: float | None) -> str:
+    if value is None or reference is None or reference <= 0:
+        return "n/a"
+    ratio = value / reference
+    text = f"{ratio:.3f}×"
+    if limit is not None:
+        text += f" (limit {fmt(limit)}×{', over' if ratio > limit else ''})"
+    return text
+
+
+def _at(values: Sequence[float | None], index: int) -> float | None:
+    return values[index] if 0 <= index < len(values) else None
+
+
+def _comparison(trial: TrialFacts, baseline: Baseline | None, rules: Rules) -> list[str]:
+    """A table of the trial's last epoch against the baseline's same epoch."""
+    epochs = trial.metric("epoch")
+    if not epochs:
+        return ["No epoch records were stored for this trial."]
+    epoch = int(epochs[-1])
+    i = len(epochs) - 1
+    ppl = _at(trial.metric("val_ppl"), i)
+    total = _at(trial.metric("total_loss"), i)
+    base_ppl = baseline.at(epoch) if baseline is not None else None
+    base_total = None
+    if baseline is not None and baseline.columns:
+        base_epochs = [int(e) for e in baseline.columns.get("epoch", [])]
+        if epoch in base_epochs:
+            base_total = _at(baseline.columns.get("total_loss", []), base_epochs.index(epoch))
+    total_limit = f"limit {fmt(rules.total_loss_max)}" if rules.total_loss_max is not None else ""
+    lines = [
+        f"| at epoch {epoch} | this trial | baseline | ratio or limit |",
+        "|---|---:|---:|---|",
+        f"| val perplexity | {fmt(ppl)} | {fmt(base_ppl)} | {_ratio_text(ppl, base_ppl, rules.val_ppl_ratio_max)} |",
+        f"| total loss | {fmt(total)} | {fmt(base_total)} | {total_limit} |",
+    ]
+    nre = _at(trial.metric("val_koopman_nre"), i)
+    if nre is not None:
+        lines.append(f"| val Koopman NRE (1 − R²) | {fmt(nre, 4)} | | |")
+    if baseline is None:
+        lines.append("")
+        lines.append("No baseline is stored for this study, so there is nothing to compare with.")
+    return lines
+
+
+def _epochs_line(trial: TrialFacts) -> str:
+    total = trial.epochs_total
+    parts = [f"{trial.epochs_run} trained"]
+    if trial.epochs_from_warmup:
+        parts.append(f"{trial.epochs_from_warmup} taken from the baseline's shared warmup")
+    if trial.state == TrialState.PRUNED.name:
+        parts.append(f"{trial.epochs_saved_by_pruning} saved by pruning")
+    head = f"**Epochs:** {total} in a full run: " if total else "**Epochs:** "
+    line = head + ", ".join(parts)
+    if trial.train_seconds:
+        line += f"; training took {fmt_seconds(trial.train_seconds)}"
+    return line + "."
+
+
+def trial_note(
+    trial: TrialFacts,
+    names: Sequence[str],
+    baseline: Baseline | None,
+    rules: Rules,
+) -> str:
+    """The note of one finished trial (markdown, a dozen lines)."""
+    heading = f"### Trial {trial.number}: {state_word(trial.state)}"
+    if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
+        heading += f" at epoch {trial.pruned_epoch}"
+    if trial.label:
+        heading += f" · {_escape(trial.label)}"
+    lines = [heading, ""]
+    if trial.state == TrialState.PRUNED.name:
+        lines.append(f"**Pruned:** {_escape(trial.prune_reason or 'no reason stored')}")
+    elif trial.state == TrialState.FAIL.name:
+        lines.append(f"**Failed:** {_escape(trial.fail_reason or 'no reason stored')}")
+    elif trial.values is not None:
+        results = ", ".join(f"{_escape(n)} = {fmt(v)}" for n, v in zip(names, trial.values))
+        lines.append(f"**Result:** {results}")
+    else:
+        lines.append(f"**State:** {state_word(trial.state)}, no result stored")
+    lines += ["", *_comparison(trial, baseline, rules), ""]
+    lines.append(_epochs_line(trial))
+    if trial.params:
+        shown = ", ".join(f"{_escape(k)} = {_escape(str(v))}" for k, v in trial.params.items())
+        lines += ["", f"**Params:** {shown}"]
+    lines += ["", f"*{FIGURES_HINT} (pick trial {trial.number} in their menus).*"]
+    return "\n".join(lines) + "\n"
+
+
+def study_note(
+    study_name: str,
+    names: Sequence[str],
+    directions: Sequence[str],
+    summary: StudySummary,
+    baseline: Baseline | None,
+    rules: Rules,
+    best: Sequence[TrialFacts],
+) -> str:
+    """The study's note: objectives and rules, baseline, trials, compute, and the best trial(s)."""
+    objectives = ", ".join(f"{d} {_escape(n)}" for n, d in zip(names, directions))
+    lines = [f"## {_escape(study_name)}", "", f"**Objectives:** {objectives}."]
+    limits = []
+    if rules.total_loss_max is not None:
+        limits.append(f"total loss > {fmt(rules.total_loss_max)}")
+    if rules.val_ppl_ratio_max is not None:
+        limits.append(f"val perplexity > {fmt(rules.val_ppl_ratio_max)} × baseline at the same epoch")
+    if limits:
+        lines.append(f"**Pruned when:** {' or '.join(limits)}, or a metric is NaN.")
+    if baseline is None:
+        lines.append("**Baseline:** none stored yet.")
+    else:
+        known = [v for v in baseline.val_ppl if v is not None]
+        curve = f"val perplexity {fmt(known[0])} → {fmt(known[-1])} over {len(baseline.val_ppl)} epochs"
+        text = f"**Baseline** (Koopman off, seed {baseline.seed}, {baseline.state}): "
+        text += curve if known else "no curve yet"
+        if baseline.error:
+            text += f"; error: {_escape(baseline.error)}"
+        lines.append(text + ".")
+    lines += ["", f"**Trials:** {summary.states_text()}.", f"**Compute:** {summary.compute_text()}", ""]
+    if best:
+        title = "Best trial" if len(names) == 1 else f"Pareto front ({len(best)} trials)"
+        lines += [f"**{title}:**", ""]
+        header = ["trial", "label", *(_escape(n) for n in names)]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for trial in best:
+            values = [fmt(v) for v in trial.values or ()]
+            lines.append("| " + " | ".join([str(trial.number), _escape(trial.label or ""), *values]) + " |")
+    else:
+        lines.append("No trial has completed yet.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,184 @@
+"""Prune rules: look at one epoch's record and say why the trial should stop, or nothing.
+
+Each rule checks its arguments once, keeps them, and decides with a run of early returns (the shape of
+Optuna's ``ThresholdPruner``), but it needs no Optuna trial: the search applies the rules itself after every
+epoch, which is what makes pruning work for multi-objective studies too.
+
+    rules = PruneRules.from_spec(spec.rules, baseline_curve=[900.0, 600.0, 480.0])
+    reason = rules.check(record)        # "total_loss 7.1401 > 7.0 at epoch 7" or None
+
+Limits are strict: a value exactly at its limit is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from search.errors import BaselineError
+from trainer.errors import ConfigError
+from trainer.records import RECORD_FIELDS, EpochRecord
+
+__all__ = [
+    "DEFAULT_FINITE_METRICS",
+    "KOOPMAN_METRICS",
+    "NonFiniteRule",
+    "PruneRule",
+    "PruneRules",
+    "RuleSettings",
+    "TotalLossRule",
+    "ValPplRatioRule",
+]
+
+logger = logging.getLogger(__name__)
+
+# Metrics that only mean something once the Koopman loss is on (the record's koopman_weight > 0); before
+# that the trainer may leave them undefined, so NonFiniteRule skips them there.
+KOOPMAN_METRICS = frozenset({"koopman_loss", "val_koopman_nre"})
+# Checked for NaN/Inf after every epoch (plus the study's objective metrics).
+DEFAULT_FINITE_METRICS = ("lm_loss", "total_loss", "val_loss", "val_ppl", "koopman_loss", "val_koopman_nre")
+
+
+class PruneRule(Protocol):
+    def check(self, record: EpochRecord) -> str | None:
+        """A prune reason for this epoch, or None to keep going."""
+
+
+def _positive_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, but got {name}={value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, but got {name}={value!r}")
+    return float(value)
+
+
+def _fmt(value: float, digits: int) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.{digits}g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _over(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` with as few digits as keep them apart (7.0001 > 7.0, not 7.0 > 7.0)."""
+    for digits in range(5, 18):
+        shown, bound = _fmt(value, digits), _fmt(limit, digits)
+        if shown != bound:
+            return shown, bound
+    return repr(value), repr(limit)
+
+
+class TotalLossRule:
+    """Prune when the epoch's mean total loss (LM + weight × Koopman) is above ``max_value``."""
+
+    def __init__(self, max_value: float) -> None:
+        self._max_value = _positive_finite("total_loss_max", max_value)
+
+    def check(self, record: EpochRecord) -> str | None:
+        value = record.total_loss
+        if math.isnan(value):
+            return None  # NonFiniteRule's business
+        if value <= self._max_value:
+            return None
+        shown, limit = _over(value, self._max_value)
+        return f"total_loss {shown} > {limit} at epoch {record.epoch}"
+
+
+class ValPplRatioRule:
+    """Prune when val perplexity is above ``ratio`` × the baseline's val perplexity at the same epoch.
+
+    ``baseline[e - 1]`` is the baseline's epoch e: early epochs are compared with early baseline epochs, never
+    with the final one (that would prune every trial at its first epoch)."""
+
+    def __init__(self, ratio: float, baseline: Sequence[float]) -> None:
+        self._ratio = _positive_finite("val_ppl_ratio_max", ratio)
+        if not baseline:
+            raise ConfigError("the baseline curve must have one val_ppl per epoch, but got baseline=[]")
+        self._baseline = tuple(_positive_finite(f"baseline[{i}]", value) for i, value in enumerate(baseline))
+
+    def check(self, record: EpochRecord) -> str | None:
+        epoch = record.epoch
+        if not 1 <= epoch <= len(self._baseline):
+            raise BaselineError(
+                f"the baseline curve has no val_ppl for epoch {epoch}: it covers epochs "
+                f"1..{len(self._baseline)}; rerun the baseline with the study's epochs"
+            )
+        value = record.val_ppl
+        if math.isnan(value):
+            return None  # NonFiniteRule's business
+        reference = self._baseline[epoch - 1]
+        limit = self._ratio * reference
+        if value <= limit:
+            return None
+        shown, bound = _over(value, limit)
+        return f"val_ppl {shown} > {self._ratio!r} × baseline {_fmt(reference, 5)} = {bound} at epoch {epoch}"
+
+
+class NonFiniteRule:
+    """Prune when one of ``metrics`` is NaN or infinite. Metrics in :data:`KOOPMAN_METRICS` are checked
+    only in epochs where the Koopman loss is on (``record.koopman_weight > 0``)."""
+
+    def __init__(self, metrics: Sequence[str]) -> None:
+        unknown = [m for m in metrics if m not in RECORD_FIELDS]
+        if unknown:
+            known = ", ".join(RECORD_FIELDS)
+            raise ConfigError(f"metrics must be EpochRecord fields ({known}), but got metric={unknown[0]!r}")
+        self._metrics = tuple(dict.fromkeys(metrics))
+
+    def check(self, record: EpochRecord) -> str | None:
+        koopman_on = record.koopman_weight > 0
+        for metric in self._metrics:
+            if metric in KOOPMAN_METRICS and not koopman_on:
+                continue
+            value = getattr(record, metric)
+            if math.isfinite(value):
+                continue
+            return f"{metric} is {value} at epoch {record.epoch}"
+        return None
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The ``[rules]`` table of a study file, plus the metrics that must stay finite."""
+
+    total_loss_max: float = 7.0  # the user's "retune above 7.0"
+    val_ppl_ratio_max: float = 1.3  # the user's "val perplexity < 1.3 × baseline"
+    finite_metrics: tuple[str, ...] = DEFAULT_FINITE_METRICS
+
+    def __post_init__(self) -> None:
+        _positive_finite("total_loss_max", self.total_loss_max)
+        _positive_finite("val_ppl_ratio_max", self.val_ppl_ratio_max)
+        NonFiniteRule(self.finite_metrics)
+
+    def to_dict(self) -> dict[str, float]:
+        """As stored with the study (and as written in ``[rules]``)."""
+        return {"total_loss_max": self.total_loss_max, "val_ppl_ratio_max": self.val_ppl_ratio_max}
+
+
+class PruneRules:
+    """Several rules; :meth:`check` returns the first reason (non-finite, then total loss, then ratio)."""
+
+    def __init__(self, rules: Sequence[PruneRule]) -> None:
+        self._rules = tuple(rules)
+
+    @classmethod
+    def from_spec(cls, settings: RuleSettings, baseline_curve: Sequence[float]) -> PruneRules:
+        """The study's rules; ``baseline_curve[e - 1]`` is the baseline's val perplexity at epoch e."""
+        return cls(
+            [
+                NonFiniteRule(settings.finite_metrics),
+                TotalLossRule(settings.total_loss_max),
+                ValPplRatioRule(settings.val_ppl_ratio_max, baseline_curve),
+            ]
+        )
+
+    def check(self, record: EpochRecord) -> str | None:
+        for rule in self._rules:
+            reason = rule.check(record)
+            if reason is not None:
+                logger.debug("prune: %s", reason)
+                return reason
+        return None

@@ -1,0 +1,655 @@
+"""Study files: TOML in, a validated, frozen :class:`StudySpec` out.
+
+Everything is checked at load time and nothing touches a storage while loading. Each problem raises one
+:class:`SpecError` line naming the file, the key and the value, e.g.
+
+    low must be < high, but got low=0.2, high=0.1 (studies/x.toml, [search.koopman_weight_max])
+
+The file's shape (see ``studies/quickstart.toml`` for a commented example)::
+
+    [study]
+    name = "wikitext2-koopman"        # letters, digits, . _ -; also names the default SQLite file
+    storage = ""                      # "" = sqlite:///<study file dir>/<name>.db; ${VAR} expands from the env
+    artifacts = ""                    # "" = <study file dir>/<name>-artifacts; a path, or s3://bucket/prefix
+    n_trials = 30                     # >= 1 and >= the number of [[enqueue]] trials
+    sampler = "tpe"                   # tpe | random | nsgaii
+    seed = 0                          # the sampler's seed
+    pruner = "none"                   # none | median | hyperband (single-objective studies only)
+    shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
+    objectives = [{ metric = "val_ppl", direction = "minimize" },
+                  { metric = "val_koopman_nre", direction = "minimize" }]   # the default
+
+    [trainer.data] / [trainer.model] / [trainer.koopman] / [trainer.train]   # trainer.config sections
+    [search.<param>]                  # type = "float" | "int" | "categorical" | "fixed"; see search.space
+    [rules]                           # total_loss_max = 7.0, val_ppl_ratio_max = 1.3 (the defaults)
+    [baseline]                        # val_ppl = "auto" | a number | a list with one number per epoch
+    [[enqueue]]                       # label = "...", then a value for every searched parameter
+
+Paths in a study file are relative to the file's own directory: a relative SQLite path, ``artifacts``,
+``trainer.data.source = "files:DIR"`` and ``trainer.data.cache_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from search.errors import SpecError
+from search.rules import DEFAULT_FINITE_METRICS, RuleSettings
+from search.space import PARAM_NAMES, SearchSpace
+from trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict
+from trainer.errors import ConfigError
+from trainer.records import RECORD_FIELDS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "DIRECTIONS",
+    "OBJECTIVE_METRICS",
+    "PRUNERS",
+    "SAMPLERS",
+    "STORAGE_BACKENDS",
+    "BaselineSetting",
+    "EnqueuedTrial",
+    "Objective",
+    "StudySpec",
+    "load_spec",
+    "redact_url",
+    "spec_from_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "nsgaii")
+PRUNERS = ("none", "median", "hyperband")
+DIRECTIONS = ("minimize", "maximize")
+# Optuna's RDB storage backends; postgresql+psycopg for many workers
+STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
+OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
+DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_nre", "minimize"))
+
+TABLES = ("study", "trainer", "search", "rules", "baseline", "enqueue")
+STUDY_KEYS = (
+    "name",
+    "storage",
+    "artifacts",
+    "n_trials",
+    "sampler",
+    "seed",
+    "pruner",
+    "shared_warmup",
+    "objectives",
+)
+RULE_KEYS = ("total_loss_max", "val_ppl_ratio_max")
+BASELINE_KEYS = ("val_ppl",)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+STORAGE_EXAMPLE = "sqlite:///study.db or postgresql+psycopg://user:${PASSWORD}@host:5432/db"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)@")
+
+
+# ---- the spec ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str  # an EpochRecord field, taken from the trial's last epoch
+    direction: str  # "minimize" | "maximize"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"metric": self.metric, "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class BaselineSetting:
+    """``mode="auto"``: run the Koopman-off baseline (values None). ``mode="fixed"``: per-epoch val
+    perplexities given in the study file (``values[e - 1]`` is epoch e)."""
+
+    mode: str
+    values: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val_ppl": "auto" if self.values is None else list(self.values)}
+
+
+@dataclass(frozen=True)
+class EnqueuedTrial:
+    """A trial to run before any sampled one: a value for each of the five parameters."""
+
+    label: str | None
+    params: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return ({"label": self.label} if self.label is not None else {}) | dict(self.params)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: Path | None  # the study file, None when built from a mapping
+    name: str
+    storage_url: str  # may hold a password: show it only through redact_url()
+    artifacts_dir: str  # an absolute directory, or an s3://bucket/prefix URL
+    n_trials: int
+    sampler: str
+    sampler_seed: int
+    pruner: str
+    shared_warmup: bool
+    objectives: tuple[Objective, ...]
+    trainer: TrainerConfig  # the base config every trial starts from
+    space: SearchSpace
+    rules: RuleSettings
+    baseline: BaselineSetting
+    enqueue: tuple[EnqueuedTrial, ...] = field(default=())
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def epochs(self) -> int:
+        return self.trainer.train.epochs
+
+    @property
+    def baseline_config(self) -> TrainerConfig:
+        """The matched baseline: the base config with the Koopman loss off (same seed, same epochs)."""
+        return self.trainer.without_koopman()
+
+    def trial_config(self, params: Mapping[str, Any]) -> TrainerConfig:
+        """The trainer config of one trial: the base config with the trial's parameters written in."""
+        return self.space.to_config(self.trainer, params, origin=self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The study as a plain JSON-able mapping, storage URL left out (it is stored with the study).
+        ``spec_from_dict`` reads it back."""
+        return {
+            "study": {
+                "name": self.name,
+                "artifacts": self.artifacts_dir,
+                "n_trials": self.n_trials,
+                "sampler": self.sampler,
+                "seed": self.sampler_seed,
+                "pruner": self.pruner,
+                "shared_warmup": self.shared_warmup,
+                "objectives": [o.to_dict() for o in self.objectives],
+            },
+            "trainer": config_to_dict(self.trainer),
+            "search": self.space.to_dict(),
+            "rules": self.rules.to_dict(),
+            "baseline": self.baseline.to_dict(),
+            "enqueue": [e.to_dict() for e in self.enqueue],
+        }
+
+    def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        """A fresh sampler. Give each concurrent worker its own ``seed_offset``: samplers with equal seeds
+        in several processes propose the same parameters."""
+        import optuna
+
+        seed = self.sampler_seed + seed_offset
+        if self.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if self.sampler == "nsgaii":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        """Optuna's pruner for single-objective studies; ``NopPruner`` for "none" (``create_study`` would
+        otherwise default to a median pruner). The prune rules apply either way."""
+        import optuna
+
+        if self.pruner == "median":
+            return optuna.pruners.MedianPruner()
+        if self.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.epochs)
+        return optuna.pruners.NopPruner()
+
+
+# ---- URLs and environment variables ------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (also for strings SQLAlchemy cannot parse)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
+        return re.sub(r"^([^:/]*://[^:@/]*:).*@", r"\1***@", url)
+    if parsed.password is None:
+        return url
+    return parsed.render_as_string(hide_password=True)
+
+
+def _expand(template: str, origin: str, key: str, in_url: bool = False) -> str:
+    """Replace every ``${VAR}`` with the environment's value. In a URL, values inside ``user:password@`` are
+    percent-encoded, so the variable holds the raw password."""
+    userinfo = _USERINFO.match(template) if in_url else None
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise SpecError.at(
+                f"environment variable {name} is not set, but {key.rsplit('.', 1)[-1]} uses ${{{name}}}; "
+                "export it or edit the file",
+                origin,
+                key,
+            )
+        text = os.environ[name]
+        if userinfo is not None and match.start() < userinfo.end(1):
+            return quote(text, safe="")
+        return text
+
+    expanded = _VAR.sub(value, template)
+    leftover = _VAR.sub("", template)
+    if "${" in leftover:
+        shown = redact_url(template) if in_url else template
+        raise SpecError.at(
+            f"${{...}} must name a variable like ${{POSTGRES_PASSWORD}}, but got {key.rsplit('.', 1)[-1]}="
+            f"{shown!r}",
+            origin,
+            key,
+        )
+    return expanded
+
+
+def _storage_url(template: str, name: str, origin: str, base_dir: Path) -> str:
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    key = "study.storage"
+    if not template:
+        return URL.create("sqlite", database=_resolve(base_dir, f"{name}.db")).render_as_string(
+            hide_password=False
+        )
+    raw = _expand(template, origin, key, in_url=True)
+    shown = redact_url(raw)
+    try:
+        url = make_url(raw)
+    except (ArgumentError, ValueError):
+        raise SpecError.at(
+            f"storage must be a database URL like {STORAGE_EXAMPLE}, but got storage={shown!r}", origin, key
+        ) from None
+    backend = url.get_backend_name()
+    if backend not in STORAGE_BACKENDS:
+        raise SpecError.at(
+            f"storage must use one of {', '.join(STORAGE_BACKENDS)} (e.g. {STORAGE_EXAMPLE}), "
+            f"but got storage={shown!r}",
+            origin,
+            key,
+        )
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise SpecError.at(
+            f"storage names an unknown database driver {url.drivername!r}; use e.g. postgresql+psycopg, "
+            f"but got storage={shown!r}",
+            origin,
+            key,
+        ) from None
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise SpecError.at(
+                "storage must name a SQLite file (an in-memory database is gone when the process ends), "
+                f"but got storage={shown!r}",
+                origin,
+                key,
+            )
+        url = url.set(database=_resolve(base_dir, url.database))
+    elif not url.database:
+        raise SpecError.at(
+            f"storage must name a database (…/DBNAME at the end), but got storage={shown!r}", origin, key
+        )
+    userinfo = _USERINFO.match(template)
+    if url.password is not None and userinfo is not None and "${" not in userinfo.group(1):
+        logger.warning(
+            "the storage URL in %s holds a literal password; put it in an environment variable, e.g. "
+            "postgresql+psycopg://user:${POSTGRES_PASSWORD}@host/db",
+            origin,
+        )
+    return url.render_as_string(hide_password=False)
+
+
+def _artifacts_dir(template: str, name: str, origin: str, base_dir: Path) -> str:
+    if not template:
+        return _resolve(base_dir, f"{name}-artifacts")
+    value = _expand(template, origin, "study.artifacts")
+    if "://" in value:
+        if not value.startswith("s3://") or len(value) <= len("s3://"):
+            raise SpecError.at(
+                f"artifacts must be a directory or an s3://bucket/prefix URL, but got artifacts={value!r}",
+                origin,
+                "study.artifacts",
+            )
+        return value
+    return _resolve(base_dir, value)
+
+
+def _resolve(base_dir: Path, path: str) -> str:
+    """``path`` made absolute against the study file's folder (``~`` expanded, ``..`` collapsed)."""
+    return os.path.normpath(base_dir / Path(path).expanduser())
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study file. Raises :class:`SpecError`; never touches a storage."""
+    path = Path(path)
+    origin = str(path)
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SpecError(f"study file not found: {origin} (looked in {Path.cwd()}); check the path") from None
+    except IsADirectoryError:
+        raise SpecError(f"study file must be a TOML file, but got a directory: {origin}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"study file must be UTF-8 text, but got {exc.reason} ({origin})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"study file is not valid TOML: {exc}; fix the syntax there ({origin})") from None
+    return spec_from_dict(values, origin=origin, base_dir=path.resolve().parent)
+
+
+def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | Path = ".") -> StudySpec:
+    """Validate a study given as a mapping (a parsed TOML file, or :meth:`StudySpec.to_dict`).
+
+    ``origin`` names the source in messages; relative paths resolve against ``base_dir``."""
+    base = Path(base_dir).resolve()
+    _known_keys(values, TABLES, origin, "", what="table")
+    for table in TABLES[:-1]:
+        _table(values, table, origin)
+
+    study = values.get("study", {})
+    _known_keys(study, STUDY_KEYS, origin, "study")
+    name = _get(study, "name", str, origin, "study", required=True)
+    if not NAME_PATTERN.fullmatch(name):
+        raise SpecError.at(
+            f"name must start with a letter or digit and use only letters, digits, '.', '_' and '-', "
+            f"but got name={name!r}",
+            origin,
+            "study.name",
+        )
+    n_trials = _get(study, "n_trials", int, origin, "study", default=30)
+    if n_trials < 1:
+        raise SpecError.at(f"n_trials must be >= 1, but got n_trials={n_trials}", origin, "study.n_trials")
+    sampler = _choice(study, "sampler", SAMPLERS, origin, "study")
+    seed = _get(study, "seed", int, origin, "study", default=0)
+    if seed < 0:
+        raise SpecError.at(f"seed must be >= 0, but got seed={seed}", origin, "study.seed")
+    pruner = _choice(study, "pruner", PRUNERS, origin, "study")
+    shared_warmup = _get(study, "shared_warmup", bool, origin, "study", default=True)
+
+    trainer = _trainer(values.get("trainer", {}), origin, base)
+    objectives = _objectives(study, trainer, origin)
+    if pruner != "none" and len(objectives) > 1:
+        raise SpecError.at(
+            f"pruner works only with one objective, but got pruner={pruner!r} with {len(objectives)} "
+            'objectives; set pruner = "none" (the prune rules still apply) or keep one objective',
+            origin,
+            "study.pruner",
+        )
+    storage_url = _storage_url(_get(study, "storage", str, origin, "study", default=""), name, origin, base)
+    artifacts = _artifacts_dir(_get(study, "artifacts", str, origin, "study", default=""), name, origin, base)
+
+    space = SearchSpace.from_dict(values.get("search", {}), trainer, origin)
+    rules = _rules(values.get("rules", {}), objectives, origin)
+    baseline = _baseline(values.get("baseline", {}), trainer.train.epochs, origin)
+    enqueue = _enqueue(values.get("enqueue", []), space, origin)
+    if len(enqueue) > n_trials:
+        raise SpecError.at(
+            f"n_trials must be >= the number of [[enqueue]] trials, but got n_trials={n_trials} with "
+            f"{len(enqueue)} enqueued",
+            origin,
+            "study.n_trials",
+        )
+    return StudySpec(
+        path=Path(origin) if origin else None,
+        name=name,
+        storage_url=storage_url,
+        artifacts_dir=artifacts,
+        n_trials=n_trials,
+        sampler=sampler,
+        sampler_seed=seed,
+        pruner=pruner,
+        shared_warmup=shared_warmup,
+        objectives=objectives,
+        trainer=trainer,
+        space=space,
+        rules=rules,
+        baseline=baseline,
+        enqueue=enqueue,
+    )
+
+
+# ---- sections ----------------------------------------------------------------------------------------------
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _table(values: Mapping[str, Any], key: str, origin: str) -> None:
+    if key in values and not isinstance(values[key], Mapping):
+        raise SpecError.at(f"[{key}] must be a table, but got {key}={_show(values[key])}", origin, key)
+
+
+def _known_keys(
+    table: Mapping[str, Any], known: tuple[str, ...], origin: str, prefix: str, what: str = "key"
+) -> None:
+    for key, value in table.items():
+        if key not in known:
+            dotted = f"{prefix}.{key}" if prefix else key
+            shown = f"[{key}]" if what == "table" else f"{key}={_show(value)}"
+            raise SpecError.at(f"unknown {what} {shown}; known {what}s: {', '.join(known)}", origin, dotted)
+
+
+def _get(
+    table: Mapping[str, Any],
+    key: str,
+    kind: type,
+    origin: str,
+    prefix: str,
+    default: Any = None,
+    required: bool = False,
+) -> Any:
+    dotted = f"{prefix}.{key}"
+    if key not in table:
+        if required:
+            raise SpecError.at(f"{key} is required in [{prefix}]; add {key} = ...", origin, dotted)
+        return default
+    value = table[key]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise SpecError.at(f"{key} must be {_TYPE_NAMES[kind]}, but got {key}={_show(value)}", origin, dotted)
+    return float(value) if kind is float else value
+
+
+def _choice(table: Mapping[str, Any], key: str, choices: tuple[str, ...], origin: str, prefix: str) -> str:
+    value = _get(table, key, str, origin, prefix, default=choices[0])
+    if value not in choices:
+        raise SpecError.at(
+            f"{key} must be one of {', '.join(choices)}, but got {key}={value!r}", origin, f"{prefix}.{key}"
+        )
+    return value
+
+
+def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> TrainerConfig:
+    _known_keys(sections, tuple(SECTIONS), origin, "trainer", what="table")
+    for section, body in sections.items():
+        if not isinstance(body, Mapping):
+            key = f"trainer.{section}"
+            raise SpecError.at(f"[{key}] must be a table, but got {section}={_show(body)}", origin, key)
+    resolved = {section: dict(body) for section, body in sections.items()}
+    data = resolved.get("data", {})
+    source = data.get("source")
+    if isinstance(source, str) and source.startswith("files:"):
+        relative = _expand(source.removeprefix("files:"), origin, "trainer.data.source")
+        directory = _resolve(base_dir, relative)
+        data["source"] = f"files:{directory}"
+        if not Path(
+            directory
+        ).is_dir():  # workers may mount it elsewhere; the trainer says so if it is missing
+            logger.warning("%s: data directory %s does not exist on this machine", origin, directory)
+    cache_dir = data.get("cache_dir")
+    if isinstance(cache_dir, str) and cache_dir:
+        relative = _expand(cache_dir, origin, "trainer.data.cache_dir")
+        data["cache_dir"] = _resolve(base_dir, relative)
+    try:
+        cfg = config_from_dict(resolved, origin=origin)
+    except ConfigError as exc:
+        # the trainer names keys [section.key]; in a study file they live under [trainer.section.key]
+        raise SpecError(str(exc).replace(f"({origin}, [", f"({origin}, [trainer.")) from None
+    if not cfg.koopman.enabled:
+        raise SpecError.at(
+            "koopman.enabled must be true in a study (the baseline turns it off by itself), "
+            "but got enabled=false",
+            origin,
+            "trainer.koopman.enabled",
+        )
+    return cfg
+
+
+def _objectives(study: Mapping[str, Any], trainer: TrainerConfig, origin: str) -> tuple[Objective, ...]:
+    key = "study.objectives"
+    if "objectives" not in study:
+        return tuple(Objective(m, d) for m, d in DEFAULT_OBJECTIVES)
+    listed = study["objectives"]
+    if not isinstance(listed, list) or not listed:
+        raise SpecError.at(
+            'objectives must be a non-empty list like [{ metric = "val_ppl", direction = "minimize" }], '
+            f"but got objectives={_show(listed)}",
+            origin,
+            key,
+        )
+    objectives: list[Objective] = []
+    for i, item in enumerate(listed, start=1):
+        where = f"{key}.{i}"
+        if not isinstance(item, Mapping):
+            raise SpecError.at(
+                f'each objective must be a table like {{ metric = "val_ppl", direction = "minimize" }}, '
+                f"but got {_show(item)}",
+                origin,
+                where,
+            )
+        _known_keys(item, ("metric", "direction"), origin, where)
+        metric = _get(item, "metric", str, origin, where, required=True)
+        if metric not in OBJECTIVE_METRICS:
+            known = ", ".join(OBJECTIVE_METRICS)
+            raise SpecError.at(
+                f"metric must be an epoch record field ({known}), but got metric={metric!r}",
+                origin,
+                f"{where}.metric",
+            )
+        if metric in (o.metric for o in objectives):
+            raise SpecError.at(f"metric must be listed once, but got metric={metric!r} twice", origin, where)
+        direction = _get(item, "direction", str, origin, where, default="minimize")
+        if direction not in DIRECTIONS:
+            raise SpecError.at(
+                f"direction must be one of {', '.join(DIRECTIONS)}, but got direction={direction!r}",
+                origin,
+                f"{where}.direction",
+            )
+        objectives.append(Objective(metric, direction))
+    return tuple(objectives)
+
+
+def _positive(table: Mapping[str, Any], key: str, default: float, origin: str, prefix: str) -> float:
+    value: float = _get(table, key, float, origin, prefix, default=default)
+    if not (math.isfinite(value) and value > 0):
+        problem = f"{key} must be a finite number > 0, but got {key}={value!r}"
+        raise SpecError.at(problem, origin, f"{prefix}.{key}")
+    return value
+
+
+def _rules(table: Mapping[str, Any], objectives: tuple[Objective, ...], origin: str) -> RuleSettings:
+    _known_keys(table, RULE_KEYS, origin, "rules")
+    defaults = RuleSettings()
+    finite = tuple(dict.fromkeys((*DEFAULT_FINITE_METRICS, *(o.metric for o in objectives))))
+    return RuleSettings(
+        total_loss_max=_positive(table, "total_loss_max", defaults.total_loss_max, origin, "rules"),
+        val_ppl_ratio_max=_positive(table, "val_ppl_ratio_max", defaults.val_ppl_ratio_max, origin, "rules"),
+        finite_metrics=finite,
+    )
+
+
+def _baseline(table: Mapping[str, Any], epochs: int, origin: str) -> BaselineSetting:
+    _known_keys(table, BASELINE_KEYS, origin, "baseline")
+    key = "baseline.val_ppl"
+    value = table.get("val_ppl", "auto")
+    if value == "auto":
+        return BaselineSetting("auto")
+    hint = f'val_ppl must be "auto", a number, or a list of {epochs} numbers (one per epoch)'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        logger.warning(
+            "%s: baseline val_ppl=%r is used for every epoch; early epochs are then held to a late-epoch "
+            "value. A per-epoch list from an earlier run is safer.",
+            origin,
+            value,
+        )
+        value = [value] * epochs
+    elif not isinstance(value, list):
+        raise SpecError.at(f"{hint}, but got val_ppl={_show(value)}", origin, key)
+    if len(value) != epochs:
+        raise SpecError.at(
+            f"{hint}, but got a list of {len(value)} for trainer.train.epochs={epochs}", origin, key
+        )
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise SpecError.at(f"val_ppl values must be finite numbers > 0, but got {_show(v)}", origin, key)
+    return BaselineSetting("fixed", tuple(float(v) for v in value))
+
+
+def _enqueue(listed: Any, space: SearchSpace, origin: str) -> tuple[EnqueuedTrial, ...]:
+    if not isinstance(listed, list):
+        problem = f"enqueue must be a list of tables ([[enqueue]]), but got enqueue={_show(listed)}"
+        raise SpecError.at(problem, origin, "enqueue")
+    trials: list[EnqueuedTrial] = []
+    for i, item in enumerate(listed, start=1):
+        where = f"enqueue.{i}"
+        if not isinstance(item, Mapping):
+            problem = f"each [[enqueue]] entry must be a table, but got {_show(item)}"
+            raise SpecError.at(problem, origin, where)
+        _known_keys(item, ("label", *PARAM_NAMES), origin, where)
+        label = _get(item, "label", str, origin, where)
+        params = space.validate({k: v for k, v in item.items() if k != "label"}, origin, where)
+        for j, other in enumerate(trials, start=1):
+            if label is not None and other.label == label:
+                problem = f"label must be unique, but got label={label!r} in entries {j} and {i}"
+                raise SpecError.at(problem, origin, f"{where}.label")
+            if other.params == params:
+                problem = f"each enqueued trial must differ, but entry {i} repeats entry {j}: {params}"
+                raise SpecError.at(problem, origin, where)
+        trials.append(EnqueuedTrial(label, params))
+    return tuple(trials)

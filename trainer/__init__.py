@@ -1,0 +1,43 @@
+"""The hybrid Koopman trainer: a small language model with a Koopman auxiliary loss. Knows nothing of Optuna."""
+
+from trainer.config import (
+    DataConfig,
+    KoopmanConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    with_overrides,
+)
+from trainer.errors import CheckpointError, ConfigError, DataError, KoopmanError
+from trainer.records import RECORD_FIELDS, EpochRecord
+
+__all__ = [
+    "RECORD_FIELDS",
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "EpochRecord",
+    "HybridKoopmanTrainer",
+    "KoopmanConfig",
+    "KoopmanError",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "with_overrides",
+]
+
+
+def __getattr__(name: str) -> object:
+    # torch is imported only when the trainer itself is needed, so that `import trainer` stays light
+    if name == "HybridKoopmanTrainer":
+        from trainer.loop import HybridKoopmanTrainer
+
+        return HybridKoopmanTrainer
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -1,0 +1,397 @@
+"""HybridKoopmanTrainer: epochs, evaluation, checkpoints and the per-epoch callback.
+
+One training step, top to bottom: weight for this epoch → forward → LM loss + weighted Koopman loss →
+backward → clip → optimizer steps → ``zero_grad(set_to_none=True)``. Per-step numbers stay on the device
+and are read once per epoch (or when the progress bar refreshes), so a step makes no host sync.
+
+Determinism (the search shares warmup epochs between trials, ../shared/DESIGN.md):
+
+* the backbone is built right after ``torch.manual_seed(seed)``; the Koopman heads use a private generator;
+* the data order of epoch e comes from a private generator seeded by (seed, e);
+* the Koopman heads have their own optimizer, and epochs 1..s never compute the Koopman loss;
+
+so epochs 1..s are bit-identical (on CPU) for every Koopman setting, and equal to the baseline's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import TrainerConfig, config_from_dict, config_to_dict
+from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
+from trainer.errors import CheckpointError, ConfigError
+from trainer.koopman import KoopmanHeads, NREAccumulator
+from trainer.model import build_model
+from trainer.records import EpochRecord
+from trainer.schedule import FallbackState, koopman_weight
+
+__all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Keys that may differ between a checkpoint and the config that resumes it: where it runs, not what it computes.
+_RUNTIME_KEYS = {("train", "device"), ("train", "progress")}
+
+EpochCallback = Callable[[EpochRecord], "bool | None"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} was asked for but CUDA is not available, but got device={name!r}; "
+                          "use device=auto or cpu")
+    return torch.device(name)
+
+
+def _config_diff(a: TrainerConfig, b: TrainerConfig, sections: tuple[str, ...]) -> list[str]:
+    da, db = config_to_dict(a), config_to_dict(b)
+    return [
+        f"{s}.{k}: {da[s][k]!r} != {db[s][k]!r}"
+        for s in sections
+        for k in da[s]
+        if (s, k) not in _RUNTIME_KEYS and da[s][k] != db[s][k]
+    ]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class HybridKoopmanTrainer:
+    """Trains a language model with the hybrid Koopman auxiliary loss. Knows nothing of Optuna."""
+
+    def __init__(self, cfg: TrainerConfig, corpus: Corpus | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        d = cfg.data
+        corpus = corpus if corpus is not None else load_corpus(d.source, d.vocab_size, d.cache_dir)
+        check_length(corpus.train, d.seq_len, "train")
+        check_length(corpus.valid, d.seq_len, "valid")
+        self.vocab_size = corpus.vocab_size
+        # The token streams live on the device: batches are gathered there, no host→device copy per step.
+        self.train_tokens = corpus.train.to(self.device)
+        self.valid_tokens = corpus.valid.to(self.device)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, self.vocab_size, d.seq_len).to(self.device)
+        self.koopman: KoopmanHeads | None = None
+        if cfg.koopman.enabled:
+            n_layers = int(getattr(self.model, "n_layers"))  # noqa: B009 - protocol attribute
+            d_model = int(getattr(self.model, "d_model"))  # noqa: B009
+            self.koopman = KoopmanHeads(cfg.koopman, d_model, n_layers, cfg.train.seed).to(self.device)
+        t = cfg.train
+        self.opt_lm = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.opt_koopman = (
+            torch.optim.AdamW(self.koopman.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            if self.koopman is not None
+            else None
+        )
+        # Draws the tokens the Koopman loss is estimated on; used only in Koopman epochs.
+        self.koopman_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 7919)
+        self.autocast = self.device.type == "cuda"  # bf16 autocast on CUDA only
+        self.epoch = 0
+        self.step = 0
+        self._since_refit = 0
+        self.records: list[EpochRecord] = []
+        self.stopped = False
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def fit(
+        self, callback: EpochCallback | None = None, checkpoint_dir: str | Path | None = None
+    ) -> list[EpochRecord]:
+        """Train the remaining epochs. After each one, save ``epoch_{e}.pt`` and ``last.pt`` under
+        ``checkpoint_dir`` (if given) and call ``callback(record)``; a true return value stops training."""
+        self.stopped = False
+        for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
+            record = self._run_epoch(epoch)
+            self.epoch = epoch
+            self.records.append(record)
+            if checkpoint_dir is not None:
+                path = self.save_checkpoint(Path(checkpoint_dir) / f"epoch_{epoch}.pt")
+                _atomic_copy(path, Path(checkpoint_dir) / "last.pt")
+            if callback is not None and callback(record):
+                self.stopped = True
+                break
+        return self.records
+
+    def _params(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.koopman is not None:
+            params += list(self.koopman.parameters())
+        return params
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        d = self.cfg.data
+        order = epoch_order(n_windows(self.train_tokens.numel(), d.seq_len), self.cfg.train.seed, epoch)
+        n_batches = len(order) // d.batch_size
+        if self.cfg.train.max_steps_per_epoch:
+            n_batches = min(n_batches, self.cfg.train.max_steps_per_epoch)
+        order = order[: n_batches * d.batch_size].to(self.device)
+        return window_batches(self.train_tokens, d.seq_len, d.batch_size, order, drop_last=True)
+
+    def _sample_tokens(self, n_tokens: int) -> torch.Tensor | None:
+        n = self.cfg.koopman.tokens_per_batch
+        if n == 0 or n >= n_tokens:
+            return None
+        return torch.randint(0, n_tokens, (n,), device=self.device, generator=self.koopman_gen)
+
+    def _run_epoch(self, epoch: int) -> EpochRecord:
+        cfg, kc = self.cfg, self.cfg.koopman
+        started = time.perf_counter()
+        weight = koopman_weight(epoch, kc, cfg.train.epochs)
+        koop = self.koopman if weight > 0 else None
+        fallback = FallbackState(kc.fallback_threshold, kc.fallback_factor, kc.fallback_batches, self.device)
+        params = self._params()
+        self.model.train()
+        if self.koopman is not None:
+            self.koopman.train()
+        # lm, koopman (finite batches only), total, effective weight: summed on the device
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        steps = 0
+        batches = self._train_batches(epoch)
+        bar = self._progress(epoch)
+        for x, y in batches:
+            with self._autocast():
+                logits, hidden = self.model(x)
+            lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+            if koop is not None:
+                x_phi, y_phi = koop.lift_pairs([h.float() for h in hidden], self._sample_tokens(x.numel()))
+                k_loss = koop.loss(x_phi, y_phi)
+                w_eff = fallback.effective_weight(weight, k_loss)
+                finite = torch.isfinite(k_loss)
+                # where(), not a multiply: 0 × NaN would poison the gradient of the whole step
+                loss = lm_loss + w_eff * torch.where(finite, k_loss, torch.zeros_like(k_loss))
+                if kc.fit == "lstsq":
+                    koop.accumulate(x_phi, y_phi)
+                batch = torch.stack((lm_loss.detach().double(),
+                                     torch.where(finite, k_loss.detach(), 0.0).double(),
+                                     loss.detach().double(), w_eff.double()))
+            else:
+                loss = lm_loss
+                batch = torch.stack((lm_loss.detach().double(), torch.zeros((), dtype=torch.float64,
+                                     device=self.device), lm_loss.detach().double(),
+                                     torch.zeros((), dtype=torch.float64, device=self.device)))
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # the seed's 0.5
+            self.opt_lm.step()
+            if koop is not None and self.opt_koopman is not None:
+                self.opt_koopman.step()
+                self.opt_koopman.zero_grad(set_to_none=True)
+            self.opt_lm.zero_grad(set_to_none=True)
+            sums += batch
+            steps += 1
+            self.step += 1
+            if koop is not None and kc.fit == "lstsq":
+                self._since_refit += 1
+                if self._since_refit >= kc.update_interval:
+                    koop.refit()
+                    self._since_refit = 0
+            if bar is not None:
+                bar.update(1)
+                if steps % 20 == 0:  # the only host syncs: for the progress bar, when there is one
+                    bar.set_postfix(loss=f"{float(sums[2]) / steps:.4f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        train_seconds = time.perf_counter() - started
+        if steps == 0:
+            raise ConfigError(
+                f"an epoch has no training batch: the train split holds {self.train_tokens.numel()} tokens, "
+                f"fewer than one batch of batch_size={cfg.data.batch_size} x seq_len={cfg.data.seq_len}"
+            )
+        lm, k_sum, total, w_sum = sums.tolist()
+        cut = int(fallback.cut_count)
+        nonfinite = int(fallback.nonfinite_count)
+        finite_batches = steps - nonfinite
+        if cut or nonfinite:
+            # one warning per epoch at most; the counts also go into the record
+            logger.warning(
+                "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g)%s",
+                epoch, cut, steps, kc.fallback_threshold,
+                f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
+                if nonfinite else "",
+            )
+        val_loss, nre = self.evaluate(koopman=koop is not None)
+        return EpochRecord(
+            epoch=epoch,
+            epochs=cfg.train.epochs,
+            lm_loss=lm / steps,
+            koopman_loss=k_sum / finite_batches if koop is not None and finite_batches else 0.0,
+            total_loss=total / steps,
+            koopman_weight=weight,
+            effective_weight=w_sum / steps,
+            fallback_batches=cut,
+            nonfinite_batches=nonfinite,
+            val_loss=val_loss,
+            val_ppl=math.exp(val_loss) if val_loss < 700 else math.inf,
+            val_koopman_nre=nre,
+            seconds=time.perf_counter() - started,
+            tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,
+            steps=steps,
+        )
+
+    def _progress(self, epoch: int) -> Any:
+        if not self.cfg.train.progress:
+            return None
+        from tqdm import tqdm
+
+        d = self.cfg.data
+        total = n_windows(self.train_tokens.numel(), d.seq_len) // d.batch_size
+        if self.cfg.train.max_steps_per_epoch:
+            total = min(total, self.cfg.train.max_steps_per_epoch)
+        return tqdm(total=total, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False)
+
+    @torch.no_grad()
+    def evaluate(self, koopman: bool = True) -> tuple[float, float]:
+        """Token-weighted validation loss, and val_koopman_nre (NaN when ``koopman`` is off or absent).
+
+        The seed took exp of a mean of per-batch losses; here every validation token counts once.
+        """
+        self.model.eval()
+        d = self.cfg.data
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = 0
+        nre = NREAccumulator() if koopman and self.koopman is not None else None
+        limit = self.cfg.train.max_eval_batches
+        for i, (x, y) in enumerate(window_batches(self.valid_tokens, d.seq_len, d.batch_size, None,
+                                                  drop_last=False)):
+            if limit and i >= limit:
+                break
+            with self._autocast():
+                logits, hidden = self.model(x)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                     reduction="sum").double()
+            n_tokens += y.numel()
+            if nre is not None and self.koopman is not None:
+                x_phi, y_phi = self.koopman.lift_pairs([h.float() for h in hidden], None)
+                nre.update(torch.bmm(x_phi, self.koopman.kt) - y_phi, y_phi)
+        return float(total) / n_tokens, nre.value() if nre is not None else math.nan
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "koopman": self.koopman_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(self.cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+            "since_refit": self._since_refit,
+            "vocab_size": self.vocab_size,
+            "model": self.model.state_dict(),
+            "opt_lm": self.opt_lm.state_dict(),
+            "koopman": self.koopman.state_dict() if self.koopman is not None else None,
+            "opt_koopman": self.opt_koopman.state_dict() if self.opt_koopman is not None else None,
+            "rng": rng,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Everything needed to resume exactly; written atomically (temp file, then rename)."""
+        path = Path(path)
+        _atomic_save(self.state_dict(), path)
+        return path
+
+    @staticmethod
+    def read_checkpoint(path: str | Path) -> dict[str, Any]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {path}") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path} is not a koopman-search checkpoint of format {CHECKPOINT_FORMAT}"
+            )
+        return state
+
+    def _load_backbone(self, state: dict[str, Any], path: str | Path) -> None:
+        if state["vocab_size"] != self.vocab_size:
+            raise CheckpointError(
+                f"checkpoint {path} has vocab_size {state['vocab_size']}, this corpus gives {self.vocab_size}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.opt_lm.load_state_dict(state["opt_lm"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.records = [EpochRecord.from_dict(r) for r in state["records"]]
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, cfg: TrainerConfig | None = None, corpus: Corpus | None = None
+    ) -> HybridKoopmanTrainer:
+        """Resume exactly where ``path`` stopped. ``cfg`` (optional) must compute the same thing; only
+        where it runs (device, progress bar) may differ."""
+        state = cls.read_checkpoint(path)
+        saved = config_from_dict(state["config"], origin=str(path))
+        if cfg is None:
+            cfg = saved
+        else:
+            diff = _config_diff(saved, cfg, ("data", "model", "koopman", "train"))
+            if diff:
+                raise CheckpointError(f"checkpoint {path} was made with another config: {'; '.join(diff)}")
+        trainer = cls(cfg, corpus)
+        trainer._load_backbone(state, path)
+        if trainer.koopman is not None and state["koopman"] is not None:
+            trainer.koopman.load_state_dict(state["koopman"])
+            if trainer.opt_koopman is not None and state["opt_koopman"] is not None:
+                trainer.opt_koopman.load_state_dict(state["opt_koopman"])
+        trainer.koopman_gen.set_state(state["rng"]["koopman"])
+        trainer._since_refit = int(state["since_refit"])
+        return trainer
+
+    def warm_start_from(self, path: str | Path) -> None:
+        """Start from a Koopman-off (baseline) checkpoint of epoch e <= start_epoch: its backbone, optimizer,
+        RNG and records 1..e; the Koopman heads stay freshly initialised. Equivalent to training epochs
+        1..e from scratch (those are pure LM epochs, identical for every Koopman setting)."""
+        state = self.read_checkpoint(path)
+        saved = config_from_dict(state["config"], origin=str(path))
+        if saved.koopman.enabled:
+            raise CheckpointError(f"warm start needs a Koopman-off (baseline) checkpoint, but {path} has "
+                                  "koopman.enabled = true")
+        diff = _config_diff(saved, self.cfg, ("data", "model", "train"))
+        if diff:
+            raise CheckpointError(f"baseline checkpoint {path} was made with another config: {'; '.join(diff)}")
+        if state["epoch"] > self.cfg.koopman.start_epoch:
+            raise CheckpointError(
+                f"warm start from epoch {state['epoch']} is past koopman.start_epoch="
+                f"{self.cfg.koopman.start_epoch}: epochs after the start epoch are not pure LM training"
+            )
+        if self.epoch:
+            raise CheckpointError("warm start must come before any training")
+        self._load_backbone(state, path)
