@@ -153,7 +153,7 @@ class FloatParam:
                     f"step={self.step!r}"
                 )
 
-    def suggest(self, trial: optuna.Trial) -> float:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> float:
         return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
 
     def contains(self, value: Any) -> bool:
@@ -197,7 +197,7 @@ class IntParam:
                 f"step={self.step}"
             )
 
-    def suggest(self, trial: optuna.Trial) -> int:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> int:
         return trial.suggest_int(self.name, self.low, self.high, step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
@@ -224,7 +224,7 @@ class CategoricalParam:
         if len(set(self.choices)) != len(self.choices):
             raise ConfigError(f"choices must be unique, but got choices={_show(self.choices)}")
 
-    def suggest(self, trial: optuna.Trial) -> Value:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Value:
         return cast(Value, trial.suggest_categorical(self.name, list(self.choices)))
 
     def contains(self, value: Any) -> bool:
@@ -244,7 +244,7 @@ class FixedParam:
     name: str
     value: Value
 
-    def suggest(self, trial: optuna.Trial) -> Value:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Value:
         return cast(Value, trial.suggest_categorical(self.name, [self.value]))
 
     def contains(self, value: Any) -> bool:
@@ -327,20 +327,26 @@ class SearchSpace:
                 )
             try:
                 params[name] = _parse_param(name, table, epochs)
-            except SpecError:
-                raise
             except ConfigError as exc:
                 raise SpecError.at(str(exc), origin, key) from None
         for name in PARAM_NAMES:
-            if name not in params:
-                params[name] = FixedParam(name, _base_value(base, name))
+            if name in params:
+                continue
+            path = PARAM_TO_PATH[name]
+            value = _base_value(base, name)
+            try:
+                _in_domain(name, value, path.partition(".")[2], epochs)
+            except ConfigError as exc:
+                hint = f"set it in [trainer.koopman] or search it in [search.{name}]"
+                raise SpecError.at(f"{exc}; {hint}", origin, f"trainer.{path}") from None
+            params[name] = FixedParam(name, value)
         return cls({name: params[name] for name in PARAM_NAMES})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The ``[search]`` tables, every parameter explicit (left-out ones as ``type = "fixed"``)."""
         return {name: param.to_dict() for name, param in self._params.items()}
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
         """Sample every parameter through ``trial.suggest_*``; fixed ones are recorded with their value."""
         return {name: param.suggest(trial) for name, param in self._params.items()}
 
@@ -364,7 +370,9 @@ class SearchSpace:
                     out[name] = param.value
                     continue
                 raise SpecError.at(
-                    f"{name} must be given: it is searched, {param.describe()}", origin, where or name
+                    f"{name} must be given: it is searched, {param.describe()}; add {name} = ...",
+                    origin,
+                    where or name,
                 )
             try:
                 value = _coerce(name, params[name], name)

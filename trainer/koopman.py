@@ -112,8 +112,9 @@ class KoopmanHeads(nn.Module):
     # ---- lstsq ownership of K --------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add the second moments of token pairs (L, N, k) to the running sums (lstsq mode)."""
-        x, y = x.detach().float(), y.detach().float()
+        """Add the second moments of token pairs (L, N, k) to the running sums (lstsq mode), in the sums'
+        dtype (float32 in training; float64 after ``.double()``)."""
+        x, y = x.detach().to(self.cxx.dtype), y.detach().to(self.cxx.dtype)
         self.cxx.baddbmm_(x.transpose(1, 2), x)  # (L, k, k)
         self.cyx.baddbmm_(y.transpose(1, 2), x)
         self.count += x.shape[1]

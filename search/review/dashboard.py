@@ -21,6 +21,7 @@ import hashlib
 import ipaddress
 import logging
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.review import figures
 from search.review.notes import study_note, trial_note
 from search.review.stored import (
+    META_KEY,
     Baseline,
     Rules,
     TrialFacts,
@@ -47,6 +49,7 @@ from search.review.stored import (
     trial_facts,
 )
 from search.review.summary import best_trials, summarize
+from search.rules import RuleSettings
 
 __all__ = [
     "FIGURE_IDS",
@@ -120,7 +123,8 @@ def _write_note(study: optuna.Study, trial_id: int | None, body: str, counts: An
         counts.notes_unchanged += 1
         return
     if current and _system_attrs(study).get(key) != _digest(current):
-        logger.debug("keeping the edited note of %s", "the study" if trial_id is None else f"trial id {trial_id}")
+        whose = "the study" if trial_id is None else f"trial id {trial_id}"
+        logger.debug("keeping the edited note of %s: it was edited in the dashboard", whose)
         counts.notes_kept += 1
         return
     optuna_dashboard.save_note(cast("optuna.Trial", target), body)
@@ -139,12 +143,13 @@ def _write_figure(study: optuna.Study, figure_id: str, figure: Any, counts: Anno
     counts.figures_written += 1
 
 
-def _rules_from(rules: Rules | Mapping[str, Any] | None, study: optuna.Study) -> Rules:
+def _rules_from(rules: Rules | RuleSettings | Mapping[str, Any] | None, study: optuna.Study) -> Rules:
     if isinstance(rules, Rules):
         return rules
     if rules is None:
         return read_rules(study.user_attrs)
-    return read_rules({"koopman_search": {"rules": dict(rules)}})
+    limits = rules.to_dict() if isinstance(rules, RuleSettings) else dict(rules)
+    return read_rules({META_KEY: {"rules": limits}})
 
 
 def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> Baseline | None:
@@ -165,7 +170,7 @@ def annotate_trial(
     *,
     values: Sequence[float] | None = None,
     baseline_curve: Sequence[float | None] | None = None,
-    rules: Rules | Mapping[str, Any] | None = None,
+    rules: Rules | RuleSettings | Mapping[str, Any] | None = None,
 ) -> bool:
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
@@ -195,7 +200,9 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
     meta = search_meta(study.user_attrs)
     names = objective_names(study)
     if study.metric_names is None and meta.get("objectives"):
-        study.set_metric_names(names)  # optuna-dashboard then labels the objectives by name
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     rules = read_rules(study.user_attrs)
     baseline = read_baseline(study.user_attrs)
     finished = study.get_trials(deepcopy=False, states=FINISHED)
@@ -205,9 +212,7 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
     all_facts = [trial_facts(t) for t in study.get_trials(deepcopy=False)]
     best = best_trials(study)
     summary = summarize(all_facts, baseline)
-    note = study_note(
-        study.study_name, names, objective_directions(study), summary, baseline, rules, best
-    )
+    note = study_note(study.study_name, names, objective_directions(study), summary, baseline, rules, best)
     _write_note(study, None, note, counts)
     for figure_id, figure in study_figures(study, facts, baseline, rules, best).items():
         _write_figure(study, figure_id, figure, counts)
@@ -243,14 +248,15 @@ def annotate_storage(
     Studies that fail are logged and skipped, so one broken study does not keep the others unannotated."""
     if study_names is None:
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-        study_names = [s.study_name for s in summaries if "koopman_search" in s.user_attrs]
+        study_names = [s.study_name for s in summaries if META_KEY in s.user_attrs]
     done: dict[str, AnnotationCounts] = {}
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)
         try:
             done[name] = annotate_study(study)
         except (optuna.exceptions.OptunaError, ValueError, TypeError, KeyError) as exc:
-            logger.warning("could not annotate study %s: %s", name, exc, exc_info=logger.isEnabledFor(10))
+            debug = logger.isEnabledFor(logging.DEBUG)
+            logger.warning("could not annotate study %s: %s", name, exc, exc_info=debug)
     return done
 
 
@@ -282,7 +288,8 @@ class DashboardServer(ThreadingMixIn, WSGIServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/dashboard"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}/dashboard"
 
 
 def make_server_for(

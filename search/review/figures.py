@@ -75,7 +75,7 @@ def trial_label(trial: TrialFacts) -> str:
 
 
 def _epochs(trial: TrialFacts) -> list[int]:
-    return [int(e) for e in trial.metric("epoch")]
+    return trial.epoch_numbers
 
 
 def _limit_curve(baseline: Baseline, ratio: float) -> list[float | None]:
@@ -196,9 +196,7 @@ def _background_trace(kind: str, trials: Sequence[TrialFacts]) -> go.Scatter | N
     )
 
 
-def _fixed_traces(
-    kind: str, epochs: int | None, baseline: Baseline | None, rules: Rules
-) -> list[go.Scatter]:
+def _fixed_traces(kind: str, epochs: int | None, baseline: Baseline | None, rules: Rules) -> list[go.Scatter]:
     """The references: the total-loss limit, or the baseline and its allowed band."""
     traces: list[go.Scatter] = []
     if kind == "losses" and rules.total_loss_max is not None and epochs:
@@ -312,7 +310,7 @@ def trial_curves_figure(
     """One view of every trial with records: the trial numbered ``selected`` (default: the first)
     highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it."""
     rules = rules or Rules()
-    shown = [t for t in trials if t.metric("epoch")]
+    shown = [t for t in trials if t.epoch_numbers]
     shown = sorted(shown, key=lambda t: t.number)[-MAX_DROPDOWN_TRIALS:]
     epochs = max((t.epochs_total or 0 for t in shown), default=0) or (
         len(baseline.val_ppl) if baseline is not None else 0
@@ -427,7 +425,7 @@ def pareto_front_figure(
                 )
     better = ", ".join(
         f"{name} {'lower' if d == optuna.study.StudyDirection.MINIMIZE else 'higher'} is better"
-        for name, d in zip(names[:2], study.directions[:2])
+        for name, d in zip(names[:2], study.directions[:2], strict=False)
     )
     fig.update_layout(
         title={"text": f"Pareto front ({better})", "x": 0.01},

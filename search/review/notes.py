@@ -42,10 +42,10 @@ def _at(values: Sequence[float | None], index: int) -> float | None:
 
 def _comparison(trial: TrialFacts, baseline: Baseline | None, rules: Rules) -> list[str]:
     """A table of the trial's last epoch against the baseline's same epoch."""
-    epochs = trial.metric("epoch")
+    epochs = trial.epoch_numbers
     if not epochs:
         return ["No epoch records were stored for this trial."]
-    epoch = int(epochs[-1])
+    epoch = epochs[-1]
     i = len(epochs) - 1
     ppl = _at(trial.metric("val_ppl"), i)
     total = _at(trial.metric("total_loss"), i)
@@ -59,7 +59,8 @@ def _comparison(trial: TrialFacts, baseline: Baseline | None, rules: Rules) -> l
     lines = [
         f"| at epoch {epoch} | this trial | baseline | ratio or limit |",
         "|---|---:|---:|---|",
-        f"| val perplexity | {fmt(ppl)} | {fmt(base_ppl)} | {_ratio_text(ppl, base_ppl, rules.val_ppl_ratio_max)} |",
+        f"| val perplexity | {fmt(ppl)} | {fmt(base_ppl)} | "
+        f"{_ratio_text(ppl, base_ppl, rules.val_ppl_ratio_max)} |",
         f"| total loss | {fmt(total)} | {fmt(base_total)} | {total_limit} |",
     ]
     nre = _at(trial.metric("val_koopman_nre"), i)
@@ -103,7 +104,7 @@ def trial_note(
     elif trial.state == TrialState.FAIL.name:
         lines.append(f"**Failed:** {_escape(trial.fail_reason or 'no reason stored')}")
     elif trial.values is not None:
-        results = ", ".join(f"{_escape(n)} = {fmt(v)}" for n, v in zip(names, trial.values))
+        results = ", ".join(f"{_escape(n)} = {fmt(v)}" for n, v in zip(names, trial.values, strict=False))
         lines.append(f"**Result:** {results}")
     else:
         lines.append(f"**State:** {state_word(trial.state)}, no result stored")
@@ -126,7 +127,7 @@ def study_note(
     best: Sequence[TrialFacts],
 ) -> str:
     """The study's note: objectives and rules, baseline, trials, compute, and the best trial(s)."""
-    objectives = ", ".join(f"{d} {_escape(n)}" for n, d in zip(names, directions))
+    objectives = ", ".join(f"{d} {_escape(n)}" for n, d in zip(names, directions, strict=False))
     lines = [f"## {_escape(study_name)}", "", f"**Objectives:** {objectives}."]
     limits = []
     if rules.total_loss_max is not None:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def _quiet(call: Callable[[], go.Figure]) -> go.Figure:
 
 def _summary_section(ctx: _Context) -> str:
     s = ctx.summary
-    objectives = ", ".join(f"{d} {n}" for n, d in zip(ctx.names, ctx.directions))
+    objectives = ", ".join(f"{d} {n}" for n, d in zip(ctx.names, ctx.directions, strict=False))
     kpis = [
         (s.states_text(), "trials"),
         (f"{s.epochs_spent} epochs", f"trained in {fmt_seconds(s.seconds_spent)} (baseline included)"),
@@ -211,7 +212,8 @@ def _best_section(ctx: _Context) -> str:
     rows = []
     for t in ctx.best:
         values = [fmt(v) for v in t.values or ()]
-        rows.append([t.number, t.label or "", *values, t.last_epoch, *(t.params.get(p, "") for p in PARAM_NAMES)])
+        params = [t.params.get(p, "") for p in PARAM_NAMES]
+        rows.append([t.number, t.label or "", *values, t.last_epoch, *params])
     parts.append(_table(header, rows, numeric=tuple(range(2, 3 + len(ctx.names)))))
     return "".join(parts)
 
@@ -221,11 +223,8 @@ def _history_section(ctx: _Context) -> str:
         return _note("No trial has completed yet: the optimization history needs at least one.")
     parts = ['<div class="grid">']
     for target, name in _targets(ctx):
-        fig = _quiet(
-            lambda target=target, name=name: optuna.visualization.plot_optimization_history(
-                ctx.study, target=target, target_name=name
-            )
-        )
+        plot = optuna.visualization.plot_optimization_history
+        fig = _quiet(partial(plot, ctx.study, target=target, target_name=name))
         fig.update_layout(title={"text": f"Optimization history: {name}"}, height=420)
         parts.append(f"<div>{_figure_html(fig)}</div>")
     parts.append("</div>")
@@ -257,8 +256,12 @@ def _importances_section(ctx: _Context) -> str:
     for target, name in _targets(ctx):
         try:
             fig = _quiet(
-                lambda target=target, name=name: optuna.visualization.plot_param_importances(
-                    ctx.study, params=params, target=target, target_name=name
+                partial(
+                    optuna.visualization.plot_param_importances,
+                    ctx.study,
+                    params=params,
+                    target=target,
+                    target_name=name,
                 )
             )
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
@@ -281,8 +284,12 @@ def _parallel_section(ctx: _Context) -> str:
     ]
     for target, name in _targets(ctx):
         fig = _quiet(
-            lambda target=target, name=name: optuna.visualization.plot_parallel_coordinate(
-                ctx.study, params=params or None, target=target, target_name=name
+            partial(
+                optuna.visualization.plot_parallel_coordinate,
+                ctx.study,
+                params=params or None,
+                target=target,
+                target_name=name,
             )
         )
         fig.update_layout(title={"text": f"Parallel coordinates, coloured by {name}"}, height=420)
@@ -291,7 +298,7 @@ def _parallel_section(ctx: _Context) -> str:
 
 
 def _curves_section(ctx: _Context) -> str:
-    with_records = [t for t in ctx.finished if t.metric("epoch")]
+    with_records = [t for t in ctx.finished if t.epoch_numbers]
     if not with_records:
         return _note("No finished trial has stored epoch records yet.")
     selected = ctx.best[0].number if ctx.best else None
@@ -314,8 +321,14 @@ def _pruned_section(ctx: _Context) -> str:
     parts = []
     if pruned:
         rows = [
-            [t.number, t.label or "", t.pruned_epoch if t.pruned_epoch is not None else "n/a",
-             t.prune_reason or "no reason stored", t.epochs_saved_by_pruning, _params_text(t)]
+            [
+                t.number,
+                t.label or "",
+                t.pruned_epoch if t.pruned_epoch is not None else "n/a",
+                t.prune_reason or "no reason stored",
+                t.epochs_saved_by_pruning,
+                _params_text(t),
+            ]
             for t in pruned
         ]
         parts.append(
@@ -325,7 +338,9 @@ def _pruned_section(ctx: _Context) -> str:
         parts.append(_note("No trial was pruned."))
     if failed:
         parts.append("<h3>Failed trials</h3>")
-        rows = [[t.number, t.label or "", t.fail_reason or "no reason stored", _params_text(t)] for t in failed]
+        rows = [
+            [t.number, t.label or "", t.fail_reason or "no reason stored", _params_text(t)] for t in failed
+        ]
         parts.append(_table(["trial", "label", "error", "params"], rows, numeric=(0,)))
     return "".join(parts)
 
@@ -342,7 +357,7 @@ def _toml_value(value: Any) -> str:
 
 def params_toml(study: optuna.Study, trial: TrialFacts, names: Sequence[str]) -> str:
     """The trial's parameters as the trainer config's TOML tables (``[koopman] weight_max = ...``)."""
-    results = ", ".join(f"{n} = {fmt(v)}" for n, v in zip(names, trial.values or ()))
+    results = ", ".join(f"{n} = {fmt(v)}" for n, v in zip(names, trial.values or (), strict=False))
     lines = [
         f"# Best trial {trial.number} of study {study.study_name!r}" + (f" ({results})" if results else ""),
         "# Its searched settings in the trainer config; everything else as in the study's trainer config.",
@@ -372,7 +387,7 @@ def _config_section(ctx: _Context, best_config: BestConfig | None) -> str:
     return f'<p class="lead">The config of {_esc(which)}, as TOML:</p><pre>{_esc(text)}</pre>'
 
 
-# ---- the page ------------------------------------------------------------------------------------------------
+# ---- the page ----------------------------------------------------------------------------------------
 
 
 def _context(study: optuna.Study) -> _Context:
@@ -425,7 +440,7 @@ def build_report(
         f"generated {now.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
     )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_esc(study.study_name)}: koopman-search report</title>\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<style>{_CSS}</style>\n"
@@ -436,9 +451,7 @@ def build_report(
     )
 
 
-def write_report(
-    study: optuna.Study, out: str | Path, *, best_config: BestConfig | None = None
-) -> Path:
+def write_report(study: optuna.Study, out: str | Path, *, best_config: BestConfig | None = None) -> Path:
     """Build the report and write it to ``out`` atomically (a temp file beside it, then a rename)."""
     out = Path(out)
     text = build_report(study, best_config=best_config)

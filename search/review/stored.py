@@ -147,6 +147,13 @@ class TrialFacts:
             return float(stored)
         return 0.0
 
+    @property
+    def epoch_numbers(self) -> list[int]:
+        """The epochs that have a stored record (1-based, warm-start epochs included)."""
+        if not self.columns:
+            return []
+        return [int(e) for e in self.columns.get("epoch") or [] if e is not None]
+
     def metric(self, name: str) -> list[float | None]:
         """One stored record column (``None`` where NaN), or an empty list."""
         if not self.columns:
@@ -185,7 +192,8 @@ def read_columns(value: Any, where: str) -> Columns | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        logger.warning("ignoring %s: records must be a mapping of columns, but got %s", where, type(value).__name__)
+        kind = type(value).__name__
+        logger.warning("ignoring %s: records must be a mapping of columns, but got %s", where, kind)
         return None
     try:
         columns_to_records(value)
@@ -195,8 +203,16 @@ def read_columns(value: Any, where: str) -> Columns | None:
     return {str(k): list(v) for k, v in value.items()}
 
 
+def _spec_seed(user_attrs: Mapping[str, Any]) -> int | None:
+    """The trainer seed of the stored study file (``[trainer.train] seed``): the baseline the study uses."""
+    spec = search_meta(user_attrs).get("spec")
+    train = spec.get("trainer", {}).get("train", {}) if isinstance(spec, Mapping) else {}
+    seed = train.get("seed") if isinstance(train, Mapping) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> Baseline | None:
-    """The baseline of ``seed``, or, without a seed, the study's only baseline (the lowest seed if several)."""
+    """The baseline of ``seed``; without one, that of the study file's trainer seed, else the lowest seed."""
     found: dict[int, Mapping[str, Any]] = {}
     for key, value in user_attrs.items():
         match = _BASELINE_KEY.match(key)
@@ -205,9 +221,11 @@ def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> Bas
     if not found:
         return None
     if seed is None:
-        seed = min(found)
-        if len(found) > 1:
-            logger.info("study has baselines for seeds %s; showing seed %d", sorted(found), seed)
+        seed = _spec_seed(user_attrs)
+        if seed not in found:
+            seed = min(found)
+            if len(found) > 1:
+                logger.info("study has baselines for seeds %s; showing seed %d", sorted(found), seed)
     attr = found.get(seed)
     if attr is None:
         return None

@@ -1,0 +1,78 @@
+"""Options and lookups shared by the study commands.
+
+Where the storage comes from, first found wins: ``--storage URL``, then ``$OPTUNA_STORAGE`` (optuna's own
+habit; docker-compose sets it), then the study file's ``storage`` (a SQLite file next to it by default).
+The artifact store likewise: ``--artifacts DIR``, ``$KOOPMAN_ARTIFACTS``, the study file's ``artifacts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from search.errors import SpecError
+from search.spec import StudySpec, load_spec
+
+__all__ = ["StudyTarget", "add_storage_args", "add_study_args", "resolve_target", "spec_with_overrides"]
+
+STORAGE_ENV = "OPTUNA_STORAGE"
+ARTIFACTS_ENV = "KOOPMAN_ARTIFACTS"
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", metavar="URL",
+                   help=f"storage URL, e.g. postgresql+psycopg://user:pass@host/db "
+                        f"(default: ${STORAGE_ENV}, else the study file's)")
+    p.add_argument("--artifacts", metavar="DIR",
+                   help=f"artifact store for checkpoints: a shared directory or s3://bucket "
+                        f"(default: ${ARTIFACTS_ENV}, else the study file's)")
+
+
+def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> None:
+    if file_required:
+        p.add_argument("study", metavar="STUDY.toml", help="the study file")
+    else:
+        p.add_argument("study", nargs="?", metavar="STUDY.toml", help="the study file")
+        p.add_argument("--study-name", metavar="NAME", help="the study's name (instead of a study file)")
+    add_storage_args(p)
+
+
+def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
+    """The study file with the storage and artifact store from flags or the environment."""
+    storage = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or spec.storage_url
+    artifacts = getattr(args, "artifacts", None) or os.environ.get(ARTIFACTS_ENV) or spec.artifacts_dir
+    return dataclasses.replace(spec, storage_url=storage, artifacts_dir=artifacts)
+
+
+@dataclass(frozen=True)
+class StudyTarget:
+    storage_url: str
+    study_name: str
+    spec: StudySpec | None
+
+
+def resolve_target(args: argparse.Namespace) -> StudyTarget:
+    """The study a read-only command looks at: a study file, or ``--study-name`` with a storage."""
+    if getattr(args, "study", None):
+        spec = spec_with_overrides(load_spec(args.study), args)
+        name = getattr(args, "study_name", None) or spec.name
+        return StudyTarget(spec.storage_url, name, spec)
+    url = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV)
+    name = getattr(args, "study_name", None)
+    if not name or not url:
+        raise SpecError(
+            "name a study: give STUDY.toml, or --study-name NAME with --storage URL "
+            f"(or ${STORAGE_ENV}), but got study_name={name!r}, storage={'set' if url else None}"
+        )
+    return StudyTarget(url, name, None)
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain left-aligned text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,49 @@
+"""``koopman-search create``: create a study and queue its trial budget, then exit (idempotent)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from search.cli._common import add_study_args, spec_with_overrides
+from search.spec import load_spec, redact_url
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """examples:
+  koopman-search create studies/wikitext2.toml
+  OPTUNA_STORAGE=postgresql+psycopg://koopman:PASS@db:5432/koopman koopman-search create studies/wikitext2.toml
+
+Then start workers on every machine: koopman-search worker studies/wikitext2.toml --gpus all
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "create", help="create a study and queue its trials (no training)",
+        description="Create the study if it does not exist, store its definition, and queue the listed "
+                    "trials and the rest of the budget. Running it again changes nothing.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(p)
+    p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.storage import open_storage
+    from search.study import create_or_load_study, ensure_budget
+
+    spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
+    if args.n_trials is not None and args.n_trials < 1:
+        from search.errors import SpecError
+
+        raise SpecError(f"--n-trials must be >= 1, but got n_trials={args.n_trials}")
+    storage = open_storage(spec.storage_url, heartbeat=False)
+    study, created = create_or_load_study(spec, storage)
+    added = ensure_budget(study, spec, args.n_trials)
+    print(f"study {spec.name} {'created' if created else 'exists'} in {redact_url(spec.storage_url)}; "
+          f"{added} trial(s) queued")
+    return 0

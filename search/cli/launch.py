@@ -1,0 +1,105 @@
+"""``koopman-search launch``: create the study if needed, compute the baseline, run the trials."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from search.cli._common import add_study_args, spec_with_overrides
+from search.errors import SpecError
+from search.spec import load_spec, redact_url
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """examples:
+  koopman-search launch studies/quickstart.toml
+  koopman-search launch studies/wikitext2.toml --gpus all --trials-per-gpu 2
+  koopman-search launch studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db/koopman --workers 4
+
+Ctrl-C stops at once: the running trial is queued again and resumes from its last checkpoint when the
+same command runs again.
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "launch", help="create a study (if needed) and run its trials here",
+        description="Create the study if absent (idempotent), queue the listed trials once, make sure the "
+                    "baseline exists, then run trials until the study's budget is used. Ends with the "
+                    "table of trials and the best result.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(p)
+    p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
+    p.add_argument("--workers", type=int, metavar="N", default=None,
+                   help="worker processes on this machine (default 1; with --gpus: one per GPU slot)")
+    p.add_argument("--gpus", metavar="LIST", help="GPUs to use: 0,1,3 or all (one worker per GPU slot)")
+    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
+                   help="concurrent trials per GPU (default 1)")
+    p.add_argument("--device", metavar="D", help="override the study's trainer device (cpu, cuda, auto)")
+    p.add_argument("--rerun-baseline", action="store_true", help="run the baseline again after it failed")
+    return p
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in ("n_trials", "workers", "trials_per_gpu"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.cli.status import status_data, status_text
+    from search.runner import format_outcome, run_worker
+    from search.storage import open_storage
+    from search.study import create_or_load_study, ensure_budget
+
+    _check_counts(args)
+    spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
+    if args.device is not None:
+        from trainer.config import with_overrides
+
+        spec = _with_device(spec, args.device, with_overrides)
+    storage = open_storage(spec.storage_url)
+    study, created = create_or_load_study(spec, storage)
+    ensure_budget(study, spec, args.n_trials)
+    logger.info("study %s %s in %s", spec.name, "created" if created else "loaded", redact_url(spec.storage_url))
+    if args.rerun_baseline:
+        from search.baseline import rerun_baseline
+
+        if rerun_baseline(spec, storage):
+            logger.info("baseline queued to run again")
+    interrupted = False
+    if args.gpus or (args.workers or 1) > 1:
+        from search.workers import supervise
+
+        code = supervise(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
+                         storage_url=spec.storage_url)
+        interrupted = code != 0
+    else:
+        try:
+            run_worker(spec, spec.storage_url,
+                       on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
+        except KeyboardInterrupt:
+            interrupted = True
+    print()
+    print(status_text(status_data(study)))
+    if not interrupted:
+        from search.cli import best as best_cmd
+
+        best_cmd.run(argparse.Namespace(study=args.study, study_name=spec.name, storage=spec.storage_url,
+                                        artifacts=spec.artifacts_dir, format="table", trial=None))
+        return 0
+    print(f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to "
+          "continue", file=sys.stderr)
+    return 130
+
+
+def _with_device(spec: Any, device: str, with_overrides: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(spec, trainer=with_overrides(spec.trainer, {"train.device": device},
+                                                            origin="--device"))

@@ -1,0 +1,69 @@
+"""Exporting a trial as a trainer config file that ``koopman-search train --config`` runs as is."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from search.errors import StorageError
+from search.spec import StudySpec, spec_from_dict
+from search.study import SPEC_ATTR
+from trainer.config import TrainerConfig, config_to_dict
+
+__all__ = ["dump_toml", "stored_spec", "trial_config", "trial_config_toml"]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"TOML cannot hold {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for every JSON string
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(sections: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
+    """``{"section": {"key": scalar}}`` as TOML (the only shape trainer configs have)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for name, body in sections.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+def stored_spec(study: optuna.Study) -> StudySpec:
+    """The study definition stored in the study by ``create``/``launch``."""
+    meta = study.user_attrs.get(SPEC_ATTR)
+    if not isinstance(meta, Mapping) or "spec" not in meta:
+        raise StorageError(f"study {study.study_name} holds no koopman-search definition "
+                           f"(user attr {SPEC_ATTR!r}); was it created by koopman-search?")
+    values = dict(meta["spec"])
+    values["study"] = {**values["study"], "name": study.study_name}
+    return spec_from_dict(values, origin=f"study {study.study_name}")
+
+
+def trial_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> TrainerConfig:
+    return stored_spec(study).trial_config(trial.params)
+
+
+def trial_config_toml(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    cfg = trial_config(study, trial)
+    values = ", ".join(f"{v:.6g}" for v in trial.values) if trial.values else "none"
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    header = (
+        f"koopman-search: trial {trial.number} of study {study.study_name} ({trial.state.name})\n"
+        f"{', '.join(names)} = {values}\n"
+        f"run it: koopman-search train --config THIS_FILE.toml"
+    )
+    return dump_toml(config_to_dict(cfg), header)

@@ -1,0 +1,207 @@
+"""Storage URLs → Optuna RDB storage with heartbeats; the artifact store for checkpoints; retries.
+
+Studies are plain Optuna RDB studies, so ``optuna studies --storage URL`` and ``optuna-dashboard URL`` read
+them directly. SQLite is the embedded default (nothing to start); PostgreSQL (``postgresql+psycopg://``)
+serves several workers and machines.
+
+Passwords never reach logs or errors: every message shows URLs through :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from search.errors import StorageError
+from search.spec import redact_url
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "MAX_RETRY",
+    "Heartbeat",
+    "fail_stale_trials",
+    "open_artifact_store",
+    "open_storage",
+    "redact_text",
+    "retrying",
+]
+
+logger = logging.getLogger(__name__)
+
+# A running trial records a heartbeat this often (seconds); one silent for GRACE_FACTOR intervals is stale
+# and is failed, then retried (RetryHeartbeatStaleTrialCallback) from its last checkpoint.
+HEARTBEAT_INTERVAL = int(os.environ.get("KOOPMAN_HEARTBEAT_INTERVAL", "30"))
+GRACE_FACTOR = 4
+MAX_RETRY = 3  # retries of one trial after its worker died
+
+T = TypeVar("T")
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) replaced by ``***``."""
+    try:
+        password = sqlalchemy.engine.make_url(url).password
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return text.replace(url, redact_url(url))
+    if password:
+        text = text.replace(str(password), "***")
+    return text
+
+
+def _sqlite_setup(engine: sqlalchemy.engine.Engine) -> None:
+    """Make SQLite safe for several processes: WAL journal, a busy timeout, and BEGIN IMMEDIATE so that a
+    read-then-write transaction (popping a waiting trial) takes the write lock up front instead of failing
+    with 'database is locked' when two workers race."""
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed must not be reused
+
+
+def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RDBStorage:
+    """Open (and create the tables of) the RDB storage at ``url``.
+
+    With ``heartbeat``, running trials record heartbeats and a stale trial is failed and retried up to
+    :data:`MAX_RETRY` times. Connections are checked before use (``pool_pre_ping``) so that workers
+    survive a database restart.
+    """
+    interval = heartbeat_interval or HEARTBEAT_INTERVAL
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if is_sqlite:
+        engine_kwargs["connect_args"] = {"timeout": 60}
+        db = sqlalchemy.engine.make_url(url).database
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine_kwargs["pool_recycle"] = 300
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
+    if heartbeat:
+        kwargs.update(
+            heartbeat_interval=interval,
+            grace_period=GRACE_FACTOR * interval,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        )
+    try:
+        storage = RDBStorage(url, **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
+            ValueError) as exc:
+        detail = redact_text(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], url)
+        raise StorageError(
+            f"cannot open storage {redact_url(url)}: {detail}; check that the database server is up and "
+            "the URL is right (see --storage / OPTUNA_STORAGE)"
+        ) from None
+    if is_sqlite:
+        _sqlite_setup(storage.engine)
+    return storage
+
+
+def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactStore | Any:
+    """The artifact store for checkpoints: a directory shared by the workers, or ``s3://bucket/prefix``
+    (needs boto3; endpoint from ``AWS_ENDPOINT_URL`` for S3-compatible stores)."""
+    if location.startswith("s3://"):
+        try:
+            import boto3
+        except ImportError:
+            raise StorageError(
+                f"artifact store {location} needs boto3: pip install 'koopman-search[s3]'"
+            ) from None
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        from optuna.artifacts import Boto3ArtifactStore
+
+        store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
+        if prefix:
+            logger.warning("artifact store %s: the prefix %r is ignored by Optuna's Boto3ArtifactStore",
+                           location, prefix)
+        return store
+    path = Path(location)
+    path.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(str(path))
+
+
+# Errors a database restart or a network blip produces; anything else is a real error.
+TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+             optuna.exceptions.StorageInternalError)
+
+
+def retrying(fn: Callable[[], T], what: str, timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` until it stops raising a transient database error, backing off up to ``timeout`` s."""
+    delay, waited = 1.0, 0.0
+    while True:
+        try:
+            return fn()
+        except TRANSIENT as exc:
+            if waited >= timeout:
+                raise StorageError(f"{what}: the database stayed unreachable for {waited:.0f} s") from exc
+            logger.warning("%s: database unreachable (%s), retrying in %.0f s", what,
+                           type(exc).__name__, delay)
+            sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 30.0)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the study's trials whose heartbeat went silent (their retry is queued by the storage's
+    RetryHeartbeatStaleTrialCallback). Optuna marks this function experimental; its behaviour is what
+    the heartbeat design documents."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retrying(lambda: optuna.storages.fail_stale_trials(study), "check stale trials")
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds on a daemon thread, and tolerates a
+    database that is briefly down (the next beat retries)."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: float | None = None) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval or storage.heartbeat_interval or HEARTBEAT_INTERVAL
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except TRANSIENT as exc:
+                logger.warning("heartbeat of trial id %d not recorded: %s", self._trial_id, type(exc).__name__)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if self._storage.heartbeat_interval is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[Heartbeat]:
+    with Heartbeat(storage, trial_id) as hb:
+        yield hb

@@ -1,0 +1,143 @@
+"""Creating a study, its trial budget, and claiming trials from it.
+
+The budget is a queue. Creating a study enqueues the study file's listed trials first, then empty WAITING
+trials up to ``n_trials`` (an empty waiting trial takes its parameters from the sampler when it runs).
+Workers only ever claim WAITING trials (an atomic state change in the database), so the budget holds across
+every worker and machine with no overshoot, and the listed trials run first and once. A trial whose worker
+died is failed by heartbeat and re-enqueued with the same parameters; that retry does not count again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from search.errors import SpecError, StudyNotFoundError
+from search.spec import StudySpec
+from search.storage import retrying
+
+__all__ = [
+    "SPEC_ATTR",
+    "claim_waiting_trial",
+    "create_or_load_study",
+    "ensure_budget",
+    "is_retry",
+    "load_study",
+    "remaining_budget",
+]
+
+logger = logging.getLogger(__name__)
+
+SPEC_ATTR = "koopman_search"
+SPEC_VERSION = 1
+
+
+def is_retry(trial: optuna.trial.FrozenTrial) -> bool:
+    """True for a trial enqueued again after its first attempt failed or was interrupted."""
+    return "failed_trial" in trial.system_attrs
+
+
+def _stored_spec(spec: StudySpec) -> dict[str, Any]:
+    return {
+        "version": SPEC_VERSION,
+        "spec": spec.to_dict(),
+        "objectives": [o.to_dict() for o in spec.objectives],
+        "rules": spec.rules.to_dict(),
+    }
+
+
+def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int = 0) -> tuple[optuna.Study, bool]:
+    """The study named in ``spec``: created if absent (idempotent), else loaded and checked against the
+    file. Returns ``(study, created)``."""
+    sampler = spec.make_sampler(seed_offset)
+    pruner = spec.make_pruner()
+    try:
+        study = retrying(lambda: optuna.create_study(
+            storage=storage, study_name=spec.name, directions=spec.directions, sampler=sampler, pruner=pruner
+        ), f"create study {spec.name}")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = retrying(lambda: optuna.load_study(
+            storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner
+        ), f"load study {spec.name}")
+        created = False
+        directions = [d.name.lower() for d in study.directions]
+        if directions != spec.directions:
+            raise SpecError(
+                f"study {spec.name} already exists with directions {directions}, but the study file asks "
+                f"for objectives={spec.metrics} directions={spec.directions}; use another study name"
+                + (f" ({spec.path}, [study.name])" if spec.path else "")
+            ) from None
+    if created or SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, _stored_spec(spec))
+    return study, created
+
+
+def load_study(storage: RDBStorage, name: str, seed_offset: int = 0, spec: StudySpec | None = None) -> optuna.Study:
+    """Load an existing study by name, with the sampler and pruner of its study file when given."""
+    kwargs: dict[str, Any] = {}
+    if spec is not None:
+        kwargs = {"sampler": spec.make_sampler(seed_offset), "pruner": spec.make_pruner()}
+    try:
+        return optuna.load_study(storage=storage, study_name=name, **kwargs)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        raise StudyNotFoundError(
+            f"no study named {name!r} in this storage; studies there: {', '.join(names) or 'none'}"
+        ) from None
+
+
+def ensure_budget(study: optuna.Study, spec: StudySpec, n_trials: int | None = None) -> int:
+    """Enqueue the study file's listed trials (once) and empty trials up to ``n_trials`` in all.
+
+    Idempotent: counts the trials already issued (retries excluded) and adds only what is missing.
+    Returns the number of trials added.
+    """
+    target = n_trials if n_trials is not None else spec.n_trials
+    trials = study.get_trials(deepcopy=False)
+    issued = [t for t in trials if not is_retry(t)]
+    labels = {t.user_attrs.get("label") for t in issued}
+    added = 0
+    for item in spec.enqueue:
+        if len(issued) + added >= target:
+            break
+        if item.label is not None and item.label in labels:
+            continue
+        user_attrs = {"label": item.label} if item.label else None
+        study.enqueue_trial(dict(item.params), user_attrs=user_attrs, skip_if_exists=item.label is None)
+        added += 1
+    for _ in range(target - len(issued) - added):
+        study.enqueue_trial({})
+        added += 1
+    if added:
+        logger.info("study %s: %d trial(s) added to the queue (budget %d)", spec.name, added, target)
+    return added
+
+
+def remaining_budget(study: optuna.Study) -> int:
+    """Trials still waiting to be claimed."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
+    """Claim the oldest waiting trial (atomically: WAITING → RUNNING in the database), or None when the
+    queue is empty. Never creates a trial, so the budget cannot overshoot."""
+    storage = study._storage
+
+    def claim() -> int | None:
+        for frozen in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                    return frozen._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    trial_id = retrying(claim, "claim a trial")
+    if trial_id is None:
+        return None
+    return optuna.Trial(study, trial_id)

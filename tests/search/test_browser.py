@@ -1,0 +1,172 @@
+"""The review as a person sees it: optuna-dashboard and the HTML report in a real headless Chromium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium chromium-driver``); without
+them these tests FAIL, they do not skip. Screenshots go to ``test-artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
+from tests.search.test_review import STUDY_NAME, make_review_study
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WAIT_S = 60
+CHROME_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+)
+
+
+@pytest.fixture
+def chrome(tmp_path: Path) -> Iterator[WebDriver]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(
+            f"the browser tests need Chromium and its driver, but {', '.join(missing)} is missing; "
+            "install them with: apt-get install chromium chromium-driver"
+        )
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.add_argument("--window-size=1280,900")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver: WebDriver, what: str, condition: Any) -> Any:
+    try:
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(condition)
+    except TimeoutException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "timeout.png"))
+        pytest.fail(f"timed out after {WAIT_S} s waiting for {what}; see test-artifacts/timeout.png")
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def _severe(driver: WebDriver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _full_page_screenshot(driver: WebDriver, path: Path, width: int) -> None:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, min(int(height) + 20, 12000))
+    driver.save_screenshot(str(path))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, optuna.Study]]:
+    """The small finished study, annotated, behind a dashboard on a free loopback port."""
+    url = f"sqlite:///{tmp_path / 'review-demo.db'}"
+    study = make_review_study(url)
+    annotate_study(study)
+    server = make_server_for(url, "127.0.0.1", 0, artifacts_dir=tmp_path / "artifacts")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        yield f"http://127.0.0.1:{port}", study
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
+    served: tuple[str, optuna.Study], chrome: WebDriver
+) -> None:
+    base, study = served
+    # the JSON API the dashboard's pages read
+    summaries = _get_json(f"{base}/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in summaries] == [STUDY_NAME]
+    study_id = summaries[0]["study_id"]
+    detail = _get_json(f"{base}/api/studies/{study_id}")
+    assert [t["number"] for t in detail["trials"]] == [t.number for t in study.trials]
+    assert all(t["note"]["body"].startswith(f"### Trial {t['number']}: ") for t in detail["trials"])
+    assert {g["id"] for g in detail["plotly_graph_objects"]} == set(FIGURE_IDS.values())
+    assert _get_json(f"{base}/api/meta")["artifact_is_available"] is True
+
+    # the study page: the study note and the koopman-search figures, drawn by plotly
+    chrome.get(f"{base}/dashboard/studies/{study_id}")
+    _wait(chrome, "the study note", lambda d: "Pruned when:" in d.find_element(By.TAG_NAME, "body").text)
+    for figure_id in FIGURE_IDS.values():
+        _wait(
+            chrome,
+            f"figure {figure_id}",
+            lambda d, i=figure_id: d.find_elements(By.CSS_SELECTOR, f'[id="user-defined-plot:{i}"] .main-svg'),
+        )
+    body = chrome.find_element(By.TAG_NAME, "body").text
+    assert "Validation perplexity vs the baseline" in body and "Pareto front" in body
+    ARTIFACTS.mkdir(exist_ok=True)
+    _full_page_screenshot(chrome, ARTIFACTS / "dashboard.png", 1280)
+
+    # a pruned trial's page: its note with the prune reason
+    pruned = next(t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
+    chrome.set_window_size(1280, 900)
+    chrome.get(f"{base}/dashboard/studies/{study_id}/trials?numbers={pruned.number}")
+    reason = pruned.user_attrs["prune_reason"]
+    _wait(chrome, "the pruned trial's note", lambda d: reason in d.find_element(By.TAG_NAME, "body").text)
+    chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial.png"))
+
+
+def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: WebDriver) -> None:
+    study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
+    out = write_report(study, tmp_path / "report.html")
+    plots = out.read_text(encoding="utf-8").count('class="plotly-graph-div"')
+
+    chrome.get(out.as_uri())
+    _wait(
+        chrome,
+        f"{plots} plotly figures to render",
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) >= plots,
+    )
+    headings = [h.text for h in chrome.find_elements(By.TAG_NAME, "h2")]
+    expected = ["Pareto front" if key == "best" else title for key, title in SECTION_TITLES.items()]
+    assert headings == expected
+    assert chrome.find_elements(By.CSS_SELECTOR, "#pruned td") and "total_loss" in chrome.find_element(
+        By.ID, "pruned"
+    ).text
+    assert "[koopman]" in chrome.find_element(By.ID, "config").text
+    assert _severe(chrome) == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    _full_page_screenshot(chrome, ARTIFACTS / "report.png", 1280)
