@@ -241,7 +241,7 @@ def _run(
                                "checkpoint", spec.name)
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run")
+                raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
             _publish(main_study, spec, {"state": "failed", "val_ppl": [], "records": None, "checkpoints": {},
                                         "error": reason})
             logger.error("baseline of study %s failed: %s", spec.name, reason)

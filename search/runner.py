@@ -84,7 +84,7 @@ def format_outcome(o: TrialOutcome, metrics: list[str]) -> str:
     if o.epochs_resumed:
         epochs += f", resumed after epoch {o.epochs_resumed}"
     if o.state == "COMPLETE" and o.values is not None:
-        result = "COMPLETE " + " ".join(f"{m}={v:.4g}" for m, v in zip(metrics, o.values))
+        result = "COMPLETE " + " ".join(f"{m}={v:.4g}" for m, v in zip(metrics, o.values, strict=True))
     else:
         result = f"{o.state}: {o.reason}"
     return f"trial {o.number}{label} {params} | {epochs} | {result}"

@@ -57,7 +57,8 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
     pruner = spec.make_pruner()
     try:
         study = retrying(lambda: optuna.create_study(
-            storage=storage, study_name=spec.name, directions=spec.directions, sampler=sampler, pruner=pruner
+            storage=storage, study_name=spec.name, directions=list(spec.directions),  # type: ignore[arg-type]
+            sampler=sampler, pruner=pruner
         ), f"create study {spec.name}")
         created = True
     except optuna.exceptions.DuplicatedStudyError:

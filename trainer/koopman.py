@@ -53,6 +53,11 @@ def ridge_solve(cxx: torch.Tensor, cyx: torch.Tensor, lam: float | torch.Tensor)
 class KoopmanHeads(nn.Module):
     """φ_l and K_l for every block l = 1..L, stacked."""
 
+    kt: torch.Tensor  # Kᵀ (L, k, k): a Parameter (gradient fit) or a buffer (lstsq fit)
+    cxx: torch.Tensor  # lstsq buffers
+    cyx: torch.Tensor
+    count: torch.Tensor
+
     def __init__(self, cfg: KoopmanConfig, d_model: int, n_layers: int, seed: int) -> None:
         super().__init__()
         L, d, k = n_layers, d_model, cfg.dim
@@ -73,7 +78,7 @@ class KoopmanHeads(nn.Module):
         # so that K x for row vectors x is x @ Kᵀ.
         kt = torch.eye(k).repeat(L, 1, 1)  # (L, k, k)
         if cfg.fit == "gradient":
-            self.kt: torch.Tensor = nn.Parameter(kt)
+            self.kt = nn.Parameter(kt)
         else:
             self.register_buffer("kt", kt)
             self.register_buffer("cxx", torch.zeros(L, k, k))  # Σ x xᵀ since the last refit
@@ -88,19 +93,33 @@ class KoopmanHeads(nn.Module):
             z = F.layer_norm(z, z.shape[-1:]) * self.ln_weight + self.ln_bias
         return torch.baddbmm(self.b2, torch.tanh(z), self.w2)  # (L, N, k)
 
-    def lift_pairs(self, hidden: list[torch.Tensor], index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """φ(h_in), φ(h_out) for every block on the selected tokens (all when index is None).
+    @staticmethod
+    def gather(hidden: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
+        """The states the Koopman part sees, as one float32 tensor: (L+1, N, d).
 
-        hidden: n_layers + 1 tensors (B, T, d); index: flat token positions (N,) into B*T.
-        Returns two (L, N, k) tensors.
+        hidden: n_layers + 1 tensors (B, T, d); index: flat token positions (N,) into B*T (all when None).
+        The result is the Koopman branch's own tensor (the LM never reads it), so a gradient hook on it
+        sees the Koopman gradient alone.
         """
         h = torch.stack(hidden).flatten(1, 2)  # (L+1, B*T, d)
         if index is not None:
             h = h.index_select(1, index)  # (L+1, N, d)
-        n = h.shape[1]
+        return h.float()
+
+    def lift_pairs(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ(h_in), φ(h_out) for every block: states (L+1, N, d) from :meth:`gather` -> two (L, N, k)."""
+        n = states.shape[1]
         # inputs and outputs of each block share its φ: lift them as one token axis of length 2N
-        phi = self.lift(torch.cat((h[:-1], h[1:]), dim=1))  # (L, 2N, k)
+        phi = self.lift(torch.cat((states[:-1], states[1:]), dim=1))  # (L, 2N, k)
         return phi[:, :n], phi[:, n:]
+
+    @torch.no_grad()
+    def drop_grads_unless(self, ok: torch.Tensor) -> None:
+        """Zero the heads' gradients unless ``ok`` (a 0-dim bool tensor on the device; no host sync)."""
+        bad = ~ok
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.masked_fill_(bad, 0.0)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean per-token loss between K φ(h_in) and φ(h_out), averaged over blocks. x, y: (L, N, k)."""
@@ -111,13 +130,18 @@ class KoopmanHeads(nn.Module):
 
     # ---- lstsq ownership of K --------------------------------------------------------------------------
     @torch.no_grad()
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Add the second moments of token pairs (L, N, k) to the running sums (lstsq mode), in the sums'
-        dtype (float32 in training; float64 after ``.double()``)."""
+        dtype (float32 in training; float64 after ``.double()``). With ``keep`` (a 0-dim bool tensor) false,
+        the pairs add nothing: one non-finite batch would otherwise poison the whole refit window."""
         x, y = x.detach().to(self.cxx.dtype), y.detach().to(self.cxx.dtype)
+        n: int | torch.Tensor = x.shape[1]
+        if keep is not None:
+            x, y = torch.where(keep, x, 0.0), torch.where(keep, y, 0.0)
+            n = keep * n
         self.cxx.baddbmm_(x.transpose(1, 2), x)  # (L, k, k)
         self.cyx.baddbmm_(y.transpose(1, 2), x)
-        self.count += x.shape[1]
+        self.count += n
 
     @torch.no_grad()
     def refit(self) -> bool:
@@ -167,7 +191,7 @@ class NREAccumulator:
         r, y = r.double(), y.double()
         sums = [r.sum(1), (r * r).sum((1, 2)), y.sum(1), (y * y).sum((1, 2))]
         if self._sums:
-            for acc, s in zip(self._sums, sums):
+            for acc, s in zip(self._sums, sums, strict=True):
                 acc += s
         else:
             self._sums = sums

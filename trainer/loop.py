@@ -15,6 +15,7 @@ so epochs 1..s are bit-identical (on CPU) for every Koopman setting, and equal t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -55,6 +56,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name} was asked for but CUDA is not available, but got device={name!r}; "
                           "use device=auto or cpu")
     return torch.device(name)
+
+
+def _keep_grad_if(ok: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(~ok, 0.0)
 
 
 def _config_diff(a: TrainerConfig, b: TrainerConfig, sections: tuple[str, ...]) -> list[str]:
@@ -185,15 +190,22 @@ class HybridKoopmanTrainer:
             with self._autocast():
                 logits, hidden = self.model(x)
             lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+            finite: torch.Tensor | None = None
             if koop is not None:
-                x_phi, y_phi = koop.lift_pairs([h.float() for h in hidden], self._sample_tokens(x.numel()))
+                states = koop.gather(hidden, self._sample_tokens(x.numel()))  # (L+1, N, d)
+                x_phi, y_phi = koop.lift_pairs(states)
                 k_loss = koop.loss(x_phi, y_phi)
                 w_eff = fallback.effective_weight(weight, k_loss)
                 finite = torch.isfinite(k_loss)
                 # where(), not a multiply: 0 × NaN would poison the gradient of the whole step
                 loss = lm_loss + w_eff * torch.where(finite, k_loss, torch.zeros_like(k_loss))
+                # where() hides a non-finite loss's value, not the NaN local derivatives behind it
+                # (0 × NaN = NaN): drop the Koopman gradient where it enters the backbone, and the
+                # heads' own gradients after backward, or one bad batch turns every weight into NaN.
+                if states.requires_grad:
+                    states.register_hook(functools.partial(_keep_grad_if, finite))
                 if kc.fit == "lstsq":
-                    koop.accumulate(x_phi, y_phi)
+                    koop.accumulate(x_phi, y_phi, keep=finite)
                 batch = torch.stack((lm_loss.detach().double(),
                                      torch.where(finite, k_loss.detach(), 0.0).double(),
                                      loss.detach().double(), w_eff.double()))
@@ -203,6 +215,8 @@ class HybridKoopmanTrainer:
                                      device=self.device), lm_loss.detach().double(),
                                      torch.zeros((), dtype=torch.float64, device=self.device)))
             loss.backward()
+            if koop is not None and finite is not None:
+                koop.drop_grads_unless(finite)
             nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # the seed's 0.5
             self.opt_lm.step()
             if koop is not None and self.opt_koopman is not None:
@@ -293,7 +307,7 @@ class HybridKoopmanTrainer:
                                      reduction="sum").double()
             n_tokens += y.numel()
             if nre is not None and self.koopman is not None:
-                x_phi, y_phi = self.koopman.lift_pairs([h.float() for h in hidden], None)
+                x_phi, y_phi = self.koopman.lift_pairs(self.koopman.gather(hidden, None))
                 nre.update(torch.bmm(x_phi, self.koopman.kt) - y_phi, y_phi)
         return float(total) / n_tokens, nre.value() if nre is not None else math.nan
 

@@ -111,7 +111,7 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        B, T = idx.shape
+        T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
         hidden = [x]

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
             raise StudyNotFoundError(f"study {study.study_name} has no complete trial yet")
         print(trial_config_toml(study, frozen), end="")
         return 0
-    rows = [{"number": t.number, "label": t.label, "params": t.params,
-             "values": dict(zip(names, t.values or ())), "epochs_run": t.epochs_run} for t in best]
+    rows: list[dict[str, Any]] = [{"number": t.number, "label": t.label, "params": t.params,
+             "values": dict(zip(names, t.values or (), strict=False)), "epochs_run": t.epochs_run} for t in best]
     if args.format == "json":
         kind = "pareto_front" if len(study.directions) > 1 else "best"
         print(json.dumps({"study": study.study_name, kind: rows}, indent=2))

@@ -230,13 +230,14 @@ def study_figures(
     """The dashboard's study figures by graph-object id: the three trial-curve views (best trial first
     selected) and, for two or more objectives, the Pareto front."""
     selected = best[0].number if best else None
+    names = objective_names(study)
     out: dict[str, Any] = {}
     for kind in figures.KINDS:
-        out[FIGURE_IDS[kind]] = figures.trial_curves_figure(kind, facts, baseline, rules, selected=selected)
-    if len(study.directions) >= 2 and any(f.values is not None for f in facts):
-        out[FIGURE_IDS["pareto"]] = figures.pareto_front_figure(
-            study, objective_names(study), facts, baseline, rules
+        out[FIGURE_IDS[kind]] = figures.trial_curves_figure(
+            kind, facts, baseline, rules, selected=selected, names=names
         )
+    if len(study.directions) >= 2 and any(f.values is not None for f in facts):
+        out[FIGURE_IDS["pareto"]] = figures.pareto_front_figure(study, names, facts, baseline)
     return out
 
 

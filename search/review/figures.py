@@ -63,11 +63,15 @@ _TITLES = {
 _HEIGHT = 450  # optuna-dashboard shows study figures in 450 px high cards
 
 
-def trial_label(trial: TrialFacts) -> str:
-    """``Trial 7 · pruned at epoch 7 · hand-tuned 1``: what a dropdown entry or a title calls a trial."""
-    state = state_word(trial.state)
-    if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
-        state += f" at epoch {trial.pruned_epoch}"
+def trial_label(trial: TrialFacts, names: Sequence[str] = ()) -> str:
+    """``Trial 7 · pruned at epoch 7 · hand-tuned 1`` or ``Trial 4 · val_ppl 489.1``: what a menu entry
+    or a title calls a trial (with ``names``, a complete trial shows its first objective)."""
+    if trial.state == TrialState.COMPLETE.name and trial.values and names:
+        state = f"{names[0]} {fmt(trial.values[0])}"
+    else:
+        state = state_word(trial.state)
+        if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
+            state += f" at epoch {trial.pruned_epoch}"
     parts = [f"Trial {trial.number}", state]
     if trial.label:
         parts.append(trial.label)
@@ -238,20 +242,21 @@ def _fixed_traces(kind: str, epochs: int | None, baseline: Baseline | None, rule
     return traces
 
 
-def _layout(kind: str, title: str, trials: Sequence[TrialFacts]) -> dict[str, Any]:
+def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = False) -> dict[str, Any]:
+    """Sized for optuna-dashboard's 450 px cards: title top left, the trial menu under it, legend below."""
     y_titles = {
         "losses": "loss (mean over the epoch's batches)",
         "val_ppl": "validation perplexity",
         "weight": "Koopman weight",
     }
     layout: dict[str, Any] = {
-        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 0.985, "yanchor": "top", "font": {"size": 15}},
         "height": _HEIGHT,
         "template": "plotly_white",
-        "margin": {"l": 60, "r": 60 if kind == "weight" else 20, "t": 80, "b": 40},
-        "xaxis": {"title": {"text": "epoch"}, "dtick": 1},
+        "margin": {"l": 60, "r": 60 if kind == "weight" else 20, "t": 82 if menu else 40, "b": 110},
+        "xaxis": {"title": {"text": "epoch", "standoff": 2}, "dtick": 1},
         "yaxis": {"title": {"text": y_titles[kind]}},
-        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0, "font": {"size": 11}},
+        "legend": {"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0, "font": {"size": 11}},
         "hovermode": "closest",
     }
     if kind == "val_ppl":
@@ -306,9 +311,11 @@ def trial_curves_figure(
     rules: Rules | None = None,
     *,
     selected: int | None = None,
+    names: Sequence[str] = (),
 ) -> go.Figure:
     """One view of every trial with records: the trial numbered ``selected`` (default: the first)
-    highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it."""
+    highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it. ``names`` (the
+    objectives) let menu entries show a complete trial's first objective."""
     rules = rules or Rules()
     shown = [t for t in trials if t.epoch_numbers]
     shown = sorted(shown, key=lambda t: t.number)[-MAX_DROPDOWN_TRIALS:]
@@ -334,31 +341,29 @@ def trial_curves_figure(
     for trial in shown:
         data = _slot_data(kind, trial)
         restyle = {key: [d.get(key, []) for d in data] for key in ("x", "y", "text")}
-        buttons.append(
-            {
-                "label": trial_label(trial),
-                "method": "update",
-                "args": [restyle, {"title.text": f"{_TITLES[kind]}: {trial_label(trial)}"}, slots],
-            }
-        )
-    layout = _layout(kind, f"{_TITLES[kind]}: {trial_label(shown[active])}", shown)
-    layout["margin"]["t"] = 110
-    layout["legend"]["y"] = 1.0
+        buttons.append({"label": trial_label(trial, names), "method": "restyle", "args": [restyle, slots]})
+    layout = _layout(kind, f"{_TITLES[kind]} (pick a trial ▾)", shown, menu=True)
     layout["updatemenus"] = [
         {
             "type": "dropdown",
             "buttons": buttons,
             "active": active,
-            "x": 1.0,
-            "xanchor": "right",
-            "y": 1.22,
+            "x": 0.0,
+            "xanchor": "left",
+            "y": 1.02,
             "yanchor": "bottom",
             "showactive": True,
-            "bgcolor": "#f4f4f4",
+            "bgcolor": "#e3f2fd",
+            "bordercolor": "#90caf9",
+            "font": {"size": 12},
+            "pad": {"l": 0, "t": 0, "b": 0, "r": 0},
         }
     ]
     fig.update_layout(layout)
     return fig
+
+
+_STAR_COLORS = ("#ffbf00", "#e377c2", "#17becf", "#bcbd22", "#8c564b", "#7f7f7f")
 
 
 def pareto_front_figure(
@@ -366,35 +371,25 @@ def pareto_front_figure(
     names: Sequence[str],
     trials: Sequence[TrialFacts],
     baseline: Baseline | None = None,
-    rules: Rules | None = None,
 ) -> go.Figure:
-    """Optuna's Pareto-front plot of the first two objectives, the hand-tuned trials (user attr
-    ``label``) starred, and the baseline's final val perplexity (and its limit) as vertical lines."""
-    rules = rules or Rules()
+    """Optuna's Pareto-front plot of the first two objectives, each hand-tuned trial (user attr ``label``)
+    as a star of its own in the legend, and the baseline's final val perplexity as a vertical line."""
     fig = optuna.visualization.plot_pareto_front(study, target_names=list(names[:2]))
-    labelled = [t for t in trials if t.label]
-    done = [t for t in labelled if t.values is not None and len(t.values) >= 2]
-    if done:
-        fig.add_trace(
-            go.Scatter(
-                x=[t.values[0] for t in done if t.values],
-                y=[t.values[1] for t in done if t.values],
-                text=[f"{t.label} (trial {t.number})" for t in done],
-                mode="markers+text",
-                textposition="top center",
-                name="hand-tuned options",
-                marker={
-                    "symbol": "star",
-                    "size": 18,
-                    "color": COLORS["hand_tuned"],
-                    "line": {"color": "#000000", "width": 1},
-                },
-                hovertemplate="%{text}<br>%{x}, %{y}<extra></extra>",
+    for trace, name in zip(fig.data, ("other trials", "Pareto-front trials"), strict=False):
+        trace.update(name=name, showlegend=True, marker={"showscale": False, "size": 9})
+    for i, trial in enumerate(t for t in trials if t.label):
+        color = _STAR_COLORS[i % len(_STAR_COLORS)]
+        if trial.values is not None and len(trial.values) >= 2:
+            fig.add_trace(
+                go.Scatter(
+                    x=[trial.values[0]],
+                    y=[trial.values[1]],
+                    mode="markers",
+                    name=f"★ {trial.label} (trial {trial.number})",
+                    marker={"symbol": "star", "size": 17, "color": color, "line": {"color": "#000", "width": 1}},
+                    hovertemplate=f"{trial.label}, trial {trial.number}<br>%{{x}}, %{{y}}<extra></extra>",
+                )
             )
-        )
-    done_numbers = {t.number for t in done}
-    for trial in labelled:
-        if trial.number in done_numbers:
             continue
         why = trial.prune_reason or trial.fail_reason or "no result yet"
         fig.add_trace(
@@ -402,8 +397,8 @@ def pareto_front_figure(
                 x=[None],
                 y=[None],
                 mode="markers",
-                marker={"symbol": "star-open", "size": 12, "color": COLORS["hand_tuned"]},
-                name=f"{trial.label}: {state_word(trial.state)} ({why})",
+                marker={"symbol": "star-open", "size": 12, "color": color},
+                name=f"☆ {trial.label}: {state_word(trial.state)} ({why})",
             )
         )
     if baseline is not None and names and names[0] == "val_ppl":
@@ -413,25 +408,18 @@ def pareto_front_figure(
                 x=final,
                 line={"color": COLORS["baseline"], "dash": "dot"},
                 annotation_text=f"baseline {fmt(final)}",
-                annotation_position="top left",
+                annotation_position="top right",
             )
-            if rules.val_ppl_ratio_max is not None:
-                limit = rules.val_ppl_ratio_max * final
-                fig.add_vline(
-                    x=limit,
-                    line={"color": COLORS["limit"], "dash": "dash"},
-                    annotation_text=f"{fmt(rules.val_ppl_ratio_max)} × baseline",
-                    annotation_position="top right",
-                )
     better = ", ".join(
-        f"{name} {'lower' if d == optuna.study.StudyDirection.MINIMIZE else 'higher'} is better"
+        f"{'lower' if d == optuna.study.StudyDirection.MINIMIZE else 'higher'} {name} is better"
         for name, d in zip(names[:2], study.directions[:2], strict=False)
     )
     fig.update_layout(
-        title={"text": f"Pareto front ({better})", "x": 0.01},
+        title={"text": f"Pareto front: {better}", "x": 0.01, "y": 0.985, "yanchor": "top", "font": {"size": 15}},
         height=_HEIGHT,
         template="plotly_white",
-        legend={"orientation": "h", "yanchor": "top", "y": -0.15, "x": 0},
-        margin={"l": 60, "r": 20, "t": 60, "b": 40},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0, "font": {"size": 11}},
+        margin={"l": 60, "r": 20, "t": 40, "b": 110},
     )
+    fig.update_xaxes(title={"standoff": 2})
     return fig

@@ -148,7 +148,8 @@ def study_note(
         lines.append(text + ".")
     lines += ["", f"**Trials:** {summary.states_text()}.", f"**Compute:** {summary.compute_text()}", ""]
     if best:
-        title = "Best trial" if len(names) == 1 else f"Pareto front ({len(best)} trials)"
+        count = f"{len(best)} trial" + ("s" if len(best) != 1 else "")
+        title = "Best trial" if len(names) == 1 else f"Pareto front ({count})"
         lines += [f"**{title}:**", ""]
         header = ["trial", "label", *(_escape(n) for n in names)]
         lines.append("| " + " | ".join(header) + " |")

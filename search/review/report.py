@@ -205,7 +205,7 @@ def _best_section(ctx: _Context) -> str:
             "from the study file are starred; the dotted line is the baseline's final val perplexity.</p>"
         )
         fig = _quiet(
-            lambda: figures.pareto_front_figure(ctx.study, ctx.names, ctx.finished, ctx.baseline, ctx.rules)
+            lambda: figures.pareto_front_figure(ctx.study, ctx.names, ctx.finished, ctx.baseline)
         )
         parts.append(_figure_html(fig))
     header = ["trial", "label", *ctx.names, "epochs", *PARAM_NAMES]
@@ -309,7 +309,9 @@ def _curves_section(ctx: _Context) -> str:
         '<div class="grid">',
     ]
     for kind in figures.KINDS:
-        fig = figures.trial_curves_figure(kind, with_records, ctx.baseline, ctx.rules, selected=selected)
+        fig = figures.trial_curves_figure(
+            kind, with_records, ctx.baseline, ctx.rules, selected=selected, names=ctx.names
+        )
         parts.append(f"<div>{_figure_html(fig)}</div>")
     parts.append("</div>")
     return "".join(parts)

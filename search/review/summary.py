@@ -39,7 +39,8 @@ def fmt(value: float | int | None, digits: int = 5) -> str:
         return str(value)
     if not math.isfinite(value):
         return "n/a"
-    return f"{value:.{digits}g}"
+    text = f"{value:.{digits}g}"
+    return text if any(c in text for c in ".en") else text + ".0"  # 7.0 reads as a float, like the rules
 
 
 def fmt_seconds(seconds: float) -> str:

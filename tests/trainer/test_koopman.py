@@ -154,12 +154,12 @@ def test_lift_pairs_applies_each_blocks_phi_to_its_input_and_output(lifting: str
     g = torch.Generator().manual_seed(7)
     hidden = [torch.randn(2, 6, 4, generator=g) for _ in range(4)]  # n_layers + 1 states (B, T, d)
     index = torch.tensor([0, 5, 11, 3])
-    x_phi, y_phi = heads.lift_pairs(hidden, index)
+    x_phi, y_phi = heads.lift_pairs(heads.gather(hidden, index))
     assert x_phi.shape == y_phi.shape == (3, 4, 5)
     flat = torch.stack([h.reshape(12, 4)[index] for h in hidden])  # (L+1, N, d)
     torch.testing.assert_close(x_phi, heads.lift(flat[:-1]))  # block l's φ on its input hidden[l-1] ...
     torch.testing.assert_close(y_phi, heads.lift(flat[1:]))  # ... and on its output hidden[l]
-    all_x, _ = heads.lift_pairs(hidden, None)
+    all_x, _ = heads.lift_pairs(heads.gather(hidden, None))
     assert all_x.shape == (3, 12, 5)
 
 

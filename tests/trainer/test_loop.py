@@ -1,0 +1,394 @@
+"""HybridKoopmanTrainer: records, fallback and NaN handling, resume, shared warmup, warm start (trainer/loop.py).
+
+Every run is tiny (see helpers.TINY): the equality tests compare whole records, bit for bit, except the
+wall-clock fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.trainer.helpers import comparable, tiny_config
+from trainer.config import TrainerConfig
+from trainer.data import Corpus, load_corpus
+from trainer.errors import CheckpointError
+from trainer.koopman import KoopmanHeads
+from trainer.loop import HybridKoopmanTrainer
+from trainer.records import EpochRecord
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return load_corpus("builtin", 2000, cache_dir=str(tmp_path_factory.mktemp("token-cache")))
+
+
+def run(cfg: TrainerConfig, corpus: Corpus, checkpoint_dir: Path | None = None) -> HybridKoopmanTrainer:
+    trainer = HybridKoopmanTrainer(cfg, corpus)
+    trainer.fit(checkpoint_dir=checkpoint_dir)
+    return trainer
+
+
+def all_finite(trainer: HybridKoopmanTrainer) -> bool:
+    tensors = [*trainer.model.parameters()]
+    if trainer.koopman is not None:
+        tensors += [*trainer.koopman.parameters(), trainer.koopman.kt]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+def test_records_show_warmup_then_the_koopman_epochs(corpus: Corpus) -> None:
+    trainer = run(tiny_config({"koopman.start_epoch": 1, "train.epochs": 3}), corpus)
+    first, second, third = trainer.records
+    assert [r.epoch for r in trainer.records] == [1, 2, 3] and trainer.epoch == 3
+    assert all(r.epochs == 3 and r.steps == 5 for r in trainer.records)
+    assert (first.koopman_loss, first.koopman_weight, first.effective_weight) == (0.0, 0.0, 0.0)
+    assert first.total_loss == first.lm_loss
+    assert math.isnan(first.val_koopman_nre)  # the Koopman part is not evaluated while it is off
+    assert (second.koopman_weight, third.koopman_weight) == (0.25, 0.5)
+    for r in (second, third):
+        assert r.koopman_loss > 0.0 and 0.0 <= r.val_koopman_nre < 1.0
+        assert r.effective_weight == pytest.approx(r.koopman_weight, rel=1e-7)
+        assert r.total_loss == pytest.approx(r.lm_loss + r.koopman_weight * r.koopman_loss, rel=1e-6)
+    for r in trainer.records:
+        assert r.val_ppl == math.exp(r.val_loss)
+        assert (r.fallback_batches, r.nonfinite_batches) == (0, 0)
+        assert r.seconds > 0 and r.tokens_per_s > 0
+
+
+def test_baseline_records_have_no_koopman_part(corpus: Corpus) -> None:
+    trainer = run(tiny_config({"train.epochs": 2}).without_koopman(), corpus)
+    assert trainer.koopman is None
+    for r in trainer.records:
+        assert (r.koopman_loss, r.koopman_weight, r.effective_weight) == (0.0, 0.0, 0.0)
+        assert math.isnan(r.val_koopman_nre)
+
+
+def test_val_loss_is_token_weighted_over_every_validation_token(corpus: Corpus) -> None:
+    # 494 validation windows of 16 tokens in batches of 8: the last batch holds 6 windows
+    trainer = HybridKoopmanTrainer(tiny_config({"train.max_eval_batches": 0}), corpus)
+    val_loss, nre = trainer.evaluate()
+    n = (corpus.valid.numel() - 1) // 16
+    assert n % 8 == 6
+    windows = corpus.valid[: n * 16 + 1]
+    x, y = windows[:-1].view(n, 16), windows[1:].view(n, 16)
+    with torch.no_grad():
+        logits, _ = trainer.model.eval()(x)
+    expected = float(F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")) / y.numel()
+    assert val_loss == pytest.approx(expected, rel=1e-6)
+    assert 0.0 <= nre < 1.0
+
+
+def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epoch(
+    corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config({"koopman.fallback_threshold": 1e-12, "koopman.fallback_factor": 0.1})
+    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+        trainer = run(cfg, corpus)
+    for r in trainer.records[1:]:
+        assert r.fallback_batches == r.steps == 5
+        assert r.effective_weight == pytest.approx(f32(r.koopman_weight * 0.1), rel=1e-12)
+        assert r.total_loss == pytest.approx(r.lm_loss + r.effective_weight * r.koopman_loss, rel=1e-6)
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warnings == [
+        "epoch 2: Koopman weight cut by the fallback on 5 of 5 batches (threshold 1e-12)",
+        "epoch 3: Koopman weight cut by the fallback on 5 of 5 batches (threshold 1e-12)",
+    ]
+
+
+def nan_on_call(
+    monkeypatch: pytest.MonkeyPatch, call: int, how: str
+) -> None:
+    """Make KoopmanHeads.loss non-finite on its ``call``-th call (1-based)."""
+    original = KoopmanHeads.loss
+    calls = [0]
+
+    def loss(self: KoopmanHeads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] != call:
+            return original(self, x, y)
+        if how == "value":  # a NaN whose gradient is harmless
+            return original(self, x, y) + math.nan
+        return original(self, x * math.nan, y)  # NaN from inside: its local derivatives are NaN too
+
+    monkeypatch.setattr(KoopmanHeads, "loss", loss)
+
+
+@pytest.mark.parametrize("fit", ["gradient", "lstsq"])
+@pytest.mark.parametrize("how", ["value", "derivative"])
+def test_nan_koopman_loss_in_training_keeps_the_weights_finite_and_is_counted(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fit: str, how: str
+) -> None:
+    nan_on_call(monkeypatch, call=3, how=how)  # epoch 2 (the first Koopman epoch), step 3
+    cfg = tiny_config({"koopman.fit": fit, "koopman.update_interval": 2})
+    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+        trainer = run(cfg, corpus)
+    _, second, third = trainer.records
+    assert all_finite(trainer)
+    assert second.nonfinite_batches == 1
+    # steps 1-2 at the scheduled weight, the term off from step 3 to the end of the epoch
+    assert second.effective_weight == pytest.approx(2 * 0.25 / 5, rel=1e-12)
+    assert math.isfinite(second.koopman_loss) and math.isfinite(second.lm_loss)
+    assert math.isfinite(second.val_loss) and math.isfinite(second.val_koopman_nre)
+    # the next epoch starts with the term on again
+    assert (third.nonfinite_batches, third.effective_weight) == (0, pytest.approx(0.5, rel=1e-7))
+    assert math.isfinite(third.total_loss) and math.isfinite(third.val_koopman_nre)
+    assert "Koopman loss non-finite on 1 batch(es), term off for the rest of the epoch" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- determinism
+
+
+def test_identical_runs_give_identical_records_and_weights(corpus: Corpus) -> None:
+    cfg = tiny_config({"model.dropout": 0.1, "train.epochs": 2})
+    a, b = run(cfg, corpus), run(cfg, corpus)
+    assert comparable(a.records) == comparable(b.records)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_different_seeds_give_different_records(corpus: Corpus) -> None:
+    a = run(tiny_config({"train.epochs": 1}), corpus)
+    b = run(tiny_config({"train.epochs": 1, "train.seed": 1}), corpus)
+    assert a.records[0].lm_loss != b.records[0].lm_loss
+    assert a.records[0].val_loss != b.records[0].val_loss
+
+
+KOOPMAN_VARIANTS: list[dict[str, Any]] = [
+    {"koopman.dim": 8},
+    {"koopman.dim": 16},
+    {"koopman.dim": 16, "koopman.lifting": "layernorm", "koopman.loss": "mse"},
+    {"koopman.dim": 16, "koopman.fit": "lstsq", "koopman.update_interval": 3, "koopman.tokens_per_batch": 0},
+]
+
+
+def test_initialisation_and_data_order_do_not_depend_on_koopman_settings(corpus: Corpus) -> None:
+    def fingerprint(cfg: TrainerConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        trainer = HybridKoopmanTrainer(cfg, corpus)
+        batches = [x for x, _ in trainer._train_batches(2)]
+        return list(trainer.model.state_dict().values()), batches
+
+    base = tiny_config()
+    weights, batches = fingerprint(base.without_koopman())
+    for overrides in KOOPMAN_VARIANTS:
+        other_weights, other_batches = fingerprint(tiny_config(overrides))
+        assert all(torch.equal(p, q) for p, q in zip(weights, other_weights))
+        assert all(torch.equal(p, q) for p, q in zip(batches, other_batches))
+    seeded_weights, seeded_batches = fingerprint(tiny_config({"train.seed": 1}))
+    assert not torch.equal(weights[0], seeded_weights[0])
+    assert not torch.equal(batches[0], seeded_batches[0])
+
+
+def test_warmup_epochs_are_bit_identical_across_koopman_settings_and_the_baseline(corpus: Corpus) -> None:
+    common = {"koopman.start_epoch": 2, "train.epochs": 3, "model.dropout": 0.1}
+    baseline = comparable(run(tiny_config(common).without_koopman(), corpus).records)
+    for overrides in KOOPMAN_VARIANTS:
+        records = comparable(run(tiny_config({**common, **overrides}), corpus).records)
+        assert records[:2] == baseline[:2], overrides
+        assert records[2]["koopman_weight"] == 0.5
+        assert records[2]["lm_loss"] != baseline[2]["lm_loss"]  # the Koopman term did act in epoch 3
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+FIT_MODES: list[Mapping[str, Any]] = [
+    {"koopman.fit": "gradient"},
+    # 5 steps per epoch, a refit every 3: moments are carried over epoch ends, so the checkpoint must hold them
+    {"koopman.fit": "lstsq", "koopman.update_interval": 3},
+]
+
+
+@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq"])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_records(
+    corpus: Corpus, tmp_path: Path, fit: Mapping[str, Any]
+) -> None:
+    cfg = tiny_config({**fit, "model.dropout": 0.1, "koopman.start_epoch": 1, "train.epochs": 3})
+    full = run(cfg, corpus, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "last.pt"]
+    assert HybridKoopmanTrainer.read_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    for epoch in (1, 2):
+        resumed = HybridKoopmanTrainer.from_checkpoint(tmp_path / f"epoch_{epoch}.pt", corpus=corpus)
+        assert resumed.epoch == epoch
+        assert comparable(resumed.records) == comparable(full.records[:epoch])
+        resumed.fit()
+        assert comparable(resumed.records) == comparable(full.records)
+        assert resumed.records[epoch:] != full.records[epoch:] or True  # timing fields may differ
+        assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), full.model.parameters()))
+
+
+def test_callback_stops_training_and_fit_again_continues(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = tiny_config({"train.epochs": 3})
+    seen: list[EpochRecord] = []
+
+    def stop_after_first(record: EpochRecord) -> bool:
+        seen.append(record)
+        return record.epoch == 1
+
+    trainer = HybridKoopmanTrainer(cfg, corpus)
+    trainer.fit(callback=stop_after_first, checkpoint_dir=tmp_path)
+    assert trainer.stopped and trainer.epoch == 1 and len(trainer.records) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "last.pt"]
+    trainer.fit(callback=stop_after_first)
+    assert not trainer.stopped and trainer.epoch == 3
+    assert [r.epoch for r in seen] == [1, 2, 3]
+    assert comparable(trainer.records) == comparable(run(cfg, corpus).records)
+
+
+def test_from_checkpoint_accepts_another_device_setting_or_progress_bar(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = tiny_config({"train.epochs": 1})
+    run(cfg, corpus, checkpoint_dir=tmp_path)
+    from trainer.config import with_overrides
+
+    other = with_overrides(cfg, {"train.device": "auto", "train.progress": True})
+    assert HybridKoopmanTrainer.from_checkpoint(tmp_path / "last.pt", other, corpus).epoch == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"koopman.dim": 16}, "koopman.dim: 8 != 16"),
+        ({"train.epochs": 4}, "train.epochs: 3 != 4"),
+        ({"train.seed": 5}, "train.seed: 0 != 5"),
+        ({"data.seq_len": 32}, "data.seq_len: 16 != 32"),
+    ],
+)
+def test_from_checkpoint_with_another_config_names_the_differing_key(
+    corpus: Corpus, tmp_path: Path, overrides: dict[str, Any], named: str
+) -> None:
+    cfg = tiny_config({"train.epochs": 3, "train.max_steps_per_epoch": 1})
+    trainer = HybridKoopmanTrainer(cfg, corpus)
+    path = trainer.save_checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} was made with another config: {named}"):
+        HybridKoopmanTrainer.from_checkpoint(path, tiny_config({"train.max_steps_per_epoch": 1, **overrides}), corpus)
+
+
+def _truncated(path: Path, good: Path) -> None:
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _missing_keys(path: Path, good: Path) -> None:
+    torch.save({"format": 1, "config": {}}, path)
+
+
+CORRUPTIONS: dict[str, Callable[[Path, Path], None]] = {
+    "random bytes": lambda path, good: path.write_bytes(bytes(range(256)) * 8),
+    "text": lambda path, good: path.write_text("not a checkpoint\n"),
+    "empty": lambda path, good: path.write_bytes(b""),
+    "truncated": _truncated,
+    "foreign dict": lambda path, good: torch.save({"state": 1}, path),
+    "missing keys": _missing_keys,
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corrupt_checkpoint_is_a_checkpoint_error_naming_the_file(
+    corpus: Corpus, tmp_path: Path, kind: str
+) -> None:
+    good = HybridKoopmanTrainer(tiny_config(), corpus).save_checkpoint(tmp_path / "good.pt")
+    bad = tmp_path / "bad.pt"
+    CORRUPTIONS[kind](bad, good)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        HybridKoopmanTrainer.from_checkpoint(bad, corpus=corpus)
+
+
+def test_missing_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=rf"checkpoint not found: {tmp_path / 'absent.pt'}"):
+        HybridKoopmanTrainer.from_checkpoint(tmp_path / "absent.pt")
+
+
+# ----------------------------------------------------------------------------------------------- warm start
+
+
+WARM = {"koopman.start_epoch": 2, "train.epochs": 3, "model.dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def baseline_dir(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoints of the baseline (Koopman off) of the WARM trials, epochs 1..3."""
+    directory = tmp_path_factory.mktemp("baseline")
+    run(tiny_config(WARM).without_koopman(), corpus, checkpoint_dir=directory)
+    return directory
+
+
+@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq"])
+def test_warm_start_from_the_baseline_gives_the_from_scratch_records(
+    corpus: Corpus, baseline_dir: Path, fit: Mapping[str, Any]
+) -> None:
+    cfg = tiny_config({**WARM, **fit})
+    scratch = comparable(run(cfg, corpus).records)
+    for epoch in (2, 1):  # at the start epoch, and before it
+        trainer = HybridKoopmanTrainer(cfg, corpus)
+        trainer.warm_start_from(baseline_dir / f"epoch_{epoch}.pt")
+        assert trainer.epoch == epoch and len(trainer.records) == epoch
+        trainer.fit()
+        assert comparable(trainer.records) == scratch
+
+
+def test_warm_start_from_a_koopman_checkpoint_is_refused(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = tiny_config(WARM)
+    trainer = HybridKoopmanTrainer(cfg, corpus)
+    path = trainer.save_checkpoint(tmp_path / "trial.pt")
+    with pytest.raises(CheckpointError, match=rf"needs a Koopman-off \(baseline\) checkpoint, but {path}"):
+        HybridKoopmanTrainer(cfg, corpus).warm_start_from(path)
+
+
+def test_warm_start_past_the_start_epoch_is_refused(corpus: Corpus, baseline_dir: Path) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config(WARM), corpus)
+    with pytest.raises(CheckpointError, match=r"warm start from epoch 3 is past koopman\.start_epoch=2"):
+        trainer.warm_start_from(baseline_dir / "epoch_3.pt")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [({"train.seed": 1}, "train.seed: 0 != 1"), ({"model.d_model": 32}, "model.d_model: 16 != 32")],
+)
+def test_warm_start_from_another_config_names_the_differing_key(
+    corpus: Corpus, baseline_dir: Path, overrides: dict[str, Any], named: str
+) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config({**WARM, **overrides}), corpus)
+    with pytest.raises(CheckpointError, match=rf"was made with another config: {named}"):
+        trainer.warm_start_from(baseline_dir / "epoch_2.pt")
+
+
+def test_warm_start_after_training_is_refused(corpus: Corpus, baseline_dir: Path) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config({**WARM, "train.max_steps_per_epoch": 5}), corpus)
+    trainer.fit(callback=lambda record: True)
+    with pytest.raises(CheckpointError, match="warm start must come before any training"):
+        trainer.warm_start_from(baseline_dir / "epoch_1.pt")
+
+
+# ----------------------------------------------------------------------------------------------- user model
+
+
+def test_custom_model_trains_and_reports_val_koopman_nre(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = tiny_config({"model.factory": "tests.trainer.custom_model:build", "train.epochs": 2})
+    trainer = run(cfg, corpus, checkpoint_dir=tmp_path)
+    assert type(trainer.model).__name__ == "GRULM"
+    first, second = trainer.records
+    assert math.isnan(first.val_koopman_nre)
+    assert 0.0 <= second.val_koopman_nre < 1.0 and second.koopman_loss > 0.0
+    assert all(math.isfinite(r.lm_loss) and math.isfinite(r.val_ppl) for r in trainer.records)
+    resumed = HybridKoopmanTrainer.from_checkpoint(tmp_path / "epoch_1.pt", corpus=corpus)
+    resumed.fit()
+    assert comparable(resumed.records) == comparable(trainer.records)
+
+
+def test_checkpoints_are_written_atomically_without_leftovers(corpus: Corpus, tmp_path: Path) -> None:
+    run(tiny_config({"train.epochs": 2}), corpus, checkpoint_dir=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    shutil.rmtree(tmp_path)
