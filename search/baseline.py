@@ -21,6 +21,7 @@ import logging
 import math
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POLL_MIN, POLL_MAX = 1.0, 15.0  # seconds between looks while another worker runs the baseline
+EMPTY_GRACE = 30.0  # seconds a new baseline study may stay without its run before that counts as a failure
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,10 @@ def ensure_baseline(
     artifact_store: Any,
     device: str | None = None,
     stop: threading.Event | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> Baseline:
     """The study's baseline curve: fixed from the study file, already computed, computed here, or waited
-    for while another worker computes it."""
+    for while another worker computes it. ``on_epoch(record)`` follows the run when it is computed here."""
     if spec.baseline.mode == "fixed":
         values = tuple(spec.baseline.values or ())
         baseline = Baseline(values, "fixed")
@@ -144,10 +147,16 @@ def ensure_baseline(
         return baseline
     stop = stop or threading.Event()
     study = retrying(lambda: _open_baseline_study(spec, storage), "open the baseline study")
-    delay, announced = POLL_MIN, False
+    delay, announced, waited_empty = POLL_MIN, False, 0.0
     while True:
         fail_stale_trials(study)
         trials = retrying(lambda: study.get_trials(deepcopy=False), "read the baseline study")
+        if not trials and waited_empty < EMPTY_GRACE:
+            # the worker that just created the baseline study has not queued its run yet
+            if stop.wait(POLL_MIN):
+                raise BaselineError("stopped while waiting for the baseline run")
+            waited_empty += POLL_MIN
+            continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             baseline = _from_trial(done[-1])
@@ -159,7 +168,7 @@ def ensure_baseline(
 
             trial = claim_waiting_trial(study)
             if trial is not None:
-                return _run(spec, storage, study, main_study, trial, artifact_store, device, stop)
+                return _run(spec, storage, study, main_study, trial, artifact_store, device, stop, on_epoch)
             continue
         if any(t.state == TrialState.RUNNING for t in trials):
             if not announced:
@@ -186,6 +195,7 @@ def _run(
     artifact_store: Any,
     device: str | None,
     stop: threading.Event,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> Baseline:
     from trainer.loop import HybridKoopmanTrainer
 
@@ -208,7 +218,7 @@ def _run(
             else:
                 trainer = HybridKoopmanTrainer(cfg)
 
-            def on_epoch(record: EpochRecord) -> bool:
+            def record_epoch(record: EpochRecord) -> bool:
                 path = trainer.save_checkpoint(Path(tmp) / f"epoch_{record.epoch}.pt")
                 artifact_id = retrying(lambda: optuna.artifacts.upload_artifact(
                     artifact_store=artifact_store, file_path=str(path), study_or_trial=trial),
@@ -221,9 +231,11 @@ def _run(
                 path.unlink()
                 logger.info("baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs,
                             record.val_ppl, record.seconds)
+                if on_epoch is not None:
+                    on_epoch(record)
                 return stop.is_set()
 
-            records = trainer.fit(callback=lambda r: retrying(lambda: on_epoch(r),
+            records = trainer.fit(callback=lambda r: retrying(lambda: record_epoch(r),
                                                                         "record a baseline epoch"))
             if trainer.stopped and trainer.epoch < spec.epochs:
                 raise InterruptedError(f"stopped after epoch {trainer.epoch}")

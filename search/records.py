@@ -59,9 +59,7 @@ def columns_to_records(columns: Mapping[str, Sequence[Any]]) -> list[EpochRecord
     """
     missing = [name for name in RECORD_FIELDS if name not in columns]
     if missing:
-        raise StorageError(
-            f"stored records must have a column for every record field, but got missing={missing}"
-        )
+        raise StorageError(f"stored records must have a column for every record field, but got missing={missing}")
     lengths = {name: len(columns[name]) for name in RECORD_FIELDS}
     if len(set(lengths.values())) > 1:
         raise StorageError(f"stored record columns must all have one length, but got lengths={lengths}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -35,6 +37,7 @@ __all__ = ["TrialOutcome", "TrialRunner", "WorkerSummary", "enqueue_retry", "for
 
 logger = logging.getLogger(__name__)
 
+OUTCOME_ATTRS = ("fail_reason", "prune_reason", "pruned_epoch")  # user attrs that describe how an attempt ended
 IDLE_MIN, IDLE_MAX = 2.0, 20.0  # seconds between looks while other workers' trials may still be retried
 
 
@@ -64,9 +67,11 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
                                     **trial.system_attrs}
     system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
     system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:")}
+    # the attempt's outcome stays with the attempt: a retry that completes must not show the old reason
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in OUTCOME_ATTRS}
     retrying(lambda: study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs=trial.user_attrs, system_attrs=system_attrs,
+        user_attrs=user_attrs, system_attrs=system_attrs,
     )), f"queue trial {trial.number} again")
 
 
@@ -102,6 +107,7 @@ class TrialRunner:
         baseline: Baseline,
         device: str | None = None,
         stop: threading.Event | None = None,
+        on_epoch: Callable[[int, EpochRecord], None] | None = None,
     ) -> None:
         self._spec = spec
         self._study = study
@@ -110,6 +116,7 @@ class TrialRunner:
         self._baseline = baseline
         self._device = device
         self._stop = stop or threading.Event()
+        self._on_epoch = on_epoch
         self._rules = PruneRules.from_spec(spec.rules, baseline.val_ppl)
 
     def run(self, trial: optuna.Trial) -> TrialOutcome:
@@ -152,6 +159,9 @@ class TrialRunner:
             cfg = spec.trial_config(params)
             if self._device is not None:
                 cfg = with_overrides(cfg, {"train.device": self._device})
+            # which process runs it: the one to look at when the trial goes quiet
+            worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.train.device}
+            retrying(lambda: trial.set_user_attr("worker", worker), "record the trial's worker")
             trainer, warm, resumed = self._start(trial, frozen, cfg, tmp)
             first_epoch = trainer.epoch + 1
             trial.set_user_attr("epochs_from_warmup", warm)
@@ -173,6 +183,8 @@ class TrialRunner:
                 for old in previous:  # keep only the newest checkpoint of this attempt
                     self._store.remove(old)
                 previous[:] = [artifact_id]
+                if self._on_epoch is not None:
+                    self._on_epoch(trial.number, record)
                 why = self._rules.check(record)
                 if why is None and not spec.is_multi_objective:
                     value = getattr(record, spec.metrics[0])
@@ -231,7 +243,14 @@ class TrialRunner:
                 trial.set_user_attr("fail_reason", reason or "unknown error")
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
-        retrying(tell, f"finish trial {trial.number}")
+        try:
+            retrying(tell, f"finish trial {trial.number}")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # its heartbeat went stale (the database was out of reach longer than the grace period), so
+            # another worker failed it and queued a retry, which carries on from its last checkpoint
+            logger.warning("trial %d was failed elsewhere while it ran here (heartbeat stale); this "
+                           "attempt's result is dropped and its retry continues", trial.number)
+            return
         if interrupted:
             enqueue_retry(study, self._storage.get_trial(trial._trial_id))
         try:
@@ -274,17 +293,23 @@ def run_worker(
     stop: threading.Event | None = None,
     on_outcome: Callable[[TrialOutcome], None] | None = None,
     on_trial_start: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, EpochRecord], None] | None = None,
+    on_baseline_epoch: Callable[[EpochRecord], None] | None = None,
     sleep: Callable[[float], bool] | None = None,
 ) -> WorkerSummary:
     """Pull trials from the study until its queue is empty (and no other worker's trial may still be
-    retried), ``max_trials`` ran, or ``stop`` is set. The study must exist (``create``/``launch``)."""
+    retried), ``max_trials`` ran, or ``stop`` is set. The study must exist (``create``/``launch``).
+
+    ``on_trial_start(number)``, ``on_epoch(number, record)``, ``on_outcome(outcome)`` and
+    ``on_baseline_epoch(record)`` report progress (the worker processes of :mod:`search.workers` pass
+    them on to their supervisor)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
     storage = open_storage(storage_url or spec.storage_url)
     study = load_study(storage, spec.name, seed_offset=worker_index, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
-    baseline = ensure_baseline(spec, storage, study, store, device=device, stop=stop)
-    runner = TrialRunner(spec, study, storage, store, baseline, device=device, stop=stop)
+    baseline = ensure_baseline(spec, storage, study, store, device=device, stop=stop, on_epoch=on_baseline_epoch)
+    runner = TrialRunner(spec, study, storage, store, baseline, device=device, stop=stop, on_epoch=on_epoch)
     summary = WorkerSummary()
     delay = IDLE_MIN
     while not stop.is_set() and (max_trials is None or len(summary.outcomes) < max_trials):

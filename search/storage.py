@@ -9,8 +9,10 @@ Passwords never reach logs or errors: every message shows URLs through :func:`re
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 import warnings
@@ -30,6 +32,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
     "Heartbeat",
+    "exclusive",
     "fail_stale_trials",
     "open_artifact_store",
     "open_storage",
@@ -79,6 +82,32 @@ def _sqlite_setup(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # connections made before the listeners existed must not be reused
 
 
+# Workers that open a fresh database together all try to create Optuna's tables; the losers of that race
+# get a duplicate-key or duplicate-table error (SQLite: "table ... already exists"), and a second attempt
+# finds the tables in place.
+SCHEMA_RACE_ATTEMPTS = 3
+
+
+def _lost_schema_race(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    if isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)):
+        return True
+    return "already exists" in str(exc.orig)
+
+
+def _create_rdb_storage(url: str, kwargs: dict[str, Any]) -> RDBStorage:
+    attempt = 1
+    while True:
+        try:
+            return RDBStorage(url, **kwargs)
+        except sqlalchemy.exc.DBAPIError as exc:
+            if attempt >= SCHEMA_RACE_ATTEMPTS or not _lost_schema_race(exc):
+                raise
+            logger.debug("creating the tables of %s raced with another worker (%s); trying again",
+                         redact_url(url), type(exc).__name__)
+            time.sleep(0.2 * attempt)
+            attempt += 1
+
+
 def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RDBStorage:
     """Open (and create the tables of) the RDB storage at ``url``.
 
@@ -104,7 +133,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )
     try:
-        storage = RDBStorage(url, **kwargs)
+        storage = _create_rdb_storage(url, kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
             ValueError) as exc:
         detail = redact_text(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], url)
@@ -199,6 +228,44 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+
+
+@contextmanager
+def exclusive(storage: Any, name: str) -> Iterator[None]:
+    """Hold a lock named ``name`` across processes and machines that share ``storage``, for a short
+    read-then-write that must not interleave (topping up a study's trial queue). PostgreSQL and MySQL lock
+    in the server; SQLite locks a small file beside the database (``<db>.lock``). A lock dies with its
+    holder's connection, so a crashed worker never leaves it held. Other storages are not locked."""
+    backend = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
+    engine: sqlalchemy.engine.Engine | None = getattr(backend, "engine", None)
+    if engine is None:
+        yield
+        return
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    elif dialect in ("mysql", "mariadb"):
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, -1)"), {"name": name[:64]})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": name[:64]})
+    elif dialect == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        lock = sqlite3.connect(f"{engine.url.database}.lock", timeout=60.0, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            lock.close()  # ends the transaction, and with it the lock
+    else:
+        yield
 
 
 @contextmanager

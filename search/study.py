@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from search.errors import SpecError, StudyNotFoundError
 from search.spec import StudySpec
-from search.storage import retrying
+from search.storage import exclusive, retrying
 
 __all__ = [
     "SPEC_ATTR",
@@ -75,6 +75,8 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
             ) from None
     if created or SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, _stored_spec(spec))
+    if study.metric_names is None:
+        study.set_metric_names(spec.metrics)  # optuna-dashboard and the exports name the objectives
     return study, created
 
 
@@ -99,6 +101,12 @@ def ensure_budget(study: optuna.Study, spec: StudySpec, n_trials: int | None = N
     Returns the number of trials added.
     """
     target = n_trials if n_trials is not None else spec.n_trials
+    # several launches may start together: count and top up under one lock, or each adds the missing trials
+    with exclusive(study._storage, f"koopman-search budget {spec.name}"):
+        return _top_up(study, spec, target)
+
+
+def _top_up(study: optuna.Study, spec: StudySpec, target: int) -> int:
     trials = study.get_trials(deepcopy=False)
     issued = [t for t in trials if not is_retry(t)]
     labels = {t.user_attrs.get("label") for t in issued}
@@ -128,10 +136,16 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     """Claim the oldest waiting trial (atomically: WAITING → RUNNING in the database), or None when the
     queue is empty. Never creates a trial, so the budget cannot overshoot."""
     storage = study._storage
+    beats = getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
     def claim() -> int | None:
         for frozen in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
+                if beats:
+                    # Beat before the trial turns RUNNING: a RUNNING trial without any heartbeat is never
+                    # found stale, so a worker dying between the claim and its first beat (or a claim
+                    # committed just before the connection dropped) would leave it RUNNING for ever.
+                    storage.record_heartbeat(frozen._trial_id)  # type: ignore[attr-defined]
                 if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
                     return frozen._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:

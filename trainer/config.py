@@ -78,6 +78,17 @@ def _device(name: str, value: Any) -> str | None:
     return f"{name} must be {DEVICE_HINT}"
 
 
+def _source(name: str, value: Any) -> str | None:
+    # The form only; whether the directory or dataset exists is checked when the corpus is loaded.
+    scheme, sep, rest = value.partition(":")
+    dataset, slash, subset = rest.rpartition("/")
+    if value == "builtin" or (sep and scheme == "files" and rest):
+        return None
+    if sep and scheme == "hf" and dataset and slash and subset:
+        return None
+    return f"{name} must be builtin, files:DIR or hf:NAME/CONFIG"
+
+
 def _factory(name: str, value: Any) -> str | None:
     if value == "":
         return None
@@ -95,7 +106,7 @@ def _check(fn: Callable[[str, Any], str | None]) -> dict[str, Any]:
 class DataConfig:
     """Where the corpus comes from and how it is cut into batches."""
 
-    source: str = "builtin"  # builtin | files:DIR | hf:NAME/CONFIG
+    source: str = field(default="builtin", metadata=_check(_source))  # builtin | files:DIR | hf:NAME/CONFIG
     vocab_size: int = field(default=30000, metadata=_check(_positive))  # the seed's 30000-word cap
     seq_len: int = field(default=128, metadata=_check(_positive))
     batch_size: int = field(default=32, metadata=_check(_positive))

@@ -19,9 +19,11 @@ import functools
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,12 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Keys that may differ between a checkpoint and the config that resumes it: where it runs, not what it computes.
-_RUNTIME_KEYS = {("train", "device"), ("train", "progress")}
+_RUNTIME_KEYS = {("train", "device"), ("train", "progress"), ("data", "cache_dir")}
+
+_CHECKPOINT_KEYS = ("config", "epoch", "step", "since_refit", "vocab_size", "model", "opt_lm", "koopman",
+                    "opt_koopman", "rng", "records")
+# What torch.load raises on a truncated, garbled or foreign file (a non-tensor pickle is an UnpicklingError).
+_UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 EpochCallback = Callable[[EpochRecord], "bool | None"]
 
@@ -237,13 +244,14 @@ class HybridKoopmanTrainer:
                     bar.set_postfix(loss=f"{float(sums[2]) / steps:.4f}", refresh=False)
         if bar is not None:
             bar.close()
+        # reading the sums waits for the device, so that the timing covers the epoch's queued GPU work too
+        lm, k_sum, total, w_sum = sums.tolist()
         train_seconds = time.perf_counter() - started
         if steps == 0:
             raise ConfigError(
                 f"an epoch has no training batch: the train split holds {self.train_tokens.numel()} tokens, "
                 f"fewer than one batch of batch_size={cfg.data.batch_size} x seq_len={cfg.data.seq_len}"
             )
-        lm, k_sum, total, w_sum = sums.tolist()
         cut = int(fallback.cut_count)
         nonfinite = int(fallback.nonfinite_count)
         finite_batches = steps - nonfinite
@@ -340,15 +348,19 @@ class HybridKoopmanTrainer:
     @staticmethod
     def read_checkpoint(path: str | Path) -> dict[str, Any]:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: a checkpoint is tensors, numbers, strings and containers; nothing to execute
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint not found: {path}") from None
-        except (RuntimeError, EOFError, OSError) as exc:
+        except _UNREADABLE as exc:
             raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(
                 f"{path} is not a koopman-search checkpoint of format {CHECKPOINT_FORMAT}"
             )
+        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
         return state
 
     def _load_backbone(self, state: dict[str, Any], path: str | Path) -> None:

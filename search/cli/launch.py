@@ -63,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         from trainer.config import with_overrides
 
         spec = _with_device(spec, args.device, with_overrides)
+    supervisor = None
+    if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
+        from search.workers import build_supervisor
+
+        supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
+                                      workers=args.workers, storage_url=spec.storage_url)
     storage = open_storage(spec.storage_url)
     study, created = create_or_load_study(spec, storage)
     ensure_budget(study, spec, args.n_trials)
@@ -73,18 +79,16 @@ def run(args: argparse.Namespace) -> int:
         if rerun_baseline(spec, storage):
             logger.info("baseline queued to run again")
     interrupted = False
-    if args.gpus or (args.workers or 1) > 1:
-        from search.workers import supervise
-
-        code = supervise(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers,
-                         storage_url=spec.storage_url)
-        interrupted = code != 0
+    if supervisor is not None:
+        code = supervisor.run()
+        interrupted = code != 0 or supervisor.stop_requested
     else:
         try:
             run_worker(spec, spec.storage_url,
                        on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
         except KeyboardInterrupt:
             interrupted = True
+    _annotate(study)
     print()
     print(status_text(status_data(study)))
     if not interrupted:
@@ -103,3 +107,18 @@ def _with_device(spec: Any, device: str, with_overrides: Any) -> Any:
 
     return dataclasses.replace(spec, trainer=with_overrides(spec.trainer, {"train.device": device},
                                                             origin="--device"))
+
+
+def _annotate(study: Any) -> None:
+    """The study's dashboard note and figures, so that plain `optuna-dashboard URL` shows them too."""
+    import optuna
+    import sqlalchemy
+
+    from search.review import annotate_study
+    from trainer.errors import KoopmanError
+
+    try:
+        annotate_study(study)
+    except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KoopmanError, ValueError,
+            TypeError, KeyError):  # the review is a side product: it must not fail a finished search
+        logger.warning("could not write the study's dashboard note and figures", exc_info=True)

@@ -24,14 +24,12 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 import optuna_dashboard
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from search.review import figures
@@ -55,6 +53,7 @@ __all__ = [
     "FIGURE_IDS",
     "AnnotationCounts",
     "DashboardServer",
+    "Refresher",
     "annotate_storage",
     "annotate_study",
     "annotate_trial",
@@ -174,11 +173,12 @@ def annotate_trial(
 ) -> bool:
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
-    Call it from the objective once the trial's user attrs (``records``, ``prune_reason``, ``epochs_run``,
-    ...) are stored, just before returning ``values`` or raising ``TrialPruned``. A running ``optuna.Trial``
-    counts as pruned when it has a ``prune_reason`` attr, failed with a ``fail_reason``, else complete with
-    ``values``. ``baseline_curve`` (val perplexity per epoch) and ``rules`` (``total_loss_max``,
-    ``val_ppl_ratio_max``) default to what the study stores. Never raises: problems are logged.
+    Call it once the trial's user attrs (``records``, ``prune_reason``, ``epochs_run``, ...) are stored:
+    with the finished ``FrozenTrial`` after ``study.tell``, or with the running ``optuna.Trial`` just before
+    the objective returns (a running trial counts as pruned when it has a ``prune_reason`` attr, failed with
+    a ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
+    ``rules`` (``total_loss_max``, ``val_ppl_ratio_max``; a ``RuleSettings`` will do) default to what the
+    study stores. Never raises: problems are logged.
     """
     try:
         facts = trial_facts(trial, values)
@@ -297,13 +297,13 @@ def make_server_for(
     storage: str | optuna.storages.BaseStorage,
     host: str = "127.0.0.1",
     port: int = 8080,
-    artifacts_dir: str | Path | None = None,
+    artifact_store: Any | None = None,
 ) -> DashboardServer:
     """An optuna-dashboard server bound to ``host:port`` (port 0: a free one); call ``serve_forever()``.
 
-    With ``artifacts_dir`` the study's artifact store (checkpoints, uploaded files) is attached."""
-    store = FileSystemArtifactStore(str(artifacts_dir)) if artifacts_dir is not None else None
-    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    With ``artifact_store`` (e.g. :func:`search.storage.open_artifact_store`) the study's checkpoints
+    and uploaded files are listed and downloadable in the dashboard."""
+    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store)
     server = make_server(host, port, app, server_class=DashboardServer, handler_class=_QuietHandler)
     return cast("DashboardServer", server)
 
@@ -321,14 +321,14 @@ class Refresher(threading.Thread):
         self._storage = storage
         self._study_names = study_names
         self._interval_s = interval_s
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stopping.wait(self._interval_s):
             try:
                 annotate_storage(self._storage, self._study_names)
             except optuna.exceptions.OptunaError as exc:  # e.g. a storage blip: try again next round
                 logger.warning("could not refresh the dashboard annotations: %s", exc)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()

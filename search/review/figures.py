@@ -39,7 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KINDS = ("losses", "val_ppl", "weight")
-MAX_DROPDOWN_TRIALS = 500  # the most recent ones when a study has more; the background shows them all
+MAX_DROPDOWN_TRIALS = 500  # menu entries: the most recent trials (the background shows them all)
 
 COLORS = {
     "lm": "#1f77b4",
@@ -49,16 +49,17 @@ COLORS = {
     "baseline": "#222222",
     "limit": "#d62728",
     "band": "rgba(44, 160, 44, 0.13)",
-    "others": "rgba(130, 130, 130, 0.35)",
+    "others": "rgba(110, 110, 110, 0.45)",
     "scheduled": "#7f7f7f",
     "effective": "#2ca02c",
     "fallback": "rgba(214, 39, 40, 0.35)",
-    "hand_tuned": "#ffbf00",
+    "dominated": "#9e9e9e",
+    "pareto": "#1f77b4",
 }
-_TITLES = {
+_TITLES = {  # short: optuna-dashboard's toolbar takes the right half of a card's top line
     "losses": "Training losses per epoch",
-    "val_ppl": "Validation perplexity vs the baseline",
-    "weight": "Koopman weight: scheduled vs applied",
+    "val_ppl": "Val perplexity vs baseline",
+    "weight": "Koopman weight per epoch",
 }
 _HEIGHT = 450  # optuna-dashboard shows study figures in 450 px high cards
 
@@ -100,9 +101,15 @@ def _slot_data(kind: str, trial: TrialFacts) -> list[dict[str, Any]]:
     """Data of the traces that show one trial, in the order :func:`_slot_traces` creates them."""
     x = _epochs(trial)
     if kind == "losses":
+        # the trainer records a Koopman loss of 0 while the term is off; a gap says "off" more plainly
+        weights = trial.metric("koopman_weight")
+        koopman = [
+            None if k == 0 and i < len(weights) and not weights[i] else k
+            for i, k in enumerate(trial.metric("koopman_loss"))
+        ]
         return [
             {"x": x, "y": trial.metric("lm_loss")},
-            {"x": x, "y": trial.metric("koopman_loss")},
+            {"x": x, "y": koopman},
             {"x": x, "y": trial.metric("total_loss")},
             _prune_marker(trial, "total_loss"),
         ]
@@ -110,8 +117,8 @@ def _slot_data(kind: str, trial: TrialFacts) -> list[dict[str, Any]]:
         return [{"x": x, "y": trial.metric("val_ppl")}, _prune_marker(trial, "val_ppl")]
     if kind == "weight":
         return [
-            {"x": x, "y": trial.metric("koopman_weight")},
             {"x": x, "y": trial.metric("effective_weight")},
+            {"x": x, "y": trial.metric("koopman_weight")},
             {"x": x, "y": trial.metric("fallback_batches")},
         ]
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, but got kind={kind!r}")
@@ -129,7 +136,11 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
         return [
             go.Scatter(**data[0], name="LM loss", mode="lines+markers", line={"color": COLORS["lm"]}),
             go.Scatter(
-                **data[1], name="Koopman loss (raw)", mode="lines+markers", line={"color": COLORS["koopman"]}
+                **data[1],
+                name="Koopman loss, raw (right axis)",
+                mode="lines+markers",
+                line={"color": COLORS["koopman"]},
+                yaxis="y2",
             ),
             go.Scatter(
                 **data[2],
@@ -149,18 +160,19 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
             ),
             go.Scatter(**data[1], **marker_style),
         ]
-    return [
+    return [  # applied first, so that the dotted schedule stays visible where the two agree
         go.Scatter(
             **data[0],
-            name="scheduled weight",
-            mode="lines+markers",
-            line={"color": COLORS["scheduled"], "dash": "dot"},
-        ),
-        go.Scatter(
-            **data[1],
             name="applied weight (mean over batches)",
             mode="lines+markers",
             line={"color": COLORS["effective"], "width": 3},
+        ),
+        go.Scatter(
+            **data[1],
+            name="scheduled weight",
+            mode="lines+markers",
+            line={"color": COLORS["scheduled"], "dash": "dot", "width": 2},
+            marker={"size": 5},
         ),
         go.Bar(
             **data[2],
@@ -253,7 +265,7 @@ def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = Fa
         "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 0.985, "yanchor": "top", "font": {"size": 15}},
         "height": _HEIGHT,
         "template": "plotly_white",
-        "margin": {"l": 60, "r": 60 if kind == "weight" else 20, "t": 82 if menu else 40, "b": 110},
+        "margin": {"l": 60, "r": 20 if kind == "val_ppl" else 60, "t": 82 if menu else 40, "b": 110},
         "xaxis": {"title": {"text": "epoch", "standoff": 2}, "dtick": 1},
         "yaxis": {"title": {"text": y_titles[kind]}},
         "legend": {"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0, "font": {"size": 11}},
@@ -263,12 +275,26 @@ def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = Fa
         values = [v for t in trials for v in t.metric("val_ppl") if v is not None]
         if values and max(values) / max(min(values), 1e-9) > 20:
             layout["yaxis"]["type"] = "log"  # one diverged trial would flatten every other curve
+    if kind == "losses":
+        # its own scale: next to a total loss near 7 a falling Koopman loss of 0.05 would be a flat line
+        layout["yaxis2"] = {
+            "title": {"text": "Koopman loss (raw)", "font": {"color": COLORS["koopman"]}},
+            "tickfont": {"color": COLORS["koopman"]},
+            "overlaying": "y",
+            "side": "right",
+            "rangemode": "tozero",
+            "showgrid": False,
+        }
     if kind == "weight":
+        # one fixed scale for every trial in the menu, in whole batches
+        most = max((v for t in trials for v in t.metric("fallback_batches") if v is not None), default=0)
         layout["yaxis2"] = {
             "title": {"text": "fallback batches"},
             "overlaying": "y",
             "side": "right",
-            "rangemode": "tozero",
+            "range": [0, max(most, 1) * 1.1],
+            "dtick": max(1, math.ceil(most / 5)),
+            "tickformat": "d",
             "showgrid": False,
         }
         layout["barmode"] = "overlay"
@@ -317,13 +343,15 @@ def trial_curves_figure(
     highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it. ``names`` (the
     objectives) let menu entries show a complete trial's first objective."""
     rules = rules or Rules()
-    shown = [t for t in trials if t.epoch_numbers]
-    shown = sorted(shown, key=lambda t: t.number)[-MAX_DROPDOWN_TRIALS:]
-    epochs = max((t.epochs_total or 0 for t in shown), default=0) or (
+    drawn = sorted((t for t in trials if t.epoch_numbers), key=lambda t: t.number)
+    shown = drawn[-MAX_DROPDOWN_TRIALS:]  # the menu; the selected trial stays in it
+    if selected is not None and selected not in {t.number for t in shown}:
+        shown = [t for t in drawn if t.number == selected] + shown
+    epochs = max((t.epochs_total or 0 for t in drawn), default=0) or (
         len(baseline.val_ppl) if baseline is not None else 0
     )
     fig = go.Figure()
-    background = _background_trace(kind, shown)
+    background = _background_trace(kind, drawn)
     if background is not None:
         fig.add_trace(background)
     for trace in _fixed_traces(kind, epochs, baseline, rules):
@@ -342,7 +370,7 @@ def trial_curves_figure(
         data = _slot_data(kind, trial)
         restyle = {key: [d.get(key, []) for d in data] for key in ("x", "y", "text")}
         buttons.append({"label": trial_label(trial, names), "method": "restyle", "args": [restyle, slots]})
-    layout = _layout(kind, f"{_TITLES[kind]} (pick a trial ▾)", shown, menu=True)
+    layout = _layout(kind, _TITLES[kind], shown, menu=True)
     layout["updatemenus"] = [
         {
             "type": "dropdown",
@@ -375,8 +403,14 @@ def pareto_front_figure(
     """Optuna's Pareto-front plot of the first two objectives, each hand-tuned trial (user attr ``label``)
     as a star of its own in the legend, and the baseline's final val perplexity as a vertical line."""
     fig = optuna.visualization.plot_pareto_front(study, target_names=list(names[:2]))
-    for trace, name in zip(fig.data, ("other trials", "Pareto-front trials"), strict=False):
-        trace.update(name=name, showlegend=True, marker={"showscale": False, "size": 9})
+    # Optuna colours the points by trial number; one colour per group reads faster and shows in the legend
+    styles = (("other trials", COLORS["dominated"]), ("Pareto-front trials", COLORS["pareto"]))
+    for trace, (name, color) in zip(fig.data, styles, strict=False):
+        trace.update(
+            name=name,
+            showlegend=True,
+            marker={"showscale": False, "size": 10, "color": color, "colorscale": None},
+        )
     for i, trial in enumerate(t for t in trials if t.label):
         color = _STAR_COLORS[i % len(_STAR_COLORS)]
         if trial.values is not None and len(trial.values) >= 2:
@@ -391,14 +425,17 @@ def pareto_front_figure(
                 )
             )
             continue
-        why = trial.prune_reason or trial.fail_reason or "no result yet"
+        if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
+            why = f"pruned at epoch {trial.pruned_epoch}"
+        else:
+            why = state_word(trial.state) if trial.state != TrialState.RUNNING.name else "no result yet"
         fig.add_trace(
             go.Scatter(
                 x=[None],
                 y=[None],
                 mode="markers",
                 marker={"symbol": "star-open", "size": 12, "color": color},
-                name=f"☆ {trial.label}: {state_word(trial.state)} ({why})",
+                name=f"☆ {trial.label}: {why}",
             )
         )
     if baseline is not None and names and names[0] == "val_ppl":
@@ -410,10 +447,9 @@ def pareto_front_figure(
                 annotation_text=f"baseline {fmt(final)}",
                 annotation_position="top right",
             )
-    better = ", ".join(
-        f"{'lower' if d == optuna.study.StudyDirection.MINIMIZE else 'higher'} {name} is better"
-        for name, d in zip(names[:2], study.directions[:2], strict=False)
-    )
+    words = {optuna.study.StudyDirection.MINIMIZE: "lower", optuna.study.StudyDirection.MAXIMIZE: "higher"}
+    ways = {words[d] for d in study.directions[:2]}
+    better = f"{ways.pop()} is better" if len(ways) == 1 else "see axes"
     fig.update_layout(
         title={"text": f"Pareto front: {better}", "x": 0.01, "y": 0.985, "yanchor": "top", "font": {"size": 15}},
         height=_HEIGHT,

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from optuna.trial import TrialState
 
 from search.review.stored import Baseline, Rules, TrialFacts
-from search.review.summary import StudySummary, fmt, fmt_seconds, state_word
+from search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
 
 __all__ = ["study_note", "trial_note"]
 
 logger = logging.getLogger(__name__)
 
-FIGURES_HINT = "Figures: *Training losses*, *Validation perplexity* and *Koopman weight* on the study page"
+FIGURES_HINT = "Curves: the *Training losses*, *Val perplexity* and *Koopman weight* figures on the study page"
 
 
 def _escape(text: str) -> str:
@@ -59,8 +59,7 @@ def _comparison(trial: TrialFacts, baseline: Baseline | None, rules: Rules) -> l
     lines = [
         f"| at epoch {epoch} | this trial | baseline | ratio or limit |",
         "|---|---:|---:|---|",
-        f"| val perplexity | {fmt(ppl)} | {fmt(base_ppl)} | "
-        f"{_ratio_text(ppl, base_ppl, rules.val_ppl_ratio_max)} |",
+        f"| val perplexity | {fmt(ppl)} | {fmt(base_ppl)} | {_ratio_text(ppl, base_ppl, rules.val_ppl_ratio_max)} |",
         f"| total loss | {fmt(total)} | {fmt(base_total)} | {total_limit} |",
     ]
     nre = _at(trial.metric("val_koopman_nre"), i)
@@ -110,10 +109,14 @@ def trial_note(
         lines.append(f"**State:** {state_word(trial.state)}, no result stored")
     lines += ["", *_comparison(trial, baseline, rules), ""]
     lines.append(_epochs_line(trial))
-    if trial.params:
-        shown = ", ".join(f"{_escape(k)} = {_escape(str(v))}" for k, v in trial.params.items())
-        lines += ["", f"**Params:** {shown}"]
-    lines += ["", f"*{FIGURES_HINT} (pick trial {trial.number} in their menus).*"]
+    if trial.params:  # one row: five columns fit a dashboard card where a sentence would overflow it
+        lines += [
+            "",
+            "| " + " | ".join(_escape(k) for k in trial.params) + " |",
+            "|" + "---|" * len(trial.params),
+            "| " + " | ".join(_escape(fmt_param(v)) for v in trial.params.values()) + " |",
+        ]
+    lines += ["", f"{FIGURES_HINT}; pick trial {trial.number} in their menus."]
     return "\n".join(lines) + "\n"
 
 

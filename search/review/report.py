@@ -27,6 +27,8 @@ import plotly.graph_objects as go
 import plotly.offline
 from optuna.trial import FrozenTrial, TrialState
 
+from search.errors import StorageError
+from search.export import trial_config_toml
 from search.review import figures
 from search.review.stored import (
     Baseline,
@@ -38,9 +40,9 @@ from search.review.stored import (
     read_rules,
     trial_facts,
 )
-from search.review.summary import StudySummary, best_trials, fmt, fmt_seconds, state_word, summarize
+from search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
 from search.space import PARAM_NAMES, PARAM_TO_PATH
-from trainer.errors import KoopmanError
+from trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["SECTION_TITLES", "build_report", "params_toml", "write_report"]
 
@@ -79,7 +81,8 @@ table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 12px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 12px; }
+.grid > div { min-width: 0; }
 .note { background: #fff8e1; border-left: 4px solid #ffb300; padding: 8px 12px; margin: 8px 0; }
 pre { background: #263238; color: #eceff1; padding: 12px 16px; border-radius: 4px; overflow-x: auto; }
 .kpi { display: inline-block; margin: 4px 28px 8px 0; }
@@ -123,15 +126,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequen
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
-            for i, c in enumerate(row)
+            f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>" for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _params_text(trial: TrialFacts) -> str:
-    return ", ".join(f"{k}={v}" for k, v in trial.params.items())
+    return ", ".join(f"{k}={fmt_param(v)}" for k, v in trial.params.items())
 
 
 def _targets(ctx: _Context) -> list[tuple[Callable[[FrozenTrial], float] | None, str]]:
@@ -164,6 +166,14 @@ def _summary_section(ctx: _Context) -> str:
         (f"{s.epochs_from_warmup} epochs", "saved by the shared warmup"),
         (f"{s.epochs_saved_by_pruning} epochs", "saved by pruning"),
     ]
+    if ctx.best and ctx.best[0].values:
+        best, name = ctx.best[0], ctx.names[0]
+        value = best.values[0] if best.values else math.nan
+        what = f"best {name} (trial {best.number})"
+        final = ctx.baseline.at(len(ctx.baseline.val_ppl)) if ctx.baseline is not None else None
+        if name == "val_ppl" and final:
+            what += f": {value / final:.2f} × the baseline's {fmt(final)}"
+        kpis.insert(1, (fmt(value), what))
     parts = ['<div class="kpis">']
     parts += [f'<div class="kpi"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>' for v, k in kpis]
     parts.append("</div>")
@@ -188,10 +198,7 @@ def _summary_section(ctx: _Context) -> str:
     else:
         rows.append(["baseline", "none stored"])
     rows.append(["compute", s.compute_text()])
-    states = [[state_word(k), v] for k, v in s.states.items() if v]
     parts.append(_table(["", ""], rows).replace("<thead><tr><th></th><th></th></tr></thead>", ""))
-    if states:
-        parts.append(_table(["state", "trials"], states, numeric=(1,)))
     return "".join(parts)
 
 
@@ -204,17 +211,15 @@ def _best_section(ctx: _Context) -> str:
             '<p class="lead">Trials that no other trial beats on both objectives. The hand-tuned options '
             "from the study file are starred; the dotted line is the baseline's final val perplexity.</p>"
         )
-        fig = _quiet(
-            lambda: figures.pareto_front_figure(ctx.study, ctx.names, ctx.finished, ctx.baseline)
-        )
+        fig = _quiet(lambda: figures.pareto_front_figure(ctx.study, ctx.names, ctx.finished, ctx.baseline))
         parts.append(_figure_html(fig))
     header = ["trial", "label", *ctx.names, "epochs", *PARAM_NAMES]
     rows = []
     for t in ctx.best:
         values = [fmt(v) for v in t.values or ()]
-        params = [t.params.get(p, "") for p in PARAM_NAMES]
+        params = [fmt_param(t.params[p]) if p in t.params else "" for p in PARAM_NAMES]
         rows.append([t.number, t.label or "", *values, t.last_epoch, *params])
-    parts.append(_table(header, rows, numeric=tuple(range(2, 3 + len(ctx.names)))))
+    parts.append(_table(header, rows, numeric=(0, *range(2, 3 + len(ctx.names)))))
     return "".join(parts)
 
 
@@ -303,9 +308,9 @@ def _curves_section(ctx: _Context) -> str:
         return _note("No finished trial has stored epoch records yet.")
     selected = ctx.best[0].number if ctx.best else None
     parts = [
-        '<p class="lead">From the epoch records stored with each trial. Pick a trial in the menu at the top '
-        "right of each figure (the best one is shown first); grey lines are all the other trials. "
-        "A red × marks where a trial was pruned.</p>",
+        '<p class="lead">From the epoch records stored with each trial. Pick a trial in the menu above each '
+        "figure (the best one is shown first); grey lines are all the trials, for comparison. "
+        "A red × marks where a trial was pruned; dashed red lines are the prune limits.</p>",
         '<div class="grid">',
     ]
     for kind in figures.KINDS:
@@ -333,16 +338,12 @@ def _pruned_section(ctx: _Context) -> str:
             ]
             for t in pruned
         ]
-        parts.append(
-            _table(["trial", "label", "epoch", "reason", "epochs saved", "params"], rows, numeric=(0, 2, 4))
-        )
+        parts.append(_table(["trial", "label", "epoch", "reason", "epochs saved", "params"], rows, numeric=(0, 2, 4)))
     else:
         parts.append(_note("No trial was pruned."))
     if failed:
         parts.append("<h3>Failed trials</h3>")
-        rows = [
-            [t.number, t.label or "", t.fail_reason or "no reason stored", _params_text(t)] for t in failed
-        ]
+        rows = [[t.number, t.label or "", t.fail_reason or "no reason stored", _params_text(t)] for t in failed]
         parts.append(_table(["trial", "label", "error", "params"], rows, numeric=(0,)))
     return "".join(parts)
 
@@ -377,16 +378,26 @@ def _config_section(ctx: _Context, best_config: BestConfig | None) -> str:
     if not ctx.best:
         return _note("No trial has completed yet, so there is no config to export.")
     best = ctx.best[0]
-    if best_config is not None:
-        text = best_config(ctx.study)
-    else:
-        text = params_toml(ctx.study, best, ctx.names)
     which = (
         f"trial {best.number}, the best"
         if len(ctx.names) == 1
         else f"trial {best.number}, the Pareto-front trial with the best {ctx.names[0]}"
     )
-    return f'<p class="lead">The config of {_esc(which)}, as TOML:</p><pre>{_esc(text)}</pre>'
+    if best_config is not None:
+        text = best_config(ctx.study)
+    else:
+        try:
+            frozen = next(t for t in ctx.study.get_trials(deepcopy=False) if t.number == best.number)
+            text = trial_config_toml(ctx.study, frozen)
+        except (StorageError, ConfigError) as exc:  # a study without a stored study file
+            logger.info("best config: %s; showing the trial's parameters only", exc)
+            text = params_toml(ctx.study, best, ctx.names)
+    return (
+        f'<p class="lead">The trainer config of {_esc(which)}. Save it as best.toml and run '
+        "<code>koopman-search train --config best.toml</code> (or get it with "
+        "<code>koopman-search best STUDY.toml --format toml</code>).</p>"
+        f"<pre>{_esc(text)}</pre>"
+    )
 
 
 # ---- the page ----------------------------------------------------------------------------------------
@@ -410,13 +421,12 @@ def _context(study: optuna.Study) -> _Context:
     )
 
 
-def build_report(
-    study: optuna.Study, *, best_config: BestConfig | None = None, now: datetime | None = None
-) -> str:
+def build_report(study: optuna.Study, *, best_config: BestConfig | None = None, now: datetime | None = None) -> str:
     """The report of ``study`` as one HTML string (about 5 MB: plotly.js is inside).
 
-    ``best_config(study)`` renders the exported best config as TOML; without it the best trial's
-    parameters are shown as trainer-config tables."""
+    ``best_config(study)`` renders the exported best config as TOML; by default the best trial's full
+    trainer config (:func:`search.export.trial_config_toml`), or only its parameters when the study
+    holds no study file."""
     ctx = _context(study)
     now = now or datetime.now(timezone.utc)
     titles = dict(SECTION_TITLES)

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from search.review.stored import Baseline, TrialFacts, trial_facts
 
-__all__ = ["StudySummary", "best_trials", "fmt", "fmt_seconds", "state_word", "summarize"]
+__all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "state_word", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def fmt(value: float | int | None, digits: int = 5) -> str:
         return "n/a"
     text = f"{value:.{digits}g}"
     return text if any(c in text for c in ".en") else text + ".0"  # 7.0 reads as a float, like the rules
+
+
+def fmt_param(value: object) -> str:
+    """A parameter as a person reads it: floats to 5 significant digits (samplers give 17)."""
+    return fmt(value) if isinstance(value, float) else str(value)
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -98,8 +103,7 @@ class StudySummary:
         if self.baseline_epochs:
             spent += f", {self.baseline_epochs} of them by the baseline"
         saved = (
-            f"{self.epochs_from_warmup} epochs saved by the shared warmup and "
-            f"{self.epochs_saved_by_pruning} by pruning"
+            f"{self.epochs_from_warmup} epochs saved by the shared warmup and {self.epochs_saved_by_pruning} by pruning"
         )
         per_epoch = self.seconds_per_epoch
         if per_epoch and self.epochs_saved:

@@ -15,12 +15,12 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.artifacts import FileSystemArtifactStore
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
@@ -48,7 +48,7 @@ CHROME_ARGS = (
 
 
 @pytest.fixture
-def chrome(tmp_path: Path) -> Iterator[WebDriver]:
+def chrome(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.fail(
@@ -70,7 +70,7 @@ def chrome(tmp_path: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
-def _wait(driver: WebDriver, what: str, condition: Any) -> Any:
+def _wait(driver: webdriver.Chrome, what: str, condition: Any) -> Any:
     try:
         return WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(condition)
     except TimeoutException:
@@ -84,11 +84,11 @@ def _get_json(url: str) -> Any:
         return json.load(response)
 
 
-def _severe(driver: WebDriver) -> list[str]:
+def _severe(driver: webdriver.Chrome) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
-def _full_page_screenshot(driver: WebDriver, path: Path, width: int) -> None:
+def _full_page_screenshot(driver: webdriver.Chrome, path: Path, width: int) -> None:
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(width, min(int(height) + 20, 12000))
     driver.save_screenshot(str(path))
@@ -100,10 +100,10 @@ def served(tmp_path: Path) -> Iterator[tuple[str, optuna.Study]]:
     url = f"sqlite:///{tmp_path / 'review-demo.db'}"
     study = make_review_study(url)
     annotate_study(study)
-    server = make_server_for(url, "127.0.0.1", 0, artifacts_dir=tmp_path / "artifacts")
+    server = make_server_for(url, "127.0.0.1", 0, FileSystemArtifactStore(str(tmp_path)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    host, port = server.server_address[:2]
+    port = server.server_address[1]
     try:
         yield f"http://127.0.0.1:{port}", study
     finally:
@@ -113,7 +113,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, optuna.Study]]:
 
 
 def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
-    served: tuple[str, optuna.Study], chrome: WebDriver
+    served: tuple[str, optuna.Study], chrome: webdriver.Chrome
 ) -> None:
     base, study = served
     # the JSON API the dashboard's pages read
@@ -126,9 +126,8 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
     assert {g["id"] for g in detail["plotly_graph_objects"]} == set(FIGURE_IDS.values())
     assert _get_json(f"{base}/api/meta")["artifact_is_available"] is True
 
-    # the study page: the study note and the koopman-search figures, drawn by plotly
+    # the study page: the koopman-search figures among the dashboard's own, drawn by plotly
     chrome.get(f"{base}/dashboard/studies/{study_id}")
-    _wait(chrome, "the study note", lambda d: "Pruned when:" in d.find_element(By.TAG_NAME, "body").text)
     for figure_id in FIGURE_IDS.values():
         _wait(
             chrome,
@@ -136,20 +135,33 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
             lambda d, i=figure_id: d.find_elements(By.CSS_SELECTOR, f'[id="user-defined-plot:{i}"] .main-svg'),
         )
     body = chrome.find_element(By.TAG_NAME, "body").text
-    assert "Validation perplexity vs the baseline" in body and "Pareto front" in body
+    assert "Val perplexity vs baseline" in body and "Pareto front: lower is better" in body
+    assert "total loss limit 7.0 (pruned above)" in body and "limit 1.3 × baseline (pruned above)" in body
     ARTIFACTS.mkdir(exist_ok=True)
-    _full_page_screenshot(chrome, ARTIFACTS / "dashboard.png", 1280)
+    _full_page_screenshot(chrome, ARTIFACTS / "dashboard-full.png", 1280)
+    # the four koopman-search figures (optuna-dashboard shows them in two rows of cards)
+    chrome.set_window_size(1280, 1110)
+    chrome.execute_script(
+        "const top = Math.min(...Array.from(document.querySelectorAll('[id^=\"user-defined-plot:\"]'))"
+        "  .map(e => e.getBoundingClientRect().top + window.scrollY));"
+        "window.scrollTo(0, top - 90);"
+    )
+    chrome.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+    # the study note
+    chrome.get(f"{base}/dashboard/studies/{study_id}/note")
+    _wait(chrome, "the study note", lambda d: "Pruned when:" in d.find_element(By.TAG_NAME, "body").text)
+    assert "6 complete, 2 pruned, 1 failed" in chrome.find_element(By.TAG_NAME, "body").text
 
     # a pruned trial's page: its note with the prune reason
     pruned = next(t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
-    chrome.set_window_size(1280, 900)
     chrome.get(f"{base}/dashboard/studies/{study_id}/trials?numbers={pruned.number}")
     reason = pruned.user_attrs["prune_reason"]
     _wait(chrome, "the pruned trial's note", lambda d: reason in d.find_element(By.TAG_NAME, "body").text)
     chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial.png"))
 
 
-def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: WebDriver) -> None:
+def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: webdriver.Chrome) -> None:
     study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
     out = write_report(study, tmp_path / "report.html")
     plots = out.read_text(encoding="utf-8").count('class="plotly-graph-div"')
@@ -163,10 +175,13 @@ def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: P
     headings = [h.text for h in chrome.find_elements(By.TAG_NAME, "h2")]
     expected = ["Pareto front" if key == "best" else title for key, title in SECTION_TITLES.items()]
     assert headings == expected
-    assert chrome.find_elements(By.CSS_SELECTOR, "#pruned td") and "total_loss" in chrome.find_element(
-        By.ID, "pruned"
-    ).text
+    assert (
+        chrome.find_elements(By.CSS_SELECTOR, "#pruned td")
+        and "total_loss" in chrome.find_element(By.ID, "pruned").text
+    )
     assert "[koopman]" in chrome.find_element(By.ID, "config").text
     assert _severe(chrome) == []
     ARTIFACTS.mkdir(exist_ok=True)
-    _full_page_screenshot(chrome, ARTIFACTS / "report.png", 1280)
+    chrome.set_window_size(1280, 1300)  # the first screen: summary and Pareto front
+    chrome.save_screenshot(str(ARTIFACTS / "report.png"))
+    _full_page_screenshot(chrome, ARTIFACTS / "report-full.png", 1280)

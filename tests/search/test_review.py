@@ -8,6 +8,7 @@ encoded by :func:`search.records.records_to_columns` and its prune decisions mad
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -18,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 import optuna_dashboard
 import pytest
+import tomllib
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -36,13 +37,14 @@ from search.errors import StorageError
 from search.records import columns_to_records, records_to_columns, round_significant
 from search.review import (
     FIGURE_IDS,
+    annotate_storage,
     annotate_study,
     annotate_trial,
     build_report,
     is_loopback,
     loss_figure,
-    pareto_front_figure,
     params_toml,
+    pareto_front_figure,
     read_baseline,
     read_rules,
     trial_curves_figure,
@@ -52,6 +54,7 @@ from search.review import (
     weight_figure,
     write_report,
 )
+from search.review.dashboard import Refresher
 from search.review.report import SECTION_TITLES
 from search.rules import PruneRules
 from search.spec import spec_from_dict
@@ -113,7 +116,7 @@ PLANS = [
     Plan(0.3, 2, 4.0, "step", 256, 6.0, 0.9, 1.6),  # val ppl jumps over 1.3 × baseline
     Plan(0.08, 3, 12.0, "cosine", 256, 2.5, 0.7, 1.03),
     Plan(0.2, 6, 9.0, "linear", 128, 2.2, 0.75, 1.09),
-    Plan(0.03, 2, 5.0, "exponential", 256, 3.0, 0.72, 1.0),
+    Plan(0.03, 5, 5.0, "exponential", 256, 3.0, 0.72, 1.0),
     Plan(
         0.1,
         4,
@@ -147,7 +150,7 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
         on = e > plan.start
         weight = _weight(plan, e)
         koopman = plan.koopman0 * plan.koopman_growth ** (e - plan.start - 1) if on else 0.0
-        fallback = max(0, round(12 * (koopman - 0.5 * plan.threshold))) if on else 0
+        fallback = max(0, round(20 * (koopman - 0.4 * plan.threshold))) if on else 0
         fallback = min(fallback, STEPS)
         effective = weight * (1 - 0.99 * fallback / STEPS)
         lm = BASELINE_LM[e - 1] + (0.4 * weight if on else 0.0)
@@ -166,7 +169,7 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
                 nonfinite_batches=0,
                 val_loss=math.log(ppl),
                 val_ppl=ppl,
-                val_koopman_nre=0.6 * 0.8 ** (e - plan.start - 1) if on else math.nan,
+                val_koopman_nre=0.9 * math.exp(-5 * plan.weight_max) * 0.92 ** (e - plan.start - 1) if on else math.nan,
                 seconds=seconds,
                 tokens_per_s=STEPS * 32 * 128 / seconds,
                 steps=STEPS,
@@ -198,11 +201,16 @@ def baseline_records() -> list[EpochRecord]:
     ]
 
 
-def study_file_values(name: str = STUDY_NAME) -> dict[str, Any]:
-    return {"study": {"name": name}, "trainer": {"train": {"epochs": EPOCHS}}}
+def study_file_values(name: str = STUDY_NAME, objectives: list[str] | None = None) -> dict[str, Any]:
+    study: dict[str, Any] = {"name": name}
+    if objectives is not None:
+        study["objectives"] = [{"metric": m, "direction": "minimize"} for m in objectives]
+    return {"study": study, "trainer": {"train": {"epochs": EPOCHS}}}
 
 
-def store_trial(study: optuna.Study, plan: Plan, rules: PruneRules) -> None:
+def store_trial(
+    study: optuna.Study, plan: Plan, rules: PruneRules, metrics: tuple[str, ...] = ("val_ppl", "val_koopman_nre")
+) -> None:
     """One trial as the objective stores it: run the prune rules over its epochs, keep what it trained."""
     user_attrs: dict[str, Any] = {"epochs_from_warmup": plan.start}
     if plan.label:
@@ -237,7 +245,7 @@ def store_trial(study: optuna.Study, plan: Plan, rules: PruneRules) -> None:
     else:
         last = kept[-1]
         trial = optuna.trial.create_trial(
-            values=[round_significant(last.val_ppl), round_significant(last.val_koopman_nre)],
+            values=[float(f"{getattr(last, m):.6g}") for m in metrics],
             params=plan.params,
             distributions=DISTRIBUTIONS,
             user_attrs=user_attrs,
@@ -246,11 +254,15 @@ def store_trial(study: optuna.Study, plan: Plan, rules: PruneRules) -> None:
 
 
 def make_review_study(
-    storage_url: str, plans: list[Plan] | None = None, name: str = STUDY_NAME
+    storage_url: str,
+    plans: list[Plan] | None = None,
+    name: str = STUDY_NAME,
+    objectives: list[str] | None = None,
 ) -> optuna.Study:
     """The finished two-objective study the review tests look at (COMPLETE, PRUNED and FAIL trials)."""
-    spec = spec_from_dict(study_file_values(name), origin="review.toml")
-    study = optuna.create_study(study_name=name, storage=storage_url, directions=spec.directions)
+    spec = spec_from_dict(study_file_values(name, objectives), origin="review.toml")
+    directions = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
+    study = optuna.create_study(study_name=name, storage=storage_url, directions=directions)
     study.set_user_attr(
         "koopman_search",
         {
@@ -273,7 +285,7 @@ def make_review_study(
     )
     rules = PruneRules.from_spec(spec.rules, [r.val_ppl for r in base])
     for plan in PLANS if plans is None else plans:
-        store_trial(study, plan, rules)
+        store_trial(study, plan, rules, tuple(spec.metrics))
     return study
 
 
@@ -382,10 +394,7 @@ def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optun
     assert f"**Pruned:** total\\_loss {facts.prune_reason.split(' ', 1)[1]}" in note
     ppl = facts.metric("val_ppl")[-1]
     ratio = ppl / BASELINE_VAL_PPL[epoch - 1]
-    assert (
-        f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |"
-        in note
-    )
+    assert f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |" in note
     assert f"{facts.epochs_saved_by_pruning} saved by pruning" in note
     assert "3 taken from the baseline's shared warmup" in note
 
@@ -396,17 +405,14 @@ def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.
         facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
     )
     assert "hand-tuned 2" in note
-    assert (
-        f"**Result:** val\\_ppl = {facts.values[0]:.5g}, val\\_koopman\\_nre = {facts.values[1]:.5g}" in note
-    )
-    assert "koopman\\_weight\\_max = 0.1" in note and "schedule = exponential" in note
+    assert f"**Result:** val\\_ppl = {facts.values[0]:.5g}, val\\_koopman\\_nre = {facts.values[1]:.5g}" in note
+    header = "| koopman\\_weight\\_max | koopman\\_start\\_epoch | fallback\\_threshold | schedule | koopman\\_dim |"
+    assert f"{header}\n|---|---|---|---|---|\n| 0.1 | 5 | 7.0 | exponential | 128 |" in note
     assert "| at epoch 10 |" in note and "saved by pruning" not in note
 
 
 def test_note_of_val_ppl_pruned_trial_says_the_ratio_is_over(study: optuna.Study) -> None:
-    pruned = [
-        t for t in study.get_trials(states=(TrialState.PRUNED,)) if "val_ppl" in t.user_attrs["prune_reason"]
-    ]
+    pruned = [t for t in study.get_trials(states=(TrialState.PRUNED,)) if "val_ppl" in t.user_attrs["prune_reason"]]
     assert len(pruned) == 1
     note = trial_note(
         trial_facts(pruned[0]),
@@ -439,7 +445,10 @@ def test_loss_figure_draws_lm_koopman_total_and_the_7_limit(study: optuna.Study)
     limit = _trace(fig, "total loss limit 7")
     assert list(limit.y) == [7.0, 7.0] and list(limit.x) == [1, EPOCHS]
     assert list(_trace(fig, "LM loss").y) == facts.metric("lm_loss")
-    assert list(_trace(fig, "Koopman loss").y) == facts.metric("koopman_loss")
+    koopman = _trace(fig, "Koopman loss")
+    assert koopman.yaxis == "y2"  # its own scale
+    start = facts.params["koopman_start_epoch"]
+    assert list(koopman.y) == [None] * start + facts.metric("koopman_loss")[start:]  # a gap while it is off
     total = _trace(fig, "total loss =")
     assert total.y[-1] > 7.0  # it was pruned for this
     marker = _trace(fig, "pruned here")
@@ -468,6 +477,7 @@ def test_weight_figure_shows_scheduled_effective_and_fallback_bars_on_a_second_a
     assert bars.type == "bar" and bars.yaxis == "y2"
     assert sum(bars.y) > 0  # threshold 6 is under this trial's Koopman loss at first
     assert fig.layout.yaxis2.overlaying == "y"
+    assert fig.layout.yaxis2.dtick == 4 and fig.layout.yaxis2.range == pytest.approx((0, 22))  # up to 20 batches
 
 
 def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: optuna.Study) -> None:
@@ -478,13 +488,29 @@ def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: op
     menu = fig.layout.updatemenus[0]
     assert [b.label.split(" · ")[0] for b in menu.buttons] == [f"Trial {n}" for n in with_records]
     assert menu.active == 2
-    assert f"Trial {selected}" in fig.layout.title.text
+    assert menu.buttons[menu.active].label.startswith(f"Trial {selected} · ")
     # every entry restyles the same highlighted traces, with that trial's own data
     chosen = menu.buttons[0]
-    restyle, _, slots = chosen.args
+    restyle, slots = chosen.args
     first = next(f for f in facts if f.number == with_records[0])
     assert restyle["y"][0] == first.metric("lm_loss") and len(slots) == 4
     assert _trace(fig, "all trials' total loss").line.color.startswith("rgba")
+
+
+def test_trial_curves_menu_keeps_the_latest_trials_and_the_selected_one(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.review import figures
+
+    monkeypatch.setattr(figures, "MAX_DROPDOWN_TRIALS", 2)
+    facts = [trial_facts(t) for t in study.get_trials()]
+    drawn = sorted(f.number for f in facts if f.epoch_numbers)
+    fig = trial_curves_figure("val_ppl", facts, selected=drawn[0])
+    menu = fig.layout.updatemenus[0]
+    assert [b.label.split(" · ")[0] for b in menu.buttons] == [f"Trial {n}" for n in [drawn[0], *drawn[-2:]]]
+    assert menu.active == 0
+    background = _trace(fig, "all trials")
+    assert sum(x is None for x in background.x) == len(drawn)  # every trial drawn behind, one gap after each
 
 
 def test_trial_curves_figure_without_trials_still_shows_the_baseline(study: optuna.Study) -> None:
@@ -500,9 +526,25 @@ def test_pareto_front_figure_stars_the_hand_tuned_trials(study: optuna.Study) ->
         trial = next(f for f in facts if f.label == label)
         star = _trace(fig, f"★ {label} (trial {trial.number})")
         assert (star.x[0], star.y[0]) == trial.values and star.marker.symbol == "star"
-    assert _trace(fig, "☆ original settings: pruned (total_loss")  # pruned options are listed in the legend
+    assert _trace(fig, "☆ original settings: pruned at epoch 6")  # pruned options are listed in the legend
     assert fig.layout.xaxis.title.text == "val_ppl"
     assert [s.x0 for s in fig.layout.shapes] == [477.2]  # the baseline's final val perplexity
+
+
+def test_menu_entries_name_a_complete_trials_first_objective_and_a_pruned_trials_epoch(
+    study: optuna.Study,
+) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    fig = trial_curves_figure("val_ppl", facts, names=["val_ppl", "val_koopman_nre"])
+    labels = {b.label.split(" · ")[0]: b.label for b in fig.layout.updatemenus[0].buttons}
+    complete = _facts(study, TrialState.COMPLETE, "hand-tuned 1")
+    pruned = _facts(study, TrialState.PRUNED, "original settings")
+    assert (
+        labels[f"Trial {complete.number}"]
+        == f"Trial {complete.number} · val_ppl {complete.values[0]:.5g} · hand-tuned 1"
+    )
+    assert labels[f"Trial {pruned.number}"] == f"Trial {pruned.number} · pruned at epoch 6 · original settings"
+    assert f"Trial {_facts(study, TrialState.FAIL).number}" not in labels  # no records, nothing to draw
 
 
 # ---- dashboard annotations ----------------------------------------------------------------------------------
@@ -549,9 +591,7 @@ def test_annotate_study_keeps_a_note_edited_in_the_dashboard(study: optuna.Study
 def test_annotate_study_rewrites_its_own_note_when_the_facts_change(study: optuna.Study) -> None:
     annotate_study(study)
     before = optuna_dashboard.get_note(study)
-    store_trial(
-        study, PLANS[0], PruneRules.from_spec(spec_from_dict(study_file_values()).rules, BASELINE_VAL_PPL)
-    )
+    store_trial(study, PLANS[0], PruneRules.from_spec(spec_from_dict(study_file_values()).rules, BASELINE_VAL_PPL))
     counts = annotate_study(study)
     assert counts.notes_written == 2  # the new trial's and the study's
     assert optuna_dashboard.get_note(study) != before and "7 complete" in optuna_dashboard.get_note(study)
@@ -587,7 +627,7 @@ def test_annotate_trial_uses_the_given_baseline_and_rules(study: optuna.Study) -
         rules={"total_loss_max": 6.5, "val_ppl_ratio_max": 2.0},
     )
     note = optuna_dashboard.get_note(trial)
-    assert "| 250 |" in note and "(limit 2×)" in note and "limit 6.5" in note
+    assert "| 250.0 |" in note and "(limit 2.0×)" in note and "limit 6.5" in note
 
 
 def test_annotate_trial_logs_and_returns_false_when_the_note_cannot_be_written(
@@ -602,6 +642,15 @@ def test_annotate_trial_logs_and_returns_false_when_the_note_cannot_be_written(
         assert annotate_trial(study, trial, values=[1.0, 1.0]) is False
     assert f"could not write the dashboard note of trial {trial.number}" in caplog.text
     assert "database is locked" in caplog.text
+
+
+@pytest.mark.postgres
+def test_annotations_and_report_work_on_postgresql(postgres_url: str) -> None:
+    study = make_review_study(postgres_url)
+    counts = annotate_study(study)
+    assert counts.notes_written == len(study.trials) + 1 and counts.figures_written == len(FIGURE_IDS)
+    assert annotate_study(study).notes_written == 0
+    assert "<h2>Prune reasons</h2>" in build_report(optuna.load_study(study_name=STUDY_NAME, storage=postgres_url))
 
 
 @pytest.mark.parametrize(
@@ -621,6 +670,37 @@ def test_is_loopback_only_for_this_machine(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
+def test_annotate_storage_skips_studies_the_search_did_not_create(study: optuna.Study, storage_url: str) -> None:
+    other = optuna.create_study(study_name="review-demo.baseline-seed0", storage=storage_url)
+    done = annotate_storage(storage_url)
+    assert list(done) == [STUDY_NAME]
+    assert optuna_dashboard.get_note(other) == ""
+
+
+def test_refresher_annotates_trials_that_finish_while_the_dashboard_serves(
+    study: optuna.Study, storage_url: str
+) -> None:
+    refresher = Refresher(storage_url, [STUDY_NAME], interval_s=0.05)
+    refresher.start()
+    try:
+        _wait_for(lambda: optuna_dashboard.get_note(study) != "", 30, "the refresher to annotate")
+    finally:
+        refresher.stop()
+        refresher.join(timeout=10)
+    assert not refresher.is_alive()
+    assert _note_of(study, study.trials[0]).startswith("### Trial 0: ")
+
+
+def test_read_baseline_prefers_the_baseline_of_the_study_files_trainer_seed(study: optuna.Study) -> None:
+    attrs = dict(study.user_attrs)
+    attrs["baseline:seed=1"] = {**attrs["baseline:seed=0"], "val_ppl": [1.0] * EPOCHS}
+    attrs["koopman_search"]["spec"]["trainer"]["train"]["seed"] = 1
+    baseline = read_baseline(attrs)
+    assert baseline is not None and baseline.seed == 1 and baseline.at(10) == 1.0
+    assert read_baseline(attrs, seed=0).at(10) == 477.2  # type: ignore[union-attr]
+    assert read_baseline(attrs, seed=7) is None
+
+
 # ---- report -------------------------------------------------------------------------------------------------
 
 PLOTLY_HEADER = re.compile(r"\* plotly\.js v\d+\.\d+\.\d+")
@@ -633,9 +713,7 @@ def test_report_has_every_section_and_embeds_plotly_js_once(study: optuna.Study)
     assert headings == expected
     assert len(PLOTLY_HEADER.findall(text)) == 1
     assert "<script src=" not in text and "<link " not in text  # nothing to fetch: opens offline
-    assert (
-        text.count('class="plotly-graph-div"') >= 9
-    )  # pareto, 2 histories, 2 importances, 2 parallel, 3 curves
+    assert text.count('class="plotly-graph-div"') >= 9  # pareto, 2 histories, 2 importances, 2 parallel, 3 curves
 
 
 def test_report_tables_list_the_prune_reasons_and_failures(study: optuna.Study) -> None:
@@ -659,16 +737,17 @@ def test_report_summary_counts_compute_spent_and_saved(study: optuna.Study) -> N
     assert f"<b>{spent} epochs</b>" in section
     assert f"<b>{warmup} epochs</b><span>saved by the shared warmup" in section
     assert f"<b>{pruned} epochs</b><span>saved by pruning" in section
+    best = min(study.best_trials, key=lambda t: t.values[0])
+    ratio = best.values[0] / BASELINE_VAL_PPL[-1]
+    kpi = f"best val_ppl (trial {best.number}): {ratio:.2f} × the baseline's 477.2"
+    assert f"<b>{best.values[0]:.5g}</b><span>{html.escape(kpi)}</span>" in section
 
 
 def test_report_of_a_study_with_one_complete_trial_says_importances_need_more(storage_url: str) -> None:
     study = make_review_study(storage_url, plans=[PLANS[0], PLANS[3]])
     text = build_report(study)
     section = text.split('<section id="importances">', 1)[1].split("</section>", 1)[0]
-    assert (
-        "Not enough trials: parameter importances need at least 2 complete trials, and this study has 1."
-        in section
-    )
+    assert "Not enough trials: parameter importances need at least 2 complete trials, and this study has 1." in section
     assert "Pareto front" in text
 
 
@@ -677,6 +756,17 @@ def test_report_of_a_study_without_trials_explains_each_empty_section(tmp_path: 
     text = build_report(study)
     assert "No trial has completed yet" in text and "No trial was pruned." in text
     assert len(PLOTLY_HEADER.findall(text)) == 1
+
+
+def test_report_of_a_single_objective_study_shows_the_best_trial(tmp_path: Path) -> None:
+    study = make_review_study(f"sqlite:///{tmp_path / 'one.db'}", objectives=["val_ppl"])
+    text = build_report(study)
+    headings = re.findall(r"<h2>([^<]+)</h2>", text)
+    assert headings == list(SECTION_TITLES.values())  # "Best trial", not "Pareto front"
+    best = study.best_trial
+    section = text.split('<section id="best">', 1)[1].split("</section>", 1)[0]
+    assert f'<td class="num">{best.number}</td>' in section and f"{best.value:.5g}" in section
+    assert "Optimization history: val_ppl" in text
 
 
 def test_best_config_is_toml_with_the_trainer_config_tables(study: optuna.Study) -> None:
@@ -695,10 +785,21 @@ def test_best_config_is_toml_with_the_trainer_config_tables(study: optuna.Study)
     assert f"# Best trial {best.number}" in text
 
 
+def test_report_exports_the_best_trials_full_trainer_config(study: optuna.Study) -> None:
+    from search.review.summary import best_trials
+
+    best = best_trials(study)[0]
+    text = build_report(study)
+    section = text.split('<section id="config">', 1)[1].split("</section>", 1)[0]
+    toml_text = html.unescape(section.split("<pre>", 1)[1].split("</pre>", 1)[0])
+    config = tomllib.loads(toml_text)
+    assert config["koopman"]["weight_max"] == best.params["koopman_weight_max"]
+    assert config["koopman"]["schedule"] == best.params["schedule"]
+    assert config["train"]["epochs"] == EPOCHS  # the rest comes from the stored study file
+
+
 def test_report_uses_the_given_best_config_renderer(study: optuna.Study) -> None:
-    text = build_report(
-        study, best_config=lambda s: f"# exported from {s.study_name}\n[koopman]\ndim = 128\n"
-    )
+    text = build_report(study, best_config=lambda s: f"# exported from {s.study_name}\n[koopman]\ndim = 128\n")
     assert f"# exported from {STUDY_NAME}" in text
 
 
@@ -720,9 +821,7 @@ def test_report_command_writes_the_file(study: optuna.Study, storage_url: str, t
     assert out.stat().st_size > 1_000_000 and "<h2>Pareto front</h2>" in out.read_text(encoding="utf-8")
 
 
-def test_report_command_reads_name_and_storage_from_the_study_file(
-    study: optuna.Study, tmp_path: Path
-) -> None:
+def test_report_command_reads_name_and_storage_from_the_study_file(study: optuna.Study, tmp_path: Path) -> None:
     # the study file's default storage is <its folder>/<name>.db, where the fixture put the study
     study_file = tmp_path / "review.toml"
     study_file.write_text(f'[study]\nname = "{STUDY_NAME}"\n\n[trainer.train]\nepochs = {EPOCHS}\n')
@@ -736,7 +835,7 @@ def test_report_command_takes_storage_from_the_environment(
 ) -> None:
     monkeypatch.setenv("OPTUNA_STORAGE", storage_url)
     out = tmp_path / "env.html"
-    assert main(["report", "--out", str(out)]) == 0  # the storage's only study
+    assert main(["report", "--study-name", STUDY_NAME, "--out", str(out)]) == 0
     assert out.is_file()
 
 
@@ -759,7 +858,7 @@ def test_report_command_with_a_missing_study_exits_1_listing_the_studies(
     code = main(["report", "--study-name", "no-such-study", "--storage", storage_url, "--out", str(out)])
     assert code == 1
     err = capsys.readouterr().err
-    assert "study_name='no-such-study'" in err and f"studies there: {STUDY_NAME}" in err
+    assert "no study named 'no-such-study'" in err and f"studies there: {STUDY_NAME}" in err
     assert not out.exists()
 
 
@@ -767,9 +866,7 @@ def test_report_command_with_a_missing_sqlite_file_exits_1_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "missing.db"
-    code = main(
-        ["report", "--study-name", "x", "--storage", f"sqlite:///{db}", "--out", str(tmp_path / "r.html")]
-    )
+    code = main(["report", "--study-name", "x", "--storage", f"sqlite:///{db}", "--out", str(tmp_path / "r.html")])
     assert code == 1
     assert "storage file must exist" in capsys.readouterr().err
     assert not db.exists()
@@ -781,6 +878,15 @@ def test_dashboard_command_without_a_storage_exits_2(
     monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
     assert main(["dashboard"]) == 2
     assert "a storage is required" in capsys.readouterr().err
+
+
+def test_dashboard_command_with_a_missing_study_exits_1_before_serving(
+    study: optuna.Study, storage_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dashboard", "--storage", storage_url, "--study-name", "nope", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "no study named 'nope'" in err and f"studies there: {STUDY_NAME}" in err
+    assert optuna_dashboard.get_note(study) == ""  # nothing annotated either
 
 
 def test_dashboard_command_on_a_busy_port_warns_about_the_open_host_and_exits_2(
@@ -807,7 +913,10 @@ def _wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_dashboard_command_serves_the_api_until_interrupted(study: optuna.Study, storage_url: str) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "docker-stop"])
+def test_dashboard_command_serves_the_api_until_stopped(
+    study: optuna.Study, storage_url: str, stop: signal.Signals
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -833,7 +942,7 @@ def test_dashboard_command_serves_the_api_until_interrupted(study: optuna.Study,
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert [s["study_name"] for s in studies] == [STUDY_NAME]
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"optuna-dashboard at http://127.0.0.1:{port}/dashboard" in err

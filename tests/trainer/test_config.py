@@ -226,3 +226,15 @@ def test_with_overrides_rejects_unknown_dotted_keys(dotted: str) -> None:
 def test_with_overrides_rejects_an_unknown_key_inside_a_known_section() -> None:
     with pytest.raises(ConfigError, match=r"unknown key koopman\.size=1"):
         with_overrides(TrainerConfig(), {"koopman.size": 1})
+
+
+@pytest.mark.parametrize("source", ["builtin", "files:../data/wikitext-2", "hf:wikitext/wikitext-2-raw-v1"])
+def test_the_three_source_forms_are_accepted(source: str) -> None:
+    assert config_from_dict({"data": {"source": source}}).data.source == source
+
+
+@pytest.mark.parametrize("source", ["wikitext", "files:", "files", "hf:wikitext", "hf:/raw", "Builtin"])
+def test_malformed_source_names_the_forms_key_and_value(source: str) -> None:
+    expected = rf"^source must be builtin, files:DIR or hf:NAME/CONFIG, but got source={re.escape(repr(source))} "
+    with pytest.raises(ConfigError, match=expected + r"\(run\.toml, \[data\.source\]\)$"):
+        config_from_dict({"data": {"source": source}}, origin="run.toml")

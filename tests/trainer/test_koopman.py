@@ -143,7 +143,7 @@ def test_creating_heads_leaves_the_global_rng_untouched() -> None:
 def test_heads_start_with_k_the_identity_and_depend_on_the_seed() -> None:
     a, b = make_heads(fit="gradient"), make_heads(fit="gradient")
     assert torch.equal(a.kt, torch.eye(6).repeat(2, 1, 1))
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     other = KoopmanHeads(KoopmanConfig(dim=6), 4, 2, seed=1)
     assert not torch.equal(a.w1, other.w1)
 

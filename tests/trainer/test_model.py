@@ -8,7 +8,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError
-from trainer.model import TransformerLM, build_model
+from trainer.model import Block, TransformerLM, build_model
 
 CFG = ModelConfig(d_model=16, n_layers=3, n_heads=2, dropout=0.0)
 
@@ -78,8 +78,10 @@ def test_factory_that_breaks_the_protocol_is_a_config_error_naming_it(factory: s
 def test_gpt2_scaled_init_of_residual_projections() -> None:
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(d_model=64, n_layers=8, n_heads=4), vocab_size=100, seq_len=8)
-    proj = model.blocks[0].attn.proj.weight.detach()
-    qkv = model.blocks[0].attn.qkv.weight.detach()
+    block = model.blocks[0]
+    assert isinstance(block, Block)
+    proj, qkv = block.attn.proj.weight.detach(), block.attn.qkv.weight.detach()
     assert float(proj.std()) == pytest.approx(0.02 / 4, rel=0.1)  # 0.02 / sqrt(2 * 8)
     assert float(qkv.std()) == pytest.approx(0.02, rel=0.1)
-    assert all(float(m.bias.detach().abs().sum()) == 0 for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None)
+    biases = [m.bias.detach() for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    assert biases and all(float(b.abs().sum()) == 0 for b in biases)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -34,7 +35,7 @@ def test_weight_is_zero_through_start_epoch_positive_after_and_max_at_last_epoch
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_weight_never_decreases(schedule: str) -> None:
     w = weights(schedule, 0.3, 2, 12)
-    assert all(a <= b for a, b in zip(w, w[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(w))
     assert all(0.0 <= x <= 0.3 for x in w)
 
 
@@ -53,7 +54,7 @@ def test_step_schedule_is_full_weight_from_the_first_koopman_epoch() -> None:
 
 def test_exponential_schedule_grows_by_a_constant_factor() -> None:
     w = weights("exponential", 0.5, 3, 10)[3:]
-    ratios = [b / a for a, b in zip(w, w[1:])]
+    ratios = [b / a for a, b in itertools.pairwise(w)]
     assert ratios == pytest.approx([EXP_RANGE ** (1 / 7)] * 6, rel=1e-12)
     assert w[0] == pytest.approx(0.5 * EXP_RANGE ** (1 / 7 - 1), rel=1e-12)
 

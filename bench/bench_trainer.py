@@ -1,0 +1,426 @@
+"""Trainer benchmarks (issue: hybrid trainer): Koopman overhead, throughput against a plain PyTorch loop, and
+tokenizing + caching WikiText-2. Prints one markdown table per measurement on stdout; progress on stderr.
+
+    .venv/bin/python bench/bench_trainer.py                  # the default run: about 6 minutes on 2 busy cores
+    .venv/bin/python bench/bench_trainer.py --only overhead --tokens 256,1024
+
+Shapes are the user's (../shared/DESIGN.md): d_model 64, 4 blocks, Koopman dim 256, batch 32, seq_len 128,
+vocabulary 30000, WikiText-2. The machine is shared, so every comparison is a ratio of measurements taken side by
+side in one process, interleaved round by round (A B C …, then B C … A, …) so that a slow spell hits every
+variant alike, with a first warm-up round thrown away. A trainer block is one epoch of ``--steps`` steps through
+the public API (``fit`` with a callback that stops after the epoch; validation is stubbed out so that only the
+training steps are timed).
+
+Each block is timed with two clocks: wall time, and the process's CPU time. On a CPU shared with other jobs the
+CPU time is the steady one (other processes delay us but do not add to it), so on CPU the ratios are taken from
+CPU time and wall-time ratios are shown beside them; one torch thread by default (``--threads``), because with
+two threads on two busy cores OpenMP's spin-waiting inflates both clocks. On CUDA only wall time counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from trainer.config import FIT_MODES, TrainerConfig, config_from_dict, with_overrides  # noqa: E402
+from trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
+from trainer.koopman import KoopmanHeads  # noqa: E402
+from trainer.loop import HybridKoopmanTrainer, resolve_device  # noqa: E402
+from trainer.model import TransformerLM  # noqa: E402
+
+logger = logging.getLogger("bench_trainer")
+
+DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
+OVERHEAD_GOAL = 1.10
+THROUGHPUT_GOAL = 0.95
+
+
+def stop_after_epoch(record: object) -> bool:
+    return True
+
+
+def one_epoch(trainer: HybridKoopmanTrainer) -> Callable[[], object]:
+    return lambda: trainer.fit(callback=stop_after_epoch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+Clock = tuple[float, float]  # (wall seconds, CPU seconds)
+
+
+def time_block(fn: Callable[[], object], device: torch.device) -> Clock:
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def no_evaluation(koopman: bool = True) -> tuple[float, float]:
+    """Stands in for ``HybridKoopmanTrainer.evaluate`` while timing: the blocks time training steps only."""
+    return math.nan, math.nan
+
+
+def timed_trainer(cfg: TrainerConfig, corpus: Corpus) -> HybridKoopmanTrainer:
+    trainer = HybridKoopmanTrainer(cfg, corpus)
+    trainer.evaluate = no_evaluation  # type: ignore[method-assign]
+    return trainer
+
+
+def measure(
+    blocks: dict[str, Callable[[], object]], rounds: int, device: torch.device, what: str
+) -> dict[str, list[Clock]]:
+    """Run every block once per round, the order rotated each round; drop round 0 (the warm-up)."""
+    clocks: dict[str, list[Clock]] = {name: [] for name in blocks}
+    for r, order in rotations(list(blocks), rounds):
+        for name in order:
+            value = time_block(blocks[name], device)
+            if r > 0:
+                clocks[name].append(value)
+        logger.info("%s round %d/%d: %s", what, r, rounds - 1,
+                    ", ".join(f"{n} {c[-1][0]:.2f}/{c[-1][1]:.2f} s" for n, c in clocks.items() if c))
+    return clocks
+
+
+def ratio_stats(a: list[Clock], b: list[Clock], which: int) -> tuple[float, float, float]:
+    """Median, min and max over rounds of a/b on clock ``which`` (0 wall, 1 CPU)."""
+    paired = [x[which] / y[which] for x, y in zip(a, b, strict=True)]
+    return median(paired), min(paired), max(paired)
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """Round r runs every name once, the order rotated by r."""
+    for r in range(rounds):
+        shift = r % len(names)
+        yield r, [*names[shift:], *names[:shift]]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    load = "n/a"
+    with contextlib.suppress(OSError):
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = [
+        ("date", dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
+        ("device", f"{device} ({name})"),
+        ("CPU cores / torch threads", f"{os.cpu_count()} / {torch.get_num_threads()}"),
+        ("torch", torch.__version__),
+        ("python", platform.python_version()),
+        ("load average at start (1, 5, 15 min)", load),
+    ]
+    return table(("machine", ""), rows)
+
+
+def user_config(args: argparse.Namespace, epochs: int) -> TrainerConfig:
+    """The user's shapes (the TrainerConfig defaults), the Koopman term at full weight from epoch 1."""
+    return config_from_dict(
+        {
+            "data": {"source": args.data},
+            "koopman": {"start_epoch": 0, "schedule": "step"},
+            "train": {
+                "epochs": epochs,
+                "device": args.device,
+                "seed": args.seed,
+                "max_steps_per_epoch": args.steps,
+                "max_eval_batches": 1,
+            },
+        },
+        origin="bench",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+
+
+def bench_tokenize(args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        start = time.perf_counter()
+        corpus = load_corpus(args.data, 30000, cache_dir=cache)
+        cold = time.perf_counter() - start
+        cached = []
+        for _ in range(3):
+            start = time.perf_counter()
+            load_corpus(args.data, 30000, cache_dir=cache)
+            cached.append(time.perf_counter() - start)
+        size = sum(p.stat().st_size for p in Path(cache).glob("*.pt"))
+    rows = [
+        ("first load: read, hash, tokenize, write cache", f"{cold:.2f}"),
+        ("cached load: read, hash, load cache (median of 3)", f"{median(cached):.2f}"),
+    ]
+    counts = f"{corpus.train.numel()}/{corpus.valid.numel()}/{corpus.test.numel()}"
+    return (
+        f"Tokenizing and caching {args.data} (vocabulary {corpus.vocab_size}, train/valid/test tokens {counts}, "
+        f"cache file {size / 2**20:.1f} MiB)\n\n" + table(("load", "seconds"), rows)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- overhead
+
+
+def bench_overhead(args: argparse.Namespace, corpus: Corpus, device: torch.device) -> tuple[str, float]:
+    rounds = args.repeats + 1  # round 0 is the warm-up
+    base = user_config(args, epochs=rounds)
+    variants: dict[str, tuple[str, str, TrainerConfig]] = {"off": ("-", "-", base.without_koopman())}
+    for fit in FIT_MODES:
+        for n in args.tokens:
+            cfg = with_overrides(base, {"koopman.fit": fit, "koopman.tokens_per_batch": n}, origin="bench")
+            variants[f"{fit}/{n}"] = (fit, f"0 (all {base.data.batch_size * base.data.seq_len})" if n == 0 else str(n),
+                                      cfg)
+    blocks = {name: one_epoch(timed_trainer(cfg, corpus)) for name, (_, _, cfg) in variants.items()}
+    clocks = measure(blocks, rounds, device, "overhead")
+    main_clock = 1 if device.type == "cpu" else 0
+    rows = []
+    for name, (fit, tokens, _) in variants.items():
+        per_step = [(w / args.steps, c / args.steps) for w, c in clocks[name]]
+        mid, lo, hi = ratio_stats(clocks[name], clocks["off"], main_clock)
+        wall_mid, _, _ = ratio_stats(clocks[name], clocks["off"], 0)
+        rows.append((
+            "off" if name == "off" else "on", fit, tokens,
+            f"{median([c for _, c in per_step]):.3f}" if device.type == "cpu" else "n/a",
+            f"{median([w for w, _ in per_step]):.3f}",
+            f"**{mid:.3f}**", f"{lo:.3f}–{hi:.3f}", f"{wall_mid:.3f}",
+        ))
+    clock = "CPU" if main_clock else "wall"
+    text = (
+        f"Koopman overhead: step time with the Koopman loss on ÷ off (goal ≤ {OVERHEAD_GOAL:.2f}×), "
+        f"{args.repeats} rounds × {args.steps} steps per variant after a warm-up round. Ratio: median over rounds "
+        f"of the paired per-round ratio ({clock} time).\n\n"
+        + table(("Koopman loss", "fit", "tokens_per_batch", "median CPU s/step", "median wall s/step",
+                 f"ratio to off ({clock})", "min–max", "ratio (wall)"), rows)
+    )
+    off_step = median([c[main_clock] for c in clocks["off"]]) / args.steps
+    return text, off_step
+
+
+# ----------------------------------------------------------------------------------------------- throughput
+
+
+def plain_block(
+    model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, cfg: TrainerConfig, epoch: int,
+    device: torch.device,
+) -> None:
+    """The plain loop: same model, same batches as the trainer's epoch e, AdamW and clipping."""
+    d, t = cfg.data, cfg.train
+    order = epoch_order(n_windows(tokens.numel(), d.seq_len), t.seed, epoch)[: t.max_steps_per_epoch * d.batch_size]
+    for x, y in window_batches(tokens, d.seq_len, d.batch_size, order.to(device), drop_last=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def bench_throughput(args: argparse.Namespace, corpus: Corpus, device: torch.device) -> str:
+    rounds = args.repeats + 1
+    cfg = user_config(args, epochs=rounds).without_koopman()
+    trainer = timed_trainer(cfg, corpus)
+    torch.manual_seed(cfg.train.seed)
+    model = TransformerLM(cfg.model, corpus.vocab_size, cfg.data.seq_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    epoch = iter(range(1, 10**9))
+    blocks: dict[str, Callable[[], object]] = {
+        "trainer": one_epoch(trainer),
+        # the plain loop walks the same batches as the trainer: its epoch e's order, one plain block per round
+        "plain": lambda: plain_block(model, opt, trainer.train_tokens, cfg, next(epoch), device),
+    }
+    clocks = measure(blocks, rounds, device, "throughput")
+    main_clock = 1 if device.type == "cpu" else 0
+    tokens = args.steps * cfg.data.batch_size * cfg.data.seq_len
+    rows = []
+    for name, label in (("trainer", "HybridKoopmanTrainer, Koopman off"),
+                        ("plain", "plain PyTorch loop (same model, batches, AdamW, clip)")):
+        mid, lo, hi = ratio_stats(clocks["plain"], clocks[name], main_clock)  # tokens/s ratio = time ratio inverted
+        wall_mid, _, _ = ratio_stats(clocks["plain"], clocks[name], 0)
+        rows.append((
+            label,
+            f"{tokens / median([c for _, c in clocks[name]]):.0f}" if device.type == "cpu" else "n/a",
+            f"{tokens / median([w for w, _ in clocks[name]]):.0f}",
+            f"**{mid:.3f}**" if name == "trainer" else "1", f"{lo:.3f}–{hi:.3f}" if name == "trainer" else "-",
+            f"{wall_mid:.3f}" if name == "trainer" else "1",
+        ))
+    clock = "CPU" if main_clock else "wall"
+    return (
+        f"Throughput, Koopman off: the trainer against a plain loop (goal ≥ {THROUGHPUT_GOAL:.2f}×), "
+        f"{args.repeats} rounds × {args.steps} steps each after a warm-up round, alternating which runs first. "
+        f"Ratio: median over rounds of the paired per-round ratio ({clock} time).\n\n"
+        + table(("loop", "tokens per CPU s", "tokens per wall s", f"ratio to plain ({clock})", "min–max",
+                 "ratio (wall)"), rows)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- where the time goes
+
+
+def bench_components(args: argparse.Namespace, step_off: float, device: torch.device) -> str:
+    """Forward + backward of the pieces of a step, at the user's shapes, interleaved; share of the off step."""
+    cfg = user_config(args, epochs=1)
+    d, n_layers, vocab = cfg.model.d_model, cfg.model.n_layers, cfg.data.vocab_size
+    bt = cfg.data.batch_size * cfg.data.seq_len
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(bt, d, generator=g).to(device).requires_grad_()
+    head = nn.Linear(d, vocab, bias=False).to(device)
+    target = torch.randint(0, vocab, (bt,), generator=g).to(device)
+
+    def head_and_ce() -> None:
+        F.cross_entropy(head(h).float(), target).backward()
+
+    pieces: dict[str, Callable[[], object]] = {f"LM head + cross-entropy ({bt} × {d} → {vocab})": head_and_ce}
+    for fit in FIT_MODES:
+        for n in args.tokens:
+            kc = with_overrides(cfg, {"koopman.fit": fit}).koopman
+            heads = KoopmanHeads(kc, d, n_layers, seed=0).to(device)
+            opt = torch.optim.AdamW(heads.parameters(), lr=1e-3)
+            states = torch.randn(n_layers + 1, n or bt, d, generator=g).to(device).requires_grad_()
+
+            def koopman(heads: KoopmanHeads = heads, opt: torch.optim.Optimizer = opt,
+                        states: torch.Tensor = states, fit: str = fit) -> None:
+                x_phi, y_phi = heads.lift_pairs(states)
+                heads.loss(x_phi, y_phi).backward()
+                if fit == "lstsq":
+                    heads.accumulate(x_phi, y_phi)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            extra = ", moments" if fit == "lstsq" else ""
+            pieces[f"Koopman loss, {fit}, {n or bt} tokens (φ, K, loss, heads' AdamW{extra})"] = koopman
+    clocks = measure(pieces, args.repeats + 1, device, "components")
+    main_clock = 1 if device.type == "cpu" else 0
+    rows = []
+    for name, values in clocks.items():
+        seconds = median([v[main_clock] for v in values])
+        rows.append((name, f"{1000 * seconds:.0f}", f"{100 * seconds / step_off:.1f}%"))
+    clock = "CPU" if main_clock else "wall"
+    return (
+        "Where the time goes: forward + backward of the pieces of one step at the user's shapes (median of "
+        f"{args.repeats} interleaved runs, {clock} time), as a share of the median Koopman-off step "
+        f"({step_off:.3f} s).\n\n"
+        + table(("piece", "ms", "share of off step"), rows)
+    )
+
+
+def bench_profile(args: argparse.Namespace, corpus: Corpus, top: int = 12) -> str:
+    """torch.profiler over the training steps of one Koopman-on epoch (gradient fit, default tokens)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = user_config(args, epochs=2)
+    trainer = timed_trainer(cfg, corpus)
+    trainer.fit(callback=stop_after_epoch)  # warm-up epoch
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        trainer.fit(callback=stop_after_epoch)
+    events = prof.key_averages(group_by_input_shape=True)
+    key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events)
+    rows: list[tuple[Any, ...]] = []
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
+        shapes = str(e.input_shapes).replace("|", "/")
+        rows.append((e.key, shapes, e.count, f"{getattr(e, key) / 1000 / args.steps:.1f}",
+                     f"{100 * getattr(e, key) / total:.1f}%"))
+    return (
+        f"torch.profiler, one Koopman-on epoch of {args.steps} steps (gradient fit, tokens_per_batch "
+        f"{cfg.koopman.tokens_per_batch}), top {top} operators by self time (the profiler's wall clock, so "
+        "the milliseconds include time spent waiting for the CPU; the shares are the point)\n\n"
+        + table(("operator", "input shapes", "calls", "ms per step", "share"), rows)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"corpus source (default {DEFAULT_DATA})")
+    p.add_argument("--steps", type=int, default=2, help="training steps per timed block (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up round (default 5)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", default="512,0",
+                   help="koopman.tokens_per_batch values, comma-separated; 0 = all tokens (default 512,0)")
+    p.add_argument("--only", default="tokenize,overhead,throughput,components,profile",
+                   help="comma-separated subset of tokenize, overhead, throughput, components, profile")
+    args = p.parse_args(argv)
+    args.tokens = [int(v) for v in args.tokens.split(",")]
+    args.only = set(args.only.split(","))
+    if args.steps < 1 or args.repeats < 1:
+        p.error(f"--steps and --repeats must be >= 1, but got steps={args.steps}, repeats={args.repeats}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    started = time.perf_counter()
+    print("## Trainer benchmarks\n")
+    print(f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
+    print(machine(device) + "\n", flush=True)
+    if "tokenize" in args.only:
+        print(bench_tokenize(args) + "\n", flush=True)
+    corpus = load_corpus(args.data, 30000)
+    step_off = math.nan
+    if "overhead" in args.only:
+        text, step_off = bench_overhead(args, corpus, device)
+        print(text + "\n", flush=True)
+    if "throughput" in args.only:
+        print(bench_throughput(args, corpus, device) + "\n", flush=True)
+    if "components" in args.only:
+        if math.isnan(step_off):  # the denominator: a Koopman-off step, after a warm-up epoch
+            trainer = timed_trainer(user_config(args, epochs=2).without_koopman(), corpus)
+            trainer.fit(callback=stop_after_epoch)
+            wall, cpu = time_block(one_epoch(trainer), device)
+            step_off = (cpu if device.type == "cpu" else wall) / args.steps
+        print(bench_components(args, step_off, device) + "\n", flush=True)
+    if "profile" in args.only:
+        print(bench_profile(args, corpus) + "\n", flush=True)
+    print(f"Total benchmark time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``koopman-search worker``: run an existing study's trials on this machine, one process per GPU slot."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from search.cli._common import add_study_args, spec_with_overrides
+from search.errors import SpecError, StudyNotFoundError
+from search.spec import load_spec, redact_url
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """examples:
+  koopman-search create studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman
+  koopman-search worker studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman \\
+      --gpus all --trials-per-gpu 2
+  koopman-search worker studies/quickstart.toml --workers 2          # two CPU processes
+
+The study's trial budget is shared: start the same command on every machine, with the same storage URL
+and artifact store, and together they run the study's trials once each. Status lines (one per process)
+go to stderr, each finished trial to stdout. SIGTERM or Ctrl-C: every trial finishes its epoch,
+checkpoints and is queued to resume; press Ctrl-C again to stop at once. A process that crashes is
+started again; its trial resumes from its last checkpoint once its heartbeat goes stale.
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "worker", help="run a study's trials here, one process per GPU slot",
+        description="Pull trials from an existing study (made by `create` or `launch`) until its queue is "
+                    "empty. Starts one process per GPU slot (each GPU x --trials-per-gpu, pinned with "
+                    "CUDA_VISIBLE_DEVICES), or --workers processes on CPU when --gpus is left out.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_args(p)
+    p.add_argument("--gpus", metavar="LIST",
+                   help="GPUs to use: indices like 0,1,3 (as CUDA numbers them), or all "
+                        "(default: none, run on CPU)")
+    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
+                   help="processes, so concurrent trials, per GPU (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="CPU processes when --gpus is left out (default 1)")
+    p.add_argument("--n-trials", type=int, metavar="N",
+                   help="run at most N trials from this command, split over its processes (default: until "
+                        "the study's queue is empty); the study's own budget is set by create/launch")
+    return p
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name in ("n_trials", "workers", "trials_per_gpu"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.storage import open_storage
+    from search.study import load_study
+    from search.workers import build_supervisor
+
+    _check_counts(args)
+    spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
+    supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
+                                  workers=args.workers, storage_url=spec.storage_url, max_trials=args.n_trials)
+    storage = open_storage(spec.storage_url, heartbeat=False)
+    try:
+        load_study(storage, spec.name)
+    except StudyNotFoundError:
+        raise StudyNotFoundError(
+            f"study {spec.name!r} does not exist in {redact_url(spec.storage_url)}; create it first with "
+            f"`koopman-search create {args.study}` (or `koopman-search launch {args.study}`), using the "
+            "same --storage"
+        ) from None
+    finally:
+        storage.engine.dispose()
+    return supervisor.run()

@@ -1,0 +1,765 @@
+"""Worker processes: GPU slots, the supervisor, and fault tolerance against a real PostgreSQL.
+
+CPU processes stand in for GPUs. The studies are tiny (d_model 16, one block, 8 steps of 8 x 16 tokens per
+epoch); tests that kill or stop a process mid-trial use ``tests.search.slow_model``, whose pause per step
+gives every epoch a known minimum length. Worker processes get ``KOOPMAN_HEARTBEAT_INTERVAL=1``, so a
+killed trial goes stale after 4 s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+from search.cli import main
+from search.errors import SpecError, StorageError
+from search.runner import run_worker
+from search.spec import load_spec
+from search.storage import open_storage, retrying
+from search.workers import MAX_RESTARTS, Slot, Supervisor, _shares, _watch_supervisor, parse_gpus, plan_slots
+from tests.search.slow_model import STEP_SECONDS_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+# ---- study files and helpers -----------------------------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value)  # strings, numbers and booleans are written the same way in TOML
+
+
+def write_study(
+    directory: Path,
+    storage: str,
+    *,
+    name: str = "w",
+    n_trials: int = 4,
+    epochs: int = 3,
+    start_epoch: int | None = None,  # None: searched over 1..2
+    dims: Sequence[int] = (8, 16),
+    shared_warmup: bool = True,
+    slow: bool = False,
+    enqueue: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """A tiny study on the builtin corpus; the rules are loose, so only a NaN prunes."""
+    start = ('type = "fixed"\nvalue = ' + str(start_epoch)) if start_epoch is not None else \
+        'type = "int"\nlow = 1\nhigh = 2'
+    factory = 'factory = "tests.search.slow_model:build"' if slow else ""
+    text = f"""
+        [study]
+        name = "{name}"
+        storage = {_toml(storage)}
+        artifacts = {_toml(str(directory / "artifacts"))}
+        n_trials = {n_trials}
+        sampler = "random"
+        seed = 0
+        shared_warmup = {_toml(shared_warmup)}
+
+        [trainer.data]
+        source = "builtin"
+        vocab_size = 2000
+        seq_len = 16
+        batch_size = 8
+
+        [trainer.model]
+        d_model = 16
+        n_layers = 1
+        n_heads = 2
+        {factory}
+
+        [trainer.koopman]
+        tokens_per_batch = 0
+
+        [trainer.train]
+        epochs = {epochs}
+        seed = 0
+        lr = 3e-3
+        device = "cpu"
+        max_steps_per_epoch = 8
+        max_eval_batches = 2
+
+        [search.koopman_weight_max]
+        type = "float"
+        low = 0.01
+        high = 0.3
+        log = true
+
+        [search.koopman_start_epoch]
+        {start}
+
+        [search.fallback_threshold]
+        type = "float"
+        low = 4.0
+        high = 12.0
+
+        [search.schedule]
+        type = "categorical"
+        choices = ["linear", "exponential"]
+
+        [search.koopman_dim]
+        type = "categorical"
+        choices = {list(dims)}
+
+        [rules]
+        total_loss_max = 100.0
+        val_ppl_ratio_max = 100.0
+    """
+    text = textwrap.dedent(text)
+    for item in enqueue:
+        text += "\n[[enqueue]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in item.items())
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment of worker processes (and of supervisors started in this process)."""
+    monkeypatch.setenv("KOOPMAN_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # tests.search.slow_model, from any working directory
+    monkeypatch.setenv(STEP_SECONDS_ENV, "0.05")
+    return dict(os.environ)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Supervisors started by a test; any left running at the end are killed (their workers see their
+    stdin close and stop by themselves)."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+class Worker:
+    """``koopman-search worker STUDY ARGS...`` in a process of its own, output in files."""
+
+    def __init__(self, study: Path, args: Sequence[str], env: dict[str, str], tag: str,
+                 processes: list[subprocess.Popen[bytes]]) -> None:
+        self.out_path = study.parent / f"{tag}.out"
+        self.err_path = study.parent / f"{tag}.err"
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "worker", str(study), *args],
+                                         stdout=out, stderr=err, env=env, cwd=REPO)
+        processes.append(self.proc)
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker did not finish in {timeout} s; stderr:\n{self.err[-3000:]}")
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+
+def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 120,
+             alive: Sequence[Worker] = ()) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for w in alive:
+            if w.proc.poll() is not None:
+                pytest.fail(f"worker exited ({w.proc.returncode}) while waiting for {what}:\n{w.err[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def open_study(url: str, name: str = "w") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=False))
+
+
+def originals(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if "failed_trial" not in t.system_attrs]
+
+
+def retries_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
+    return [t for t in trials if t.system_attrs.get("failed_trial") == number]
+
+
+def assert_records_complete(trial: FrozenTrial) -> None:
+    """Every epoch from 1 to the trial's last is stored, in every column."""
+    columns = trial.user_attrs["records"]
+    last = columns["epoch"][-1]
+    assert columns["epoch"] == list(range(1, last + 1)), trial.number
+    assert {len(values) for values in columns.values()} == {last}, trial.number
+
+
+def assert_study_done(trials: Sequence[FrozenTrial], n_trials: int) -> None:
+    """Exactly the budget issued, nothing left running or queued, every result with all its records."""
+    assert len(originals(trials)) == n_trials
+    assert len({t.number for t in trials}) == len(trials)
+    assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            assert_records_complete(t)
+
+
+def running_with_checkpoint(url: str, epochs: Sequence[int]) -> Callable[[], FrozenTrial | None]:
+    """A RUNNING trial whose last stored checkpoint is after one of ``epochs``."""
+    study = open_study(url)
+
+    def find() -> FrozenTrial | None:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("checkpoint", {}).get("epoch") in epochs and "worker" in t.user_attrs:
+                return t
+        return None
+
+    return find
+
+
+# ---- GPU slots (no GPU needed) ---------------------------------------------------------------------------
+
+
+def test_parse_gpus_reads_a_list_and_all() -> None:
+    assert parse_gpus("0,1,3", available=4) == [0, 1, 3]
+    assert parse_gpus(" 3, 0 ", available=4) == [3, 0]
+    assert parse_gpus("all", available=2) == [0, 1]
+    assert parse_gpus("ALL", available=1) == [0]
+    assert parse_gpus(None, available=8) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "available", "match"),
+    [
+        ("0,x", 4, r"GPU indices separated by commas, like 0,1,3, or all, but got gpus='0,x'"),
+        ("1.5", 4, r"but got gpus='1.5'"),
+        ("-1", 4, r"but got gpus='-1'"),
+        ("", 4, r"but got gpus=''"),
+        ("0,,1", 4, r"but got gpus='0,,1'"),
+        ("0,1,0", 4, r"each GPU once, but got GPU 0 twice in gpus='0,1,0'"),
+        ("4", 4, r"GPUs that exist, but got GPU 4 in gpus='4' and 4 GPU\(s\) visible here; use 0..3"),
+        ("0", 0, r"no CUDA GPU is visible here; leave --gpus out to run on CPU"),
+        ("all", 0, r"--gpus all needs at least one CUDA GPU, but no CUDA GPU is visible here"),
+    ],
+)
+def test_parse_gpus_rejects_bad_lists(spec: str, available: int, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        parse_gpus(spec, available)
+
+
+def test_plan_slots_pins_each_process_to_one_gpu_in_a_stable_order() -> None:
+    slots = plan_slots([0, 1, 3], trials_per_gpu=2)
+    assert [s.index for s in slots] == [0, 1, 2, 3, 4, 5]
+    assert [s.gpu for s in slots] == [0, 0, 1, 1, 3, 3]
+    assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0", "0", "1", "1", "3", "3")]
+    assert {s.device for s in slots} == {"cuda"}
+    assert plan_slots([0, 1, 3], 2) == slots  # the same every time
+
+
+def test_plan_slots_maps_indices_through_the_parents_visible_devices() -> None:
+    slots = plan_slots([0, 2], 1, visible_devices="4,5,GPU-7f3a")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["4", "GPU-7f3a"]
+    with pytest.raises(SpecError, match=r"listed in CUDA_VISIBLE_DEVICES='4', but got GPU 1"):
+        plan_slots([1], 1, visible_devices="4")
+
+
+def test_plan_slots_without_gpus_makes_cpu_processes_that_see_no_gpu() -> None:
+    assert plan_slots([], 1, workers=None) == [Slot(0, None, {"CUDA_VISIBLE_DEVICES": ""}, "cpu")]
+    slots = plan_slots([], 1, workers=3)
+    assert [(s.index, s.gpu, s.device, s.env["CUDA_VISIBLE_DEVICES"]) for s in slots] == [
+        (0, None, "cpu", ""), (1, None, "cpu", ""), (2, None, "cpu", "")]
+
+
+def test_plan_slots_rejects_bad_counts() -> None:
+    with pytest.raises(SpecError, match=r"--trials-per-gpu must be >= 1, but got trials_per_gpu=0"):
+        plan_slots([0], 0)
+    with pytest.raises(SpecError, match=r"--workers must be >= 1, but got workers=0"):
+        plan_slots([], 1, workers=0)
+    with pytest.raises(SpecError, match=r"GPUs x --trials-per-gpu = 2 x 2 = 4\) when --gpus is given, but got "
+                                        r"workers=3"):
+        plan_slots([0, 1], 2, workers=3)
+    assert len(plan_slots([0, 1], 2, workers=4)) == 4
+
+
+def test_trial_cap_is_split_evenly_over_the_slots() -> None:
+    assert _shares(3, None) == [None, None, None]
+    assert _shares(3, 7) == [3, 2, 2]
+    assert _shares(3, 2) == [1, 1, 0]
+    assert sum(_shares(4, 9)) == 9  # type: ignore[arg-type]
+
+
+# ---- the supervisor with stand-in worker processes ---------------------------------------------------------
+
+
+def tiny_spec(tmp_path: Path) -> Any:
+    return load_spec(write_study(tmp_path, f"sqlite:///{tmp_path / 'unused.db'}"))
+
+
+def fake_worker(tmp_path: Path, body: str) -> list[str]:
+    """A stand-in for ``python -m search.workers``: reads the job, then runs ``body``. ``emit(event,
+    **fields)`` writes an event; ``mark(text)`` appends a line to ``marks.txt``."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, signal, sys, time
+        job = json.loads(sys.stdin.readline())
+        def emit(event, **fields):
+            print(json.dumps({"event": event, **fields}), flush=True)
+        def mark(text):
+            with open(os.path.join(os.path.dirname(__file__), "marks.txt"), "a") as fh:
+                fh.write(text + "\\n")
+    """) + textwrap.dedent(body))
+    return [sys.executable, str(script)]
+
+
+def marks(tmp_path: Path) -> list[str]:
+    path = tmp_path / "marks.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_change(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        mark(f"slot {job['slot']} device {job['device']} cuda {os.environ['CUDA_VISIBLE_DEVICES']!r}")
+        emit("trial", number=7 + job["slot"])
+        emit("epoch", number=7 + job["slot"], epoch=1, epochs=3, val_ppl=123.456)
+        print("a stray print", flush=True)
+        print("a log line", file=sys.stderr, flush=True)
+        emit("outcome", number=7 + job["slot"], state="COMPLETE", line=f"trial {7 + job['slot']} | COMPLETE")
+        emit("exit", reason="queue empty")
+    """)
+    out, err = io.StringIO(), io.StringIO()
+    slots = [Slot(0, 0, {"CUDA_VISIBLE_DEVICES": "0"}, "cuda"), Slot(1, 1, {"CUDA_VISIBLE_DEVICES": "1"}, "cuda")]
+    code = Supervisor(tiny_spec(tmp_path), slots, out=out, err=err, live=False, command=command).run()
+    assert code == 0
+    assert sorted(out.getvalue().splitlines()) == ["trial 7 | COMPLETE", "trial 8 | COMPLETE"]
+    assert sorted(marks(tmp_path)) == ["slot 0 device cuda cuda '0'", "slot 1 device cuda cuda '1'"]
+    log = err.getvalue()
+    assert "slot 0 (GPU 0): trial 7 epoch 1/3 val PPL 123.5" in log
+    assert "slot 1 (GPU 1): trial 8 COMPLETE" in log
+    assert "[slot 0] a log line" in log and "[slot 1] a stray print" in log
+    assert "slot 0 (GPU 0): finished (1 trial(s))" in log
+
+
+def test_live_board_keeps_the_status_lines_below_the_log_and_results(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        emit("trial", number=job["slot"])
+        print("a log line", file=sys.stderr, flush=True)
+        emit("outcome", number=job["slot"], state="PRUNED", reason="total_loss 7.1 > 7.0 at epoch 2",
+             line="trial 0 | PRUNED")
+    """)
+    out, err = io.StringIO(), io.StringIO()
+    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=out, err=err, live=True, command=command).run()
+    assert code == 0
+    assert out.getvalue() == "trial 0 | PRUNED\n"
+    screen = err.getvalue()
+    # each redraw moves up over the one status line and erases it, so the log line stays above the board
+    assert "\x1b[1F\x1b[J[slot 0] a log line\nslot 0 (CPU): " in screen
+    assert "slot 0 (CPU): trial 0 PRUNED: total_loss 7.1 > 7.0 at epoch 2 (pid " in screen
+    assert screen.endswith("\x1b[1F\x1b[Jslot 0 (CPU): finished (1 trial(s))\n")
+
+
+def test_supervisor_restarts_a_crashing_slot_a_bounded_number_of_times(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        mark("start")
+        sys.exit(1)
+    """)
+    err = io.StringIO()
+    clock = count(0.0, 1000.0)  # every look at the clock is past any restart delay
+    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=False,
+                      command=command, clock=lambda: float(next(clock))).run()
+    assert code == 1
+    assert marks(tmp_path) == ["start"] * (1 + MAX_RESTARTS)
+    assert f"exited with status 1; gave up after {1 + MAX_RESTARTS} crashes in a row" in err.getvalue()
+    assert "starting again in 1 s" in err.getvalue() and "starting again in 2 s" in err.getvalue()
+
+
+def test_supervisor_does_not_restart_a_slot_that_failed_for_good(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        mark("start")
+        print("baseline failed: fix the study", file=sys.stderr)
+        sys.exit(3)
+    """)
+    err = io.StringIO()
+    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=False,
+                      command=command).run()
+    assert code == 1
+    assert marks(tmp_path) == ["start"]
+    assert "slot 0 (CPU): failed (exited with status 3); not started again" in err.getvalue()
+
+
+def test_supervisor_restart_gets_the_rest_of_the_slots_trial_cap(tmp_path: Path) -> None:
+    # each process finishes one trial, then crashes: finishing a trial resets the crash count, and the slot
+    # ends once it has started its share of --n-trials
+    command = fake_worker(tmp_path, """
+        mark(f"max_trials={job['max_trials']}")
+        emit("trial", number=len(open(os.path.join(os.path.dirname(__file__), "marks.txt")).readlines()))
+        emit("outcome", number=0, state="COMPLETE", line="done")
+        sys.exit(1)
+    """)
+    clock = count(0.0, 1000.0)
+    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), max_trials=MAX_RESTARTS + 3, out=io.StringIO(),
+                      err=io.StringIO(), live=False, command=command, clock=lambda: float(next(clock))).run()
+    assert code == 0
+    assert marks(tmp_path) == [f"max_trials={n}" for n in range(MAX_RESTARTS + 3, 0, -1)]
+
+
+def test_supervisor_passes_a_stop_request_on_to_every_slot(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        def on_term(signum, frame):
+            mark(f"slot {job['slot']} got SIGTERM")
+            emit("exit", reason="stopped")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        mark(f"slot {job['slot']} ready")
+        time.sleep(60)
+        mark("never stopped")
+    """)
+    err = io.StringIO()
+    supervisor = Supervisor(tiny_spec(tmp_path), plan_slots([], 1, workers=2), out=io.StringIO(), err=err,
+                            live=False, command=command)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.run(handle_signals=False)))
+    thread.start()
+    wait_for(lambda: len(marks(tmp_path)) == 2 or None, "both slots to start", timeout=30)
+    supervisor.request_stop()
+    thread.join(timeout=30)
+    assert result == [0]
+    assert supervisor.stop_requested
+    assert sorted(marks(tmp_path)) == ["slot 0 got SIGTERM", "slot 0 ready", "slot 1 got SIGTERM", "slot 1 ready"]
+    assert "slot 1 (CPU): stopped" in err.getvalue()
+
+
+def test_worker_process_stops_when_its_supervisor_goes_away() -> None:
+    stop = threading.Event()
+    _watch_supervisor(io.StringIO("anything\n"), stop)  # end of file: the supervisor's end of the pipe closed
+    assert stop.is_set()
+
+
+# ---- the worker command ------------------------------------------------------------------------------------
+
+
+def test_worker_command_says_how_to_create_a_missing_study(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
+    assert main(["worker", str(study), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "koopman-search worker: error: study 'w' does not exist in sqlite:///" in err
+    assert f"create it first with `koopman-search create {study}`" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--gpus", "0;1"], "--gpus must be GPU indices separated by commas, like 0,1,3, or all, but got "
+                            "gpus='0;1'"),
+        (["--workers", "0"], "--workers must be >= 1, but got workers=0"),
+        (["--n-trials", "0"], "--n-trials must be >= 1, but got n_trials=0"),
+        (["--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1, but got trials_per_gpu=0"),
+    ],
+)
+def test_worker_command_rejects_bad_options_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        args: list[str], match: str) -> None:
+    study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
+    assert main(["worker", str(study), *args]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "w.db").exists()  # checked before any storage is touched
+
+
+def test_worker_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["worker", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help text is wrapped to the terminal
+    assert "koopman-search worker studies/wikitext2.toml" in out and "--gpus all" in out
+    assert "--n-trials N run at most N trials from this command, split over its processes" in out
+
+
+# ---- retries of database calls -----------------------------------------------------------------------------
+
+
+def _operational_error() -> sqlalchemy.exc.OperationalError:
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+
+def test_retrying_calls_again_after_transient_database_errors() -> None:
+    failures = [_operational_error(), _operational_error()]
+    slept: list[float] = []
+
+    def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    assert retrying(flaky, "read", sleep=slept.append) == "ok"
+    assert slept == [1.0, 2.0]
+
+
+def test_retrying_gives_up_after_its_timeout_and_lets_other_errors_through() -> None:
+    slept: list[float] = []
+
+    def down() -> None:
+        raise _operational_error()
+
+    with pytest.raises(StorageError, match=r"read: the database stayed unreachable for 7 s"):
+        retrying(down, "read", timeout=5.0, sleep=slept.append)
+    assert slept == [1.0, 2.0, 4.0]
+
+    def broken() -> None:
+        raise sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception("syntax error"))
+
+    with pytest.raises(sqlalchemy.exc.ProgrammingError):
+        retrying(broken, "read", sleep=slept.append)
+
+
+# ---- a worker that dies right after claiming a trial ----------------------------------------------------
+
+
+def test_a_trial_claimed_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
+    # claiming records a heartbeat first: a RUNNING trial without any heartbeat would never be found stale
+    from search.storage import GRACE_FACTOR, fail_stale_trials
+    from search.study import claim_waiting_trial
+
+    study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
+    assert main(["create", str(study_file)]) == 0
+    study = optuna.load_study(study_name="w", storage=open_storage(load_spec(study_file).storage_url,
+                                                                   heartbeat_interval=1))
+    claimed = claim_waiting_trial(study)  # ... and its worker dies here, before any Heartbeat thread
+    assert claimed is not None
+    time.sleep(GRACE_FACTOR * 1 + 1.5)
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["failed_trial"] == claimed.number
+
+
+# ---- trials that fail, in process --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_trial_that_raises_fails_with_its_reason_and_a_nan_prunes_while_the_worker_goes_on(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trainer.loop
+
+    base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 2, "fallback_threshold": 8.0, "schedule": "linear"}
+    study = write_study(tmp_path, postgres_url, n_trials=3, dims=(8, 16, 32),
+                        enqueue=[{**base, "koopman_dim": d} for d in (8, 16, 32)])
+    real_heads = trainer.loop.KoopmanHeads
+    real_evaluate = trainer.loop.HybridKoopmanTrainer.evaluate
+
+    def heads(cfg: Any, *args: Any) -> Any:
+        if cfg.dim == 8:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_heads(cfg, *args)
+
+    def evaluate(self: Any, koopman: bool = True) -> tuple[float, float]:
+        loss, nre = real_evaluate(self, koopman)
+        return (float("nan"), nre) if koopman and self.cfg.koopman.dim == 16 else (loss, nre)
+
+    monkeypatch.setattr(trainer.loop, "KoopmanHeads", heads)
+    monkeypatch.setattr(trainer.loop.HybridKoopmanTrainer, "evaluate", evaluate)
+    assert main(["create", str(study)]) == 0
+    summary = run_worker(load_spec(study))
+    assert [o.state for o in summary.outcomes] == ["FAIL", "PRUNED", "COMPLETE"]
+    trials = open_study(postgres_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[0].user_attrs["fail_reason"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "val_loss" in trials[1].user_attrs["prune_reason"] and trials[1].user_attrs["pruned_epoch"] == 3
+    assert_study_done(trials, 3)
+
+
+@pytest.mark.slow
+def test_a_trial_failed_elsewhere_while_it_runs_is_dropped_and_the_worker_goes_on(tmp_path: Path) -> None:
+    # what happens when the database is out of reach for longer than the grace period: another worker finds
+    # the trial stale, fails it and queues a retry, while the worker running it carries on
+    base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 1, "fallback_threshold": 8.0, "schedule": "linear"}
+    study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=2,
+                             enqueue=[{**base, "koopman_dim": d} for d in (8, 16)])
+    assert main(["create", str(study_file)]) == 0
+    storage = open_storage(load_spec(study_file).storage_url, heartbeat=False)
+    study = optuna.load_study(study_name="w", storage=storage)
+
+    def fail_trial_0_elsewhere(number: int, record: Any) -> None:
+        if number == 0 and record.epoch == 2:
+            storage.set_trial_state_values(study.trials[0]._trial_id, state=TrialState.FAIL)
+
+    summary = run_worker(load_spec(study_file), on_epoch=fail_trial_0_elsewhere)
+    assert [(o.number, o.state) for o in summary.outcomes] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert "UpdateFinishedTrialError" in (summary.outcomes[0].reason or "")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["records"]["epoch"] == [1, 2]  # nothing written after it was failed
+    assert "fail_reason" not in trials[0].user_attrs
+
+
+# ---- shared warmup equals training from scratch ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_shared_warmup_gives_the_records_of_training_from_scratch_and_status_counts_the_saved_epochs(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = {"koopman_weight_max": 0.2, "koopman_start_epoch": 2, "fallback_threshold": 8.0,
+              "schedule": "linear", "koopman_dim": 16}
+    records: dict[bool, dict[str, list[Any]]] = {}
+    saved: dict[bool, int] = {}
+    for shared in (True, False):
+        name = "warm" if shared else "cold"
+        study = write_study(tmp_path, postgres_url, name=name, n_trials=1, shared_warmup=shared,
+                            enqueue=[params])
+        assert main(["create", str(study)]) == 0
+        outcome, = run_worker(load_spec(study)).outcomes
+        assert outcome.state == "COMPLETE"
+        assert (outcome.epochs_run, outcome.epochs_from_warmup) == ((1, 2) if shared else (3, 0))
+        trial, = open_study(postgres_url, name).get_trials()
+        records[shared] = trial.user_attrs["records"]
+        capsys.readouterr()
+        assert main(["status", str(study), "--format", "json"]) == 0
+        saved[shared] = json.loads(capsys.readouterr().out)["totals"]["epochs_saved_by_warmup"]
+    timing = {"seconds", "tokens_per_s"}
+    assert records[True]["epoch"] == [1, 2, 3]
+    assert {k: v for k, v in records[True].items() if k not in timing} == \
+        {k: v for k, v in records[False].items() if k not in timing}
+    assert saved == {True: 2, False: 0}
+
+
+# ---- several processes on one study (PostgreSQL) -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_three_worker_processes_on_two_supervisors_run_exactly_the_budget(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, postgres_url, n_trials=6, slow=True)
+    assert main(["create", str(study)]) == 0
+    other = Worker(study, ["--workers", "1"], worker_env, "other", processes)  # as on a second machine
+    assert main(["launch", str(study), "--workers", "2"]) == 0
+    assert other.wait() == 0, other.err[-3000:]
+    trials = open_study(postgres_url).get_trials()
+    assert_study_done(trials, 6)
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) >= 2
+    baseline = open_study(postgres_url, "w.baseline-seed0").get_trials()
+    assert [t.state for t in baseline] == [TrialState.COMPLETE]  # run once, by one of the three
+    out = capsys.readouterr().out
+    finished = [line for line in (out + other.out).splitlines() if line.startswith("trial ")]
+    assert sorted(int(line.split()[1]) for line in finished) == list(range(6))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint_and_nothing_finished_is_lost(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # start epoch 1: a trial trains epochs 2..4 itself, checkpointing after each
+    study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
+    assert main(["create", str(study)]) == 0
+    supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
+    victim = wait_for(running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume",
+                      alive=[supervisor])
+    before = {t.number: (t.state, t.values) for t in open_study(postgres_url).get_trials() if t.state.is_finished()}
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+
+    assert supervisor.wait() == 0, supervisor.err[-3000:]
+    trials = open_study(postgres_url).get_trials()
+    assert_study_done(trials, 4)
+    assert trials[victim.number].state == TrialState.FAIL
+    retry, = retries_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == victim.params
+    assert retry.user_attrs["epochs_resumed"] >= victim.user_attrs["checkpoint"]["epoch"] >= 2
+    assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4]
+    assert {t.number for t in originals(trials) if t.state != TrialState.COMPLETE} == {victim.number}
+    assert {n: (trials[n].state, trials[n].values) for n in before} == before
+    assert "slot" in supervisor.err and "was killed by SIGKILL; starting it again in 1 s" in supervisor.err
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_trial(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # 5 epochs, and the signal after epoch 2: the trial is stopped after epoch 3, or after 4 if the request
+    # comes late, but never reaches its last epoch
+    study = write_study(tmp_path, postgres_url, n_trials=3, epochs=5, start_epoch=1, slow=True)
+    assert main(["create", str(study)]) == 0
+    supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
+    wait_for(running_with_checkpoint(postgres_url, (2,)), "a trial in the middle of its epochs",
+             alive=[supervisor])
+    supervisor.proc.send_signal(signal.SIGTERM)
+
+    assert supervisor.wait(timeout=60) == 0, supervisor.err[-3000:]
+    err = supervisor.err
+    assert "stopping: each slot finishes its epoch" in err
+    assert {"slot 0 (CPU): stopped", "slot 1 (CPU): stopped"} <= {line[9:] for line in err.splitlines()}
+    assert "exited with status" not in err and "killed by" not in err
+    trials = open_study(postgres_url).get_trials()
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    stopped = [t for t in trials if "interrupted" in (t.user_attrs.get("fail_reason") or "")]
+    assert stopped and {t.state for t in stopped} == {TrialState.FAIL}
+    for t in stopped:
+        epoch = int(t.user_attrs["fail_reason"].split("after epoch ")[1].split(";")[0])
+        assert t.user_attrs["checkpoint"]["epoch"] == epoch == t.user_attrs["records"]["epoch"][-1]
+        retry, = retries_of(trials, t.number)
+        assert retry.state == TrialState.WAITING and retry.user_attrs["checkpoint"]["epoch"] == epoch
+        assert "fail_reason" not in retry.user_attrs  # the reason stays with the stopped attempt
+
+    run_worker(load_spec(study))  # a later run, here in this process
+    trials = open_study(postgres_url).get_trials()
+    assert_study_done(trials, 3)
+    for t in stopped:
+        retry, = retries_of(trials, t.number)
+        assert retry.state == TrialState.COMPLETE
+        assert retry.user_attrs["epochs_resumed"] == t.user_attrs["checkpoint"]["epoch"] >= 2
+        assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_survives_its_database_connections_being_killed(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]]
+) -> None:
+    study = write_study(tmp_path, postgres_url, n_trials=3, epochs=4, start_epoch=1, slow=True)
+    assert main(["create", str(study)]) == 0
+    supervisor = Worker(study, ["--workers", "1"], worker_env, "supervisor", processes)
+    wait_for(running_with_checkpoint(postgres_url, (2, 3)), "a running trial", alive=[supervisor])
+    database = sqlalchemy.engine.make_url(postgres_url).database
+    admin = sqlalchemy.create_engine(postgres_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    killed = 0
+    try:
+        for _ in range(3):
+            with admin.connect() as conn:
+                killed += len(conn.execute(sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).all())
+            time.sleep(0.7)
+    finally:
+        admin.dispose()
+    assert killed >= 3
+
+    assert supervisor.wait() == 0, supervisor.err[-3000:]
+    assert "exited with status" not in supervisor.err and "killed by" not in supervisor.err
+    trials = open_study(postgres_url).get_trials()
+    assert_study_done(trials, 3)
+    assert {t.state for t in originals(trials)} == {TrialState.COMPLETE}
