@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -35,9 +34,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _modules() -> dict[str, ModuleType]:
-    # TODO(before release): every command exists; drop the find_spec filter
-    return {name: importlib.import_module(path) for name, path in COMMANDS.items()
-            if importlib.util.find_spec(path) is not None}
+    return {name: importlib.import_module(path) for name, path in COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

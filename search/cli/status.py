@@ -44,7 +44,9 @@ def status_data(study: Any) -> dict[str, Any]:
 
     frozen = study.get_trials(deepcopy=False)
     facts = [trial_facts(t) for t in frozen]
-    retry_of = {t.number: t.system_attrs.get("failed_trial") for t in frozen}
+    retry_of = {t.number: t.system_attrs.get("retry_history", [None])[-1] for t in frozen
+                if "failed_trial" in t.system_attrs}
+    retried_as = {was: now for now, was in retry_of.items()}
     baseline = read_baseline(study.user_attrs)
     summary = summarize(facts, baseline)
     trials = []
@@ -63,6 +65,7 @@ def status_data(study: Any) -> dict[str, Any]:
             "prune_reason": f.prune_reason,
             "fail_reason": f.fail_reason,
             "retry_of": retry_of.get(f.number),
+            "retried_as": retried_as.get(f.number),
         })
     return {
         "study": study.study_name,
@@ -98,6 +101,10 @@ def status_text(data: dict[str, Any]) -> str:
     for t in data["trials"]:
         epochs = str(t["epochs_run"]) + (f"+{t['epochs_from_warmup']}w" if t["epochs_from_warmup"] else "")
         note = t["prune_reason"] or t["fail_reason"] or t["label"] or ""
+        if t["state"] == "FAIL" and not note and t["retried_as"] is not None:
+            note = "worker lost (heartbeat stale)"
+        if t["retried_as"] is not None:
+            note = "; ".join(filter(None, [note, f"retried as #{t['retried_as']}"]))
         if t["retry_of"] is not None:
             note = f"retry of #{t['retry_of']}" + (f"; {note}" if note else "")
         rows.append([str(t["number"]), t["state"], *[_cell(t["params"].get(n)) for n in names], epochs,
