@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a PostgreSQL server URL; a scratch database is made there per run (default: %(default)s)")
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: %(default)s)")
     p.add_argument("--trials-per-worker", type=int, default=3, help="trials per worker (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per trial (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="training batches per epoch (default: %(default)s)")
     p.add_argument("--eval-batches", type=int, default=1, help="validation batches (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size (user: 32; default: %(default)s)")

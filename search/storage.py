@@ -126,14 +126,17 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
     else:
         engine_kwargs["pool_recycle"] = 300
     kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
-    if heartbeat:
-        kwargs.update(
-            heartbeat_interval=interval,
-            grace_period=GRACE_FACTOR * interval,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
     try:
-        storage = _create_rdb_storage(url, kwargs)
+        with warnings.catch_warnings():
+            # Optuna marks heartbeats and their retry callback experimental; they are the design here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs.update(
+                    heartbeat_interval=interval,
+                    grace_period=GRACE_FACTOR * interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                )
+            storage = _create_rdb_storage(url, kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
             ValueError) as exc:
         detail = redact_text(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], url)

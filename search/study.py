@@ -10,6 +10,7 @@ died is failed by heartbeat and re-enqueued with the same parameters; that retry
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import optuna
@@ -76,7 +77,9 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
     if created or SPEC_ATTR not in study.user_attrs:
         study.set_user_attr(SPEC_ATTR, _stored_spec(spec))
     if study.metric_names is None:
-        study.set_metric_names(spec.metrics)  # optuna-dashboard and the exports name the objectives
+        with warnings.catch_warnings():  # experimental in Optuna, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metrics)  # optuna-dashboard and the exports name the objectives
     return study, created
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from search.cli import main
-from tests.trainer.helpers import TIMING_FIELDS
+from tests.trainer.tiny import TIMING_FIELDS
 from trainer.loop import HybridKoopmanTrainer
 from trainer.records import RECORD_FIELDS
 

@@ -1,6 +1,6 @@
 """HybridKoopmanTrainer: records, fallback and NaN handling, resume, shared warmup, warm start (trainer/loop.py).
 
-Every run is tiny (see helpers.TINY): the equality tests compare whole records, bit for bit, except the
+Every run is tiny (see tiny.TINY): the equality tests compare whole records, bit for bit, except the
 wall-clock fields.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.trainer.helpers import comparable, tiny_config
+from tests.trainer.tiny import comparable, tiny_config
 from trainer.config import TrainerConfig, with_overrides
 from trainer.data import Corpus, load_corpus
 from trainer.errors import CheckpointError

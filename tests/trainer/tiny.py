@@ -1,4 +1,4 @@
-"""Tiny trainer configs and record comparison shared by the trainer tests.
+"""Tiny trainer configs and record comparison for the trainer and CLI tests.
 
 A tiny run (builtin corpus, vocabulary 2000, d_model 16, 2 blocks, 5 steps of 8 × 16 tokens per epoch,
 3 validation batches) takes well under a second on CPU, so the equality tests can afford several runs.
