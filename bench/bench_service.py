@@ -17,7 +17,7 @@ starts (the wrappers call the original and note the monotonic clock before and a
       training batch of the worker's next trial. It covers finishing the trial (tell + dashboard note),
       the stale-trial check, claiming the next trial, sampling its parameters, building the trainer,
       downloading and loading the warmup checkpoint. Split into those parts; "other" is the rest (heartbeat
-      thread stop, temporary directory clean-up, small attr writes).
+      thread stop, temporary directory clean-up, the trial's "worker" and "epochs_from_warmup" attrs).
   (b) per epoch record of a trial: save_checkpoint (torch.save of model + optimizers), upload_artifact,
       the user-attr writes (TrialRunner._record: records, train_seconds, checkpoint, epochs_run) and the
       removal of the previous checkpoint.

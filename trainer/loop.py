@@ -16,6 +16,7 @@ so epochs 1..s are bit-identical (on CPU) for every Koopman setting, and equal t
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -46,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Keys that may differ between a checkpoint and the config that resumes it: where it runs, not what it computes.
-_RUNTIME_KEYS = {("train", "device"), ("train", "progress"), ("data", "cache_dir")}
+# data.source is among them because the same corpus may sit at another path on another machine (a retry
+# resuming elsewhere); what the corpus IS is compared through its fingerprint instead (_corpus_fingerprint).
+_RUNTIME_KEYS = {("train", "device"), ("train", "progress"), ("data", "cache_dir"), ("data", "source")}
 
 _CHECKPOINT_KEYS = ("config", "epoch", "step", "since_refit", "vocab_size", "model", "opt_lm", "koopman",
                     "opt_koopman", "rng", "records")
@@ -91,6 +94,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def _corpus_fingerprint(corpus: Corpus) -> str:
+    """What the corpus is, independent of where it lies: its vocabulary and token streams."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update("\n".join(corpus.vocab).encode())
+    for split in (corpus.train, corpus.valid):
+        h.update(split.to(torch.int32).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
@@ -108,6 +120,7 @@ class HybridKoopmanTrainer:
         check_length(corpus.train, d.seq_len, "train")
         check_length(corpus.valid, d.seq_len, "valid")
         self.vocab_size = corpus.vocab_size
+        self.corpus_fingerprint = _corpus_fingerprint(corpus)
         # The token streams live on the device: batches are gathered there, no host→device copy per step.
         self.train_tokens = corpus.train.to(self.device)
         self.valid_tokens = corpus.valid.to(self.device)
@@ -331,6 +344,7 @@ class HybridKoopmanTrainer:
             "step": self.step,
             "since_refit": self._since_refit,
             "vocab_size": self.vocab_size,
+            "corpus": self.corpus_fingerprint,
             "model": self.model.state_dict(),
             "opt_lm": self.opt_lm.state_dict(),
             "koopman": self.koopman.state_dict() if self.koopman is not None else None,
@@ -367,6 +381,11 @@ class HybridKoopmanTrainer:
         if state["vocab_size"] != self.vocab_size:
             raise CheckpointError(
                 f"checkpoint {path} has vocab_size {state['vocab_size']}, this corpus gives {self.vocab_size}"
+            )
+        if state.get("corpus", self.corpus_fingerprint) != self.corpus_fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on another corpus (fingerprint {state['corpus']}, this "
+                f"corpus {self.corpus_fingerprint}): same data.source path, different content?"
             )
         self.model.load_state_dict(state["model"])
         self.opt_lm.load_state_dict(state["opt_lm"])

@@ -271,6 +271,32 @@ def test_from_checkpoint_and_warm_start_accept_other_runtime_settings(corpus: Co
     assert trial.epoch == 1
 
 
+def test_a_checkpoint_resumes_with_the_same_corpus_at_another_path(tmp_path: Path) -> None:
+    # a retried trial may resume on another machine, where the same files lie elsewhere
+    text = "the cat sat on the mat\nthe dog sat on the log\n" * 120
+    for name in ("a", "b"):
+        for split in ("train", "valid", "test"):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"{split}.txt").write_text(text)
+    cfg = tiny_config({"data.source": f"files:{tmp_path / 'a'}", "train.epochs": 2})
+    trainer = HybridKoopmanTrainer(cfg, None)
+    trainer.fit(checkpoint_dir=tmp_path / "ck")
+    moved = with_overrides(cfg, {"data.source": f"files:{tmp_path / 'b'}"})
+    assert HybridKoopmanTrainer.from_checkpoint(tmp_path / "ck" / "epoch_1.pt", moved).epoch == 1
+
+
+def test_a_checkpoint_refuses_a_corpus_with_other_content_at_the_same_path(tmp_path: Path) -> None:
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.txt").write_text("the cat sat on the mat\n" * 200)
+    cfg = tiny_config({"data.source": f"files:{data}", "train.epochs": 2})
+    HybridKoopmanTrainer(cfg, None).fit(checkpoint_dir=tmp_path / "ck")
+    (data / "train.txt").write_text("a dog lay on a rug\n" * 200)
+    with pytest.raises(CheckpointError, match="trained on another corpus"):
+        HybridKoopmanTrainer.from_checkpoint(tmp_path / "ck" / "epoch_1.pt", cfg)
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
