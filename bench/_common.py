@@ -137,8 +137,8 @@ def postgres_scratch_db(server_url: str, prefix: str) -> Iterator[str]:
 
     url = make_url(server_url)
     name = f"{prefix}_{int(time.time())}_{secrets.token_hex(3)}"
-    conninfo = {"host": url.host or "127.0.0.1", "port": url.port or 5432, "user": url.username or "postgres",
-                "dbname": url.database or "postgres"}
+    conninfo: dict[str, Any] = {"host": url.host or "127.0.0.1", "port": url.port or 5432,
+                                "user": url.username or "postgres", "dbname": url.database or "postgres"}
     if url.password:
         conninfo["password"] = url.password
     with psycopg.connect(**conninfo, autocommit=True) as conn:

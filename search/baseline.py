@@ -48,7 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POLL_MIN, POLL_MAX = 1.0, 15.0  # seconds between looks while another worker runs the baseline
+POLL_MIN, POLL_MAX = 1.0, 5.0  # seconds between looks while another worker runs the baseline
 EMPTY_GRACE = 30.0  # seconds a new baseline study may stay without its run before that counts as a failure
 
 
