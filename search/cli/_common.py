@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from search.errors import SpecError
 from search.spec import StudySpec, load_spec
 
-__all__ = ["StudyTarget", "add_storage_args", "add_study_args", "resolve_target", "spec_with_overrides"]
+__all__ = [
+    "StudyTarget",
+    "add_storage_args",
+    "add_study_args",
+    "check_counts",
+    "render_table",
+    "resolve_target",
+    "spec_with_overrides",
+]
 
 STORAGE_ENV = "OPTUNA_STORAGE"
 ARTIFACTS_ENV = "KOOPMAN_ARTIFACTS"
@@ -67,6 +75,14 @@ def resolve_target(args: argparse.Namespace) -> StudyTarget:
             f"(or ${STORAGE_ENV}), but got study_name={name!r}, storage={'set' if url else None}"
         )
     return StudyTarget(url, name, None)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """``--n-trials``, ``--workers`` and ``--trials-per-gpu`` are at least 1 when given."""
+    for name in ("n_trials", "workers", "trials_per_gpu"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -7,8 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from search.cli._common import add_study_args, spec_with_overrides
-from search.errors import SpecError
+from search.cli._common import add_study_args, check_counts, spec_with_overrides
 from search.spec import load_spec, redact_url
 
 __all__ = ["add_parser", "run"]
@@ -44,20 +43,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("n_trials", "workers", "trials_per_gpu"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
-
-
 def run(args: argparse.Namespace) -> int:
     from search.cli.status import status_data, status_text
     from search.runner import format_outcome, run_worker
     from search.storage import open_storage
     from search.study import create_or_load_study, ensure_budget
 
-    _check_counts(args)
+    check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     if args.device is not None:
         from trainer.config import with_overrides

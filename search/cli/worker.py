@@ -6,8 +6,8 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_study_args, spec_with_overrides
-from search.errors import SpecError, StudyNotFoundError
+from search.cli._common import add_study_args, check_counts, spec_with_overrides
+from search.errors import StudyNotFoundError
 from search.spec import load_spec, redact_url
 
 __all__ = ["add_parser", "run"]
@@ -49,19 +49,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for name in ("n_trials", "workers", "trials_per_gpu"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
-
-
 def run(args: argparse.Namespace) -> int:
     from search.storage import open_storage
     from search.study import load_study
     from search.workers import build_supervisor
 
-    _check_counts(args)
+    check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
                                   workers=args.workers, storage_url=spec.storage_url, max_trials=args.n_trials)
