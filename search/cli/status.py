@@ -47,6 +47,7 @@ def status_data(study: Any) -> dict[str, Any]:
     retry_of = {t.number: t.system_attrs.get("retry_history", [None])[-1] for t in frozen
                 if "failed_trial" in t.system_attrs}
     retried_as = {was: now for now, was in retry_of.items()}
+    queued = {t.number: t.system_attrs.get("fixed_params") or {} for t in frozen if not t.params}
     baseline = read_baseline(study.user_attrs)
     summary = summarize(facts, baseline)
     trials = []
@@ -56,7 +57,8 @@ def status_data(study: Any) -> dict[str, Any]:
             "number": f.number,
             "state": f.state,
             "label": f.label,
-            "params": f.params,
+            # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
+            "params": f.params or dict(queued.get(f.number, {})),
             "values": list(f.values) if f.values is not None else None,
             "epochs_run": f.epochs_run,
             "epochs_from_warmup": f.epochs_from_warmup,

@@ -346,6 +346,22 @@ def test_failing_baseline_is_reported_with_how_to_rerun_it_and_reruns_on_request
 # ---- the queue ---------------------------------------------------------------------------------------------
 
 
+def test_status_shows_the_parameters_of_queued_trials_before_they_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage_url = f"sqlite:///{tmp_path / 'queued.db'}"
+    study = write_study(tmp_path, n_trials=3, baseline=HIGH_BASELINE, enqueue=HAND_TUNED)
+    code, _, err = cli(capsys, "create", str(study), "--storage", storage_url)
+    assert code == 0, err
+    code, out, err = cli(capsys, "status", str(study), "--storage", storage_url, "--format", "json")
+    assert code == 0, err
+    trials = json.loads(out)["trials"]
+    assert [t["state"] for t in trials] == ["WAITING"] * 3
+    for trial, item in zip(trials[:2], HAND_TUNED, strict=True):
+        assert trial["params"] == {k: v for k, v in item.items() if k != "label"}
+    assert trials[2]["params"] == {}  # the sampler chooses when it runs
+
+
 def test_enqueued_trials_run_first_and_once_and_the_budget_is_exact(
     storage_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
