@@ -269,9 +269,3 @@ def exclusive(storage: Any, name: str) -> Iterator[None]:
             lock.close()  # ends the transaction, and with it the lock
     else:
         yield
-
-
-@contextmanager
-def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[Heartbeat]:
-    with Heartbeat(storage, trial_id) as hb:
-        yield hb

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any
 
 from search.cli._common import add_study_args, check_counts, spec_with_overrides
-from search.spec import load_spec, redact_url
+from search.spec import StudySpec, load_spec, redact_url
 
 __all__ = ["add_parser", "run"]
 
@@ -52,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     if args.device is not None:
-        from trainer.config import with_overrides
-
-        spec = _with_device(spec, args.device, with_overrides)
+        spec = _with_device(spec, args.device)
     supervisor = None
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
         from search.workers import build_supervisor
@@ -94,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     return 130
 
 
-def _with_device(spec: Any, device: str, with_overrides: Any) -> Any:
-    import dataclasses
+def _with_device(spec: StudySpec, device: str) -> StudySpec:
+    """The study with every run's trainer device overridden (validated like any config value)."""
+    from trainer.config import with_overrides
 
     return dataclasses.replace(spec, trainer=with_overrides(spec.trainer, {"train.device": device},
                                                             origin="--device"))
