@@ -1,15 +1,28 @@
-"""The Koopman part: a lifting φ and an operator K per block, the loss, the ridge fit and the NRE metric.
+"""The Koopman part: per block a lifting φ, an operator K, (for the default objective) a decoder ψ; the
+losses, the fits of K and the validation metrics.
 
 All blocks are held as stacked parameters of shape (L, ...) so that the L liftings run as one batched
-matmul instead of L small ones; block ``l`` uses slice ``[l]`` everywhere.
+matmul instead of L small ones; block ``l`` uses slice ``[l]`` everywhere. Shapes: N tokens, d the model
+width, k the Koopman dim.
 
-K has exactly one owner (the seed trainer let gradient descent and a pseudo-inverse refit fight over it):
+The objectives (``koopman.loss``, docs/koopman-objective.md):
 
-* ``fit = "gradient"``: K is an ``nn.Parameter`` trained with the rest.
-* ``fit = "lstsq"``: K is a buffer, refit without gradients every ``update_interval`` steps by ridge least
-  squares from second moments accumulated over every sampled token of the batches since the last refit
-  (the seed collapsed each batch into one averaged state pair and kept 100 of them: rank <= 100 in a
-  256-dimensional space, so its pseudo-inverse amplified noise and K's norm grew to ~1e3).
+* ``"decoder"`` (default): reconstruction ψ(φ(h)) ≈ h, prediction ψ(K φ(h_in)) ≈ h_out and latent
+  prediction K φ(h_in) + c ≈ φ(h_out), each a residual energy divided by the centred energy of its own
+  target (Lusch, Kutz & Brunton 2018, normalised). Every term is invariant to the scale of φ and of h, and a
+  φ collapsed to a constant or to one direction cannot reconstruct h, so the loss cannot be driven to zero
+  by shrinking or collapsing φ.
+* ``"smooth_l1"``, ``"mse"``: the notebook's latent-only forms between K φ(h_in) and φ(h_out); minimised by
+  shrinking φ toward a constant (kept to reproduce the notebook, not to search with).
+
+Who owns K (``koopman.fit``):
+
+* ``"gradient"``: K (and the offset c of the decoder objective) are parameters trained with the heads.
+* ``"lstsq"``: K and c are buffers, refit without gradients every ``update_interval`` steps by ridge least
+  squares toward K = I from centred second moments of every sampled token since the last refit.
+* ``"dmd"``: the notebook's streaming refit, reproduced with its defects on purpose (docs/koopman-objective.md):
+  one batch-mean state pair per step in a circular buffer, a truncated-SVD pseudo-inverse once it is full,
+  K ← (1 − α) K + α K_dmd every step; K is also a parameter trained by AdamW, so two owners fight over it.
 """
 
 from __future__ import annotations
@@ -23,9 +36,11 @@ from torch import nn
 
 from trainer.config import KoopmanConfig
 
-__all__ = ["KoopmanHeads", "NREAccumulator", "ridge_solve"]
+__all__ = ["KoopmanHeads", "KoopmanMetrics", "dmd_operator", "ridge_solve"]
 
 logger = logging.getLogger(__name__)
+
+_TINY = 1e-30  # guards a division by a centred energy that is exactly zero (a constant target)
 
 
 def _uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -34,29 +49,68 @@ def _uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch
         return t.uniform_(-bound, bound, generator=generator)
 
 
-def ridge_solve(cxx: torch.Tensor, cyx: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    """K minimising Σ‖y − K x‖² + lam‖K‖²_F from second moments, batched over blocks.
+def ridge_solve(cxx: torch.Tensor, cyx: torch.Tensor, lam: float | torch.Tensor,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+    """K minimising Σ‖y − K x‖² + lam‖K − P‖²_F from second moments, batched over blocks.
 
-    cxx = Σ x xᵀ (L, k, k), cyx = Σ y xᵀ (L, k, k); returns K (L, k, k) = cyx (cxx + lam I)⁻¹, solved in
-    float64. Raises ``torch.linalg.LinAlgError`` when the system is singular (never with lam > 0 and
-    finite moments).
+    cxx = Σ x xᵀ (L, k, k), cyx = Σ y xᵀ (L, k, k), prior P (k, k) or (L, k, k), default 0; returns
+    K (L, k, k) = (cyx + lam P)(cxx + lam I)⁻¹, solved in float64. Raises ``torch.linalg.LinAlgError``
+    when the system is singular (never with lam > 0 and finite moments).
     """
     k = cxx.shape[-1]
     eye = torch.eye(k, dtype=torch.float64, device=cxx.device)
     lam_t = torch.as_tensor(lam, dtype=torch.float64, device=cxx.device).reshape(-1, 1, 1)
     a = cxx.double() + lam_t * eye  # (L, k, k), symmetric positive definite
-    # K A = cyx  <=>  A Kᵀ = cyxᵀ (A symmetric)
-    kt = torch.linalg.solve(a, cyx.double().transpose(-1, -2))
+    b = cyx.double() if prior is None else cyx.double() + lam_t * prior.double()
+    # K A = B  <=>  A Kᵀ = Bᵀ (A symmetric)
+    kt = torch.linalg.solve(a, b.transpose(-1, -2))
     return kt.transpose(-1, -2).to(cxx.dtype)
 
 
-class KoopmanHeads(nn.Module):
-    """φ_l and K_l for every block l = 1..L, stacked."""
+def dmd_operator(z_cur: torch.Tensor, z_next: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The notebook's DMD estimate K = Z_next Z_cur⁺ with a truncated-SVD pseudo-inverse, batched over blocks.
 
-    kt: torch.Tensor  # Kᵀ (L, k, k): a Parameter (gradient fit) or a buffer (lstsq fit)
-    cxx: torch.Tensor  # lstsq buffers
+    z_cur, z_next: (L, k, m) columns of state pairs. Singular values at or below ``rcond`` × the largest are
+    dropped. Returns K (L, k, k) and the rank kept per block (L,).
+    """
+    u, s, vh = torch.linalg.svd(z_cur.double(), full_matrices=False)  # (L, k, r), (L, r), (L, r, m)
+    keep = s > rcond * s[:, :1]  # (L, r)
+    s_inv = torch.where(keep, 1.0 / s.clamp_min(_TINY), 0.0)
+    # Z⁺ = V diag(1/s) Uᵀ on the kept directions
+    k_new = z_next.double() @ (vh.transpose(-1, -2) * s_inv.unsqueeze(-2)) @ u.transpose(-1, -2)  # (L, k, k)
+    return k_new.to(z_cur.dtype), keep.sum(-1)
+
+
+def _energy_ratio(err: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ‖err‖² / Σ‖target − mean(target)‖² per block: (L, N, m) → (L,). 1 = as bad as predicting the mean."""
+    centred = target - target.mean(1, keepdim=True)
+    return err.pow(2).sum((1, 2)) / centred.pow(2).sum((1, 2)).clamp_min(_TINY)
+
+
+def _variance_covariance_floor(z: torch.Tensor) -> torch.Tensor:
+    """VICReg's terms (Bardes, Ponce & LeCun 2022) on φ (L, N, k) → (L,): a hinge keeping every dimension's
+    standard deviation at least 1, and the squared off-diagonal covariances over k."""
+    zc = z - z.mean(1, keepdim=True)
+    cov = zc.transpose(1, 2) @ zc / max(z.shape[1] - 1, 1)  # (L, k, k)
+    std = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1) + 1e-4)
+    off = cov - torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
+    return F.relu(1.0 - std).mean(-1) + off.pow(2).sum((1, 2)) / z.shape[-1]
+
+
+class KoopmanHeads(nn.Module):
+    """φ_l, K_l (with an offset c_l for the decoder objective) and ψ_l for every block l = 1..L, stacked."""
+
+    kt: torch.Tensor  # Kᵀ (L, k, k): a Parameter (gradient, dmd) or a buffer (lstsq)
+    kb: torch.Tensor  # the latent offset c (L, 1, k); zero and fixed for the notebook's forms
+    cxx: torch.Tensor  # lstsq buffers: Σx xᵀ, Σy xᵀ, Σx, Σy, count
     cyx: torch.Tensor
+    sx: torch.Tensor
+    sy: torch.Tensor
     count: torch.Tensor
+    dmd_x: torch.Tensor  # dmd buffers: the circular buffer of batch-mean pairs (L, k, m), its cursor
+    dmd_y: torch.Tensor
+    dmd_pos: torch.Tensor
+    dmd_filled: torch.Tensor
 
     def __init__(self, cfg: KoopmanConfig, d_model: int, n_layers: int, seed: int) -> None:
         super().__init__()
@@ -74,24 +128,76 @@ class KoopmanHeads(nn.Module):
             self.ln_bias: nn.Parameter | None = nn.Parameter(torch.zeros(L, 1, k))
         else:
             self.ln_weight = self.ln_bias = None
+        self.has_decoder = cfg.loss == "decoder"
+        if self.has_decoder:
+            # ψ mirrors φ (the notebook's inverse lifting: Linear(k, k) → Tanh → Linear(k, d))
+            self.v1: nn.Parameter | None = nn.Parameter(_uniform_(torch.empty(L, k, k), k, g))  # (L, k, k)
+            self.c1: nn.Parameter | None = nn.Parameter(_uniform_(torch.empty(L, 1, k), k, g))
+            # ψ's output layer starts at zero: a random one would give errors of hundreds of times the states'
+            # own spread (the backbone's init is small) and trip the fallback; at zero each term starts near 1
+            self.v2: nn.Parameter | None = nn.Parameter(torch.zeros(L, k, d))  # (L, k, d)
+            self.c2: nn.Parameter | None = nn.Parameter(torch.zeros(L, 1, d))
+        else:
+            self.v1 = self.c1 = self.v2 = self.c2 = None
         # K starts at the identity (a block that changes nothing is perfectly linear), stored transposed
         # so that K x for row vectors x is x @ Kᵀ.
-        kt = torch.eye(k).repeat(L, 1, 1)  # (L, k, k)
-        if cfg.fit == "gradient":
-            self.kt = nn.Parameter(kt)
-        else:
+        kt, kb = torch.eye(k).repeat(L, 1, 1), torch.zeros(L, 1, k)  # (L, k, k), (L, 1, k)
+        if cfg.fit == "lstsq":
             self.register_buffer("kt", kt)
+            self.register_buffer("kb", kb)
             self.register_buffer("cxx", torch.zeros(L, k, k))  # Σ x xᵀ since the last refit
             self.register_buffer("cyx", torch.zeros(L, k, k))  # Σ y xᵀ
+            self.register_buffer("sx", torch.zeros(L, 1, k))  # Σ x
+            self.register_buffer("sy", torch.zeros(L, 1, k))  # Σ y
             self.register_buffer("count", torch.zeros(()))
+        else:
+            self.kt = nn.Parameter(kt)
+            if self.has_decoder:
+                self.kb = nn.Parameter(kb)
+            else:
+                self.register_buffer("kb", kb)  # the notebook's K has no offset
+        if cfg.fit == "dmd":
+            m = cfg.dmd_buffer
+            self.register_buffer("dmd_x", torch.zeros(L, k, m))
+            self.register_buffer("dmd_y", torch.zeros(L, k, m))
+            self.register_buffer("dmd_pos", torch.zeros((), dtype=torch.long))
+            self.register_buffer("dmd_filled", torch.zeros((), dtype=torch.bool))
+            self.last_dmd_rank: torch.Tensor | None = None
         self.refit_errors = 0
 
+    # ---- the maps ------------------------------------------------------------------------------------------
     def lift(self, h: torch.Tensor) -> torch.Tensor:
         """φ for every block at once: (L, N, d) -> (L, N, k)."""
         z = torch.baddbmm(self.b1, h, self.w1)  # (L, N, k)
         if self.ln_weight is not None and self.ln_bias is not None:
             z = F.layer_norm(z, z.shape[-1:]) * self.ln_weight + self.ln_bias
         return torch.baddbmm(self.b2, torch.tanh(z), self.w2)  # (L, N, k)
+
+    def advance(self, z: torch.Tensor) -> torch.Tensor:
+        """K z + c for every block: (L, N, k) -> (L, N, k)."""
+        return torch.baddbmm(self.kb, z, self.kt)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """ψ for every block: (L, N, k) -> (L, N, d). Only for the decoder objective."""
+        if self.v1 is None or self.c1 is None or self.v2 is None or self.c2 is None:
+            raise RuntimeError(f"koopman.loss={self.cfg.loss!r} has no decoder ψ")
+        return torch.baddbmm(self.c2, torch.tanh(torch.baddbmm(self.c1, z, self.v1)), self.v2)
+
+    def block_step(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """ψ_l(K_l φ_l(h) + c_l) for one block l (0-based) on states (..., d): the block replaced by its
+        Koopman model (the notebook's ``use_koopman=True`` forward)."""
+        if self.v1 is None or self.c1 is None or self.v2 is None or self.c2 is None:
+            raise RuntimeError(f"koopman.loss={self.cfg.loss!r} has no decoder ψ")
+        shape = h.shape
+        x = h.reshape(-1, shape[-1]).float()  # (N, d)
+        z = torch.addmm(self.b1[layer], x, self.w1[layer])
+        if self.ln_weight is not None and self.ln_bias is not None:
+            z = F.layer_norm(z, z.shape[-1:]) * self.ln_weight[layer] + self.ln_bias[layer]
+        z = torch.addmm(self.b2[layer], torch.tanh(z), self.w2[layer])  # φ: (N, k)
+        z = torch.addmm(self.kb[layer], z, self.kt[layer])  # K φ + c
+        z = torch.addmm(self.c1[layer], z, self.v1[layer])
+        out = torch.addmm(self.c2[layer], torch.tanh(z), self.v2[layer])  # ψ: (N, d)
+        return out.reshape(shape).to(h.dtype)
 
     @staticmethod
     def gather(hidden: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
@@ -121,9 +227,31 @@ class KoopmanHeads(nn.Module):
             if p.grad is not None:
                 p.grad.masked_fill_(bad, 0.0)
 
+    # ---- the objective -------------------------------------------------------------------------------------
+    def objective(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Koopman loss of ``koopman.loss`` on states (L+1, N, d); also returns φ(h_in), φ(h_out)."""
+        x, y = self.lift_pairs(states)  # (L, N, k) each
+        pred = self.advance(x)
+        if self.cfg.loss == "mse":
+            return F.mse_loss(pred, y), x, y
+        if self.cfg.loss == "smooth_l1":
+            return F.smooth_l1_loss(pred, y), x, y
+        lat = _energy_ratio(pred - y, y)  # normalised by φ's own spread: shrinking φ does not lower it
+        if self.cfg.loss == "normalized":
+            return lat.mean(), x, y
+        if self.cfg.loss == "vicreg":
+            return (lat + _variance_covariance_floor(y)).mean(), x, y
+        h_in, h_out = states[:-1], states[1:]  # (L, N, d)
+        n = x.shape[1]
+        # ψ of φ(h_in), φ(h_out) and K φ(h_in) + c in one batched pass over 3N tokens
+        back = self.decode(torch.cat((x, y, pred), dim=1))  # (L, 3N, d)
+        rec = 0.5 * (_energy_ratio(back[:, :n] - h_in, h_in) + _energy_ratio(back[:, n:2 * n] - h_out, h_out))
+        prd = _energy_ratio(back[:, 2 * n:] - h_out, h_out)
+        return ((rec + prd + lat) / 3).mean(), x, y
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean per-token loss between K φ(h_in) and φ(h_out), averaged over blocks. x, y: (L, N, k)."""
-        pred = torch.bmm(x, self.kt)  # (L, N, k) = K x for each row
+        """The notebook's latent loss between K φ(h_in) and φ(h_out), averaged over blocks. x, y: (L, N, k)."""
+        pred = self.advance(x)
         if self.cfg.loss == "mse":
             return F.mse_loss(pred, y)
         return F.smooth_l1_loss(pred, y)
@@ -131,9 +259,9 @@ class KoopmanHeads(nn.Module):
     # ---- lstsq ownership of K --------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Add the second moments of token pairs (L, N, k) to the running sums (lstsq mode), in the sums'
-        dtype (float32 in training; float64 after ``.double()``). With ``keep`` (a 0-dim bool tensor) false,
-        the pairs add nothing: one non-finite batch would otherwise poison the whole refit window."""
+        """Add the moments of token pairs (L, N, k) to the running sums (lstsq mode), in the sums' dtype
+        (float32 in training; float64 after ``.double()``). With ``keep`` (a 0-dim bool tensor) false, the
+        pairs add nothing: one non-finite batch would otherwise poison the whole refit window."""
         x, y = x.detach().to(self.cxx.dtype), y.detach().to(self.cxx.dtype)
         n: int | torch.Tensor = x.shape[1]
         if keep is not None:
@@ -141,67 +269,141 @@ class KoopmanHeads(nn.Module):
             n = keep * n
         self.cxx.baddbmm_(x.transpose(1, 2), x)  # (L, k, k)
         self.cyx.baddbmm_(y.transpose(1, 2), x)
+        self.sx += x.sum(1, keepdim=True)
+        self.sy += y.sum(1, keepdim=True)
         self.count += n
 
     @torch.no_grad()
     def refit(self) -> bool:
-        """Refit K from the accumulated moments, then reset them. Returns False when the solve failed
-        (K is kept, the failure is counted and logged, never swallowed)."""
-        if float(self.count) == 0:
+        """Refit K and c from the accumulated moments, then reset them. Returns False when the solve failed
+        (K is kept, the failure is counted and logged, never swallowed).
+
+        The fit is centred (c absorbs the means) and its ridge pulls K toward the identity, not toward 0,
+        with a strength relative to the mean eigenvalue of the centred input covariance, so the same
+        ``ridge`` shrinks alike for every Koopman dim and every scale of φ.
+        """
+        n = float(self.count)
+        if n == 0:
             return False
         k = self.cxx.shape[-1]
-        # ridge relative to the mean energy per dimension, so one setting suits any lifting scale
-        lam = self.cfg.ridge * torch.diagonal(self.cxx, dim1=-2, dim2=-1).sum(-1).double() / k  # (L,)
-        lam = lam.clamp_min(1e-12)
+        mx, my = self.sx.double() / n, self.sy.double() / n  # (L, 1, k)
+        cxx = self.cxx.double() - n * mx.transpose(1, 2) @ mx  # centred Σ x̃ x̃ᵀ (L, k, k)
+        cyx = self.cyx.double() - n * my.transpose(1, 2) @ mx
+        lam = (self.cfg.ridge * torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1) / k).clamp_min(1e-12)  # (L,)
+        eye = torch.eye(k, dtype=torch.float64, device=cxx.device)
         try:
-            k_new = ridge_solve(self.cxx, self.cyx, lam)
+            k_new = ridge_solve(cxx, cyx, lam, prior=eye)
         except torch.linalg.LinAlgError as exc:
             self.refit_errors += 1
             logger.warning("Koopman lstsq refit failed (%d so far), keeping the previous K: %s",
                            self.refit_errors, exc)
             ok = False
         else:
-            if torch.isfinite(k_new).all():
+            c_new = my - mx @ k_new.transpose(-1, -2)  # c = ȳ − K x̄ (L, 1, k)
+            if torch.isfinite(k_new).all() and torch.isfinite(c_new).all():
                 self.kt.copy_(k_new.transpose(-1, -2))
+                self.kb.copy_(c_new)
                 ok = True
             else:
                 self.refit_errors += 1
                 logger.warning("Koopman lstsq refit gave a non-finite K (%d so far), keeping the previous K",
                                self.refit_errors)
                 ok = False
-        self.cxx.zero_()
-        self.cyx.zero_()
-        self.count.zero_()
+        for t in (self.cxx, self.cyx, self.sx, self.sy, self.count):
+            t.zero_()
         return ok
 
+    # ---- dmd (the notebook's refit) ------------------------------------------------------------------------
+    @torch.no_grad()
+    def dmd_update(self, states: torch.Tensor) -> bool:
+        """One step of the notebook's streaming DMD on states (L+1, N, d): push the batch-mean pair
+        (mean φ(h_in), mean φ(h_out)) per block into the circular buffer; once it has been filled, pull K
+        toward Z_next Z_cur⁺ with weight ``dmd_alpha``. Returns True when K was updated. A failed SVD is
+        counted and logged (the notebook swallowed it)."""
+        x, y = self.lift_pairs(states)  # (L, N, k)
+        pos = int(self.dmd_pos)
+        self.dmd_x[:, :, pos] = x.mean(1)
+        self.dmd_y[:, :, pos] = y.mean(1)
+        pos = (pos + 1) % self.dmd_x.shape[-1]
+        self.dmd_pos.fill_(pos)
+        if pos == 0:
+            self.dmd_filled.fill_(True)
+        if not bool(self.dmd_filled):
+            return False
+        try:
+            k_new, rank = dmd_operator(self.dmd_x, self.dmd_y, self.cfg.dmd_rcond)
+        except torch.linalg.LinAlgError as exc:
+            self.refit_errors += 1
+            logger.warning("Koopman DMD refit failed (%d so far), keeping the previous K: %s",
+                           self.refit_errors, exc)
+            return False
+        self.last_dmd_rank = rank
+        a = self.cfg.dmd_alpha
+        self.kt.mul_(1 - a).add_(a * k_new.transpose(-1, -2))
+        return True
 
-class NREAccumulator:
-    """Streams ``val_koopman_nre`` = Σ‖ỹ − K x̃‖² / Σ‖ỹ‖² (tilde: centred over all tokens), per block.
+    @torch.no_grad()
+    def k_norm(self) -> float:
+        """‖K‖₂ (largest singular value), mean over blocks."""
+        return float(torch.linalg.matrix_norm(self.kt.double(), ord=2).mean())
 
-    With r = y − K x, Σ‖ỹ − K x̃‖² = Σ‖r‖² − n‖r̄‖² and Σ‖ỹ‖² = Σ‖y‖² − n‖ȳ‖², so one pass of sums
-    (in float64) gives the exact centred ratio.
+
+class KoopmanMetrics:
+    """Streams the validation metrics of the Koopman heads in one pass, exactly (float64 sums), per block:
+
+    * ``nre`` = Σ‖ỹ − (K x̃)‖² / Σ‖ỹ‖² (tilde: centred over all tokens; y = φ(h_out), x = φ(h_in)):
+      1 − R² of the linear dynamics in the lifted space;
+    * ``gain`` = Σ‖ỹ − x̃‖² / Σ‖ỹ − K x̃‖²: how many times better K predicts than the identity;
+    * ``effective_rank`` = (tr C)² / ‖C‖²_F of the covariance C of φ(h_out) (its participation ratio: k for
+      a spread φ, 1 for a φ whose variance lies in one direction);
+    * ``state_effective_rank``: the same of the block outputs h_out themselves, the scale to read the
+      former against (a trained residual stream is itself far from isotropic).
+
+    With r a residual, Σ‖r̃‖² = Σ‖r‖² − n‖r̄‖², so one pass of sums gives the centred values.
     """
 
     def __init__(self) -> None:
         self.n = 0
-        self._sums: list[torch.Tensor] = []  # Σr (L, k), Σ‖r‖² (L,), Σy (L, k), Σ‖y‖² (L,)
+        self._sums: list[torch.Tensor] = []
 
-    def update(self, r: torch.Tensor, y: torch.Tensor) -> None:
-        """r, y: (L, N, k) residuals K x − y and targets y."""
-        r, y = r.double(), y.double()
-        sums = [r.sum(1), (r * r).sum((1, 2)), y.sum(1), (y * y).sum((1, 2))]
+    def update(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, h_out: torch.Tensor) -> None:
+        """x = φ(h_in), y = φ(h_out), pred = K x + c: (L, N, k); h_out: the block outputs (L, N, d)."""
+        x, y, pred, h = x.double(), y.double(), pred.double(), h_out.double()
+        rk, ri = pred - y, x - y
+        sums = [rk.sum(1), rk.pow(2).sum((1, 2)), ri.sum(1), ri.pow(2).sum((1, 2)),
+                y.sum(1), torch.bmm(y.transpose(1, 2), y),  # Σy (L, k), Σ y yᵀ (L, k, k)
+                h.sum(1), torch.bmm(h.transpose(1, 2), h)]  # Σh (L, d), Σ h hᵀ (L, d, d)
         if self._sums:
             for acc, s in zip(self._sums, sums, strict=True):
                 acc += s
         else:
             self._sums = sums
-        self.n += r.shape[1]
+        self.n += x.shape[1]
 
-    def value(self) -> float:
-        """Mean over blocks of the centred normalised residual energy (NaN when nothing was seen)."""
+    def _centred(self, s: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return s2 - (s * s).sum(-1) / self.n  # (L,)
+
+    def _participation(self, s: torch.Tensor, ss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cov = ss - torch.einsum("li,lj->lij", s, s) / self.n  # centred Σ ỹ ỹᵀ (L, m, m)
+        var = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)  # tr C = Σ‖ỹ‖²
+        return var.pow(2) / cov.pow(2).sum((1, 2)).clamp_min(_TINY), var
+
+    def per_block(self) -> dict[str, list[float]]:
+        """nre, gain and effective_rank of every block (NaN lists when nothing was seen)."""
         if not self._sums or self.n == 0:
-            return math.nan
-        sum_r, sum_r2, sum_y, sum_y2 = self._sums
-        num = sum_r2 - (sum_r * sum_r).sum(-1) / self.n  # (L,)
-        den = sum_y2 - (sum_y * sum_y).sum(-1) / self.n
-        return float((num / den.clamp_min(1e-30)).mean())
+            return {"nre": [], "gain": [], "effective_rank": [], "state_effective_rank": []}
+        srk, srk2, sri, sri2, sy, syy, sh, shh = self._sums
+        err_k, err_i = self._centred(srk, srk2), self._centred(sri, sri2)
+        rank, var = self._participation(sy, syy)
+        state_rank, _ = self._participation(sh, shh)
+        return {
+            "nre": (err_k / var.clamp_min(_TINY)).tolist(),
+            "gain": (err_i / err_k.clamp_min(_TINY)).tolist(),
+            "effective_rank": rank.tolist(),
+            "state_effective_rank": state_rank.tolist(),
+        }
+
+    def values(self) -> dict[str, float]:
+        """Means over blocks (NaN when nothing was seen)."""
+        blocks = self.per_block()
+        return {name: (sum(v) / len(v) if v else math.nan) for name, v in blocks.items()}

@@ -4,7 +4,7 @@ One training step, top to bottom: weight for this epoch → forward → LM loss 
 backward → clip → optimizer steps → ``zero_grad(set_to_none=True)``. Per-step numbers stay on the device
 and are read once per epoch (or when the progress bar refreshes), so a step makes no host sync.
 
-Determinism (the search shares warmup epochs between trials, ../shared/DESIGN.md):
+Determinism (the search shares warmup epochs between trials, docs/design.md):
 
 * the backbone is built right after ``torch.manual_seed(seed)``; the Koopman heads use a private generator;
 * the data order of epoch e comes from a private generator seeded by (seed, e);
@@ -36,8 +36,8 @@ from torch import nn
 from trainer.config import TrainerConfig, config_from_dict, config_to_dict
 from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
 from trainer.errors import CheckpointError, ConfigError
-from trainer.koopman import KoopmanHeads, NREAccumulator
-from trainer.model import build_model
+from trainer.koopman import KoopmanHeads, KoopmanMetrics
+from trainer.model import build_model, model_blocks
 from trainer.records import EpochRecord
 from trainer.schedule import FallbackState, koopman_weight
 
@@ -68,8 +68,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _keep_grad_if(ok: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.masked_fill(~ok, 0.0)
+def _scale_grad(scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad * scale
 
 
 def _config_diff(a: TrainerConfig, b: TrainerConfig, sections: tuple[str, ...]) -> list[str]:
@@ -107,6 +107,16 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _koopman_block_hook(heads: KoopmanHeads, layer: int, module: nn.Module, inputs: tuple[Any, ...],
+                        output: Any) -> Any:
+    """A forward hook that replaces block ``layer``'s output by ψ(K φ(input) + c)."""
+    return heads.block_step(layer, inputs[0])
 
 
 class HybridKoopmanTrainer:
@@ -167,12 +177,6 @@ class HybridKoopmanTrainer:
                 break
         return self.records
 
-    def _params(self) -> list[nn.Parameter]:
-        params = list(self.model.parameters())
-        if self.koopman is not None:
-            params += list(self.koopman.parameters())
-        return params
-
     def _autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
@@ -197,7 +201,8 @@ class HybridKoopmanTrainer:
         weight = koopman_weight(epoch, kc, cfg.train.epochs)
         koop = self.koopman if weight > 0 else None
         fallback = FallbackState(kc.fallback_threshold, kc.fallback_factor, kc.fallback_batches, self.device)
-        params = self._params()
+        lm_params = list(self.model.parameters())
+        head_params = list(self.koopman.parameters()) if self.koopman is not None else []
         self.model.train()
         if self.koopman is not None:
             self.koopman.train()
@@ -213,35 +218,42 @@ class HybridKoopmanTrainer:
             finite: torch.Tensor | None = None
             if koop is not None:
                 states = koop.gather(hidden, self._sample_tokens(x.numel()))  # (L+1, N, d)
-                x_phi, y_phi = koop.lift_pairs(states)
-                k_loss = koop.loss(x_phi, y_phi)
+                k_loss, x_phi, y_phi = koop.objective(states)
                 w_eff = fallback.effective_weight(weight, k_loss)
                 finite = torch.isfinite(k_loss)
-                # where(), not a multiply: 0 × NaN would poison the gradient of the whole step
-                loss = lm_loss + w_eff * torch.where(finite, k_loss, torch.zeros_like(k_loss))
+                # The heads learn from the Koopman loss itself; the weight sets how much of its gradient
+                # reaches the backbone (a hook on the states scales it there). With Adam the heads' steps
+                # barely depend on a constant factor anyway, but at small weights their gradients would sit
+                # near Adam's eps and stall (docs/koopman-objective.md). where(), not a multiply: 0 × NaN
+                # would poison the gradient of the whole step.
+                loss = lm_loss + torch.where(finite, k_loss, torch.zeros_like(k_loss))
                 # where() hides a non-finite loss's value, not the NaN local derivatives behind it
                 # (0 × NaN = NaN): drop the Koopman gradient where it enters the backbone, and the
                 # heads' own gradients after backward, or one bad batch turns every weight into NaN.
                 if states.requires_grad:
-                    states.register_hook(functools.partial(_keep_grad_if, finite))
+                    states.register_hook(functools.partial(_scale_grad, torch.where(finite, w_eff, 0.0)))
                 if kc.fit == "lstsq":
                     koop.accumulate(x_phi, y_phi, keep=finite)
+                reported = lm_loss.detach() + w_eff * torch.where(finite, k_loss.detach(), 0.0)
                 batch = torch.stack((lm_loss.detach().double(),
                                      torch.where(finite, k_loss.detach(), 0.0).double(),
-                                     loss.detach().double(), w_eff.double()))
+                                     reported.double(), w_eff.double()))
             else:
                 loss = lm_loss
                 batch = torch.stack((lm_loss.detach().double(), torch.zeros((), dtype=torch.float64,
                                      device=self.device), lm_loss.detach().double(),
                                      torch.zeros((), dtype=torch.float64, device=self.device)))
             loss.backward()
-            if koop is not None and finite is not None:
-                koop.drop_grads_unless(finite)
-            nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # the seed's 0.5
+            nn.utils.clip_grad_norm_(lm_params, cfg.train.grad_clip)  # the notebook's 0.5
             self.opt_lm.step()
-            if koop is not None and self.opt_koopman is not None:
+            if koop is not None and self.opt_koopman is not None and finite is not None:
+                koop.drop_grads_unless(finite)
+                nn.utils.clip_grad_norm_(head_params, cfg.train.grad_clip)  # clipped apart from the LM's
                 self.opt_koopman.step()
                 self.opt_koopman.zero_grad(set_to_none=True)
+                if kc.fit == "dmd" and bool(finite):
+                    # the notebook's order: after the step, the refreshed φ on the step's (detached) states
+                    koop.dmd_update(koop.gather([h.detach() for h in hidden], None))
             self.opt_lm.zero_grad(set_to_none=True)
             sums += batch
             steps += 1
@@ -276,7 +288,8 @@ class HybridKoopmanTrainer:
                 f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
                 if nonfinite else "",
             )
-        val_loss, nre = self.evaluate(koopman=koop is not None)
+        val = self.evaluate(koopman=koop is not None)
+        val_loss = val["val_loss"]
         return EpochRecord(
             epoch=epoch,
             epochs=cfg.train.epochs,
@@ -288,8 +301,14 @@ class HybridKoopmanTrainer:
             fallback_batches=cut,
             nonfinite_batches=nonfinite,
             val_loss=val_loss,
-            val_ppl=math.exp(val_loss) if val_loss < 700 else math.inf,
-            val_koopman_nre=nre,
+            val_ppl=_ppl(val_loss),
+            val_koopman_nre=val["val_koopman_nre"],
+            val_koopman_gain=val["val_koopman_gain"],
+            val_koopman_gain_blocks=val["val_koopman_gain_blocks"],
+            phi_effective_rank=val["phi_effective_rank"],
+            state_effective_rank=val["state_effective_rank"],
+            val_koopman_forward_ppl=val["val_koopman_forward_ppl"],
+            koopman_k_norm=self.koopman.k_norm() if koop is not None and self.koopman is not None else math.nan,
             seconds=time.perf_counter() - started,
             tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,
             steps=steps,
@@ -307,16 +326,44 @@ class HybridKoopmanTrainer:
         return tqdm(total=total, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False)
 
     @torch.no_grad()
-    def evaluate(self, koopman: bool = True) -> tuple[float, float]:
-        """Token-weighted validation loss, and val_koopman_nre (NaN when ``koopman`` is off or absent).
-
-        The seed took exp of a mean of per-batch losses; here every validation token counts once.
+    def evaluate(self, koopman: bool = True) -> dict[str, Any]:
+        """The validation metrics: ``val_loss`` (token-weighted cross-entropy; the notebook took exp of a mean
+        of per-batch losses, here every validation token counts once) and, when ``koopman`` is on and the
+        heads exist, ``val_koopman_nre``, ``val_koopman_gain`` (mean and ``_blocks``), ``phi_effective_rank``
+        and, for an objective with a decoder, ``val_koopman_forward_ppl`` (NaN where they do not apply).
         """
         self.model.eval()
+        heads = self.koopman if koopman else None
+        metrics = KoopmanMetrics() if heads is not None else None
+        val_loss = self._val_loss(metrics)
+        out: dict[str, Any] = {
+            "val_loss": val_loss, "val_koopman_nre": math.nan, "val_koopman_gain": math.nan,
+            "val_koopman_gain_blocks": [], "phi_effective_rank": math.nan, "state_effective_rank": math.nan,
+            "val_koopman_forward_ppl": math.nan,
+        }
+        if metrics is not None:
+            means = metrics.values()
+            out.update(val_koopman_nre=means["nre"], val_koopman_gain=means["gain"],
+                       val_koopman_gain_blocks=metrics.per_block()["gain"],
+                       phi_effective_rank=means["effective_rank"],
+                       state_effective_rank=means["state_effective_rank"])
+        if heads is not None and heads.has_decoder:
+            blocks = model_blocks(self.model)
+            if blocks is not None:
+                handles = [b.register_forward_hook(functools.partial(_koopman_block_hook, heads, i))
+                           for i, b in enumerate(blocks)]
+                try:
+                    out["val_koopman_forward_ppl"] = _ppl(self._val_loss(None))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+        return out
+
+    def _val_loss(self, metrics: KoopmanMetrics | None) -> float:
+        """Token-weighted validation cross-entropy; feeds ``metrics`` with the heads' view of every token."""
         d = self.cfg.data
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         n_tokens = 0
-        nre = NREAccumulator() if koopman and self.koopman is not None else None
         limit = self.cfg.train.max_eval_batches
         for i, (x, y) in enumerate(window_batches(self.valid_tokens, d.seq_len, d.batch_size, None,
                                                   drop_last=False)):
@@ -327,10 +374,11 @@ class HybridKoopmanTrainer:
             total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
                                      reduction="sum").double()
             n_tokens += y.numel()
-            if nre is not None and self.koopman is not None:
-                x_phi, y_phi = self.koopman.lift_pairs(self.koopman.gather(hidden, None))
-                nre.update(torch.bmm(x_phi, self.koopman.kt) - y_phi, y_phi)
-        return float(total) / n_tokens, nre.value() if nre is not None else math.nan
+            if metrics is not None and self.koopman is not None:
+                states = self.koopman.gather(hidden, None)  # (L+1, N, d)
+                x_phi, y_phi = self.koopman.lift_pairs(states)
+                metrics.update(x_phi, y_phi, self.koopman.advance(x_phi), states[1:])
+        return float(total) / n_tokens
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,12 @@ The protocol every model follows, the built-in one and any user model plugged in
   (B, T, vocab_size) and a list of ``n_layers + 1`` tensors of shape (B, T, d_model): the input of block 1
   followed by the output of every block. Block ``l``'s input is ``hidden_states[l - 1]`` and its output is
   ``hidden_states[l]``; the Koopman loss asks ``φ(output) ≈ K φ(input)`` for each block.
+
+A model written without that protocol (one that returns only logits, as the notebook's did) plugs in as it
+is with ``model.blocks_attr = "blocks"``: the attribute that holds its blocks as an ``nn.ModuleList``. Each
+block's input and output are then captured with forward hooks (:class:`HookedBlocks`). Either way, a model
+whose blocks can be found (:func:`model_blocks`) also gets the Koopman-forward metric, in which every block
+is replaced by ψ ∘ K ∘ φ.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError
 
-__all__ = ["Block", "CausalSelfAttention", "HiddenStateModel", "TransformerLM", "build_model"]
+__all__ = ["Block", "CausalSelfAttention", "HiddenStateModel", "HookedBlocks", "TransformerLM", "build_model",
+           "model_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +129,49 @@ class TransformerLM(nn.Module):
         return logits, hidden
 
 
+class HookedBlocks(nn.Module):
+    """Wraps a model that returns logits (or a tuple led by logits) so that it follows the protocol: forward
+    hooks on its blocks capture every block's input and output."""
+
+    def __init__(self, inner: nn.Module, blocks: nn.ModuleList, d_model: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.d_model = d_model
+        self.n_layers = len(blocks)
+        self._blocks = [blocks]  # a list, so the blocks are not registered twice as submodules
+        self._seen: list[torch.Tensor] = []
+        for block in blocks:
+            block.register_forward_hook(self._capture)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._blocks[0]
+
+    def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self._seen:
+            self._seen.append(inputs[0])
+        self._seen.append(output)
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._seen = []
+        out = self.inner(idx)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        hidden, self._seen = self._seen, []
+        if len(hidden) != self.n_layers + 1:
+            raise RuntimeError(f"the model's forward ran {len(hidden) - 1} of its {self.n_layers} blocks "
+                               "(model.blocks_attr must name blocks that forward calls once each, in order)")
+        return logits, hidden
+
+
+def model_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's blocks, in order, where they can be found: a ``blocks`` ``nn.ModuleList`` with one entry per
+    layer (the built-in model, :class:`HookedBlocks`, and protocol models written that way); else None."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) == getattr(model, "n_layers", -1):
+        return blocks
+    return None
+
+
 def _load_factory(spec: str) -> object:
     module_name, _, attr = spec.partition(":")
     try:
@@ -151,6 +201,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
             f"model.factory must return a torch.nn.Module, but got {type(model).__name__} "
             f"from factory={cfg.factory!r}"
         )
+    if cfg.blocks_attr:
+        return _hooked(model, cfg)
     for attr in ("d_model", "n_layers"):
         value = getattr(model, attr, None)
         if not isinstance(value, int) or value <= 0:
@@ -159,3 +211,19 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
                 f"{attr}={value!r} from factory={cfg.factory!r} (see trainer.model's protocol)"
             )
     return model
+
+
+def _hooked(model: nn.Module, cfg: ModelConfig) -> HookedBlocks:
+    obj: object = model
+    for part in cfg.blocks_attr.split("."):
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
+        raise ConfigError(
+            f"model.blocks_attr must name a non-empty torch.nn.ModuleList of the model's blocks, but got "
+            f"blocks_attr={cfg.blocks_attr!r} ({type(obj).__name__}) from factory={cfg.factory!r}"
+        )
+    d_model = getattr(model, "d_model", cfg.d_model)
+    if not isinstance(d_model, int) or d_model <= 0:
+        raise ConfigError(f"a model from model.factory must have a positive int attribute d_model, but got "
+                          f"d_model={d_model!r} from factory={cfg.factory!r}")
+    return HookedBlocks(model, obj, d_model)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["RECORD_FIELDS", "EpochRecord"]
@@ -10,7 +11,7 @@ __all__ = ["RECORD_FIELDS", "EpochRecord"]
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """What one epoch did. Losses are means over the epoch's training batches (DESIGN.md)."""
+    """What one epoch did. Losses are means over the epoch's training batches (docs/design.md)."""
 
     epoch: int  # 1..epochs
     epochs: int
@@ -28,6 +29,13 @@ class EpochRecord:
     seconds: float  # wall time of the epoch, evaluation included
     tokens_per_s: float  # training tokens per second of training time
     steps: int  # training steps in this epoch
+    # The Koopman heads on the validation set (NaN where the Koopman loss is off; docs/koopman-objective.md):
+    val_koopman_gain: float = math.nan  # Σ‖ỹ − x̃‖² / Σ‖ỹ − K x̃‖² in φ-space: times better than K = I, mean
+    val_koopman_gain_blocks: list[float] = field(default_factory=list)  # the same, per block
+    phi_effective_rank: float = math.nan  # participation ratio of the centred φ(h_out), mean over blocks
+    state_effective_rank: float = math.nan  # the same of the block outputs h_out: what φ's is read against
+    val_koopman_forward_ppl: float = math.nan  # val PPL with every block replaced by ψ ∘ K ∘ φ (decoder only)
+    koopman_k_norm: float = math.nan  # ‖K‖₂ at the end of the epoch, mean over blocks
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
