@@ -68,8 +68,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _scale_grad(scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad * scale
+def _backbone_grad(ok: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The Koopman gradient as it enters the backbone: scaled by the batch's weight, dropped (not multiplied
+    by 0, which keeps a NaN) when the batch's Koopman loss is non-finite."""
+    return torch.where(ok, grad * weight, 0.0)
 
 
 def _config_diff(a: TrainerConfig, b: TrainerConfig, sections: tuple[str, ...]) -> list[str]:
@@ -231,7 +233,7 @@ class HybridKoopmanTrainer:
                 # (0 × NaN = NaN): drop the Koopman gradient where it enters the backbone, and the
                 # heads' own gradients after backward, or one bad batch turns every weight into NaN.
                 if states.requires_grad:
-                    states.register_hook(functools.partial(_scale_grad, torch.where(finite, w_eff, 0.0)))
+                    states.register_hook(functools.partial(_backbone_grad, finite, w_eff))
                 if kc.fit == "lstsq":
                     koop.accumulate(x_phi, y_phi, keep=finite)
                 reported = lm_loss.detach() + w_eff * torch.where(finite, k_loss.detach(), 0.0)

@@ -26,7 +26,8 @@ def test_defaults_follow_the_users_setup() -> None:
     assert (cfg.data.vocab_size, cfg.data.seq_len, cfg.data.batch_size) == (30000, 128, 32)
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.dropout) == (64, 4, 0.1)
     assert (cfg.train.lr, cfg.train.grad_clip, cfg.train.epochs) == (1e-3, 0.5, 10)
-    assert (cfg.koopman.dim, cfg.koopman.loss, cfg.koopman.fallback_factor) == (256, "smooth_l1", 0.01)
+    # the loss is the well-posed decoder form, not the notebook's smooth-L1 (docs/koopman-objective.md)
+    assert (cfg.koopman.dim, cfg.koopman.loss, cfg.koopman.fallback_factor) == (256, "decoder", 0.01)
     assert cfg.koopman.fallback_batches == 10
 
 
@@ -107,8 +108,8 @@ def test_wrong_type_names_key_value_and_origin(section: str, key: str, value: An
         ("koopman", "tokens_per_batch", -1, "tokens_per_batch must be >= 0"),
         ("koopman", "ridge", 0, "ridge must be > 0"),
         ("koopman", "schedule", "bogus", "schedule must be one of linear, exponential, step, cosine"),
-        ("koopman", "fit", "pinv", "fit must be one of gradient, lstsq"),
-        ("koopman", "loss", "l1", "loss must be one of smooth_l1, mse"),
+        ("koopman", "fit", "pinv", "fit must be one of gradient, lstsq, dmd"),
+        ("koopman", "loss", "l1", "loss must be one of decoder, smooth_l1, mse, normalized, vicreg"),
         ("koopman", "lifting", "rbf", "lifting must be one of mlp, layernorm"),
         ("model", "dropout", 1.0, r"dropout must be in \[0, 1\)"),
         ("model", "dropout", -0.1, r"dropout must be in \[0, 1\)"),

@@ -90,7 +90,8 @@ def test_baseline_records_have_no_koopman_part(corpus: Corpus) -> None:
 def test_val_loss_is_token_weighted_over_every_validation_token(corpus: Corpus) -> None:
     # 494 validation windows of 16 tokens in batches of 8: the last batch holds 6 windows
     trainer = HybridKoopmanTrainer(tiny_config({"train.max_eval_batches": 0}), corpus)
-    val_loss, nre = trainer.evaluate()
+    val = trainer.evaluate()
+    val_loss, nre = val["val_loss"], val["val_koopman_nre"]
     n = (corpus.valid.numel() - 1) // 16
     assert n % 8 == 6
     windows = corpus.valid[: n * 16 + 1]
@@ -122,19 +123,20 @@ def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epo
 def nan_on_call(
     monkeypatch: pytest.MonkeyPatch, call: int, how: str
 ) -> None:
-    """Make KoopmanHeads.loss non-finite on its ``call``-th call (1-based)."""
-    original = KoopmanHeads.loss
+    """Make KoopmanHeads.objective non-finite on its ``call``-th call (1-based)."""
+    original = KoopmanHeads.objective
     calls = [0]
 
-    def loss(self: KoopmanHeads, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def objective(self: KoopmanHeads, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calls[0] += 1
         if calls[0] != call:
-            return original(self, x, y)
+            return original(self, states)
         if how == "value":  # a NaN whose gradient is harmless
-            return original(self, x, y) + math.nan
-        return original(self, x * math.nan, y)  # NaN from inside: its local derivatives are NaN too
+            loss, x, y = original(self, states)
+            return loss + math.nan, x, y
+        return original(self, states * math.nan)  # NaN from inside: its local derivatives are NaN too
 
-    monkeypatch.setattr(KoopmanHeads, "loss", loss)
+    monkeypatch.setattr(KoopmanHeads, "objective", objective)
 
 
 @pytest.mark.parametrize("fit", ["gradient", "lstsq"])
@@ -184,6 +186,9 @@ KOOPMAN_VARIANTS: list[dict[str, Any]] = [
     {"koopman.dim": 16},
     {"koopman.dim": 16, "koopman.lifting": "layernorm", "koopman.loss": "mse"},
     {"koopman.dim": 16, "koopman.fit": "lstsq", "koopman.update_interval": 3, "koopman.tokens_per_batch": 0},
+    {"koopman.dim": 8, "koopman.loss": "smooth_l1"},
+    {"koopman.dim": 8, "koopman.loss": "normalized", "koopman.fit": "lstsq", "koopman.update_interval": 2},
+    {"koopman.dim": 8, "koopman.loss": "smooth_l1", "koopman.fit": "dmd", "koopman.dmd_buffer": 3},
 ]
 
 
@@ -221,10 +226,13 @@ FIT_MODES: list[Mapping[str, Any]] = [
     {"koopman.fit": "gradient"},
     # 5 steps per epoch, a refit every 3: moments are carried over epoch ends, so the checkpoint must hold them
     {"koopman.fit": "lstsq", "koopman.update_interval": 3},
+    # a buffer of 3 fills within the first Koopman epoch; its cursor and contents must survive the checkpoint
+    {"koopman.fit": "dmd", "koopman.loss": "smooth_l1", "koopman.dmd_buffer": 3},
+    {"koopman.fit": "gradient", "koopman.loss": "vicreg"},
 ]
 
 
-@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq"])
+@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq", "dmd", "vicreg"])
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_records(
     corpus: Corpus, tmp_path: Path, fit: Mapping[str, Any]
 ) -> None:
@@ -365,7 +373,7 @@ def baseline_dir(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return directory
 
 
-@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq"])
+@pytest.mark.parametrize("fit", FIT_MODES, ids=["gradient", "lstsq", "dmd", "vicreg"])
 def test_warm_start_from_the_baseline_gives_the_from_scratch_records(
     corpus: Corpus, baseline_dir: Path, fit: Mapping[str, Any]
 ) -> None:
@@ -431,3 +439,117 @@ def test_custom_model_trains_and_reports_val_koopman_nre(corpus: Corpus, tmp_pat
 def test_checkpoints_are_written_atomically_without_leftovers(corpus: Corpus, tmp_path: Path) -> None:
     run(tiny_config({"train.epochs": 2}), corpus, checkpoint_dir=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------------------------- Koopman metrics
+
+
+def test_koopman_epochs_record_rank_gain_and_forward_ppl(corpus: Corpus) -> None:
+    trainer = run(tiny_config(), corpus)
+    first, *koopman = trainer.records
+    assert all(math.isnan(v) for v in (first.phi_effective_rank, first.val_koopman_forward_ppl,
+                                       first.val_koopman_gain, first.koopman_k_norm))
+    for r in koopman:
+        assert 1.0 <= r.phi_effective_rank <= 8.0  # between one direction and all k = 8
+        assert 1.0 <= r.state_effective_rank <= 16.0
+        assert len(r.val_koopman_gain_blocks) == 2
+        assert r.val_koopman_gain == pytest.approx(sum(r.val_koopman_gain_blocks) / 2)
+        assert math.isfinite(r.val_koopman_forward_ppl) and r.val_koopman_forward_ppl > 1.0
+        assert r.koopman_k_norm > 0
+
+
+def test_notebook_forms_have_no_decoder_and_no_forward_ppl(corpus: Corpus) -> None:
+    r = run(tiny_config({"koopman.loss": "smooth_l1", "train.epochs": 2}), corpus).records[-1]
+    assert math.isnan(r.val_koopman_forward_ppl) and math.isfinite(r.phi_effective_rank)
+
+
+def test_forward_ppl_is_the_plain_ppl_when_the_koopman_map_is_the_block_itself(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config(), corpus)
+    blocks = trainer.model.blocks  # type: ignore[union-attr]
+    # forward(), not __call__: the block's own hooks (which call block_step) stay out of it
+    monkeypatch.setattr(KoopmanHeads, "block_step", lambda self, layer, h: blocks[layer].forward(h))
+    val = trainer.evaluate()
+    assert val["val_koopman_forward_ppl"] == pytest.approx(math.exp(val["val_loss"]), rel=1e-6)
+
+
+def test_forward_ppl_is_the_plain_ppl_when_psi_k_phi_and_the_blocks_are_identity_maps(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config({"model.dropout": 0.0}), corpus)
+    with torch.no_grad():  # every block's residual branches output 0: block(x) = x
+        for block in trainer.model.blocks:  # type: ignore[union-attr]
+            for lin in (block.attn.proj, block.mlp[2]):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    monkeypatch.setattr(KoopmanHeads, "block_step", lambda self, layer, h: h)
+    val = trainer.evaluate()
+    assert val["val_koopman_forward_ppl"] == pytest.approx(math.exp(val["val_loss"]), rel=1e-6)
+    monkeypatch.undo()  # the real ψ ∘ K ∘ φ of fresh heads is not the identity: another perplexity
+    assert trainer.evaluate()["val_koopman_forward_ppl"] != pytest.approx(math.exp(val["val_loss"]), rel=1e-3)
+
+
+def test_heads_learn_at_their_own_pace_whatever_the_weight(corpus: Corpus) -> None:
+    # The weight scales the Koopman gradient into the backbone only. At weights of 1e-4 and 1e-8 the backbone
+    # is practically the baseline's in both runs, and the heads train alike; had the heads learnt from the
+    # weighted loss, their gradients at 1e-8 would sit far below AdamW's eps = 1e-8 and they would stall.
+    def run_at(w: float) -> list[EpochRecord]:
+        return run(tiny_config({"koopman.weight_max": w, "koopman.schedule": "step"}), corpus).records
+
+    small, tiny = run_at(1e-4), run_at(1e-8)
+    baseline = run(tiny_config().without_koopman(), corpus).records
+    assert tiny[-1].koopman_loss == pytest.approx(small[-1].koopman_loss, rel=1e-2)
+    assert tiny[-1].val_loss == pytest.approx(baseline[-1].val_loss, rel=1e-6)
+    # and the heads did move: the loss is not the one of fresh heads on the same states
+    fresh = HybridKoopmanTrainer(tiny_config(), corpus)
+    assert fresh.koopman is not None
+    assert tiny[-1].val_koopman_gain != pytest.approx(fresh.evaluate()["val_koopman_gain"], rel=1e-2)
+
+
+def test_dmd_refit_grows_k_while_the_other_fits_keep_it_near_the_identity(corpus: Corpus) -> None:
+    common = {"koopman.loss": "smooth_l1", "train.epochs": 3, "train.max_steps_per_epoch": 12,
+              "koopman.dmd_buffer": 8}
+    norms = {fit: run(tiny_config({**common, "koopman.fit": fit}), corpus).records[-1].koopman_k_norm
+             for fit in ("dmd", "gradient", "lstsq")}
+    assert norms["dmd"] > 1.5 * max(norms["gradient"], norms["lstsq"]), norms
+
+
+# ----------------------------------------------------------------------------------------------- models as they are
+
+
+def test_hooks_capture_the_same_states_as_the_protocol(corpus: Corpus) -> None:
+    from trainer.model import HookedBlocks
+
+    trainer = HybridKoopmanTrainer(tiny_config(), corpus)
+    model = trainer.model.eval()
+    x = corpus.valid[: 4 * 16].view(4, 16)
+    with torch.no_grad():
+        logits, hidden = model(x)
+        hooked_logits, hooked = HookedBlocks(model, model.blocks, 16)(x)  # type: ignore[arg-type]
+    assert torch.equal(logits, hooked_logits)
+    assert len(hooked) == len(hidden) == 3
+    assert all(torch.equal(a, b) for a, b in zip(hidden, hooked, strict=True))
+
+
+def test_a_notebook_style_model_plugs_in_unchanged_and_resumes_exactly(corpus: Corpus, tmp_path: Path) -> None:
+    cfg = tiny_config({"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": "blocks",
+                       "train.epochs": 2})
+    trainer = run(cfg, corpus, checkpoint_dir=tmp_path)
+    first, second = trainer.records
+    assert math.isnan(first.val_koopman_nre)
+    assert 0.0 <= second.val_koopman_nre and second.koopman_loss > 0.0
+    assert math.isfinite(second.val_koopman_forward_ppl) and math.isfinite(second.phi_effective_rank)
+    resumed = HybridKoopmanTrainer.from_checkpoint(tmp_path / "epoch_1.pt", corpus=corpus)
+    resumed.fit()
+    assert comparable(resumed.records) == comparable(trainer.records)
+
+
+@pytest.mark.parametrize(("attr", "match"), [("layers", "must name a non-empty torch.nn.ModuleList"),
+                                              ("lm_head", "must name a non-empty torch.nn.ModuleList")])
+def test_a_wrong_blocks_attr_names_the_key_and_value(corpus: Corpus, attr: str, match: str) -> None:
+    from trainer.errors import ConfigError
+
+    cfg = tiny_config({"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": attr})
+    with pytest.raises(ConfigError, match=f"{match}.*blocks_attr='{attr}'"):
+        HybridKoopmanTrainer(cfg, corpus)
