@@ -26,6 +26,9 @@ SIGNIFICANT_DIGITS = 6
 """Digits kept for stored floats: enough to tell 7.0 from 7.00001 in a prune rule, small in JSON."""
 
 _INT_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if f.type in ("int", int))
+_DEFAULTED = frozenset(f.name for f in dataclasses.fields(EpochRecord)
+                       if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+_LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if str(f.type).startswith("list"))
 
 
 def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float | None:
@@ -46,6 +49,8 @@ def records_to_columns(records: Sequence[EpochRecord]) -> dict[str, list[Any]]:
             value = getattr(record, name)
             if name in _INT_FIELDS:
                 columns[name].append(int(value))
+            elif name in _LIST_FIELDS:
+                columns[name].append([round_significant(v) for v in value])
             else:
                 columns[name].append(round_significant(value))
     return columns
@@ -57,10 +62,11 @@ def columns_to_records(columns: Mapping[str, Sequence[Any]]) -> list[EpochRecord
     Raises :class:`~search.errors.StorageError` when a field is missing or the columns differ in length,
     which means the stored attr was not written by :func:`records_to_columns`.
     """
-    missing = [name for name in RECORD_FIELDS if name not in columns]
+    # fields added after a study was stored read back as their defaults
+    missing = [name for name in RECORD_FIELDS if name not in columns and name not in _DEFAULTED]
     if missing:
         raise StorageError(f"stored records must have a column for every record field, but got missing={missing}")
-    lengths = {name: len(columns[name]) for name in RECORD_FIELDS}
+    lengths = {name: len(columns[name]) for name in RECORD_FIELDS if name in columns}
     if len(set(lengths.values())) > 1:
         raise StorageError(f"stored record columns must all have one length, but got lengths={lengths}")
     count = lengths[RECORD_FIELDS[0]]
@@ -68,8 +74,12 @@ def columns_to_records(columns: Mapping[str, Sequence[Any]]) -> list[EpochRecord
     for i in range(count):
         values: dict[str, Any] = {}
         for name in RECORD_FIELDS:
+            if name not in columns:
+                continue
             value = columns[name][i]
-            if name in _INT_FIELDS:
+            if name in _LIST_FIELDS:
+                values[name] = [math.nan if v is None else float(v) for v in value]
+            elif name in _INT_FIELDS:
                 values[name] = int(value) if value is not None else 0
             else:
                 values[name] = math.nan if value is None else float(value)

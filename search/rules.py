@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Metrics that only mean something once the Koopman loss is on (the record's koopman_weight > 0); before
 # that the trainer may leave them undefined, so NonFiniteRule skips them there.
-KOOPMAN_METRICS = frozenset({"koopman_loss", "val_koopman_nre"})
+KOOPMAN_METRICS = frozenset({"koopman_loss", "val_koopman_nre", "val_koopman_gain", "phi_effective_rank",
+                             "state_effective_rank", "val_koopman_forward_ppl", "koopman_k_norm"})
 # Checked for NaN/Inf after every epoch (plus the study's objective metrics).
 DEFAULT_FINITE_METRICS = ("lm_loss", "total_loss", "val_loss", "val_ppl", "koopman_loss", "val_koopman_nre")
 

@@ -17,13 +17,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
 from search.errors import SpecError
-from trainer.config import SCHEDULES, TrainerConfig, with_overrides
+from trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, with_overrides
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:  # optuna is imported only by whoever hands us a trial
     import optuna
 
 __all__ = [
+    "OPTIONAL_PARAMS",
     "PARAM_NAMES",
     "PARAM_TO_PATH",
     "CategoricalParam",
@@ -44,9 +45,15 @@ PARAM_TO_PATH: Mapping[str, str] = MappingProxyType(
         "fallback_threshold": "koopman.fallback_threshold",
         "schedule": "koopman.schedule",
         "koopman_dim": "koopman.dim",
+        # beyond the user's five: the objective and the owner of K, searchable as categoricals
+        "koopman_loss": "koopman.loss",
+        "koopman_fit": "koopman.fit",
     }
 )
 PARAM_NAMES: tuple[str, ...] = tuple(PARAM_TO_PATH)
+# Parameters that exist in a study only where its file declares them: left out, they stay the base
+# config's value and are no parameter at all (so every study does not carry them as fixed columns).
+OPTIONAL_PARAMS = frozenset({"koopman_loss", "koopman_fit"})
 
 Value = float | int | str
 
@@ -95,6 +102,8 @@ _DOMAINS: Mapping[str, _Domain] = MappingProxyType(
             "str", lambda v: None if v in SCHEDULES else f"must be one of {', '.join(SCHEDULES)}"
         ),
         "koopman_dim": _Domain("int", lambda v: None if v >= 1 else "must be >= 1"),
+        "koopman_loss": _Domain("str", lambda v: None if v in LOSSES else f"must be one of {', '.join(LOSSES)}"),
+        "koopman_fit": _Domain("str", lambda v: None if v in FIT_MODES else f"must be one of {', '.join(FIT_MODES)}"),
     }
 )
 
@@ -330,7 +339,7 @@ class SearchSpace:
             except ConfigError as exc:
                 raise SpecError.at(str(exc), origin, key) from None
         for name in PARAM_NAMES:
-            if name in params:
+            if name in params or name in OPTIONAL_PARAMS:
                 continue
             path = PARAM_TO_PATH[name]
             value = _base_value(base, name)
@@ -340,7 +349,7 @@ class SearchSpace:
                 hint = f"set it in [trainer.koopman] or search it in [search.{name}]"
                 raise SpecError.at(f"{exc}; {hint}", origin, f"trainer.{path}") from None
             params[name] = FixedParam(name, value)
-        return cls({name: params[name] for name in PARAM_NAMES})
+        return cls({name: params[name] for name in PARAM_NAMES if name in params})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The ``[search]`` tables, every parameter explicit (left-out ones as ``type = "fixed"``)."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import FIT_MODES, SCHEDULES, TrainerConfig, load_config, with_overrides
+from trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, load_config, with_overrides
 from trainer.errors import ConfigError
 from trainer.records import EpochRecord
 
@@ -30,6 +30,7 @@ FLAG_KEYS: dict[str, tuple[str, type, str]] = {
     "schedule": ("koopman.schedule", str, f"weight schedule: {', '.join(SCHEDULES)}"),
     "koopman_dim": ("koopman.dim", int, "Koopman (lifted) dimension k"),
     "koopman_fit": ("koopman.fit", str, f"owner of K: {' | '.join(FIT_MODES)}"),
+    "koopman_loss": ("koopman.loss", str, f"Koopman objective: {' | '.join(LOSSES)}"),
     "batch_size": ("data.batch_size", int, "sequences per batch"),
     "seq_len": ("data.seq_len", int, "tokens per sequence"),
     "d_model": ("model.d_model", int, "hidden width"),
@@ -80,14 +81,22 @@ def format_record(r: EpochRecord) -> str:
         f"Epoch {r.epoch}/{r.epochs}: Train Loss {r.total_loss:.4f} (LM {r.lm_loss:.4f}, "
         f"Koopman {r.koopman_loss:.4f}) weight {r.koopman_weight:.4f} | val PPL {r.val_ppl:.2f}"
         + (f" | NRE {r.val_koopman_nre:.4f}" if not math.isnan(r.val_koopman_nre) else "")
+        + (f" | gain {r.val_koopman_gain:.3g}" if not math.isnan(r.val_koopman_gain) else "")
+        + (f" | φ rank {r.phi_effective_rank:.2f}" if not math.isnan(r.phi_effective_rank) else "")
+        + (f" | Koopman PPL {r.val_koopman_forward_ppl:.2f}" if not math.isnan(r.val_koopman_forward_ppl) else "")
         + (f" | fallback {r.fallback_batches}" if r.fallback_batches else "")
         + f" | {r.seconds:.1f} s"
     )
 
 
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_finite_or_none(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _json_record(r: EpochRecord) -> str:
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                       for k, v in r.to_dict().items()})
+    return json.dumps({k: _finite_or_none(v) for k, v in r.to_dict().items()})
 
 
 def run(args: argparse.Namespace) -> int:

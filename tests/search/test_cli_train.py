@@ -23,7 +23,8 @@ TINY_FLAGS = [
 ]  # fmt: skip
 LINE = re.compile(
     r"^Epoch (\d+)/(\d+): Train Loss (\d+\.\d{4}) \(LM (\d+\.\d{4}), Koopman (\d+\.\d{4})\) "
-    r"weight (\d\.\d{4}) \| val PPL (\d+\.\d{2})( \| NRE \d\.\d{4})?( \| fallback \d+)? \| \d+\.\d s$"
+    r"weight (\d\.\d{4}) \| val PPL (\d+\.\d{2})( \| NRE \d\.\d{4})?( \| gain [\d.e+-]+)?( \| φ rank \d+\.\d{2})?"
+    r"( \| Koopman PPL \d+\.\d{2})?( \| fallback \d+)? \| \d+\.\d s$"
 )
 
 Runner = Callable[..., tuple[int, list[str], str]]

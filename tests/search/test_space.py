@@ -9,6 +9,7 @@ import pytest
 
 from search.errors import SpecError
 from search.space import (
+    OPTIONAL_PARAMS,
     PARAM_NAMES,
     PARAM_TO_PATH,
     CategoricalParam,
@@ -49,6 +50,8 @@ def test_param_names_map_to_existing_trainer_config_fields() -> None:
         "fallback_threshold": "koopman.fallback_threshold",
         "schedule": "koopman.schedule",
         "koopman_dim": "koopman.dim",
+        "koopman_loss": "koopman.loss",
+        "koopman_fit": "koopman.fit",
     }
     for path in PARAM_TO_PATH.values():
         section, _, key = path.partition(".")
@@ -81,7 +84,7 @@ def test_fixed_parameters_are_recorded_on_the_trial() -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
     params = space.suggest(trial)
-    assert set(trial.params) == set(PARAM_NAMES)
+    assert set(trial.params) == set(PARAM_NAMES) - OPTIONAL_PARAMS
     assert params["koopman_dim"] == 128
     # left-out parameters are fixed at the base config's value
     assert params["koopman_weight_max"] == BASE.koopman.weight_max
@@ -179,3 +182,22 @@ def test_categorical_param_rejects_duplicates_and_booleans() -> None:
 
 def test_space_round_trips_through_to_dict(space: SearchSpace) -> None:
     assert SearchSpace.from_dict(space.to_dict(), BASE) == space
+
+
+def test_the_objective_and_the_fit_of_k_can_be_searched_beside_the_five() -> None:
+    tables = {"koopman_loss": {"type": "categorical", "choices": ["decoder", "smooth_l1"]},
+              "koopman_fit": {"type": "categorical", "choices": ["gradient", "dmd"]}}
+    space = SearchSpace.from_dict(tables, BASE)
+    assert set(space.searched) == {"koopman_loss", "koopman_fit"}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    params = space.suggest(trial)
+    assert set(trial.params) == (set(PARAM_NAMES) - OPTIONAL_PARAMS) | {"koopman_loss", "koopman_fit"}
+    cfg = space.to_config(BASE, params)
+    assert (cfg.koopman.loss, cfg.koopman.fit) == (params["koopman_loss"], params["koopman_fit"])
+
+
+def test_a_searched_objective_outside_the_trainers_choices_names_the_value() -> None:
+    with pytest.raises(SpecError, match="koopman_loss must be one of decoder, smooth_l1, mse"):
+        SearchSpace.from_dict({"koopman_loss": {"type": "categorical", "choices": ["decoder", "l1"]}}, BASE,
+                              origin="x.toml")
