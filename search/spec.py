@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 from search.errors import SpecError
 from search.rules import DEFAULT_FINITE_METRICS, RuleSettings
-from search.space import PARAM_NAMES, SearchSpace
+from search.space import PARAM_NAMES, CategoricalParam, FixedParam, SearchSpace
 from trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict
 from trainer.errors import ConfigError
 from trainer.records import RECORD_FIELDS
@@ -80,7 +80,9 @@ DIRECTIONS = ("minimize", "maximize")
 # Optuna's RDB storage backends; postgresql+psycopg for many workers
 STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
 OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
-DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_nre", "minimize"))
+DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "minimize"))
+# Objectives that exist only for a Koopman objective with a decoder ψ (NaN otherwise: docs/koopman-objective.md)
+DECODER_METRICS = frozenset({"val_koopman_forward_ppl"})
 
 TABLES = ("study", "trainer", "search", "rules", "baseline", "enqueue")
 STUDY_KEYS = (
@@ -415,6 +417,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
     artifacts = _artifacts_dir(_get(study, "artifacts", str, origin, "study", default=""), name, origin, base)
 
     space = SearchSpace.from_dict(values.get("search", {}), trainer, origin)
+    _check_decoder_objectives(objectives, trainer, space, origin)
     rules = _rules(values.get("rules", {}), objectives, origin)
     baseline = _baseline(values.get("baseline", {}), trainer.train.epochs, origin)
     enqueue = _enqueue(values.get("enqueue", []), space, origin)
@@ -583,6 +586,27 @@ def _objectives(study: Mapping[str, Any], trainer: TrainerConfig, origin: str) -
             )
         objectives.append(Objective(metric, direction))
     return tuple(objectives)
+
+
+def _check_decoder_objectives(objectives: tuple[Objective, ...], trainer: TrainerConfig, space: SearchSpace,
+                              origin: str) -> None:
+    """A Koopman-forward objective needs a decoder in every trial: every loss the study can run must be
+    ``decoder``, or every trial without one would be pruned for a NaN objective."""
+    needs = [o.metric for o in objectives if o.metric in DECODER_METRICS]
+    if not needs:
+        return
+    param = space.params.get("koopman_loss")
+    losses = param.choices if isinstance(param, CategoricalParam) else (
+        (param.value,) if isinstance(param, FixedParam) else (trainer.koopman.loss,))
+    other = [loss for loss in losses if loss != "decoder"]
+    if other:
+        where = "search.koopman_loss" if param is not None else "trainer.koopman.loss"
+        raise SpecError.at(
+            f"objective {needs[0]} needs koopman.loss = \"decoder\" (the other forms have no decoder ψ), but "
+            f"got loss={other[0]!r}; use val_koopman_nre or val_koopman_gain as the objective instead",
+            origin,
+            where,
+        )
 
 
 def _positive(table: Mapping[str, Any], key: str, default: float, origin: str, prefix: str) -> float:
