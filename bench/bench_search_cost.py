@@ -103,9 +103,10 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
     import torch
     from optuna.trial import TrialState
 
-    from search.runner import format_outcome, run_worker
+    from search.runner import format_outcome
     from search.storage import open_storage
     from search.study import create_or_load_study, ensure_budget
+    from search.workers import run_worker
 
     torch.set_num_threads(args.threads)
     spec = build_spec(args, variant, tmp)
@@ -115,8 +116,7 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
     storage = open_storage(spec.storage_url)
     study, _ = create_or_load_study(spec, storage)
     ensure_budget(study, spec)
-    run_worker(spec, spec.storage_url,
-               on_outcome=lambda o: logger.info("%s: %s", variant, format_outcome(o, spec.metrics)))
+    run_worker(spec, on_outcome=lambda o: logger.info("%s: %s", variant, format_outcome(o, spec.metrics)))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     trials = study.get_trials(deepcopy=False)

@@ -30,17 +30,17 @@ from search.review.figures import (
 )
 from search.review.notes import study_note, trial_note
 from search.review.report import SECTION_TITLES, build_report, params_toml, write_report
-from search.review.stored import Baseline, Rules, TrialFacts, read_baseline, read_rules, trial_facts
+from search.review.stored import StoredBaseline, StoredRules, TrialFacts, read_baseline, read_rules, trial_facts
 from search.review.summary import StudySummary, best_trials, summarize
 
 __all__ = [
     "FIGURE_IDS",
     "SECTION_TITLES",
     "AnnotationCounts",
-    "Baseline",
     "DashboardServer",
     "Refresher",
-    "Rules",
+    "StoredBaseline",
+    "StoredRules",
     "StudySummary",
     "TrialFacts",
     "annotate_storage",

@@ -32,12 +32,12 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
+from search.layout import SPEC_ATTR
 from search.review import figures
 from search.review.notes import study_note, trial_note
 from search.review.stored import (
-    META_KEY,
-    Baseline,
-    Rules,
+    StoredBaseline,
+    StoredRules,
     TrialFacts,
     objective_directions,
     objective_names,
@@ -142,20 +142,20 @@ def _write_figure(study: optuna.Study, figure_id: str, figure: Any, counts: Anno
     counts.figures_written += 1
 
 
-def _rules_from(rules: Rules | RuleSettings | Mapping[str, Any] | None, study: optuna.Study) -> Rules:
-    if isinstance(rules, Rules):
+def _rules_from(rules: StoredRules | RuleSettings | Mapping[str, Any] | None, study: optuna.Study) -> StoredRules:
+    if isinstance(rules, StoredRules):
         return rules
     if rules is None:
         return read_rules(study.user_attrs)
     limits = rules.to_dict() if isinstance(rules, RuleSettings) else dict(rules)
-    return read_rules({META_KEY: {"rules": limits}})
+    return read_rules({SPEC_ATTR: {"rules": limits}})
 
 
-def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> Baseline | None:
+def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> StoredBaseline | None:
     stored = read_baseline(study.user_attrs)
     if curve is None:
         return stored
-    return Baseline(
+    return StoredBaseline(
         seed=stored.seed if stored is not None else 0,
         state=stored.state if stored is not None else "given",
         val_ppl=tuple(None if v is None else float(v) for v in curve),
@@ -169,7 +169,7 @@ def annotate_trial(
     *,
     values: Sequence[float] | None = None,
     baseline_curve: Sequence[float | None] | None = None,
-    rules: Rules | RuleSettings | Mapping[str, Any] | None = None,
+    rules: StoredRules | RuleSettings | Mapping[str, Any] | None = None,
 ) -> bool:
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
@@ -223,8 +223,8 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
 def study_figures(
     study: optuna.Study,
     facts: Sequence[TrialFacts],
-    baseline: Baseline | None,
-    rules: Rules,
+    baseline: StoredBaseline | None,
+    rules: StoredRules,
     best: Sequence[TrialFacts],
 ) -> dict[str, Any]:
     """The dashboard's study figures by graph-object id: the three trial-curve views (best trial first
@@ -249,7 +249,7 @@ def annotate_storage(
     Studies that fail are logged and skipped, so one broken study does not keep the others unannotated."""
     if study_names is None:
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-        study_names = [s.study_name for s in summaries if META_KEY in s.user_attrs]
+        study_names = [s.study_name for s in summaries if SPEC_ATTR in s.user_attrs]
     done: dict[str, AnnotationCounts] = {}
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)

@@ -31,8 +31,8 @@ from search.errors import StorageError
 from search.export import trial_config_toml
 from search.review import figures
 from search.review.stored import (
-    Baseline,
-    Rules,
+    StoredBaseline,
+    StoredRules,
     TrialFacts,
     objective_directions,
     objective_names,
@@ -96,8 +96,8 @@ class _Context:
     study: optuna.Study
     names: list[str]
     directions: list[str]
-    rules: Rules
-    baseline: Baseline | None
+    rules: StoredRules
+    baseline: StoredBaseline | None
     facts: list[TrialFacts]  # every trial
     finished: list[TrialFacts]  # complete, pruned, failed
     best: list[TrialFacts]

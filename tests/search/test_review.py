@@ -2,7 +2,7 @@
 
 The study under review is built directly in SQLite with the storage layout the search writes (study attrs
 ``koopman_search`` and ``baseline:seed=0``, trial attrs ``records``, ``prune_reason``, ...), its records
-encoded by :func:`search.records.records_to_columns` and its prune decisions made by
+encoded by :func:`search.layout.records_to_columns` and its prune decisions made by
 :class:`search.rules.PruneRules`, so no training runs here.
 """
 
@@ -32,9 +32,10 @@ import tomllib
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from search import layout
 from search.cli import main
 from search.errors import StorageError
-from search.records import columns_to_records, records_to_columns, round_significant
+from search.layout import columns_to_records, records_to_columns, round_significant
 from search.review import (
     FIGURE_IDS,
     annotate_storage,
@@ -211,17 +212,11 @@ def study_file_values(name: str = STUDY_NAME, objectives: list[str] | None = Non
 def store_trial(
     study: optuna.Study, plan: Plan, rules: PruneRules, metrics: tuple[str, ...] = ("val_ppl", "val_koopman_nre")
 ) -> None:
-    """One trial as the objective stores it: run the prune rules over its epochs, keep what it trained."""
-    user_attrs: dict[str, Any] = {"epochs_from_warmup": plan.start}
-    if plan.label:
-        user_attrs["label"] = plan.label
+    """One trial as a worker stores it: run the prune rules over its epochs, keep what it trained."""
     if plan.fail:
-        user_attrs.update(fail_reason=plan.fail, epochs_run=0, train_seconds=0.0)
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.FAIL, params=plan.params, distributions=DISTRIBUTIONS, user_attrs=user_attrs
-            )
-        )
+        study.add_trial(layout.finished_trial(TrialState.FAIL, plan.params, DISTRIBUTIONS, [],
+                                              epochs_from_warmup=plan.start, label=plan.label,
+                                              fail_reason=plan.fail))
         return
     kept: list[EpochRecord] = []
     reason = None
@@ -231,26 +226,12 @@ def store_trial(
             reason = rules.check(record)
             if reason:
                 break
-    trained = [r for r in kept if r.epoch > plan.start]
-    user_attrs.update(
-        records=records_to_columns(kept),
-        epochs_run=len(trained),
-        train_seconds=sum(r.seconds for r in trained),
-    )
-    if reason:
-        user_attrs.update(prune_reason=reason, pruned_epoch=kept[-1].epoch)
-        trial = optuna.trial.create_trial(
-            state=TrialState.PRUNED, params=plan.params, distributions=DISTRIBUTIONS, user_attrs=user_attrs
-        )
-    else:
-        last = kept[-1]
-        trial = optuna.trial.create_trial(
-            values=[float(f"{getattr(last, m):.6g}") for m in metrics],
-            params=plan.params,
-            distributions=DISTRIBUTIONS,
-            user_attrs=user_attrs,
-        )
-    study.add_trial(trial)
+    last = kept[-1]
+    study.add_trial(layout.finished_trial(
+        TrialState.PRUNED if reason else TrialState.COMPLETE, plan.params, DISTRIBUTIONS, kept,
+        epochs_from_warmup=plan.start, label=plan.label, prune_reason=reason,
+        values=None if reason else [float(f"{getattr(last, m):.6g}") for m in metrics],
+    ))
 
 
 def make_review_study(
@@ -263,18 +244,10 @@ def make_review_study(
     spec = spec_from_dict(study_file_values(name, objectives), origin="review.toml")
     directions = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
     study = optuna.create_study(study_name=name, storage=storage_url, directions=directions)
-    study.set_user_attr(
-        "koopman_search",
-        {
-            "version": 1,
-            "spec": spec.to_dict(),
-            "objectives": [o.to_dict() for o in spec.objectives],
-            "rules": spec.rules.to_dict(),
-        },
-    )
+    study.set_user_attr(layout.SPEC_ATTR, layout.stored_spec(spec))
     base = baseline_records()
     study.set_user_attr(
-        "baseline:seed=0",
+        layout.baseline_key(0),
         {
             "state": "complete",
             "records": records_to_columns(base),

@@ -20,9 +20,9 @@ from search.spec import (
     Objective,
     StudySpec,
     load_spec,
-    redact_url,
     spec_from_dict,
 )
+from search.urls import redact_url
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "studies"

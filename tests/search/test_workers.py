@@ -29,10 +29,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.cli import main
 from search.errors import SpecError, StorageError
-from search.runner import run_worker
 from search.spec import load_spec
 from search.storage import open_storage, retrying
-from search.workers import MAX_RESTARTS, Slot, Supervisor, _shares, _watch_supervisor, parse_gpus, plan_slots
+from search.workers import MAX_RESTARTS, Slot, Supervisor, parse_gpus, plan_slots, run_worker
+from search.workers.child import _watch_supervisor
+from search.workers.slots import split_trials
 from tests.search.slow_model import STEP_SECONDS_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,10 +301,10 @@ def test_plan_slots_rejects_bad_counts() -> None:
 
 
 def test_trial_cap_is_split_evenly_over_the_slots() -> None:
-    assert _shares(3, None) == [None, None, None]
-    assert _shares(3, 7) == [3, 2, 2]
-    assert _shares(3, 2) == [1, 1, 0]
-    assert sum(_shares(4, 9)) == 9  # type: ignore[arg-type]
+    assert split_trials(3, None) == [None, None, None]
+    assert split_trials(3, 7) == [3, 2, 2]
+    assert split_trials(3, 2) == [1, 1, 0]
+    assert sum(split_trials(4, 9)) == 9  # type: ignore[arg-type]
 
 
 # ---- the supervisor with stand-in worker processes ---------------------------------------------------------
