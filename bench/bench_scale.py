@@ -115,7 +115,7 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     from search import layout
-    from search.baseline import MatchedBaseline, baseline_attr
+    from search.baseline import baseline_attr
     from search.review.dashboard import annotate_trial
     from search.rules import PruneRules
     from search.study import create_or_load_study
@@ -124,7 +124,7 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
     study, _ = create_or_load_study(spec, storage)
     base = baseline_records(spec.epochs, rng)
     checkpoints = {s: str(uuid.UUID(int=rng.getrandbits(128))) for s in range(2, 8)}
-    baseline = MatchedBaseline(tuple(r.val_ppl for r in base), "auto", tuple(base), checkpoints)
+    baseline = layout.MatchedBaseline(tuple(r.val_ppl for r in base), "auto", tuple(base), checkpoints)
     study.set_user_attr(baseline_attr(spec), baseline.to_attr())
     rules = PruneRules.from_spec(spec.rules, baseline.val_ppl)
 

@@ -19,10 +19,8 @@ per-epoch curve is also copied to the main study's user attr ``baseline:seed=<N>
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -32,14 +30,13 @@ from optuna.trial import TrialState
 from search import layout
 from search.errors import BaselineError
 from search.job import TrainingJob
-from search.layout import columns_to_records, records_to_columns
+from search.layout import MatchedBaseline
 from search.spec import StudySpec
 from search.storage import fail_stale_trials, retrying
 from search.study import claim_waiting_trial
 from trainer.records import EpochRecord
 
 __all__ = [
-    "MatchedBaseline",
     "baseline_attr",
     "baseline_study_name",
     "ensure_baseline",
@@ -51,31 +48,6 @@ logger = logging.getLogger(__name__)
 
 POLL_MIN, POLL_MAX = 1.0, 5.0  # seconds between looks while another worker runs the baseline
 EMPTY_GRACE = 30.0  # seconds a new baseline study may stay without its run before that counts as a failure
-
-
-@dataclass(frozen=True)
-class MatchedBaseline:
-    """The per-epoch baseline curve, and where its warmup checkpoints are."""
-
-    val_ppl: tuple[float, ...]
-    source: str  # "auto" | "fixed"
-    records: tuple[EpochRecord, ...] = ()
-    checkpoints: dict[int, str] = field(default_factory=dict)  # epoch -> artifact id
-
-    def to_attr(self) -> dict[str, Any]:
-        """The value of the main study's :func:`~search.layout.baseline_key` attr."""
-        return {
-            "state": "complete" if self.source == "auto" else "fixed",
-            "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],
-            "records": records_to_columns(list(self.records)) if self.records else None,
-            "checkpoints": {str(k): v for k, v in self.checkpoints.items()},
-            "error": None,
-        }
-
-
-def _state_attr(state: str, error: str | None = None) -> dict[str, Any]:
-    """The baseline attr while it has no curve yet (running) or never will (failed)."""
-    return {"state": state, "val_ppl": [], "records": None, "checkpoints": {}, "error": error}
 
 
 def baseline_study_name(spec: StudySpec) -> str:
@@ -95,16 +67,6 @@ def warmup_epochs(spec: StudySpec) -> set[int]:
         s = spec.trainer.koopman.start_epoch
         return {s} if 1 <= s < epochs else set()
     return {s for s in candidates if param.contains(s)}
-
-
-def _stored_checkpoints(user_attrs: dict[str, Any]) -> dict[int, str]:
-    return {int(k): v for k, v in user_attrs.get(layout.WARMUP_CHECKPOINTS, {}).items()}
-
-
-def _from_trial(trial: optuna.trial.FrozenTrial) -> MatchedBaseline:
-    records = columns_to_records(trial.user_attrs[layout.RECORDS])
-    return MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records),
-                           _stored_checkpoints(trial.user_attrs))
 
 
 def _publish(study: optuna.Study, spec: StudySpec, value: dict[str, Any]) -> None:
@@ -169,7 +131,7 @@ def ensure_baseline(
             continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
-            baseline = _from_trial(done[-1])
+            baseline = MatchedBaseline.from_trial(done[-1])
             if main_study.user_attrs.get(baseline_attr(spec), {}).get("state") != "complete":
                 _publish(main_study, spec, baseline.to_attr())
             return baseline
@@ -205,9 +167,9 @@ def _run(
 
     keep = warmup_epochs(spec) if spec.shared_warmup else set()
     cfg = spec.baseline_config
-    _publish(main_study, spec, _state_attr("running"))
+    _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
-        checkpoints = _stored_checkpoints(job.frozen.user_attrs)
+        checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
         last = job.frozen.user_attrs.get(layout.CHECKPOINT)
         logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
                     f", resuming after epoch {last['epoch']}" if last else "")
@@ -241,7 +203,7 @@ def _run(
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
-            _publish(main_study, spec, _state_attr("failed", reason))
+            _publish(main_study, spec, layout.baseline_state_attr("failed", reason))
             logger.error("baseline of study %s failed: %s", spec.name, reason)
             raise _failed(spec, reason) from exc
     final = records[-1]

@@ -32,6 +32,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from search.errors import StorageError
@@ -64,8 +65,10 @@ __all__ = [
     "TRAIN_SECONDS",
     "WARMUP_CHECKPOINTS",
     "WORKER",
+    "MatchedBaseline",
     "baseline_key",
     "baseline_key_seed",
+    "baseline_state_attr",
     "checkpoint_pointer",
     "columns_to_records",
     "epoch_attrs",
@@ -75,6 +78,7 @@ __all__ = [
     "retry_of",
     "round_significant",
     "stored_spec",
+    "warmup_checkpoints",
 ]
 
 # ---- study user attrs
@@ -244,3 +248,43 @@ def finished_trial(
         attrs[FAIL_REASON] = fail_reason
     return optuna.trial.create_trial(state=state, params=dict(params), distributions=dict(distributions),
                                      values=list(values) if values is not None else None, user_attrs=attrs)
+
+
+# ---- the baseline
+
+
+@dataclass(frozen=True)
+class MatchedBaseline:
+    """The matched baseline as the workers use it: its per-epoch curve, and where its warmup checkpoints are.
+    :meth:`to_attr` is the value of the main study's :func:`baseline_key` attr."""
+
+    val_ppl: tuple[float, ...]
+    source: str  # "auto" | "fixed"
+    records: tuple[EpochRecord, ...] = ()
+    checkpoints: dict[int, str] = field(default_factory=dict)  # epoch -> artifact id
+
+    def to_attr(self) -> dict[str, Any]:
+        """The value of the main study's :func:`~search.layout.baseline_key` attr."""
+        return {
+            "state": "complete" if self.source == "auto" else "fixed",
+            "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],
+            "records": records_to_columns(list(self.records)) if self.records else None,
+            "checkpoints": {str(k): v for k, v in self.checkpoints.items()},
+            "error": None,
+        }
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> MatchedBaseline:
+        """The baseline from its own COMPLETE trial (in the companion study)."""
+        records = columns_to_records(trial.user_attrs[RECORDS])
+        return cls(tuple(r.val_ppl for r in records), "auto", tuple(records), warmup_checkpoints(trial.user_attrs))
+
+
+def warmup_checkpoints(user_attrs: Mapping[str, Any]) -> dict[int, str]:
+    """The baseline trial's :data:`WARMUP_CHECKPOINTS` attr: epoch -> artifact id."""
+    return {int(k): v for k, v in user_attrs.get(WARMUP_CHECKPOINTS, {}).items()}
+
+
+def baseline_state_attr(state: str, error: str | None = None) -> dict[str, Any]:
+    """The :func:`baseline_key` attr while the baseline has no curve yet (running) or never will (failed)."""
+    return {"state": state, "val_ppl": [], "records": None, "checkpoints": {}, "error": error}

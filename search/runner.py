@@ -23,8 +23,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
-from search.baseline import MatchedBaseline
 from search.job import TrainingJob
+from search.layout import MatchedBaseline
 from search.rules import PruneRules
 from search.spec import StudySpec
 from search.storage import retrying

@@ -12,8 +12,6 @@ import html
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from search.review.stored import (
 )
 from search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
 from search.space import PARAM_NAMES, PARAM_TO_PATH
+from trainer.checkpoint import atomic_write
 from trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["SECTION_TITLES", "build_report", "params_toml", "write_report"]
@@ -467,14 +466,9 @@ def write_report(study: optuna.Study, out: str | Path, *, best_config: BestConfi
     """Build the report and write it to ``out`` atomically (a temp file beside it, then a rename)."""
     out = Path(out)
     text = build_report(study, best_config=best_config)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        atomic_write(out, lambda fh: fh.write(text.encode("utf-8")), parents=False)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise KoopmanError(f"could not write the report, but got out={out}: {exc.strerror}") from exc
     logger.info("wrote %s (%.1f MB)", out, len(text) / 1e6)
     return out

@@ -19,7 +19,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.baseline import MatchedBaseline, ensure_baseline
+from search.baseline import ensure_baseline
+from search.layout import MatchedBaseline
 from search.runner import TrialOutcome, TrialRunner
 from search.spec import StudySpec
 from search.storage import fail_stale_trials, open_artifact_store, open_storage, retrying
