@@ -24,7 +24,7 @@ starts (the wrappers call the original and note the monotonic clock before and a
 
 Rules are off (limits 1e9) so that every trial trains all its epochs and stores one record per epoch.
 The share is against the user's trial: an epoch of 96 s with the Koopman loss on, 10 epochs = 960 s
-(DESIGN.md): share = (mean gap + 10 x mean storage per epoch) / 960 s.
+(docs/design.md): share = (mean gap + 10 x mean storage per epoch) / 960 s.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=1, help="validation batches (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size (user: 32; default: %(default)s)")
     p.add_argument("--epoch-seconds", type=float, default=96.0,
-                   help="the user's epoch with the Koopman loss on, s (DESIGN.md; default: %(default)s)")
+                   help="the user's epoch with the Koopman loss on, s (docs/design.md; default: %(default)s)")
     p.add_argument("--user-epochs", type=int, default=10, help="the user's epochs per trial (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show the search's own INFO logs")
     args = p.parse_args(argv)

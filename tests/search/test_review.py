@@ -112,7 +112,7 @@ PLANS = [
     Plan(0.05, 4, 8.0, "linear", 128, 3.1, 0.78, 1.02, label="hand-tuned 1"),
     Plan(0.1, 5, 7.0, "exponential", 128, 2.9, 0.8, 1.05, label="hand-tuned 2"),
     Plan(0.02, 5, 6.0, "linear", 128, 3.4, 0.82, 1.01, label="hand-tuned 3"),
-    # the user's original settings: the total loss climbs over 7.0 (DESIGN.md's table)
+    # the user's original settings: the total loss climbs over 7.0 (docs/design.md, "The user's setup")
     Plan(0.5, 3, 10.0, "linear", 256, 2.06, 1.45, 1.2, label="original settings"),
     Plan(0.3, 2, 4.0, "step", 256, 6.0, 0.9, 1.6),  # val ppl jumps over 1.3 × baseline
     Plan(0.08, 3, 12.0, "cosine", 256, 2.5, 0.7, 1.03),

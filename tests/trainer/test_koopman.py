@@ -64,8 +64,9 @@ def test_streamed_refit_matches_dense_lstsq_over_all_accumulated_tokens() -> Non
 
 
 def test_refit_uses_every_token_not_one_averaged_pair_per_batch() -> None:
-    # Three batches in a 16-dimensional space: the seed averaged each batch into one state pair, so its
-    # pseudo-inverse saw rank 3 and could not recover K. The streamed moments hold every token: rank 16.
+    # Three batches in a 16-dimensional space: the notebook's refit (docs/design.md) averaged each batch into
+    # one state pair, so its pseudo-inverse saw rank 3 and could not recover K. The streamed moments hold every
+    # token: rank 16.
     k, batches = 16, 3
     g = torch.Generator().manual_seed(3)
     k_true = torch.randn(k, k, generator=g, dtype=F64) / math.sqrt(k)
@@ -77,7 +78,7 @@ def test_refit_uses_every_token_not_one_averaged_pair_per_batch() -> None:
     assert heads.refit()
     torch.testing.assert_close(heads.kt[0].T, k_true, rtol=1e-7, atol=1e-8)
 
-    # the seed's estimate from the three averaged pairs is far off
+    # the notebook's estimate from the three averaged pairs is far off
     xbar = torch.stack([x[0].mean(0) for x in xs])  # (3, k)
     k_seed = (xbar @ k_true.T).T @ torch.linalg.pinv(xbar.T)
     assert float((k_seed - k_true).norm() / k_true.norm()) > 0.5
