@@ -2,7 +2,7 @@
 
 Everything is built from what the search stored (study and trial user attrs); nothing re-runs training.
 
-    annotate_trial(study, trial, values=values)     # from the objective, as a trial ends
+    annotate_trial(study, trial, values=values)     # by the worker loop, as each trial ends
     annotate_study(study)                            # study note and figures (one process at a time)
     write_report(study, "report.html")
 """

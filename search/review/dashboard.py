@@ -3,9 +3,9 @@ the server.
 
 Who writes what:
 
-- :func:`annotate_trial` is called by the objective when a trial finishes, is pruned or fails (after its
-  user attrs are set). It writes the trial's note. Only that trial's own worker writes it, so workers never
-  race. It never raises: a review problem must not fail a trial.
+- :func:`annotate_trial` is called by the worker loop (:func:`search.workers.run_worker`) once a trial has
+  finished, been pruned or failed and its end is stored. It writes the trial's note. Only that trial's own
+  worker writes it, so workers never race. It never raises: a review problem must not stop a worker.
 - :func:`annotate_study` writes the study note, the trial-curve figures and the Pareto front, and fills in
   any missing trial note. It is run by one process at a time (``koopman-search dashboard`` before serving
   and every ``--refresh`` seconds), because optuna-dashboard stores a figure as several study attrs that
@@ -174,9 +174,9 @@ def annotate_trial(
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
     Call it once the trial's user attrs (``records``, ``prune_reason``, ``epochs_run``, ...) are stored:
-    with the finished ``FrozenTrial`` after ``study.tell``, or with the running ``optuna.Trial`` just before
-    the objective returns (a running trial counts as pruned when it has a ``prune_reason`` attr, failed with
-    a ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
+    with the finished ``FrozenTrial`` after ``study.tell``, as the worker loop does, or with a still-running
+    ``optuna.Trial`` (it then counts as pruned when it has a ``prune_reason`` attr, failed with a
+    ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
     ``rules`` (``total_loss_max``, ``val_ppl_ratio_max``; a ``RuleSettings`` will do) default to what the
     study stores. Never raises: problems are logged.
     """
