@@ -77,7 +77,7 @@ __all__ = [
     "records_to_columns",
     "retry_of",
     "round_significant",
-    "stored_spec",
+    "spec_attr",
     "warmup_checkpoints",
 ]
 
@@ -192,7 +192,7 @@ def retry_of(trial: Any) -> int | None:
     return history[-1]
 
 
-def stored_spec(spec: StudySpec) -> dict[str, Any]:
+def spec_attr(spec: StudySpec) -> dict[str, Any]:
     """The value of the :data:`SPEC_ATTR` study attr: the study file, its objectives and its rules."""
     return {
         "version": SPEC_VERSION,

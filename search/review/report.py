@@ -9,7 +9,6 @@ for the rest. Nothing is re-run and nothing is written to the storage.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import warnings
@@ -26,7 +25,7 @@ import plotly.offline
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import StorageError
-from search.export import trial_config_toml
+from search.export import dump_toml, trial_config_toml
 from search.review import figures
 from search.review.stored import (
     StoredBaseline,
@@ -347,30 +346,18 @@ def _pruned_section(ctx: _Context) -> str:
     return "".join(parts)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value))
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def params_toml(study: optuna.Study, trial: TrialFacts, names: Sequence[str]) -> str:
     """The trial's parameters as the trainer config's TOML tables (``[koopman] weight_max = ...``)."""
     results = ", ".join(f"{n} = {fmt(v)}" for n, v in zip(names, trial.values or (), strict=False))
-    lines = [
-        f"# Best trial {trial.number} of study {study.study_name!r}" + (f" ({results})" if results else ""),
-        "# Its searched settings in the trainer config; everything else as in the study's trainer config.",
-    ]
-    tables: dict[str, list[str]] = {}
+    header = (
+        f"Best trial {trial.number} of study {study.study_name!r}" + (f" ({results})" if results else "") + "\n"
+        "Its searched settings in the trainer config; everything else as in the study's trainer config."
+    )
+    tables: dict[str, dict[str, Any]] = {}
     for name, value in trial.params.items():
         section, _, key = PARAM_TO_PATH.get(name, f"search.{name}").partition(".")
-        tables.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
-    for section, entries in tables.items():
-        lines += ["", f"[{section}]", *entries]
-    return "\n".join(lines) + "\n"
+        tables.setdefault(section, {})[key] = value
+    return dump_toml(tables, header)
 
 
 def _config_section(ctx: _Context, best_config: BestConfig | None) -> str:

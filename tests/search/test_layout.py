@@ -7,7 +7,9 @@ import math
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
+from search import layout
 from search.errors import StorageError
 from search.layout import columns_to_records, records_to_columns, round_significant
 from tests.search.review.synthetic import EPOCHS, baseline_records
@@ -55,3 +57,59 @@ def test_columns_to_records_rejects_a_missing_field() -> None:
     del columns["total_loss"]
     with pytest.raises(StorageError, match=r"missing=\['total_loss'\]"):
         columns_to_records(columns)
+
+
+# ---- keys ---------------------------------------------------------------------------------------------------
+
+
+def test_baseline_key_reads_back_its_seed_and_nothing_else() -> None:
+    assert layout.baseline_key(0) == "baseline:seed=0"
+    assert layout.baseline_key_seed(layout.baseline_key(-3)) == -3
+    assert layout.baseline_key_seed("baseline:seed=x") is None
+    assert layout.baseline_key_seed(layout.SPEC_ATTR) is None
+
+
+def test_a_first_attempt_is_no_retry() -> None:
+    study = optuna.create_study()
+    study.add_trial(layout.finished_trial(TrialState.FAIL, {}, {}, [], fail_reason="boom"))
+    first = study.get_trials()[0]
+    assert not layout.is_retry(first)
+    assert layout.retry_of(first) is None
+
+
+# ---- the attrs a worker writes ----------------------------------------------------------------------------
+
+
+def test_epoch_attrs_count_only_the_epochs_this_attempt_trained() -> None:
+    records = baseline_records()[:5]
+    attrs = layout.epoch_attrs(records, 5, "a5", first_epoch=4)
+    assert attrs[layout.CHECKPOINT] == {"epoch": 5, "artifact_id": "a5"}
+    assert attrs[layout.EPOCHS_RUN] == 2
+    assert attrs[layout.TRAIN_SECONDS] == 2 * 78.0
+    assert attrs[layout.RECORDS]["epoch"] == [1, 2, 3, 4, 5]
+    assert set(layout.epoch_attrs(records, 5, None)) == {layout.RECORDS}  # the baseline: records alone
+
+
+def test_finished_trial_stores_a_pruned_attempt_with_its_epoch_and_warmup() -> None:
+    records = baseline_records()[:6]
+    frozen = layout.finished_trial(TrialState.PRUNED, {}, {}, records, epochs_from_warmup=3, label="x",
+                                   prune_reason="total_loss 7.2 > 7.0 at epoch 6")
+    attrs = frozen.user_attrs
+    assert attrs[layout.PRUNED_EPOCH] == 6
+    assert (attrs[layout.EPOCHS_FROM_WARMUP], attrs[layout.EPOCHS_RUN]) == (3, 3)
+    assert attrs[layout.LABEL] == "x"
+    assert layout.CHECKPOINT not in attrs and layout.FAIL_REASON not in attrs
+
+
+def test_matched_baseline_round_trips_through_its_trial() -> None:
+    records = baseline_records()
+    study = optuna.create_study()
+    attrs = {**layout.epoch_attrs(records, len(records), "last"),
+             layout.WARMUP_CHECKPOINTS: {"2": "a2", "5": "a5"}}
+    study.add_trial(optuna.trial.create_trial(value=477.2, user_attrs=attrs))
+    baseline = layout.MatchedBaseline.from_trial(study.get_trials()[0])
+    assert baseline.checkpoints == {2: "a2", 5: "a5"}
+    assert baseline.val_ppl[-1] == 477.2
+    stored = baseline.to_attr()
+    assert stored["state"] == "complete" and stored["checkpoints"] == {"2": "a2", "5": "a5"}
+    assert stored["records"] == attrs[layout.RECORDS]
