@@ -4,7 +4,7 @@
 A trial: parameters from the sampler (or the queue) → trainer config → start from scratch, from the
 baseline's warmup checkpoint, or from its own last checkpoint when it is a retry → after every epoch store
 the records, checkpoint into the artifact store, apply the prune rules → COMPLETE with the objective values,
-PRUNED with a reason, or FAIL with a reason. A trial's failure never takes its worker down.
+PRUNED with the reason and the epoch, or FAIL with a reason. A trial's failure never takes its worker down.
 """
 
 from __future__ import annotations
