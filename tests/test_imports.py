@@ -30,3 +30,7 @@ def test_the_trial_engine_does_not_load_the_review() -> None:
     loaded = _loaded("import search.runner, search.baseline, search.study, search.job",
                      ("search.review", "plotly"))
     assert loaded == []
+
+
+def test_writing_a_report_loads_no_torch() -> None:
+    assert _loaded("import search.review.report, search.cli.report", ("torch",)) == []

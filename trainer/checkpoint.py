@@ -7,7 +7,8 @@ machine where the same corpus sits at another path (docs/design.md, "Fault toler
 
 Every file the project writes for others to read (checkpoints, the token cache, the HTML report) goes
 through :func:`atomic_write`: a temporary file beside the target, then a rename, so that a reader never
-sees half a file and a crash leaves no partial one behind.
+sees half a file and a crash leaves no partial one behind. Importing this module loads no torch (the review
+writes its report through it), so torch is imported where a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from trainer.config import TrainerConfig, config_to_dict
 from trainer.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -76,6 +78,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's state, checked for its format and keys. Raises :class:`CheckpointError`."""
+    import torch
+
     try:
         # weights_only: a checkpoint is tensors, numbers, strings and containers; nothing to execute
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,6 +108,8 @@ def config_diff(a: TrainerConfig, b: TrainerConfig, sections: Iterable[str]) -> 
 
 def corpus_fingerprint(vocab: Sequence[str], splits: Iterable[torch.Tensor]) -> str:
     """What a corpus is, independent of where it lies: its vocabulary and token streams."""
+    import torch
+
     h = hashlib.blake2b(digest_size=12)
     h.update("\n".join(vocab).encode())
     for split in splits:
