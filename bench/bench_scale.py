@@ -5,12 +5,12 @@
 
 The study is written through the product's own code paths, as a long run of studies/wikitext2.toml (10
 epochs, the user's settings) would leave it: create_or_load_study stores the study file attr; the baseline
-attr is ``Baseline.to_attr()`` under ``baseline_attr(spec)``; each trial's parameters come from
+attr is ``MatchedBaseline.to_attr()`` under ``baseline_attr(spec)``; each trial's parameters come from
 ``spec.space.suggest`` (a seeded random sampler), its epoch records are synthetic numbers passed through
 ``records_to_columns``, its state comes from the real prune rules (``PruneRules.check`` epoch by epoch:
-PRUNED with the rule's reason, else COMPLETE; a few FAIL and RUNNING ones), its user attrs are those that
-TrialRunner writes, and it is stored with ``optuna.trial.create_trial`` + ``study.add_trials``; then
-``annotate_trial`` writes its dashboard note, as TrialRunner._finish does.
+PRUNED with the rule's reason, else COMPLETE; a few FAIL and RUNNING ones), its user attrs are those a
+worker writes (``search.layout.finished_trial``), and it is stored with ``study.add_trials``; then
+``annotate_trial`` writes its dashboard note, as ``search.workers.run_worker`` does.
 
 Each command runs as a subprocess (``python -m search.cli ...``), as a user runs it, so the times include
 the interpreter start and imports (the first row, ``--help``, is that floor). A command slower than
@@ -114,18 +114,17 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
-    from search.baseline import Baseline, baseline_attr
-    from search.records import records_to_columns
+    from search import layout
+    from search.baseline import baseline_attr
     from search.review.dashboard import annotate_trial
     from search.rules import PruneRules
-    from search.runner import _epoch_of
     from search.study import create_or_load_study
 
     rng = random.Random(seed)
     study, _ = create_or_load_study(spec, storage)
     base = baseline_records(spec.epochs, rng)
     checkpoints = {s: str(uuid.UUID(int=rng.getrandbits(128))) for s in range(2, 8)}
-    baseline = Baseline(tuple(r.val_ppl for r in base), "auto", tuple(base), checkpoints)
+    baseline = layout.MatchedBaseline(tuple(r.val_ppl for r in base), "auto", tuple(base), checkpoints)
     study.set_user_attr(baseline_attr(spec), baseline.to_attr())
     rules = PruneRules.from_spec(spec.rules, baseline.val_ppl)
 
@@ -155,24 +154,13 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
             cut = rng.randint(s + 1, spec.epochs)
             state, fail, records = TrialState.FAIL, "RuntimeError: CUDA out of memory", records[:cut]
         states[state.name] = states.get(state.name, 0) + 1
-        user_attrs: dict[str, Any] = {
-            "worker": {"host": "gpu-node-1", "pid": 4000 + i % 8, "device": f"cuda:{i % 8}"},
-            "epochs_from_warmup": s,
-            "records": records_to_columns(records),
-            "train_seconds": round(sum(r.seconds for r in records if r.epoch > s), 3),
-            "checkpoint": {"epoch": records[-1].epoch, "artifact_id": str(uuid.UUID(int=rng.getrandbits(128)))},
-            "epochs_run": len(records) - s,
-        }
-        if label:
-            user_attrs["label"] = label
-        if reason:
-            user_attrs.update(prune_reason=reason, pruned_epoch=_epoch_of(reason))
-        if fail:
-            user_attrs["fail_reason"] = fail
         last = records[-1]
         values = [float(getattr(last, m)) for m in spec.metrics] if state == TrialState.COMPLETE else None
-        frozen.append(optuna.trial.create_trial(state=state, params=params, distributions=distributions,
-                                                values=values, user_attrs=user_attrs))
+        worker = {"host": "gpu-node-1", "pid": 4000 + i % 8, "device": f"cuda:{i % 8}"}
+        frozen.append(layout.finished_trial(
+            state, params, distributions, records, epochs_from_warmup=s, values=values, label=label,
+            prune_reason=reason, fail_reason=fail, checkpoint=str(uuid.UUID(int=rng.getrandbits(128))),
+            extra={layout.WORKER: worker}))
     started = time.perf_counter()
     for chunk in range(0, n, 100):
         study.add_trials(frozen[chunk: chunk + 100])

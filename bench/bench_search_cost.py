@@ -103,9 +103,11 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
     import torch
     from optuna.trial import TrialState
 
-    from search.runner import format_outcome, run_worker
+    from search import layout
+    from search.runner import format_outcome
     from search.storage import open_storage
     from search.study import create_or_load_study, ensure_budget
+    from search.workers import run_worker
 
     torch.set_num_threads(args.threads)
     spec = build_spec(args, variant, tmp)
@@ -115,8 +117,7 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
     storage = open_storage(spec.storage_url)
     study, _ = create_or_load_study(spec, storage)
     ensure_budget(study, spec)
-    run_worker(spec, spec.storage_url,
-               on_outcome=lambda o: logger.info("%s: %s", variant, format_outcome(o, spec.metrics)))
+    run_worker(spec, on_outcome=lambda o: logger.info("%s: %s", variant, format_outcome(o, spec.metrics)))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     trials = study.get_trials(deepcopy=False)
@@ -125,7 +126,7 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
         states[t.state.name] = states.get(t.state.name, 0) + 1
     values = {t.number: (float(t.values[0]), float(t.values[1])) for t in trials
               if t.state == TrialState.COMPLETE and t.values is not None}
-    attr = study.user_attrs.get(f"baseline:seed={spec.trainer.train.seed}") or {}
+    attr = study.user_attrs.get(layout.baseline_key(spec.trainer.train.seed)) or {}
     records = attr.get("records") or {}
     baseline_epochs = len(records.get("epoch", [])) if attr.get("state") == "complete" else 0
     curve = records.get("val_ppl") or []
@@ -133,9 +134,9 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
         name=variant,
         wall_s=wall,
         cpu_s=cpu,
-        trial_epochs=sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
+        trial_epochs=sum(int(t.user_attrs.get(layout.EPOCHS_RUN, 0)) for t in trials),
         baseline_epochs=baseline_epochs,
-        warmup_epochs=sum(int(t.user_attrs.get("epochs_from_warmup", 0)) for t in trials),
+        warmup_epochs=sum(int(t.user_attrs.get(layout.EPOCHS_FROM_WARMUP, 0)) for t in trials),
         states=states,
         params={t.number: dict(t.params) for t in trials},
         values=values,

@@ -5,7 +5,7 @@
 
 For each storage and worker count, a study (studies/wikitext2.toml's space, sampler and shared warmup) is
 created in a scratch SQLite file or a scratch PostgreSQL database (created on the server of --postgres and
-dropped afterwards), and N worker processes run ``search.runner.run_worker`` on it, as
+dropped afterwards), and N worker processes run ``search.workers.run_worker`` on it, as
 ``koopman-search worker`` does. The model has the user's shapes (vocab 30000, d_model 64, 4 blocks, seq 128,
 Koopman dim 128 or 256), so checkpoints have the user's size; but each epoch trains only a few small batches,
 because the overhead does not depend on how long the steps take.
@@ -19,12 +19,12 @@ starts (the wrappers call the original and note the monotonic clock before and a
       downloading and loading the warmup checkpoint. Split into those parts; "other" is the rest (heartbeat
       thread stop, temporary directory clean-up, the trial's "worker" and "epochs_from_warmup" attrs).
   (b) per epoch record of a trial: save_checkpoint (torch.save of model + optimizers), upload_artifact,
-      the user-attr writes (TrialRunner._record: records, train_seconds, checkpoint, epochs_run) and the
+      the user-attr writes (TrainingJob._write_attrs: records, checkpoint, train_seconds, epochs_run) and the
       removal of the previous checkpoint.
 
 Rules are off (limits 1e9) so that every trial trains all its epochs and stores one record per epoch.
 The share is against the user's trial: an epoch of 96 s with the Koopman loss on, 10 epochs = 960 s
-(DESIGN.md): share = (mean gap + 10 x mean storage per epoch) / 960 s.
+(docs/design.md): share = (mean gap + 10 x mean storage per epoch) / 960 s.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ class Timeline:
 def instrument() -> Timeline:
     import optuna.artifacts
 
+    import search.job
     import search.runner
+    import search.workers.loop
     from search.space import SearchSpace
     from search.storage import Heartbeat
     from trainer.loop import HybridKoopmanTrainer
@@ -153,10 +155,10 @@ def instrument() -> Timeline:
     tl.wrap(optuna.artifacts, "upload_artifact", "upload")
     tl.wrap(optuna.artifacts, "download_artifact", "download")
     tl.wrap(optuna.artifacts.FileSystemArtifactStore, "remove", "remove_old")
-    tl.wrap(search.runner.TrialRunner, "_record", "record_attrs")
+    tl.wrap(search.job.TrainingJob, "_write_attrs", "record_attrs")
     tl.wrap(search.runner.TrialRunner, "_finish", "finish")
-    tl.wrap(search.runner, "claim_waiting_trial", "claim")
-    tl.wrap(search.runner, "fail_stale_trials", "stale_check")
+    tl.wrap(search.workers.loop, "claim_waiting_trial", "claim")
+    tl.wrap(search.workers.loop, "fail_stale_trials", "stale_check")
     tl.wrap(SearchSpace, "suggest", "suggest")
     tl.wrap(Heartbeat, "__exit__", "heartbeat_stop")
     return tl
@@ -170,11 +172,11 @@ def worker_main(args: argparse.Namespace, name: str, storage_url: str, artifacts
 
     torch.set_num_threads(1)
     tl = instrument()
-    from search.runner import run_worker
+    from search.workers import run_worker
 
     spec = build_spec(args, name, storage_url, Path(artifacts))
     started = time.monotonic()
-    summary = run_worker(spec, storage_url, worker_index=index)
+    summary = run_worker(spec, seed_offset=index)
     Path(out).write_text(json.dumps({"index": index, "started": started, "ended": time.monotonic(),
                                      "trials": len(summary.outcomes), "events": tl.events}))
 
@@ -345,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=1, help="validation batches (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size (user: 32; default: %(default)s)")
     p.add_argument("--epoch-seconds", type=float, default=96.0,
-                   help="the user's epoch with the Koopman loss on, s (DESIGN.md; default: %(default)s)")
+                   help="the user's epoch with the Koopman loss on, s (docs/design.md; default: %(default)s)")
     p.add_argument("--user-epochs", type=int, default=10, help="the user's epochs per trial (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show the search's own INFO logs")
     args = p.parse_args(argv)

@@ -4,9 +4,9 @@ tokenizing + caching WikiText-2. Prints one markdown table per measurement on st
     .venv/bin/python bench/bench_trainer.py                  # the default run: about 6 minutes on 2 busy cores
     .venv/bin/python bench/bench_trainer.py --only overhead --tokens 256,1024
 
-Shapes are the user's (../shared/DESIGN.md): d_model 64, 4 blocks, Koopman dim 256, batch 32, seq_len 128,
-vocabulary 30000, WikiText-2. The machine is shared, so every comparison is a ratio of measurements taken side by
-side in one process, interleaved round by round (A B C …, then B C … A, …) so that a slow spell hits every
+Shapes are the user's (docs/design.md, "The user's setup"): d_model 64, 4 blocks, Koopman dim 256, batch 32,
+seq_len 128, vocabulary 30000, WikiText-2. The machine is shared, so every comparison is a ratio of measurements
+taken side by side in one process, interleaved round by round (A B C …, then B C … A, …) so that a slow spell hits every
 variant alike, with a first warm-up round thrown away. A trainer block is one epoch of ``--steps`` steps through
 the public API (``fit`` with a callback that stops after the epoch; validation is stubbed out so that only the
 training steps are timed).

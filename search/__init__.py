@@ -36,9 +36,9 @@ from search.spec import (
     Objective,
     StudySpec,
     load_spec,
-    redact_url,
     spec_from_dict,
 )
+from search.urls import redact_url
 
 __all__ = [
     "PARAM_NAMES",

@@ -11,34 +11,32 @@ of a companion study named ``<study>.baseline-seed<N>`` in the same storage:
   :class:`BaselineError`, and ``launch --rerun-baseline`` enqueues it again.
 
 Its end-of-epoch checkpoints (the epochs a trial may start its Koopman loss after) go to the artifact store:
-a trial with start epoch s starts from the baseline's epoch-s checkpoint (shared warmup, DESIGN.md). The
-per-epoch curve is also copied to the main study's user attr ``baseline:seed=<N>`` for status and review.
+a trial with start epoch s starts from the baseline's epoch-s checkpoint (shared warmup, docs/design.md). The
+per-epoch curve is also copied to the main study's user attr ``baseline:seed=<N>``
+(:func:`search.layout.baseline_key`) for status and review.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from search import layout
 from search.errors import BaselineError
-from search.records import columns_to_records, records_to_columns
+from search.job import TrainingJob
+from search.layout import MatchedBaseline
 from search.spec import StudySpec
-from search.storage import Heartbeat, fail_stale_trials, retrying
-from trainer.config import TrainerConfig, with_overrides
+from search.storage import fail_stale_trials, retrying
+from search.study import claim_waiting_trial
 from trainer.records import EpochRecord
 
 __all__ = [
-    "Baseline",
     "baseline_attr",
     "baseline_study_name",
     "ensure_baseline",
@@ -52,31 +50,12 @@ POLL_MIN, POLL_MAX = 1.0, 5.0  # seconds between looks while another worker runs
 EMPTY_GRACE = 30.0  # seconds a new baseline study may stay without its run before that counts as a failure
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """The per-epoch baseline curve, and where its warmup checkpoints are."""
-
-    val_ppl: tuple[float, ...]
-    source: str  # "auto" | "fixed"
-    records: tuple[EpochRecord, ...] = ()
-    checkpoints: dict[int, str] = field(default_factory=dict)  # epoch -> artifact id
-
-    def to_attr(self) -> dict[str, Any]:
-        return {
-            "state": "complete" if self.source == "auto" else "fixed",
-            "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],
-            "records": records_to_columns(list(self.records)) if self.records else None,
-            "checkpoints": {str(k): v for k, v in self.checkpoints.items()},
-            "error": None,
-        }
-
-
 def baseline_study_name(spec: StudySpec) -> str:
     return f"{spec.name}.baseline-seed{spec.trainer.train.seed}"
 
 
 def baseline_attr(spec: StudySpec) -> str:
-    return f"baseline:seed={spec.trainer.train.seed}"
+    return layout.baseline_key(spec.trainer.train.seed)
 
 
 def warmup_epochs(spec: StudySpec) -> set[int]:
@@ -90,19 +69,6 @@ def warmup_epochs(spec: StudySpec) -> set[int]:
     return {s for s in candidates if param.contains(s)}
 
 
-def _config(spec: StudySpec, device: str | None) -> TrainerConfig:
-    cfg = spec.baseline_config
-    if device is not None:
-        cfg = with_overrides(cfg, {"train.device": device})
-    return cfg
-
-
-def _from_trial(trial: optuna.trial.FrozenTrial) -> Baseline:
-    records = columns_to_records(trial.user_attrs["records"])
-    checkpoints = {int(k): v for k, v in trial.user_attrs.get("checkpoints", {}).items()}
-    return Baseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints)
-
-
 def _publish(study: optuna.Study, spec: StudySpec, value: dict[str, Any]) -> None:
     retrying(lambda: study.set_user_attr(baseline_attr(spec), value), "store the baseline in the study")
 
@@ -113,8 +79,8 @@ def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(storage=storage, study_name=name)
-    study.set_user_attr("koopman_search_role", f"baseline of study {spec.name}")
-    study.enqueue_trial({}, user_attrs={"role": "baseline"})
+    study.set_user_attr(layout.ROLE_ATTR, f"baseline of study {spec.name}")
+    study.enqueue_trial({}, user_attrs={layout.ROLE: "baseline"})
     return study
 
 
@@ -124,8 +90,15 @@ def rerun_baseline(spec: StudySpec, storage: RDBStorage) -> bool:
     states = {t.state for t in study.get_trials(deepcopy=False)}
     if states & {TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING}:
         return False
-    study.enqueue_trial({}, user_attrs={"role": "baseline"})
+    study.enqueue_trial({}, user_attrs={layout.ROLE: "baseline"})
     return True
+
+
+def _failed(spec: StudySpec, reason: str) -> BaselineError:
+    return BaselineError(
+        f"the baseline run of study {spec.name} failed: {reason}; fix the cause, then run "
+        f"`koopman-search launch {spec.path or 'STUDY.toml'} --rerun-baseline`"
+    )
 
 
 def ensure_baseline(
@@ -133,15 +106,14 @@ def ensure_baseline(
     storage: RDBStorage,
     main_study: optuna.Study,
     artifact_store: Any,
-    device: str | None = None,
     stop: threading.Event | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> Baseline:
+) -> MatchedBaseline:
     """The study's baseline curve: fixed from the study file, already computed, computed here, or waited
     for while another worker computes it. ``on_epoch(record)`` follows the run when it is computed here."""
     if spec.baseline.mode == "fixed":
         values = tuple(spec.baseline.values or ())
-        baseline = Baseline(values, "fixed")
+        baseline = MatchedBaseline(values, "fixed")
         if main_study.user_attrs.get(baseline_attr(spec)) is None:
             _publish(main_study, spec, baseline.to_attr())
         return baseline
@@ -159,16 +131,14 @@ def ensure_baseline(
             continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
-            baseline = _from_trial(done[-1])
+            baseline = MatchedBaseline.from_trial(done[-1])
             if main_study.user_attrs.get(baseline_attr(spec), {}).get("state") != "complete":
                 _publish(main_study, spec, baseline.to_attr())
             return baseline
         if any(t.state == TrialState.WAITING for t in trials):
-            from search.study import claim_waiting_trial
-
             trial = claim_waiting_trial(study)
             if trial is not None:
-                return _run(spec, storage, study, main_study, trial, artifact_store, device, stop, on_epoch)
+                return _run(spec, storage, study, main_study, trial, artifact_store, stop, on_epoch)
             continue
         if any(t.state == TrialState.RUNNING for t in trials):
             if not announced:
@@ -179,11 +149,8 @@ def ensure_baseline(
             delay = min(delay * 1.5, POLL_MAX)
             continue
         failed = [t for t in trials if t.state == TrialState.FAIL]
-        reason = failed[-1].user_attrs.get("fail_reason", "unknown error") if failed else "no run"
-        raise BaselineError(
-            f"the baseline run of study {spec.name} failed: {reason}; fix the cause, then run "
-            f"`koopman-search launch {spec.path or 'STUDY.toml'} --rerun-baseline`"
-        )
+        reason = failed[-1].user_attrs.get(layout.FAIL_REASON, "unknown error") if failed else "no run"
+        raise _failed(spec, reason)
 
 
 def _run(
@@ -193,79 +160,56 @@ def _run(
     main_study: optuna.Study,
     trial: optuna.Trial,
     artifact_store: Any,
-    device: str | None,
     stop: threading.Event,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> Baseline:
+) -> MatchedBaseline:
     from trainer.loop import HybridKoopmanTrainer
 
     keep = warmup_epochs(spec) if spec.shared_warmup else set()
-    cfg = _config(spec, device)
-    frozen = storage.get_trial(trial._trial_id)
-    checkpoints: dict[int, str] = {int(k): v for k, v in frozen.user_attrs.get("checkpoints", {}).items()}
-    last = frozen.user_attrs.get("last_checkpoint")
-    _publish(main_study, spec, {"state": "running", "val_ppl": [], "records": None, "checkpoints": {},
-                                "error": None})
-    logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
-                f", resuming after epoch {last['epoch']}" if last else "")
-    with Heartbeat(storage, trial._trial_id), tempfile.TemporaryDirectory(prefix="koopman-baseline-") as tmp:
+    cfg = spec.baseline_config
+    _publish(main_study, spec, layout.baseline_state_attr("running"))
+    with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
+        checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
+        last = job.frozen.user_attrs.get(layout.CHECKPOINT)
+        logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
+                    f", resuming after epoch {last['epoch']}" if last else "")
         try:
-            if last:
-                path = str(Path(tmp) / "resume.pt")
-                optuna.artifacts.download_artifact(artifact_store=artifact_store, file_path=path,
-                                                   artifact_id=last["artifact_id"])
-                trainer = HybridKoopmanTrainer.from_checkpoint(path, cfg)
-            else:
-                trainer = HybridKoopmanTrainer(cfg)
+            trainer = job.resume(cfg) or HybridKoopmanTrainer(cfg)
 
             def record_epoch(record: EpochRecord) -> bool:
-                path = trainer.save_checkpoint(Path(tmp) / f"epoch_{record.epoch}.pt")
-                artifact_id = retrying(lambda: optuna.artifacts.upload_artifact(
-                    artifact_store=artifact_store, file_path=str(path), study_or_trial=trial),
-                    "upload a baseline checkpoint")
+                # the checkpoints of the warmup epochs stay: trials start from them (shared warmup)
+                artifact_id = job.save_epoch(trainer, record)
                 if record.epoch in keep:
                     checkpoints[record.epoch] = artifact_id
-                    trial.set_user_attr("checkpoints", {str(k): v for k, v in checkpoints.items()})
-                trial.set_user_attr("last_checkpoint", {"epoch": record.epoch, "artifact_id": artifact_id})
-                trial.set_user_attr("records", records_to_columns(trainer.records))
-                path.unlink()
+                    retrying(lambda: trial.set_user_attr(
+                        layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()}),
+                        "record a warmup checkpoint")
                 logger.info("baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs,
                             record.val_ppl, record.seconds)
                 if on_epoch is not None:
                     on_epoch(record)
                 return stop.is_set()
 
-            records = trainer.fit(callback=lambda r: retrying(lambda: record_epoch(r),
-                                                                        "record a baseline epoch"))
+            records = trainer.fit(callback=record_epoch)
             if trainer.stopped and trainer.epoch < spec.epochs:
                 raise InterruptedError(f"stopped after epoch {trainer.epoch}")
         except (Exception, KeyboardInterrupt) as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            interrupted = isinstance(exc, (KeyboardInterrupt, InterruptedError))
-            retrying(lambda: trial.set_user_attr("fail_reason", reason), "record the baseline failure")
-            retrying(lambda: study.tell(trial, state=TrialState.FAIL), "fail the baseline run")
-            if interrupted:
-                # hand it back: the next worker resumes from its last checkpoint
-                from search.runner import enqueue_retry
-
-                enqueue_retry(study, storage.get_trial(trial._trial_id))
+            job.fail(study, reason)
+            if isinstance(exc, (KeyboardInterrupt, InterruptedError)):
+                job.hand_back(study)  # the next worker resumes from its last checkpoint
                 logger.warning("baseline run of study %s interrupted; queued to resume from its last "
                                "checkpoint", spec.name)
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
-            _publish(main_study, spec, {"state": "failed", "val_ppl": [], "records": None, "checkpoints": {},
-                                        "error": reason})
+            _publish(main_study, spec, layout.baseline_state_attr("failed", reason))
             logger.error("baseline of study %s failed: %s", spec.name, reason)
-            raise BaselineError(
-                f"the baseline run of study {spec.name} failed: {reason}; fix the cause, then run "
-                f"`koopman-search launch {spec.path or 'STUDY.toml'} --rerun-baseline`"
-            ) from exc
+            raise _failed(spec, reason) from exc
     final = records[-1]
     retrying(lambda: study.tell(trial, final.val_ppl), "complete the baseline run")
-    baseline = Baseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints)
+    baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints)
     _publish(main_study, spec, baseline.to_attr())
     logger.info("baseline of study %s done: val PPL %s", spec.name,
                 ", ".join(f"{v:.1f}" for v in baseline.val_ppl))
     return baseline
-

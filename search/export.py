@@ -10,8 +10,8 @@ from typing import Any
 import optuna
 
 from search.errors import StorageError
+from search.layout import SPEC_ATTR
 from search.spec import StudySpec, spec_from_dict
-from search.study import SPEC_ATTR
 from trainer.config import TrainerConfig, config_to_dict
 
 __all__ = ["dump_toml", "stored_spec", "trial_config", "trial_config_toml"]

@@ -33,19 +33,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from search.errors import SpecError
 from search.rules import DEFAULT_FINITE_METRICS, RuleSettings
 from search.space import PARAM_NAMES, CategoricalParam, FixedParam, SearchSpace
-from trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict
+from search.urls import expand_env, resolve_artifacts, resolve_path, resolve_storage_url
+from trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict, with_overrides
 from trainer.errors import ConfigError
 from trainer.records import RECORD_FIELDS
 
@@ -62,13 +61,11 @@ __all__ = [
     "OBJECTIVE_METRICS",
     "PRUNERS",
     "SAMPLERS",
-    "STORAGE_BACKENDS",
     "BaselineSetting",
     "EnqueuedTrial",
     "Objective",
     "StudySpec",
     "load_spec",
-    "redact_url",
     "spec_from_dict",
 ]
 
@@ -77,8 +74,6 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random", "nsgaii")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
-# Optuna's RDB storage backends; postgresql+psycopg for many workers
-STORAGE_BACKENDS = ("sqlite", "postgresql", "mysql")
 OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
 DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "minimize"))
 # Objectives that exist only for a Koopman objective with a decoder ψ (NaN otherwise: docs/koopman-objective.md)
@@ -99,10 +94,6 @@ STUDY_KEYS = (
 RULE_KEYS = ("total_loss_max", "val_ppl_ratio_max")
 BASELINE_KEYS = ("val_ppl",)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-STORAGE_EXAMPLE = "sqlite:///study.db or postgresql+psycopg://user:${PASSWORD}@host:5432/db"
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)@")
 
 
 # ---- the spec ----------------------------------------------------------------------------------------------
@@ -179,6 +170,13 @@ class StudySpec:
         """The matched baseline: the base config with the Koopman loss off (same seed, same epochs)."""
         return self.trainer.without_koopman()
 
+    def with_device(self, device: str | None, origin: str = "--device") -> StudySpec:
+        """The study with every run's trainer device set to ``device`` (validated like any config value);
+        unchanged for None. Applied once, where the device is chosen: every run reads it from here."""
+        if device is None:
+            return self
+        return replace(self, trainer=with_overrides(self.trainer, {"train.device": device}, origin=origin))
+
     def trial_config(self, params: Mapping[str, Any]) -> TrainerConfig:
         """The trainer config of one trial: the base config with the trial's parameters written in."""
         return self.space.to_config(self.trainer, params, origin=self.name)
@@ -226,132 +224,6 @@ class StudySpec:
         if self.pruner == "hyperband":
             return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.epochs)
         return optuna.pruners.NopPruner()
-
-
-# ---- URLs and environment variables ------------------------------------------------------------------------
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also for strings SQLAlchemy cannot parse)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
-        return re.sub(r"^([^:/]*://[^:@/]*:).*@", r"\1***@", url)
-    if parsed.password is None:
-        return url
-    return parsed.render_as_string(hide_password=True)
-
-
-def _expand(template: str, origin: str, key: str, in_url: bool = False) -> str:
-    """Replace every ``${VAR}`` with the environment's value. In a URL, values inside ``user:password@`` are
-    percent-encoded, so the variable holds the raw password."""
-    userinfo = _USERINFO.match(template) if in_url else None
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in os.environ:
-            raise SpecError.at(
-                f"environment variable {name} is not set, but {key.rsplit('.', 1)[-1]} uses ${{{name}}}; "
-                "export it or edit the file",
-                origin,
-                key,
-            )
-        text = os.environ[name]
-        if userinfo is not None and match.start() < userinfo.end(1):
-            return quote(text, safe="")
-        return text
-
-    expanded = _VAR.sub(value, template)
-    leftover = _VAR.sub("", template)
-    if "${" in leftover:
-        shown = redact_url(template) if in_url else template
-        raise SpecError.at(
-            f"${{...}} must name a variable like ${{POSTGRES_PASSWORD}}, but got {key.rsplit('.', 1)[-1]}="
-            f"{shown!r}",
-            origin,
-            key,
-        )
-    return expanded
-
-
-def _storage_url(template: str, name: str, origin: str, base_dir: Path) -> str:
-    from sqlalchemy.engine import URL, make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    key = "study.storage"
-    if not template:
-        return URL.create("sqlite", database=_resolve(base_dir, f"{name}.db")).render_as_string(
-            hide_password=False
-        )
-    raw = _expand(template, origin, key, in_url=True)
-    shown = redact_url(raw)
-    try:
-        url = make_url(raw)
-    except (ArgumentError, ValueError):
-        raise SpecError.at(
-            f"storage must be a database URL like {STORAGE_EXAMPLE}, but got storage={shown!r}", origin, key
-        ) from None
-    backend = url.get_backend_name()
-    if backend not in STORAGE_BACKENDS:
-        raise SpecError.at(
-            f"storage must use one of {', '.join(STORAGE_BACKENDS)} (e.g. {STORAGE_EXAMPLE}), "
-            f"but got storage={shown!r}",
-            origin,
-            key,
-        )
-    try:
-        url.get_dialect()
-    except NoSuchModuleError:
-        raise SpecError.at(
-            f"storage names an unknown database driver {url.drivername!r}; use e.g. postgresql+psycopg, "
-            f"but got storage={shown!r}",
-            origin,
-            key,
-        ) from None
-    if backend == "sqlite":
-        if not url.database or url.database == ":memory:":
-            raise SpecError.at(
-                "storage must name a SQLite file (an in-memory database is gone when the process ends), "
-                f"but got storage={shown!r}",
-                origin,
-                key,
-            )
-        url = url.set(database=_resolve(base_dir, url.database))
-    elif not url.database:
-        raise SpecError.at(
-            f"storage must name a database (…/DBNAME at the end), but got storage={shown!r}", origin, key
-        )
-    userinfo = _USERINFO.match(template)
-    if url.password is not None and userinfo is not None and "${" not in userinfo.group(1):
-        logger.warning(
-            "the storage URL in %s holds a literal password; put it in an environment variable, e.g. "
-            "postgresql+psycopg://user:${POSTGRES_PASSWORD}@host/db",
-            origin,
-        )
-    return url.render_as_string(hide_password=False)
-
-
-def _artifacts_dir(template: str, name: str, origin: str, base_dir: Path) -> str:
-    if not template:
-        return _resolve(base_dir, f"{name}-artifacts")
-    value = _expand(template, origin, "study.artifacts")
-    if "://" in value:
-        if not value.startswith("s3://") or len(value) <= len("s3://"):
-            raise SpecError.at(
-                f"artifacts must be a directory or an s3://bucket/prefix URL, but got artifacts={value!r}",
-                origin,
-                "study.artifacts",
-            )
-        return value
-    return _resolve(base_dir, value)
-
-
-def _resolve(base_dir: Path, path: str) -> str:
-    """``path`` made absolute against the study file's folder (``~`` expanded, ``..`` collapsed)."""
-    return os.path.normpath(base_dir / Path(path).expanduser())
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
@@ -413,8 +285,8 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
             origin,
             "study.pruner",
         )
-    storage_url = _storage_url(_get(study, "storage", str, origin, "study", default=""), name, origin, base)
-    artifacts = _artifacts_dir(_get(study, "artifacts", str, origin, "study", default=""), name, origin, base)
+    storage_url = resolve_storage_url(_get(study, "storage", str, origin, "study", default=""), name, origin, base)
+    artifacts = resolve_artifacts(_get(study, "artifacts", str, origin, "study", default=""), name, origin, base)
 
     space = SearchSpace.from_dict(values.get("search", {}), trainer, origin)
     _check_decoder_objectives(objectives, trainer, space, origin)
@@ -518,8 +390,8 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
     data = resolved.get("data", {})
     source = data.get("source")
     if isinstance(source, str) and source.startswith("files:"):
-        relative = _expand(source.removeprefix("files:"), origin, "trainer.data.source")
-        directory = _resolve(base_dir, relative)
+        relative = expand_env(source.removeprefix("files:"), origin, "trainer.data.source")
+        directory = resolve_path(base_dir, relative)
         data["source"] = f"files:{directory}"
         if not Path(
             directory
@@ -527,8 +399,8 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
             logger.warning("%s: data directory %s does not exist on this machine", origin, directory)
     cache_dir = data.get("cache_dir")
     if isinstance(cache_dir, str) and cache_dir:
-        relative = _expand(cache_dir, origin, "trainer.data.cache_dir")
-        data["cache_dir"] = _resolve(base_dir, relative)
+        relative = expand_env(cache_dir, origin, "trainer.data.cache_dir")
+        data["cache_dir"] = resolve_path(base_dir, relative)
     try:
         cfg = config_from_dict(resolved, origin=origin)
     except ConfigError as exc:

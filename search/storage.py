@@ -26,7 +26,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import StorageError
-from search.spec import redact_url
+from search.urls import redact_text, redact_url
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -36,7 +36,6 @@ __all__ = [
     "fail_stale_trials",
     "open_artifact_store",
     "open_storage",
-    "redact_text",
     "retrying",
 ]
 
@@ -49,17 +48,6 @@ GRACE_FACTOR = 4
 MAX_RETRY = 3  # retries of one trial after its worker died
 
 T = TypeVar("T")
-
-
-def redact_text(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (if any) replaced by ``***``."""
-    try:
-        password = sqlalchemy.engine.make_url(url).password
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return text.replace(url, redact_url(url))
-    if password:
-        text = text.replace(str(password), "***")
-    return text
 
 
 def _sqlite_setup(engine: sqlalchemy.engine.Engine) -> None:

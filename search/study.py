@@ -1,10 +1,11 @@
-"""Creating a study, its trial budget, and claiming trials from it.
+"""The study as a queue: creating it, its trial budget, claiming trials, and queuing a trial again.
 
 The budget is a queue. Creating a study enqueues the study file's listed trials first, then empty WAITING
 trials up to ``n_trials`` (an empty waiting trial takes its parameters from the sampler when it runs).
 Workers only ever claim WAITING trials (an atomic state change in the database), so the budget holds across
 every worker and machine with no overshoot, and the listed trials run first and once. A trial whose worker
 died is failed by heartbeat and re-enqueued with the same parameters; that retry does not count again.
+A trial stopped on purpose (SIGTERM, Ctrl-C) is queued again by :func:`enqueue_retry` in the same way.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from search import layout
 from search.errors import SpecError, StudyNotFoundError
+from search.layout import SPEC_ATTR, is_retry
 from search.spec import StudySpec
 from search.storage import exclusive, retrying
 
 __all__ = [
-    "SPEC_ATTR",
+    "OUTCOME_ATTRS",
     "claim_waiting_trial",
     "create_or_load_study",
+    "enqueue_retry",
     "ensure_budget",
     "is_retry",
     "load_study",
@@ -33,22 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPEC_ATTR = "koopman_search"
-SPEC_VERSION = 1
-
-
-def is_retry(trial: optuna.trial.FrozenTrial) -> bool:
-    """True for a trial enqueued again after its first attempt failed or was interrupted."""
-    return "failed_trial" in trial.system_attrs
-
-
-def _stored_spec(spec: StudySpec) -> dict[str, Any]:
-    return {
-        "version": SPEC_VERSION,
-        "spec": spec.to_dict(),
-        "objectives": [o.to_dict() for o in spec.objectives],
-        "rules": spec.rules.to_dict(),
-    }
+# user attrs that describe how an attempt ended: they stay with the attempt, never with its retry
+OUTCOME_ATTRS = (layout.FAIL_REASON, layout.PRUNE_REASON, layout.PRUNED_EPOCH)
 
 
 def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int = 0) -> tuple[optuna.Study, bool]:
@@ -75,7 +65,7 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
                 + (f" ({spec.path}, [study.name])" if spec.path else "")
             ) from None
     if created or SPEC_ATTR not in study.user_attrs:
-        study.set_user_attr(SPEC_ATTR, _stored_spec(spec))
+        study.set_user_attr(SPEC_ATTR, layout.spec_attr(spec))
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -112,14 +102,14 @@ def ensure_budget(study: optuna.Study, spec: StudySpec, n_trials: int | None = N
 def _top_up(study: optuna.Study, spec: StudySpec, target: int) -> int:
     trials = study.get_trials(deepcopy=False)
     issued = [t for t in trials if not is_retry(t)]
-    labels = {t.user_attrs.get("label") for t in issued}
+    labels = {t.user_attrs.get(layout.LABEL) for t in issued}
     added = 0
     for item in spec.enqueue:
         if len(issued) + added >= target:
             break
         if item.label is not None and item.label in labels:
             continue
-        user_attrs = {"label": item.label} if item.label else None
+        user_attrs = {layout.LABEL: item.label} if item.label else None
         study.enqueue_trial(dict(item.params), user_attrs=user_attrs, skip_if_exists=item.label is None)
         added += 1
     for _ in range(target - len(issued) - added):
@@ -159,3 +149,18 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     if trial_id is None:
         return None
     return optuna.Trial(study, trial_id)
+
+
+def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue ``trial`` again with the same parameters and user attrs (its last checkpoint among them),
+    marked the way Optuna's RetryHeartbeatStaleTrialCallback marks a retry."""
+    system_attrs: dict[str, Any] = {layout.FAILED_TRIAL: trial.number, layout.RETRY_HISTORY: [],
+                                    **trial.system_attrs}
+    system_attrs[layout.RETRY_HISTORY] = [*system_attrs[layout.RETRY_HISTORY], trial.number]
+    system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:")}
+    # the attempt's outcome stays with the attempt: a retry that completes must not show the old reason
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in OUTCOME_ATTRS}
+    retrying(lambda: study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=user_attrs, system_attrs=system_attrs,
+    )), f"queue trial {trial.number} again")

@@ -39,8 +39,8 @@ SCHEMA_FILE = Path(__file__).parent / "data" / "compose-spec.json"
 # to a draft (it would fall back to the newest one with a warning), so the draft is named here.
 SchemaValidator = jsonschema.Draft201909Validator
 
-# The user's slowest epoch with the Koopman loss on (../shared/DESIGN.md): a stopping worker must be given
-# at least this long to finish the epoch and checkpoint it.
+# The user's slowest epoch with the Koopman loss on (docs/design.md, "The user's setup"): a stopping worker
+# must be given at least this long to finish the epoch and checkpoint it.
 SLOWEST_EPOCH_S = 96
 
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))

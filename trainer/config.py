@@ -5,8 +5,9 @@ which checks every key and value and raises :class:`ConfigError` naming the orig
 
     fallback_threshold must be > 0, but got fallback_threshold=-1 (run.toml, [koopman.fallback_threshold])
 
-Defaults follow the user's notebook setup (docs/design.md): WikiText-2 words, vocabulary capped at 30000,
-sequence length 128, batch 32, d_model 64, 4 blocks, AdamW lr 1e-3, gradient clip 0.5, 10 epochs, Koopman dim 256.
+Defaults follow the user's notebook setup (docs/design.md, "The user's setup"): WikiText-2 words, vocabulary
+capped at 30000, sequence length 128, batch 32, d_model 64, 4 blocks, AdamW lr 1e-3, gradient clip 0.5,
+10 epochs, Koopman dim 256.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class DataConfig:
     """Where the corpus comes from and how it is cut into batches."""
 
     source: str = field(default="builtin", metadata=_check(_source))  # builtin | files:DIR | hf:NAME/CONFIG
-    vocab_size: int = field(default=30000, metadata=_check(_positive))  # the seed's 30000-word cap
+    vocab_size: int = field(default=30000, metadata=_check(_positive))  # the notebook's 30000-word cap (docs/design.md)
     seq_len: int = field(default=128, metadata=_check(_positive))
     batch_size: int = field(default=32, metadata=_check(_positive))
     cache_dir: str = ""  # "" = $KOOPMAN_CACHE_DIR or ~/.cache/koopman-search
@@ -174,7 +175,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_check(_non_negative))
     lr: float = field(default=1e-3, metadata=_check(_positive))
     weight_decay: float = field(default=0.01, metadata=_check(_non_negative))
-    grad_clip: float = field(default=0.5, metadata=_check(_positive))  # the seed's 0.5
+    grad_clip: float = field(default=0.5, metadata=_check(_positive))  # the notebook's 0.5 (docs/design.md)
     device: str = field(default="auto", metadata=_check(_device))
     max_steps_per_epoch: int = field(default=0, metadata=_check(_non_negative))  # 0 = the whole split
     max_eval_batches: int = field(default=0, metadata=_check(_non_negative))  # 0 = the whole split

@@ -27,10 +27,7 @@ import importlib
 import json
 import logging
 import os
-import pickle
-import tempfile
 import time
-import zipfile
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +39,7 @@ from typing import Any
 
 import torch
 
+from trainer.checkpoint import UNREADABLE, atomic_write
 from trainer.errors import ConfigError, DataError
 
 __all__ = [
@@ -349,25 +347,12 @@ def _cache_key(src: _Source, vocab_size: int, identity: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-# What torch.load raises on a truncated, garbled or foreign file.
-_UNREADABLE = (
-    RuntimeError,
-    EOFError,
-    OSError,
-    ValueError,
-    KeyError,
-    TypeError,
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-)
-
-
 def _read_cache(path: Path, key: str, source: str) -> Corpus | None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         return None
-    except _UNREADABLE as exc:
+    except UNREADABLE as exc:
         logger.warning(
             "discarding unreadable token cache %s (%s: %s); rebuilding it", path, type(exc).__name__, exc
         )
@@ -411,24 +396,10 @@ def _write_cache(path: Path, key: str, corpus: Corpus) -> None:
         **{split: corpus.split(split).to(torch.int32) for split in SPLITS},
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        logger.warning("cannot write a token cache in %s (%s); continuing without it", path.parent, exc)
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache is no secret, and other users may share it
-        os.replace(tmp, path)
+        # 0644: a cache is no secret, and other users may share it
+        atomic_write(path, lambda fh: torch.save(payload, fh), mode=0o644)
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as RuntimeError
         logger.warning("cannot write token cache %s (%s); continuing without it", path, exc)
-        Path(tmp).unlink(missing_ok=True)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -11,20 +11,16 @@ Determinism (the search shares warmup epochs between trials, docs/design.md):
 * the Koopman heads have their own optimizer, and epochs 1..s never compute the Koopman loss;
 
 so epochs 1..s are bit-identical (on CPU) for every Koopman setting, and equal to the baseline's.
+The checkpoint format and its checks are in :mod:`trainer.checkpoint`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
-import os
-import pickle
 import shutil
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_write,
+    config_diff,
+    corpus_fingerprint,
+    read_checkpoint,
+)
 from trainer.config import TrainerConfig, config_from_dict, config_to_dict
 from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
 from trainer.errors import CheckpointError, ConfigError
@@ -44,17 +47,6 @@ from trainer.schedule import FallbackState, koopman_weight
 __all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "resolve_device"]
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-# Keys that may differ between a checkpoint and the config that resumes it: where it runs, not what it computes.
-# data.source is among them because the same corpus may sit at another path on another machine (a retry
-# resuming elsewhere); what the corpus IS is compared through its fingerprint instead (_corpus_fingerprint).
-_RUNTIME_KEYS = {("train", "device"), ("train", "progress"), ("data", "cache_dir"), ("data", "source")}
-
-_CHECKPOINT_KEYS = ("config", "epoch", "step", "since_refit", "vocab_size", "model", "opt_lm", "koopman",
-                    "opt_koopman", "rng", "records")
-# What torch.load raises on a truncated, garbled or foreign file (a non-tensor pickle is an UnpicklingError).
-_UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 EpochCallback = Callable[[EpochRecord], "bool | None"]
 
@@ -72,43 +64,6 @@ def _backbone_grad(ok: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -
     """The Koopman gradient as it enters the backbone: scaled by the batch's weight, dropped (not multiplied
     by 0, which keeps a NaN) when the batch's Koopman loss is non-finite."""
     return torch.where(ok, grad * weight, 0.0)
-
-
-def _config_diff(a: TrainerConfig, b: TrainerConfig, sections: tuple[str, ...]) -> list[str]:
-    da, db = config_to_dict(a), config_to_dict(b)
-    return [
-        f"{s}.{k}: {da[s][k]!r} != {db[s][k]!r}"
-        for s in sections
-        for k in da[s]
-        if (s, k) not in _RUNTIME_KEYS and da[s][k] != db[s][k]
-    ]
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _corpus_fingerprint(corpus: Corpus) -> str:
-    """What the corpus is, independent of where it lies: its vocabulary and token streams."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update("\n".join(corpus.vocab).encode())
-    for split in (corpus.train, corpus.valid):
-        h.update(split.to(torch.int32).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _ppl(loss: float) -> float:
@@ -132,7 +87,7 @@ class HybridKoopmanTrainer:
         check_length(corpus.train, d.seq_len, "train")
         check_length(corpus.valid, d.seq_len, "valid")
         self.vocab_size = corpus.vocab_size
-        self.corpus_fingerprint = _corpus_fingerprint(corpus)
+        self.corpus_fingerprint = corpus_fingerprint(corpus.vocab, (corpus.train, corpus.valid))
         # The token streams live on the device: batches are gathered there, no host→device copy per step.
         self.train_tokens = corpus.train.to(self.device)
         self.valid_tokens = corpus.valid.to(self.device)
@@ -173,7 +128,8 @@ class HybridKoopmanTrainer:
             self.records.append(record)
             if checkpoint_dir is not None:
                 path = self.save_checkpoint(Path(checkpoint_dir) / f"epoch_{epoch}.pt")
-                _atomic_copy(path, Path(checkpoint_dir) / "last.pt")
+                with path.open("rb") as src:
+                    atomic_write(Path(checkpoint_dir) / "last.pt", lambda dst: shutil.copyfileobj(src, dst))
             if callback is not None and callback(record):
                 self.stopped = True
                 break
@@ -405,27 +361,10 @@ class HybridKoopmanTrainer:
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Everything needed to resume exactly; written atomically (temp file, then rename)."""
-        path = Path(path)
-        _atomic_save(self.state_dict(), path)
-        return path
+        state = self.state_dict()
+        return atomic_write(path, lambda fh: torch.save(state, fh))
 
-    @staticmethod
-    def read_checkpoint(path: str | Path) -> dict[str, Any]:
-        try:
-            # weights_only: a checkpoint is tensors, numbers, strings and containers; nothing to execute
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint not found: {path}") from None
-        except _UNREADABLE as exc:
-            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a koopman-search checkpoint of format {CHECKPOINT_FORMAT}"
-            )
-        missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
-        return state
+    read_checkpoint = staticmethod(read_checkpoint)
 
     def _load_backbone(self, state: dict[str, Any], path: str | Path) -> None:
         if state["vocab_size"] != self.vocab_size:
@@ -457,7 +396,7 @@ class HybridKoopmanTrainer:
         if cfg is None:
             cfg = saved
         else:
-            diff = _config_diff(saved, cfg, ("data", "model", "koopman", "train"))
+            diff = config_diff(saved, cfg, ("data", "model", "koopman", "train"))
             if diff:
                 raise CheckpointError(f"checkpoint {path} was made with another config: {'; '.join(diff)}")
         trainer = cls(cfg, corpus)
@@ -479,7 +418,7 @@ class HybridKoopmanTrainer:
         if saved.koopman.enabled:
             raise CheckpointError(f"warm start needs a Koopman-off (baseline) checkpoint, but {path} has "
                                   "koopman.enabled = true")
-        diff = _config_diff(saved, self.cfg, ("data", "model", "train"))
+        diff = config_diff(saved, self.cfg, ("data", "model", "train"))
         if diff:
             raise CheckpointError(f"baseline checkpoint {path} was made with another config: {'; '.join(diff)}")
         if state["epoch"] > self.cfg.koopman.start_epoch:

@@ -11,7 +11,7 @@ __all__ = ["RECORD_FIELDS", "EpochRecord"]
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """What one epoch did. Losses are means over the epoch's training batches (docs/design.md)."""
+    """What one epoch did. Losses are means over the epoch's training batches (docs/design.md, "Epochs")."""
 
     epoch: int  # 1..epochs
     epochs: int

@@ -19,6 +19,7 @@ __all__ = [
     "StudyTarget",
     "add_storage_args",
     "add_study_args",
+    "add_worker_args",
     "check_counts",
     "render_table",
     "resolve_target",
@@ -45,6 +46,18 @@ def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> No
         p.add_argument("study", nargs="?", metavar="STUDY.toml", help="the study file")
         p.add_argument("--study-name", metavar="NAME", help="the study's name (instead of a study file)")
     add_storage_args(p)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The options that say which worker processes run here: ``--gpus``, ``--trials-per-gpu``, ``--workers``
+    (``launch`` and ``worker`` share them; :func:`search.workers.build_supervisor` reads them)."""
+    p.add_argument("--gpus", metavar="LIST",
+                   help="GPUs to use: indices like 0,1,3 (as CUDA numbers them), or all; one worker process "
+                        "per GPU slot (default: none, run on CPU)")
+    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
+                   help="processes, so concurrent trials, per GPU (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="CPU processes when --gpus is left out (default 1)")
 
 
 def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:

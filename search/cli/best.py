@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.cli._common import add_study_args, render_table, resolve_target
 from search.errors import StudyNotFoundError
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["add_parser", "print_best", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,37 +39,45 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.export import trial_config_toml
-    from search.review.stored import objective_names
-    from search.review.summary import best_trials
     from search.storage import open_storage
     from search.study import load_study
 
     target = resolve_target(args)
     study = load_study(open_storage(target.storage_url, heartbeat=False), target.study_name)
+    print_best(study, args.format, args.trial)
+    return 0
+
+
+def print_best(study: optuna.Study, output: str = "table", trial: int | None = None) -> None:
+    """Print the best trial or the Pareto front of ``study`` as ``output`` (table, json), or as ``toml`` the
+    trainer config of trial ``trial`` (default: the best)."""
+    from search.export import trial_config_toml
+    from search.review.stored import objective_names
+    from search.review.summary import best_trials
+
     best = best_trials(study)
     names = objective_names(study)
-    if args.format == "toml":
-        if args.trial is not None:
-            matches = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial]
+    if output == "toml":
+        if trial is not None:
+            matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
             if not matches:
-                raise StudyNotFoundError(f"study {study.study_name} has no trial {args.trial}")
+                raise StudyNotFoundError(f"study {study.study_name} has no trial {trial}")
             frozen = matches[0]
         elif best:
             frozen = study.get_trials(deepcopy=False)[best[0].number]
         else:
             raise StudyNotFoundError(f"study {study.study_name} has no complete trial yet")
         print(trial_config_toml(study, frozen), end="")
-        return 0
+        return
     rows: list[dict[str, Any]] = [{"number": t.number, "label": t.label, "params": t.params,
              "values": dict(zip(names, t.values or (), strict=False)), "epochs_run": t.epochs_run} for t in best]
-    if args.format == "json":
+    if output == "json":
         kind = "pareto_front" if len(study.directions) > 1 else "best"
         print(json.dumps({"study": study.study_name, kind: rows}, indent=2))
-        return 0
+        return
     if not rows:
         print(f"study {study.study_name}: no complete trial yet")
-        return 0
+        return
     title = ("Pareto front" if len(study.directions) > 1 else "best trial") + f" of study {study.study_name}"
     params = sorted({k for r in rows for k in r["params"]})
     table = render_table(
@@ -74,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
         [[str(r["number"]), *[_cell(r["params"].get(p)) for p in params],
           *[_cell(r["values"].get(n)) for n in names], r["label"] or ""] for r in rows])
     print(f"{title}:\n{table}")
-    return 0
 
 
 def _cell(v: Any) -> str:

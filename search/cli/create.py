@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from search.cli._common import add_study_args, spec_with_overrides
-from search.spec import load_spec, redact_url
+from search.spec import load_spec
+from search.urls import redact_url
 
 __all__ = ["add_parser", "run"]
 

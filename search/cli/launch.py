@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from typing import Any
 
-from search.cli._common import add_study_args, check_counts, spec_with_overrides
-from search.spec import StudySpec, load_spec, redact_url
+from search.cli._common import add_study_args, add_worker_args, check_counts, spec_with_overrides
+from search.spec import load_spec
+from search.urls import redact_url
 
 __all__ = ["add_parser", "run"]
 
@@ -34,32 +34,29 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p)
     p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
-    p.add_argument("--workers", type=int, metavar="N", default=None,
-                   help="worker processes on this machine (default 1; with --gpus: one per GPU slot)")
-    p.add_argument("--gpus", metavar="LIST", help="GPUs to use: 0,1,3 or all (one worker per GPU slot)")
-    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
-                   help="concurrent trials per GPU (default 1)")
+    add_worker_args(p)
     p.add_argument("--device", metavar="D", help="override the study's trainer device (cpu, cuda, auto)")
     p.add_argument("--rerun-baseline", action="store_true", help="run the baseline again after it failed")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.cli.status import status_data, status_text
-    from search.runner import format_outcome, run_worker
+    from search.cli.best import print_best
+    from search.cli.status import status_text
+    from search.review.status import status_data
+    from search.runner import format_outcome
     from search.storage import open_storage
     from search.study import create_or_load_study, ensure_budget
 
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
-    if args.device is not None:
-        spec = _with_device(spec, args.device)
+    spec = spec.with_device(args.device)
     supervisor = None
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
         from search.workers import build_supervisor
 
         supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
-                                      workers=args.workers, storage_url=spec.storage_url)
+                                      workers=args.workers)
     storage = open_storage(spec.storage_url)
     study, created = create_or_load_study(spec, storage)
     ensure_budget(study, spec, args.n_trials)
@@ -74,31 +71,21 @@ def run(args: argparse.Namespace) -> int:
         code = supervisor.run()
         interrupted = code != 0 or supervisor.stop_requested
     else:
+        from search.workers import run_worker
+
         try:
-            run_worker(spec, spec.storage_url,
-                       on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
+            run_worker(spec, on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
         except KeyboardInterrupt:
             interrupted = True
     _annotate(study)
     print()
     print(status_text(status_data(study)))
     if not interrupted:
-        from search.cli import best as best_cmd
-
-        best_cmd.run(argparse.Namespace(study=args.study, study_name=spec.name, storage=spec.storage_url,
-                                        artifacts=spec.artifacts_dir, format="table", trial=None))
+        print_best(study, "table")
         return 0
     print(f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to "
           "continue", file=sys.stderr)
     return 130
-
-
-def _with_device(spec: StudySpec, device: str) -> StudySpec:
-    """The study with every run's trainer device overridden (validated like any config value)."""
-    from trainer.config import with_overrides
-
-    return dataclasses.replace(spec, trainer=with_overrides(spec.trainer, {"train.device": device},
-                                                            origin="--device"))
 
 
 def _annotate(study: Any) -> None:

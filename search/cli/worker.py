@@ -6,9 +6,10 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_study_args, check_counts, spec_with_overrides
+from search.cli._common import add_study_args, add_worker_args, check_counts, spec_with_overrides
 from search.errors import StudyNotFoundError
-from search.spec import load_spec, redact_url
+from search.spec import load_spec
+from search.urls import redact_url
 
 __all__ = ["add_parser", "run"]
 
@@ -36,13 +37,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "CUDA_VISIBLE_DEVICES), or --workers processes on CPU when --gpus is left out.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p)
-    p.add_argument("--gpus", metavar="LIST",
-                   help="GPUs to use: indices like 0,1,3 (as CUDA numbers them), or all "
-                        "(default: none, run on CPU)")
-    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
-                   help="processes, so concurrent trials, per GPU (default 1)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="CPU processes when --gpus is left out (default 1)")
+    add_worker_args(p)
     p.add_argument("--n-trials", type=int, metavar="N",
                    help="run at most N trials from this command, split over its processes (default: until "
                         "the study's queue is empty); the study's own budget is set by create/launch")
@@ -57,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
-                                  workers=args.workers, storage_url=spec.storage_url, max_trials=args.n_trials)
+                                  workers=args.workers, max_trials=args.n_trials)
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
         load_study(storage, spec.name)

@@ -2,7 +2,7 @@
 
 Everything is built from what the search stored (study and trial user attrs); nothing re-runs training.
 
-    annotate_trial(study, trial, values=values)     # from the objective, as a trial ends
+    annotate_trial(study, trial, values=values)     # by the worker loop, as each trial ends
     annotate_study(study)                            # study note and figures (one process at a time)
     write_report(study, "report.html")
 """
@@ -30,17 +30,17 @@ from search.review.figures import (
 )
 from search.review.notes import study_note, trial_note
 from search.review.report import SECTION_TITLES, build_report, params_toml, write_report
-from search.review.stored import Baseline, Rules, TrialFacts, read_baseline, read_rules, trial_facts
+from search.review.stored import StoredBaseline, StoredRules, TrialFacts, read_baseline, read_rules, trial_facts
 from search.review.summary import StudySummary, best_trials, summarize
 
 __all__ = [
     "FIGURE_IDS",
     "SECTION_TITLES",
     "AnnotationCounts",
-    "Baseline",
     "DashboardServer",
     "Refresher",
-    "Rules",
+    "StoredBaseline",
+    "StoredRules",
     "StudySummary",
     "TrialFacts",
     "annotate_storage",

@@ -3,9 +3,9 @@ the server.
 
 Who writes what:
 
-- :func:`annotate_trial` is called by the objective when a trial finishes, is pruned or fails (after its
-  user attrs are set). It writes the trial's note. Only that trial's own worker writes it, so workers never
-  race. It never raises: a review problem must not fail a trial.
+- :func:`annotate_trial` is called by the worker loop (:func:`search.workers.run_worker`) once a trial has
+  finished, been pruned or failed and its end is stored. It writes the trial's note. Only that trial's own
+  worker writes it, so workers never race. It never raises: a review problem must not stop a worker.
 - :func:`annotate_study` writes the study note, the trial-curve figures and the Pareto front, and fills in
   any missing trial note. It is run by one process at a time (``koopman-search dashboard`` before serving
   and every ``--refresh`` seconds), because optuna-dashboard stores a figure as several study attrs that
@@ -32,12 +32,12 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
+from search.layout import SPEC_ATTR
 from search.review import figures
 from search.review.notes import study_note, trial_note
 from search.review.stored import (
-    META_KEY,
-    Baseline,
-    Rules,
+    StoredBaseline,
+    StoredRules,
     TrialFacts,
     objective_directions,
     objective_names,
@@ -142,20 +142,20 @@ def _write_figure(study: optuna.Study, figure_id: str, figure: Any, counts: Anno
     counts.figures_written += 1
 
 
-def _rules_from(rules: Rules | RuleSettings | Mapping[str, Any] | None, study: optuna.Study) -> Rules:
-    if isinstance(rules, Rules):
+def _rules_from(rules: StoredRules | RuleSettings | Mapping[str, Any] | None, study: optuna.Study) -> StoredRules:
+    if isinstance(rules, StoredRules):
         return rules
     if rules is None:
         return read_rules(study.user_attrs)
     limits = rules.to_dict() if isinstance(rules, RuleSettings) else dict(rules)
-    return read_rules({META_KEY: {"rules": limits}})
+    return read_rules({SPEC_ATTR: {"rules": limits}})
 
 
-def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> Baseline | None:
+def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> StoredBaseline | None:
     stored = read_baseline(study.user_attrs)
     if curve is None:
         return stored
-    return Baseline(
+    return StoredBaseline(
         seed=stored.seed if stored is not None else 0,
         state=stored.state if stored is not None else "given",
         val_ppl=tuple(None if v is None else float(v) for v in curve),
@@ -169,14 +169,14 @@ def annotate_trial(
     *,
     values: Sequence[float] | None = None,
     baseline_curve: Sequence[float | None] | None = None,
-    rules: Rules | RuleSettings | Mapping[str, Any] | None = None,
+    rules: StoredRules | RuleSettings | Mapping[str, Any] | None = None,
 ) -> bool:
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
     Call it once the trial's user attrs (``records``, ``prune_reason``, ``epochs_run``, ...) are stored:
-    with the finished ``FrozenTrial`` after ``study.tell``, or with the running ``optuna.Trial`` just before
-    the objective returns (a running trial counts as pruned when it has a ``prune_reason`` attr, failed with
-    a ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
+    with the finished ``FrozenTrial`` after ``study.tell``, as the worker loop does, or with a still-running
+    ``optuna.Trial`` (it then counts as pruned when it has a ``prune_reason`` attr, failed with a
+    ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
     ``rules`` (``total_loss_max``, ``val_ppl_ratio_max``; a ``RuleSettings`` will do) default to what the
     study stores. Never raises: problems are logged.
     """
@@ -223,8 +223,8 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
 def study_figures(
     study: optuna.Study,
     facts: Sequence[TrialFacts],
-    baseline: Baseline | None,
-    rules: Rules,
+    baseline: StoredBaseline | None,
+    rules: StoredRules,
     best: Sequence[TrialFacts],
 ) -> dict[str, Any]:
     """The dashboard's study figures by graph-object id: the three trial-curve views (best trial first
@@ -249,7 +249,7 @@ def annotate_storage(
     Studies that fail are logged and skipped, so one broken study does not keep the others unannotated."""
     if study_names is None:
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-        study_names = [s.study_name for s in summaries if META_KEY in s.user_attrs]
+        study_names = [s.study_name for s in summaries if SPEC_ATTR in s.user_attrs]
     done: dict[str, AnnotationCounts] = {}
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)

@@ -22,7 +22,7 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from search.review.stored import Baseline, Rules, TrialFacts
+from search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from search.review.summary import fmt, state_word
 
 __all__ = [
@@ -83,7 +83,7 @@ def _epochs(trial: TrialFacts) -> list[int]:
     return trial.epoch_numbers
 
 
-def _limit_curve(baseline: Baseline, ratio: float) -> list[float | None]:
+def _limit_curve(baseline: StoredBaseline, ratio: float) -> list[float | None]:
     return [None if v is None else ratio * v for v in baseline.val_ppl]
 
 
@@ -212,7 +212,9 @@ def _background_trace(kind: str, trials: Sequence[TrialFacts]) -> go.Scatter | N
     )
 
 
-def _fixed_traces(kind: str, epochs: int | None, baseline: Baseline | None, rules: Rules) -> list[go.Scatter]:
+def _fixed_traces(
+    kind: str, epochs: int | None, baseline: StoredBaseline | None, rules: StoredRules
+) -> list[go.Scatter]:
     """The references: the total-loss limit, or the baseline and its allowed band."""
     traces: list[go.Scatter] = []
     if kind == "losses" and rules.total_loss_max is not None and epochs:
@@ -302,10 +304,10 @@ def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = Fa
 
 
 def trial_figure(
-    kind: str, trial: TrialFacts, baseline: Baseline | None = None, rules: Rules | None = None
+    kind: str, trial: TrialFacts, baseline: StoredBaseline | None = None, rules: StoredRules | None = None
 ) -> go.Figure:
     """One view (see :data:`KINDS`) of one trial, with the study's limits drawn."""
-    rules = rules or Rules()
+    rules = rules or StoredRules()
     fig = go.Figure()
     for trace in _fixed_traces(kind, trial.epochs_total, baseline, rules):
         fig.add_trace(trace)
@@ -315,12 +317,12 @@ def trial_figure(
     return fig
 
 
-def loss_figure(trial: TrialFacts, rules: Rules | None = None) -> go.Figure:
+def loss_figure(trial: TrialFacts, rules: StoredRules | None = None) -> go.Figure:
     """LM / Koopman / total loss per epoch with the total-loss limit."""
     return trial_figure("losses", trial, None, rules)
 
 
-def val_ppl_figure(trial: TrialFacts, baseline: Baseline | None, rules: Rules | None = None) -> go.Figure:
+def val_ppl_figure(trial: TrialFacts, baseline: StoredBaseline | None, rules: StoredRules | None = None) -> go.Figure:
     """Val perplexity with the baseline curve and the ratio × baseline band."""
     return trial_figure("val_ppl", trial, baseline, rules)
 
@@ -333,8 +335,8 @@ def weight_figure(trial: TrialFacts) -> go.Figure:
 def trial_curves_figure(
     kind: str,
     trials: Sequence[TrialFacts],
-    baseline: Baseline | None = None,
-    rules: Rules | None = None,
+    baseline: StoredBaseline | None = None,
+    rules: StoredRules | None = None,
     *,
     selected: int | None = None,
     names: Sequence[str] = (),
@@ -342,7 +344,7 @@ def trial_curves_figure(
     """One view of every trial with records: the trial numbered ``selected`` (default: the first)
     highlighted, a dropdown to switch, and (losses, val_ppl) all trials faint behind it. ``names`` (the
     objectives) let menu entries show a complete trial's first objective."""
-    rules = rules or Rules()
+    rules = rules or StoredRules()
     drawn = sorted((t for t in trials if t.epoch_numbers), key=lambda t: t.number)
     shown = drawn[-MAX_DROPDOWN_TRIALS:]  # the menu; the selected trial stays in it
     if selected is not None and selected not in {t.number for t in shown}:
@@ -398,7 +400,7 @@ def pareto_front_figure(
     study: optuna.Study,
     names: Sequence[str],
     trials: Sequence[TrialFacts],
-    baseline: Baseline | None = None,
+    baseline: StoredBaseline | None = None,
 ) -> go.Figure:
     """Optuna's Pareto-front plot of the first two objectives, each hand-tuned trial (user attr ``label``)
     as a star of its own in the legend, and the baseline's final val perplexity as a vertical line."""

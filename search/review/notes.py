@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from optuna.trial import TrialState
 
-from search.review.stored import Baseline, Rules, TrialFacts
+from search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
 
 __all__ = ["study_note", "trial_note"]
@@ -40,7 +40,7 @@ def _at(values: Sequence[float | None], index: int) -> float | None:
     return values[index] if 0 <= index < len(values) else None
 
 
-def _comparison(trial: TrialFacts, baseline: Baseline | None, rules: Rules) -> list[str]:
+def _comparison(trial: TrialFacts, baseline: StoredBaseline | None, rules: StoredRules) -> list[str]:
     """A table of the trial's last epoch against the baseline's same epoch."""
     epochs = trial.epoch_numbers
     if not epochs:
@@ -88,8 +88,8 @@ def _epochs_line(trial: TrialFacts) -> str:
 def trial_note(
     trial: TrialFacts,
     names: Sequence[str],
-    baseline: Baseline | None,
-    rules: Rules,
+    baseline: StoredBaseline | None,
+    rules: StoredRules,
 ) -> str:
     """The note of one finished trial (markdown, a dozen lines)."""
     heading = f"### Trial {trial.number}: {state_word(trial.state)}"
@@ -125,8 +125,8 @@ def study_note(
     names: Sequence[str],
     directions: Sequence[str],
     summary: StudySummary,
-    baseline: Baseline | None,
-    rules: Rules,
+    baseline: StoredBaseline | None,
+    rules: StoredRules,
     best: Sequence[TrialFacts],
 ) -> str:
     """The study's note: objectives and rules, baseline, trials, compute, and the best trial(s)."""

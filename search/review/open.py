@@ -14,8 +14,8 @@ from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
 from search.errors import StorageError
-from search.spec import redact_url
 from search.storage import open_storage
+from search.urls import redact_url
 from trainer.errors import ConfigError
 
 __all__ = ["open_existing_storage"]

@@ -9,11 +9,8 @@ for the rest. Nothing is re-run and nothing is written to the storage.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +25,11 @@ import plotly.offline
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import StorageError
-from search.export import trial_config_toml
+from search.export import dump_toml, trial_config_toml
 from search.review import figures
 from search.review.stored import (
-    Baseline,
-    Rules,
+    StoredBaseline,
+    StoredRules,
     TrialFacts,
     objective_directions,
     objective_names,
@@ -42,6 +39,7 @@ from search.review.stored import (
 )
 from search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
 from search.space import PARAM_NAMES, PARAM_TO_PATH
+from trainer.checkpoint import atomic_write
 from trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["SECTION_TITLES", "build_report", "params_toml", "write_report"]
@@ -96,8 +94,8 @@ class _Context:
     study: optuna.Study
     names: list[str]
     directions: list[str]
-    rules: Rules
-    baseline: Baseline | None
+    rules: StoredRules
+    baseline: StoredBaseline | None
     facts: list[TrialFacts]  # every trial
     finished: list[TrialFacts]  # complete, pruned, failed
     best: list[TrialFacts]
@@ -348,30 +346,18 @@ def _pruned_section(ctx: _Context) -> str:
     return "".join(parts)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value))
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def params_toml(study: optuna.Study, trial: TrialFacts, names: Sequence[str]) -> str:
     """The trial's parameters as the trainer config's TOML tables (``[koopman] weight_max = ...``)."""
     results = ", ".join(f"{n} = {fmt(v)}" for n, v in zip(names, trial.values or (), strict=False))
-    lines = [
-        f"# Best trial {trial.number} of study {study.study_name!r}" + (f" ({results})" if results else ""),
-        "# Its searched settings in the trainer config; everything else as in the study's trainer config.",
-    ]
-    tables: dict[str, list[str]] = {}
+    header = (
+        f"Best trial {trial.number} of study {study.study_name!r}" + (f" ({results})" if results else "") + "\n"
+        "Its searched settings in the trainer config; everything else as in the study's trainer config."
+    )
+    tables: dict[str, dict[str, Any]] = {}
     for name, value in trial.params.items():
         section, _, key = PARAM_TO_PATH.get(name, f"search.{name}").partition(".")
-        tables.setdefault(section, []).append(f"{key} = {_toml_value(value)}")
-    for section, entries in tables.items():
-        lines += ["", f"[{section}]", *entries]
-    return "\n".join(lines) + "\n"
+        tables.setdefault(section, {})[key] = value
+    return dump_toml(tables, header)
 
 
 def _config_section(ctx: _Context, best_config: BestConfig | None) -> str:
@@ -467,14 +453,9 @@ def write_report(study: optuna.Study, out: str | Path, *, best_config: BestConfi
     """Build the report and write it to ``out`` atomically (a temp file beside it, then a rename)."""
     out = Path(out)
     text = build_report(study, best_config=best_config)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        atomic_write(out, lambda fh: fh.write(text.encode("utf-8")), parents=False)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise KoopmanError(f"could not write the report, but got out={out}: {exc.strerror}") from exc
     logger.info("wrote %s (%.1f MB)", out, len(text) / 1e6)
     return out

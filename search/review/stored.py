@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import layout
 from search.errors import StorageError
-from search.records import columns_to_records
+from search.layout import SPEC_ATTR, baseline_key_seed, columns_to_records
 from search.space import PARAM_NAMES
 
 __all__ = [
-    "META_KEY",
-    "Baseline",
-    "Rules",
+    "StoredBaseline",
+    "StoredRules",
     "TrialFacts",
     "objective_directions",
     "objective_names",
@@ -37,13 +36,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-META_KEY = "koopman_search"
-_BASELINE_KEY = re.compile(r"^baseline:seed=(-?\d+)$")
 Columns = dict[str, list[Any]]
 
 
 @dataclass(frozen=True)
-class Rules:
+class StoredRules:
     """The study's prune limits, ``None`` where the study does not store one (then nothing is drawn)."""
 
     total_loss_max: float | None = None
@@ -51,7 +48,7 @@ class Rules:
 
 
 @dataclass(frozen=True)
-class Baseline:
+class StoredBaseline:
     """The matched Koopman-off run: ``val_ppl[e - 1]`` is its val perplexity at epoch e (None if unknown)."""
 
     seed: int
@@ -88,26 +85,26 @@ class TrialFacts:
 
     @property
     def label(self) -> str | None:
-        label = self.user_attrs.get("label")
+        label = self.user_attrs.get(layout.LABEL)
         return str(label) if label else None
 
     @property
     def prune_reason(self) -> str | None:
-        reason = self.user_attrs.get("prune_reason")
+        reason = self.user_attrs.get(layout.PRUNE_REASON)
         return str(reason) if reason else None
 
     @property
     def fail_reason(self) -> str | None:
-        reason = self.user_attrs.get("fail_reason")
+        reason = self.user_attrs.get(layout.FAIL_REASON)
         return str(reason) if reason else None
 
     @property
     def pruned_epoch(self) -> int | None:
-        return _int_or_none(self.user_attrs.get("pruned_epoch"))
+        return _int_or_none(self.user_attrs.get(layout.PRUNED_EPOCH))
 
     @property
     def epochs_from_warmup(self) -> int:
-        return _int_or_none(self.user_attrs.get("epochs_from_warmup")) or 0
+        return _int_or_none(self.user_attrs.get(layout.EPOCHS_FROM_WARMUP)) or 0
 
     @property
     def last_epoch(self) -> int | None:
@@ -126,7 +123,7 @@ class TrialFacts:
     @property
     def epochs_run(self) -> int:
         """Epochs this trial trained itself: the stored ``epochs_run``, else its records minus the warmup."""
-        stored = _int_or_none(self.user_attrs.get("epochs_run"))
+        stored = _int_or_none(self.user_attrs.get(layout.EPOCHS_RUN))
         if stored is not None:
             return stored
         if self.last_epoch is None:
@@ -142,7 +139,7 @@ class TrialFacts:
 
     @property
     def train_seconds(self) -> float:
-        stored = self.user_attrs.get("train_seconds")
+        stored = self.user_attrs.get(layout.TRAIN_SECONDS)
         if isinstance(stored, (int, float)) and math.isfinite(stored):
             return float(stored)
         return 0.0
@@ -169,14 +166,14 @@ def _int_or_none(value: Any) -> int | None:
 
 def search_meta(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The study's ``"koopman_search"`` attr, or ``{}`` for a study the search did not create."""
-    meta = user_attrs.get(META_KEY)
+    meta = user_attrs.get(SPEC_ATTR)
     return dict(meta) if isinstance(meta, Mapping) else {}
 
 
-def read_rules(user_attrs: Mapping[str, Any]) -> Rules:
+def read_rules(user_attrs: Mapping[str, Any]) -> StoredRules:
     rules = search_meta(user_attrs).get("rules")
     if not isinstance(rules, Mapping):
-        return Rules()
+        return StoredRules()
 
     def limit(key: str) -> float | None:
         value = rules.get(key)
@@ -184,7 +181,7 @@ def read_rules(user_attrs: Mapping[str, Any]) -> Rules:
             return None
         return float(value)
 
-    return Rules(total_loss_max=limit("total_loss_max"), val_ppl_ratio_max=limit("val_ppl_ratio_max"))
+    return StoredRules(total_loss_max=limit("total_loss_max"), val_ppl_ratio_max=limit("val_ppl_ratio_max"))
 
 
 def read_columns(value: Any, where: str) -> Columns | None:
@@ -211,13 +208,13 @@ def _spec_seed(user_attrs: Mapping[str, Any]) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> Baseline | None:
+def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> StoredBaseline | None:
     """The baseline of ``seed``; without one, that of the study file's trainer seed, else the lowest seed."""
     found: dict[int, Mapping[str, Any]] = {}
     for key, value in user_attrs.items():
-        match = _BASELINE_KEY.match(key)
-        if match and isinstance(value, Mapping):
-            found[int(match.group(1))] = value
+        key_seed = baseline_key_seed(key)
+        if key_seed is not None and isinstance(value, Mapping):
+            found[key_seed] = value
     if not found:
         return None
     if seed is None:
@@ -229,7 +226,7 @@ def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> Bas
     attr = found.get(seed)
     if attr is None:
         return None
-    columns = read_columns(attr.get("records"), f"baseline:seed={seed} records")
+    columns = read_columns(attr.get("records"), f"{layout.baseline_key(seed)} records")
     curve = attr.get("val_ppl")
     if not isinstance(curve, Sequence) and columns is not None:
         curve = columns.get("val_ppl")
@@ -238,7 +235,7 @@ def read_baseline(user_attrs: Mapping[str, Any], seed: int | None = None) -> Bas
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         val_ppl.append(float(value) if ok else None)
     error = attr.get("error")
-    return Baseline(
+    return StoredBaseline(
         seed=seed,
         state=str(attr.get("state", "unknown")),
         val_ppl=tuple(val_ppl),
@@ -266,7 +263,7 @@ def objective_directions(study: optuna.Study) -> list[str]:
 
 
 def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | None = None) -> TrialFacts:
-    """The review's view of a trial. A running ``optuna.Trial`` (inside the objective) is read as
+    """The review's view of a trial. A running ``optuna.Trial`` (not yet told to the study) is read as
     PRUNED when it has a prune reason, FAIL with a fail reason, else COMPLETE with ``values``."""
     user_attrs = dict(trial.user_attrs)
     if isinstance(trial, FrozenTrial):
@@ -275,9 +272,9 @@ def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | Non
         trial_id = trial._trial_id
         duration = trial.duration.total_seconds() if trial.duration is not None else None
     else:
-        if user_attrs.get("prune_reason"):
+        if user_attrs.get(layout.PRUNE_REASON):
             state = TrialState.PRUNED.name
-        elif user_attrs.get("fail_reason"):
+        elif user_attrs.get(layout.FAIL_REASON):
             state = TrialState.FAIL.name
         else:
             state = TrialState.COMPLETE.name
@@ -295,7 +292,7 @@ def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | Non
         state=state,
         params=ordered,
         values=tuple(float(v) for v in stored_values) if stored_values is not None else None,
-        columns=read_columns(user_attrs.get("records"), f"trial {trial.number} records"),
+        columns=read_columns(user_attrs.get(layout.RECORDS), f"trial {trial.number} records"),
         user_attrs=user_attrs,
         duration_s=duration,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.review.stored import Baseline, TrialFacts, trial_facts
+from search.review.stored import StoredBaseline, TrialFacts, trial_facts
 
 __all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "state_word", "summarize"]
 
@@ -111,7 +111,7 @@ class StudySummary:
         return f"{spent}; {saved}."
 
 
-def summarize(trials: Sequence[TrialFacts], baseline: Baseline | None) -> StudySummary:
+def summarize(trials: Sequence[TrialFacts], baseline: StoredBaseline | None) -> StudySummary:
     counts = Counter(t.state for t in trials)
     states = {s: counts.get(s, 0) for s in STATE_ORDER}
     states.update({s: n for s, n in counts.items() if s not in states})

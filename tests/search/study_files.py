@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,3 +204,89 @@ def logging_restored() -> Iterator[None]:
         root.setLevel(level)
         for name, value in levels.items():
             logging.getLogger(name).setLevel(value)
+
+
+def write_worker_study(
+    directory: Path,
+    storage: str,
+    *,
+    name: str = "w",
+    n_trials: int = 4,
+    epochs: int = 3,
+    start_epoch: int | None = None,  # None: searched over 1..2
+    dims: Sequence[int] = (8, 16),
+    shared_warmup: bool = True,
+    slow: bool = False,
+    enqueue: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """A tiny study for the worker tests (8 steps an epoch, its own artifact folder, searched start epoch 1..2
+    unless ``start_epoch`` is given, the slow model with ``slow``), written to ``<directory>/<name>.toml``.
+    The rules are loose, so only a NaN prunes."""
+    start = ('type = "fixed"\nvalue = ' + str(start_epoch)) if start_epoch is not None else \
+        'type = "int"\nlow = 1\nhigh = 2'
+    factory = 'factory = "tests.search.slow_model:build"' if slow else ""
+    text = f"""
+        [study]
+        name = "{name}"
+        storage = {_toml(storage)}
+        artifacts = {_toml(str(directory / "artifacts"))}
+        n_trials = {n_trials}
+        sampler = "random"
+        seed = 0
+        shared_warmup = {_toml(shared_warmup)}
+
+        [trainer.data]
+        source = "builtin"
+        vocab_size = 2000
+        seq_len = 16
+        batch_size = 8
+
+        [trainer.model]
+        d_model = 16
+        n_layers = 1
+        n_heads = 2
+        {factory}
+
+        [trainer.koopman]
+        tokens_per_batch = 0
+
+        [trainer.train]
+        epochs = {epochs}
+        seed = 0
+        lr = 3e-3
+        device = "cpu"
+        max_steps_per_epoch = 8
+        max_eval_batches = 2
+
+        [search.koopman_weight_max]
+        type = "float"
+        low = 0.01
+        high = 0.3
+        log = true
+
+        [search.koopman_start_epoch]
+        {start}
+
+        [search.fallback_threshold]
+        type = "float"
+        low = 4.0
+        high = 12.0
+
+        [search.schedule]
+        type = "categorical"
+        choices = ["linear", "exponential"]
+
+        [search.koopman_dim]
+        type = "categorical"
+        choices = {list(dims)}
+
+        [rules]
+        total_loss_max = 100.0
+        val_ppl_ratio_max = 100.0
+    """
+    text = textwrap.dedent(text)
+    for item in enqueue:
+        text += "\n[[enqueue]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in item.items())
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path

@@ -20,7 +20,6 @@ from search.spec import (
     Objective,
     StudySpec,
     load_spec,
-    redact_url,
     spec_from_dict,
 )
 
@@ -202,21 +201,6 @@ def test_a_set_env_var_expands_in_artifacts(tmp_path: Path, monkeypatch: pytest.
 
 
 # ---- passwords ---------------------------------------------------------------------------------------------
-
-
-def test_redact_url_hides_the_password() -> None:
-    assert redact_url("postgresql+psycopg://koopman:s3cret@127.0.0.1:5432/ks") == (
-        "postgresql+psycopg://koopman:***@127.0.0.1:5432/ks"
-    )
-
-
-def test_redact_url_leaves_urls_without_password_alone() -> None:
-    assert redact_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
-    assert redact_url("postgresql+psycopg://koopman@h/ks") == "postgresql+psycopg://koopman@h/ks"
-
-
-def test_redact_url_hides_the_password_of_an_unparsable_url() -> None:
-    assert redact_url("postgresql://koopman:s3cret@h:notaport/ks") == "postgresql://koopman:***@h:notaport/ks"
 
 
 @pytest.mark.parametrize(

@@ -28,106 +28,20 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from search.cli import main
-from search.errors import SpecError, StorageError
-from search.runner import run_worker
+from search.errors import SpecError
 from search.spec import load_spec
-from search.storage import open_storage, retrying
-from search.workers import MAX_RESTARTS, Slot, Supervisor, _shares, _watch_supervisor, parse_gpus, plan_slots
+from search.storage import open_storage
+from search.workers import MAX_RESTARTS, Slot, Supervisor, parse_gpus, plan_slots, run_worker
+from search.workers.child import _watch_supervisor
+from search.workers.slots import split_trials
 from tests.search.slow_model import STEP_SECONDS_ENV
+from tests.search.study_files import write_worker_study as write_study
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
 # ---- study files and helpers -----------------------------------------------------------------------------
-
-
-def _toml(value: Any) -> str:
-    return json.dumps(value)  # strings, numbers and booleans are written the same way in TOML
-
-
-def write_study(
-    directory: Path,
-    storage: str,
-    *,
-    name: str = "w",
-    n_trials: int = 4,
-    epochs: int = 3,
-    start_epoch: int | None = None,  # None: searched over 1..2
-    dims: Sequence[int] = (8, 16),
-    shared_warmup: bool = True,
-    slow: bool = False,
-    enqueue: Sequence[dict[str, Any]] = (),
-) -> Path:
-    """A tiny study on the builtin corpus; the rules are loose, so only a NaN prunes."""
-    start = ('type = "fixed"\nvalue = ' + str(start_epoch)) if start_epoch is not None else \
-        'type = "int"\nlow = 1\nhigh = 2'
-    factory = 'factory = "tests.search.slow_model:build"' if slow else ""
-    text = f"""
-        [study]
-        name = "{name}"
-        storage = {_toml(storage)}
-        artifacts = {_toml(str(directory / "artifacts"))}
-        n_trials = {n_trials}
-        sampler = "random"
-        seed = 0
-        shared_warmup = {_toml(shared_warmup)}
-
-        [trainer.data]
-        source = "builtin"
-        vocab_size = 2000
-        seq_len = 16
-        batch_size = 8
-
-        [trainer.model]
-        d_model = 16
-        n_layers = 1
-        n_heads = 2
-        {factory}
-
-        [trainer.koopman]
-        tokens_per_batch = 0
-
-        [trainer.train]
-        epochs = {epochs}
-        seed = 0
-        lr = 3e-3
-        device = "cpu"
-        max_steps_per_epoch = 8
-        max_eval_batches = 2
-
-        [search.koopman_weight_max]
-        type = "float"
-        low = 0.01
-        high = 0.3
-        log = true
-
-        [search.koopman_start_epoch]
-        {start}
-
-        [search.fallback_threshold]
-        type = "float"
-        low = 4.0
-        high = 12.0
-
-        [search.schedule]
-        type = "categorical"
-        choices = ["linear", "exponential"]
-
-        [search.koopman_dim]
-        type = "categorical"
-        choices = {list(dims)}
-
-        [rules]
-        total_loss_max = 100.0
-        val_ppl_ratio_max = 100.0
-    """
-    text = textwrap.dedent(text)
-    for item in enqueue:
-        text += "\n[[enqueue]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in item.items())
-    path = directory / f"{name}.toml"
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture
@@ -300,10 +214,10 @@ def test_plan_slots_rejects_bad_counts() -> None:
 
 
 def test_trial_cap_is_split_evenly_over_the_slots() -> None:
-    assert _shares(3, None) == [None, None, None]
-    assert _shares(3, 7) == [3, 2, 2]
-    assert _shares(3, 2) == [1, 1, 0]
-    assert sum(_shares(4, 9)) == 9  # type: ignore[arg-type]
+    assert split_trials(3, None) == [None, None, None]
+    assert split_trials(3, 7) == [3, 2, 2]
+    assert split_trials(3, 2) == [1, 1, 0]
+    assert sum(split_trials(4, 9)) == 9  # type: ignore[arg-type]
 
 
 # ---- the supervisor with stand-in worker processes ---------------------------------------------------------
@@ -489,64 +403,6 @@ def test_worker_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> Non
     out = " ".join(capsys.readouterr().out.split())  # help text is wrapped to the terminal
     assert "koopman-search worker studies/wikitext2.toml" in out and "--gpus all" in out
     assert "--n-trials N run at most N trials from this command, split over its processes" in out
-
-
-# ---- retries of database calls -----------------------------------------------------------------------------
-
-
-def _operational_error() -> sqlalchemy.exc.OperationalError:
-    return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
-
-
-def test_retrying_calls_again_after_transient_database_errors() -> None:
-    failures = [_operational_error(), _operational_error()]
-    slept: list[float] = []
-
-    def flaky() -> str:
-        if failures:
-            raise failures.pop()
-        return "ok"
-
-    assert retrying(flaky, "read", sleep=slept.append) == "ok"
-    assert slept == [1.0, 2.0]
-
-
-def test_retrying_gives_up_after_its_timeout_and_lets_other_errors_through() -> None:
-    slept: list[float] = []
-
-    def down() -> None:
-        raise _operational_error()
-
-    with pytest.raises(StorageError, match=r"read: the database stayed unreachable for 7 s"):
-        retrying(down, "read", timeout=5.0, sleep=slept.append)
-    assert slept == [1.0, 2.0, 4.0]
-
-    def broken() -> None:
-        raise sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception("syntax error"))
-
-    with pytest.raises(sqlalchemy.exc.ProgrammingError):
-        retrying(broken, "read", sleep=slept.append)
-
-
-# ---- a worker that dies right after claiming a trial ----------------------------------------------------
-
-
-def test_a_trial_claimed_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
-    # claiming records a heartbeat first: a RUNNING trial without any heartbeat would never be found stale
-    from search.storage import GRACE_FACTOR, fail_stale_trials
-    from search.study import claim_waiting_trial
-
-    study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
-    assert main(["create", str(study_file)]) == 0
-    study = optuna.load_study(study_name="w", storage=open_storage(load_spec(study_file).storage_url,
-                                                                   heartbeat_interval=1))
-    claimed = claim_waiting_trial(study)  # ... and its worker dies here, before any Heartbeat thread
-    assert claimed is not None
-    time.sleep(GRACE_FACTOR * 1 + 1.5)
-    fail_stale_trials(study)
-    trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].system_attrs["failed_trial"] == claimed.number
 
 
 # ---- trials that fail, in process --------------------------------------------------------------------------

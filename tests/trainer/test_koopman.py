@@ -90,8 +90,9 @@ def test_ridge_strength_does_not_change_with_the_koopman_dim() -> None:
 
 
 def test_refit_uses_every_token_not_one_averaged_pair_per_batch() -> None:
-    # Three batches in a 16-dimensional space: the seed averaged each batch into one state pair, so its
-    # pseudo-inverse saw rank 3 and could not recover K. The streamed moments hold every token: rank 16.
+    # Three batches in a 16-dimensional space: the notebook's refit (docs/design.md) averaged each batch into
+    # one state pair, so its pseudo-inverse saw rank 3 and could not recover K. The streamed moments hold every
+    # token: rank 16.
     k, batches = 16, 3
     g = torch.Generator().manual_seed(3)
     k_true = torch.randn(k, k, generator=g, dtype=F64) / math.sqrt(k)
@@ -103,7 +104,7 @@ def test_refit_uses_every_token_not_one_averaged_pair_per_batch() -> None:
     assert heads.refit()
     torch.testing.assert_close(heads.kt[0].T, k_true, rtol=1e-7, atol=1e-8)
 
-    # the seed's estimate from the three averaged pairs is far off
+    # the notebook's estimate from the three averaged pairs is far off
     xbar = torch.stack([x[0].mean(0) for x in xs])  # (3, k)
     k_seed = (xbar @ k_true.T).T @ torch.linalg.pinv(xbar.T)
     assert float((k_seed - k_true).norm() / k_true.norm()) > 0.5
@@ -325,12 +326,12 @@ def test_decoder_objective_equals_its_direct_dense_computation() -> None:
     terms = []
     for b in range(2):
         h_in, h_out = states[b], states[b + 1]
-        phi = lambda h: mlp(h, heads.w1[b], heads.b1[b], heads.w2[b], heads.b2[b])  # noqa: E731
-        psi = lambda z: mlp(z, heads.v1[b], heads.c1[b], heads.v2[b], heads.c2[b])  # type: ignore[index]  # noqa: E731
-        z_in, z_out = phi(h_in), phi(h_out)
+        phi = (heads.w1[b], heads.b1[b], heads.w2[b], heads.b2[b])
+        psi = (heads.v1[b], heads.c1[b], heads.v2[b], heads.c2[b])  # type: ignore[index]
+        z_in, z_out = mlp(h_in, *phi), mlp(h_out, *phi)
         z_pred = z_in @ heads.kt[b] + heads.kb[b]
-        rec = 0.5 * (energy(psi(z_in) - h_in, h_in) + energy(psi(z_out) - h_out, h_out))
-        terms.append((rec + energy(psi(z_pred) - h_out, h_out) + energy(z_pred - z_out, z_out)) / 3)
+        rec = 0.5 * (energy(mlp(z_in, *psi) - h_in, h_in) + energy(mlp(z_out, *psi) - h_out, h_out))
+        terms.append((rec + energy(mlp(z_pred, *psi) - h_out, h_out) + energy(z_pred - z_out, z_out)) / 3)
     torch.testing.assert_close(got, torch.stack(terms).mean(), rtol=1e-10, atol=1e-12)
 
 

@@ -40,7 +40,8 @@ def test_weight_never_decreases(schedule: str) -> None:
 
 
 def test_linear_weights_of_the_users_table() -> None:
-    # weight max 0.5, start epoch 3, 10 epochs: the seed printed 0 at epoch 4 and 0.4286 at epoch 10
+    # weight max 0.5, start epoch 3, 10 epochs: the notebook (docs/design.md) printed 0 at epoch 4 and 0.4286
+    # at epoch 10
     w = weights("linear", 0.5, 3, 10)
     assert w[:3] == [0.0, 0.0, 0.0]
     assert w[3:] == pytest.approx([0.5 * i / 7 for i in range(1, 8)], rel=1e-15)

@@ -1,0 +1,301 @@
+"""The stored layout: every key the search writes into Optuna's study and trial attrs, and their codecs.
+
+A study is a plain Optuna study, so its stored facts are user attrs (and a few system attrs) that anything
+holding the storage URL can read: ``koopman-search status``/``report``/``dashboard``, ``optuna-dashboard``,
+a notebook. This module is the one place that names them (docs/design.md, "The stored layout"):
+
+study user attrs
+    ``koopman_search``          the study file as stored at creation (:data:`SPEC_ATTR`)
+    ``baseline:seed=<N>``       the matched baseline of trainer seed N (:func:`baseline_key`)
+trial user attrs
+    ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
+    ``checkpoint``              ``{"epoch", "artifact_id"}`` of the attempt's newest checkpoint
+    ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
+    ``fail_reason`` / ``prune_reason`` / ``pruned_epoch``   how the attempt ended (:data:`OUTCOME_ATTRS`)
+the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
+    ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
+trial system attrs (Optuna's retry marks)
+    ``failed_trial`` / ``retry_history``: set on a trial queued again after its attempt died or stopped
+
+A trial's ``records`` attr is one list per :data:`trainer.records.RECORD_FIELDS` name, epoch by epoch::
+
+    {"epoch": [1, 2, 3], "lm_loss": [6.91, 6.52, 6.40], ..., "val_koopman_nre": [None, None, 0.41]}
+
+Columns keep the stored JSON small and read straight into plots. Floats are rounded to
+:data:`SIGNIFICANT_DIGITS` significant digits; NaN and ±Inf become ``None`` (JSON has no NaN), and
+``None`` reads back as NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from search.errors import StorageError
+from trainer.records import RECORD_FIELDS, EpochRecord
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    from search.spec import StudySpec
+
+__all__ = [
+    "CHECKPOINT",
+    "EPOCHS_FROM_WARMUP",
+    "EPOCHS_RESUMED",
+    "EPOCHS_RUN",
+    "FAILED_TRIAL",
+    "FAIL_REASON",
+    "FIXED_PARAMS",
+    "LABEL",
+    "PRUNED_EPOCH",
+    "PRUNE_REASON",
+    "RECORDS",
+    "RETRY_HISTORY",
+    "ROLE",
+    "ROLE_ATTR",
+    "SIGNIFICANT_DIGITS",
+    "SPEC_ATTR",
+    "SPEC_VERSION",
+    "TRAIN_SECONDS",
+    "WARMUP_CHECKPOINTS",
+    "WORKER",
+    "MatchedBaseline",
+    "baseline_key",
+    "baseline_key_seed",
+    "baseline_state_attr",
+    "checkpoint_pointer",
+    "columns_to_records",
+    "epoch_attrs",
+    "finished_trial",
+    "is_retry",
+    "records_to_columns",
+    "retry_of",
+    "round_significant",
+    "spec_attr",
+    "warmup_checkpoints",
+]
+
+# ---- study user attrs
+SPEC_ATTR = "koopman_search"
+SPEC_VERSION = 1
+ROLE_ATTR = "koopman_search_role"  # on a companion study: what it is for ("baseline of study X")
+
+# ---- trial user attrs
+RECORDS = "records"
+CHECKPOINT = "checkpoint"
+EPOCHS_RUN = "epochs_run"
+EPOCHS_FROM_WARMUP = "epochs_from_warmup"
+EPOCHS_RESUMED = "epochs_resumed"
+TRAIN_SECONDS = "train_seconds"
+WORKER = "worker"
+LABEL = "label"
+FAIL_REASON = "fail_reason"
+PRUNE_REASON = "prune_reason"
+PRUNED_EPOCH = "pruned_epoch"
+ROLE = "role"
+WARMUP_CHECKPOINTS = "checkpoints"  # the baseline's trial: epoch -> artifact id, the epochs trials may start at
+
+# ---- trial system attrs: Optuna's own marks (RetryHeartbeatStaleTrialCallback, enqueue_trial)
+FAILED_TRIAL = "failed_trial"
+RETRY_HISTORY = "retry_history"
+FIXED_PARAMS = "fixed_params"
+
+_BASELINE_KEY = re.compile(r"^baseline:seed=(-?\d+)$")
+
+SIGNIFICANT_DIGITS = 6
+"""Digits kept for stored floats: enough to tell 7.0 from 7.00001 in a prune rule, small in JSON."""
+
+_INT_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if f.type in ("int", int))
+# per-block fields: one list per epoch
+_LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if str(f.type).startswith("list"))
+# fields added after a study was stored read back as their defaults
+_DEFAULTED = frozenset(f.name for f in dataclasses.fields(EpochRecord)
+                       if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+
+
+def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float | None:
+    """``value`` rounded to ``digits`` significant digits; ``None`` for NaN and ±Inf."""
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    if value == 0.0:
+        return 0.0
+    return float(f"{value:.{digits}g}")
+
+
+def records_to_columns(records: Sequence[EpochRecord]) -> dict[str, list[Any]]:
+    """One list per record field, in epoch order as given. Empty lists for no records."""
+    columns: dict[str, list[Any]] = {name: [] for name in RECORD_FIELDS}
+    for record in records:
+        for name in RECORD_FIELDS:
+            value = getattr(record, name)
+            if name in _INT_FIELDS:
+                columns[name].append(int(value))
+            elif name in _LIST_FIELDS:
+                columns[name].append([round_significant(v) for v in value])
+            else:
+                columns[name].append(round_significant(value))
+    return columns
+
+
+def columns_to_records(columns: Mapping[str, Sequence[Any]]) -> list[EpochRecord]:
+    """The records back from their columns. ``None`` becomes NaN; unknown columns are ignored.
+
+    Raises :class:`~search.errors.StorageError` when a field is missing or the columns differ in length,
+    which means the stored attr was not written by :func:`records_to_columns`.
+    """
+    missing = [name for name in RECORD_FIELDS if name not in columns and name not in _DEFAULTED]
+    if missing:
+        raise StorageError(f"stored records must have a column for every record field, but got missing={missing}")
+    lengths = {name: len(columns[name]) for name in RECORD_FIELDS if name in columns}
+    if len(set(lengths.values())) > 1:
+        raise StorageError(f"stored record columns must all have one length, but got lengths={lengths}")
+    count = lengths[RECORD_FIELDS[0]]
+    records = []
+    for i in range(count):
+        values: dict[str, Any] = {}
+        for name in RECORD_FIELDS:
+            if name not in columns:
+                continue
+            value = columns[name][i]
+            if name in _LIST_FIELDS:
+                values[name] = [math.nan if v is None else float(v) for v in value]
+            elif name in _INT_FIELDS:
+                values[name] = int(value) if value is not None else 0
+            else:
+                values[name] = math.nan if value is None else float(value)
+        records.append(EpochRecord(**values))
+    return records
+
+
+def baseline_key(seed: int) -> str:
+    """The study user attr that holds the baseline of trainer seed ``seed``."""
+    return f"baseline:seed={seed}"
+
+
+def baseline_key_seed(key: str) -> int | None:
+    """The seed of a :func:`baseline_key`, or None for any other key."""
+    match = _BASELINE_KEY.match(key)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_pointer(epoch: int, artifact_id: str) -> dict[str, Any]:
+    """The value of a :data:`CHECKPOINT` attr."""
+    return {"epoch": epoch, "artifact_id": artifact_id}
+
+
+def is_retry(trial: Any) -> bool:
+    """True for a trial enqueued again after its first attempt failed or was interrupted."""
+    return FAILED_TRIAL in trial.system_attrs
+
+
+def retry_of(trial: Any) -> int | None:
+    """The number of the attempt that this retry continues, or None for a first attempt."""
+    if not is_retry(trial):
+        return None
+    history = trial.system_attrs.get(RETRY_HISTORY) or [None]
+    return history[-1]
+
+
+def spec_attr(spec: StudySpec) -> dict[str, Any]:
+    """The value of the :data:`SPEC_ATTR` study attr: the study file, its objectives and its rules."""
+    return {
+        "version": SPEC_VERSION,
+        "spec": spec.to_dict(),
+        "objectives": [o.to_dict() for o in spec.objectives],
+        "rules": spec.rules.to_dict(),
+    }
+
+
+def epoch_attrs(records: Sequence[EpochRecord], epoch: int, artifact_id: str | None,
+                first_epoch: int | None = None) -> dict[str, Any]:
+    """The user attrs a run writes after ``epoch``: its records so far and its newest checkpoint; with
+    ``first_epoch`` (the first epoch this attempt trained itself) also what the trial spent."""
+    attrs: dict[str, Any] = {RECORDS: records_to_columns(records)}
+    if artifact_id is not None:
+        attrs[CHECKPOINT] = checkpoint_pointer(epoch, artifact_id)
+    if first_epoch is not None:
+        own = [r for r in records if r.epoch >= first_epoch]
+        attrs[TRAIN_SECONDS] = round(sum(r.seconds for r in own), 3)
+        attrs[EPOCHS_RUN] = epoch - first_epoch + 1
+    return attrs
+
+
+def finished_trial(
+    state: TrialState,
+    params: Mapping[str, Any],
+    distributions: Mapping[str, BaseDistribution],
+    records: Sequence[EpochRecord],
+    *,
+    epochs_from_warmup: int = 0,
+    values: Sequence[float] | None = None,
+    label: str | None = None,
+    prune_reason: str | None = None,
+    fail_reason: str | None = None,
+    checkpoint: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> FrozenTrial:
+    """A trial stored the way a worker stores it (records, spend, outcome), for ``study.add_trial``:
+    what the review tests and the scale benchmark build their synthetic studies from."""
+    import optuna
+
+    attrs: dict[str, Any] = {EPOCHS_FROM_WARMUP: epochs_from_warmup, **(extra or {})}
+    if records:
+        attrs.update(epoch_attrs(records, records[-1].epoch, checkpoint, first_epoch=epochs_from_warmup + 1))
+    else:
+        attrs.update({EPOCHS_RUN: 0, TRAIN_SECONDS: 0.0})
+    if label:
+        attrs[LABEL] = label
+    if prune_reason:
+        attrs[PRUNE_REASON] = prune_reason
+        attrs[PRUNED_EPOCH] = records[-1].epoch
+    if fail_reason:
+        attrs[FAIL_REASON] = fail_reason
+    return optuna.trial.create_trial(state=state, params=dict(params), distributions=dict(distributions),
+                                     values=list(values) if values is not None else None, user_attrs=attrs)
+
+
+# ---- the baseline
+
+
+@dataclass(frozen=True)
+class MatchedBaseline:
+    """The matched baseline as the workers use it: its per-epoch curve, and where its warmup checkpoints are.
+    :meth:`to_attr` is the value of the main study's :func:`baseline_key` attr."""
+
+    val_ppl: tuple[float, ...]
+    source: str  # "auto" | "fixed"
+    records: tuple[EpochRecord, ...] = ()
+    checkpoints: dict[int, str] = field(default_factory=dict)  # epoch -> artifact id
+
+    def to_attr(self) -> dict[str, Any]:
+        """The value of the main study's :func:`~search.layout.baseline_key` attr."""
+        return {
+            "state": "complete" if self.source == "auto" else "fixed",
+            "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],
+            "records": records_to_columns(list(self.records)) if self.records else None,
+            "checkpoints": {str(k): v for k, v in self.checkpoints.items()},
+            "error": None,
+        }
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> MatchedBaseline:
+        """The baseline from its own COMPLETE trial (in the companion study)."""
+        records = columns_to_records(trial.user_attrs[RECORDS])
+        return cls(tuple(r.val_ppl for r in records), "auto", tuple(records), warmup_checkpoints(trial.user_attrs))
+
+
+def warmup_checkpoints(user_attrs: Mapping[str, Any]) -> dict[int, str]:
+    """The baseline trial's :data:`WARMUP_CHECKPOINTS` attr: epoch -> artifact id."""
+    return {int(k): v for k, v in user_attrs.get(WARMUP_CHECKPOINTS, {}).items()}
+
+
+def baseline_state_attr(state: str, error: str | None = None) -> dict[str, Any]:
+    """The :func:`baseline_key` attr while the baseline has no curve yet (running) or never will (failed)."""
+    return {"state": state, "val_ppl": [], "records": None, "checkpoints": {}, "error": error}

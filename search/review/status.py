@@ -1,0 +1,69 @@
+"""The study's state as plain data: every trial, its retries, the baseline and the totals.
+
+A query over what the search stored; ``koopman-search status`` prints it as a table or as JSON, and
+``launch`` prints it when its trials are done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from search import layout
+from search.review.stored import objective_names, read_baseline, trial_facts
+from search.review.summary import summarize
+
+__all__ = ["SHOWN_METRICS", "status_data"]
+
+SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_nre")
+
+
+def _num(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def status_data(study: optuna.Study) -> dict[str, Any]:
+    """The study's trials and totals as plain data (what ``koopman-search status --format json`` prints)."""
+    frozen = study.get_trials(deepcopy=False)
+    facts = [trial_facts(t) for t in frozen]
+    retry_of = {t.number: layout.retry_of(t) for t in frozen if layout.is_retry(t)}
+    retried_as = {was: now for now, was in retry_of.items()}
+    queued = {t.number: t.system_attrs.get(layout.FIXED_PARAMS) or {} for t in frozen if not t.params}
+    baseline = read_baseline(study.user_attrs)
+    summary = summarize(facts, baseline)
+    trials = []
+    for f in facts:
+        last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
+        trials.append({
+            "number": f.number,
+            "state": f.state,
+            "label": f.label,
+            # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
+            "params": f.params or dict(queued.get(f.number, {})),
+            "values": list(f.values) if f.values is not None else None,
+            "epochs_run": f.epochs_run,
+            "epochs_from_warmup": f.epochs_from_warmup,
+            "last_epoch": f.last_epoch,
+            "final": {k: _num(v) for k, v in last.items()},
+            "prune_reason": f.prune_reason,
+            "fail_reason": f.fail_reason,
+            "retry_of": retry_of.get(f.number),
+            "retried_as": retried_as.get(f.number),
+        })
+    return {
+        "study": study.study_name,
+        "objectives": objective_names(study),
+        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl)} if baseline else None,
+        "trials": trials,
+        "totals": {
+            **{s.lower(): n for s, n in summary.states.items()},
+            "epochs_spent": summary.epochs_spent,
+            "epochs_by_baseline": summary.baseline_epochs,
+            "epochs_saved_by_warmup": summary.epochs_from_warmup,
+            "epochs_saved_by_pruning": summary.epochs_saved_by_pruning,
+            "seconds_spent": round(summary.seconds_spent, 1),
+        },
+        "summary": f"{summary.states_text()}; {summary.compute_text()}",
+    }

@@ -1,0 +1,125 @@
+"""One worker process (``python -m search.workers``), started by the supervisor: reads its job from stdin,
+runs :func:`search.workers.loop.run_worker`, reports events on stdout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+from search.errors import BaselineError, StudyNotFoundError
+from search.spec import spec_from_dict
+from search.workers import events
+from search.workers.events import EXIT_FATAL, EventWriter
+from trainer.errors import ConfigError, KoopmanError
+
+__all__ = ["child_main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """The first SIGTERM/SIGINT sets ``stop`` (the trial ends after its epoch and is handed back); the
+    second raises KeyboardInterrupt (handed back at once, from the previous checkpoint)."""
+    received = 0
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal received
+        received += 1
+        stop.set()
+        if received > 1:
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _watch_supervisor(stdin: IO[str], stop: threading.Event) -> None:
+    """The supervisor keeps our stdin open while it lives: end of file means it is gone."""
+    for _ in stdin:
+        pass
+    if not stop.is_set():
+        logger.warning("the supervisor is gone: stopping after this epoch")
+        stop.set()
+
+
+def child_main() -> int:
+    """Read the job from stdin, run :func:`~search.workers.loop.run_worker`, report on stdout. Exit 0 when
+    done or stopped, :data:`~search.workers.events.EXIT_FATAL` for an error a restart cannot fix, 1 for any
+    other error."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        print("search.workers: expects a job on stdin; start workers with `koopman-search worker`",
+              file=sys.stderr)
+        return EXIT_FATAL
+    job = json.loads(line)
+    from optuna.exceptions import ExperimentalWarning
+
+    # the storage uses Optuna's heartbeat options, which Optuna marks experimental; say it once, not per slot
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    writer = EventWriter(os.fdopen(os.dup(1), "w", encoding="utf-8"))
+    os.dup2(2, 1)  # stray prints (or C libraries) go to stderr, never into the event stream
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("trainer", "search"):
+        logging.getLogger(name).setLevel(job.get("log_level") or "INFO")
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    threading.Thread(target=_watch_supervisor, args=(sys.stdin, stop), daemon=True,
+                     name="supervisor-watch").start()
+    writer.emit(events.READY, pid=os.getpid(), device=job["device"])
+
+    from search.runner import TrialOutcome, format_outcome
+    from search.workers.loop import run_worker
+
+    try:
+        spec = spec_from_dict(job["spec"], origin=job.get("path") or "study")
+        spec = dataclasses.replace(spec, path=Path(job["path"]) if job.get("path") else None,
+                                   storage_url=job["storage_url"]).with_device(job["device"])
+
+        def on_outcome(o: TrialOutcome) -> None:
+            writer.emit(events.OUTCOME, number=o.number, state=o.state, reason=o.reason,
+                        line=format_outcome(o, spec.metrics))
+
+        summary = run_worker(
+            spec, seed_offset=int(job.get("seed_offset", 0)), max_trials=job.get("max_trials"), stop=stop,
+            on_outcome=on_outcome,
+            on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
+            on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, epoch=r.epoch, epochs=r.epochs,
+                                                   val_ppl=_finite(r.val_ppl)),
+            on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, epoch=r.epoch, epochs=r.epochs),
+        )
+    except KeyboardInterrupt:
+        writer.emit(events.EXIT, reason="stopped at once")
+        return 0
+    except KoopmanError as exc:
+        if stop.is_set():  # e.g. stopped while the baseline ran or was waited for
+            writer.emit(events.EXIT, reason="stopped")
+            return 0
+        logger.error("%s", exc)
+        fatal = isinstance(exc, (ConfigError, BaselineError, StudyNotFoundError))
+        return EXIT_FATAL if fatal else 1
+    n = len(summary.outcomes)
+    if summary.interrupted:
+        reason = "stopped"
+    elif job.get("max_trials") is not None and n >= job["max_trials"]:
+        reason = f"ran its {n} trial(s) (--n-trials)"
+    else:
+        reason = f"queue empty, {n} trial(s) run"
+    writer.emit(events.EXIT, reason=reason)
+    return 0
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

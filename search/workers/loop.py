@@ -1,0 +1,114 @@
+"""What one worker does: pull trials from the study and run them until there is nothing left to run.
+
+    spec = load_spec("studies/quickstart.toml").with_device("cuda")
+    summary = run_worker(spec)
+
+Every finished trial gets its optuna-dashboard note here (:func:`search.review.annotate_trial`), so that
+the trial engine (:mod:`search.runner`, :mod:`search.baseline`) never loads the review.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search.baseline import ensure_baseline
+from search.layout import MatchedBaseline
+from search.runner import TrialOutcome, TrialRunner
+from search.spec import StudySpec
+from search.storage import fail_stale_trials, open_artifact_store, open_storage, retrying
+from search.study import claim_waiting_trial, load_study
+from trainer.errors import KoopmanError
+from trainer.records import EpochRecord
+
+__all__ = ["WorkerSummary", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_MIN, IDLE_MAX = 2.0, 20.0  # seconds between looks while other workers' trials may still be retried
+
+
+@dataclass
+class WorkerSummary:
+    outcomes: list[TrialOutcome] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def run_worker(
+    spec: StudySpec,
+    *,
+    seed_offset: int = 0,
+    max_trials: int | None = None,
+    stop: threading.Event | None = None,
+    on_outcome: Callable[[TrialOutcome], None] | None = None,
+    on_trial_start: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, EpochRecord], None] | None = None,
+    on_baseline_epoch: Callable[[EpochRecord], None] | None = None,
+    sleep: Callable[[float], bool] | None = None,
+) -> WorkerSummary:
+    """Pull trials from the study in ``spec.storage_url`` until its queue is empty (and no other worker's
+    trial may still be retried), ``max_trials`` ran, or ``stop`` is set. The study must exist
+    (``create``/``launch``); the trainer device is the spec's (:meth:`StudySpec.with_device`).
+
+    ``seed_offset`` is added to the sampler's seed: give each concurrent worker its own, or they propose
+    the same parameters. ``on_trial_start(number)``, ``on_epoch(number, record)``, ``on_outcome(outcome)``
+    and ``on_baseline_epoch(record)`` report progress (the worker processes of :mod:`search.workers` pass
+    them on to their supervisor)."""
+    stop = stop or threading.Event()
+    wait = sleep or stop.wait
+    storage = open_storage(spec.storage_url)
+    study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
+    store = open_artifact_store(spec.artifacts_dir)
+    baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch)
+    runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
+    summary = WorkerSummary()
+    delay = IDLE_MIN
+    while not stop.is_set() and (max_trials is None or len(summary.outcomes) < max_trials):
+        fail_stale_trials(study)
+        trial = claim_waiting_trial(study)
+        if trial is None:
+            running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                               "read running trials")
+            if not running:
+                break
+            # another worker's trial is running: if that worker dies, its trial is queued again
+            if wait(delay):
+                break
+            delay = min(delay * 1.5, IDLE_MAX)
+            continue
+        delay = IDLE_MIN
+        if on_trial_start is not None:
+            on_trial_start(trial.number)
+        started = time.perf_counter()
+        try:
+            outcome = runner.run(trial)
+        except KeyboardInterrupt:
+            _annotate(study, spec, baseline, trial._trial_id, None)
+            raise
+        logger.debug("trial %d took %.1f s", trial.number, time.perf_counter() - started)
+        if outcome.stored:
+            _annotate(study, spec, baseline, trial._trial_id, outcome.values)
+        summary.outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    summary.interrupted = stop.is_set()
+    return summary
+
+
+def _annotate(study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int,
+              values: tuple[float, ...] | None) -> None:
+    """The finished trial's optuna-dashboard note (a side product: it never fails the worker)."""
+    from search.review.dashboard import annotate_trial
+
+    try:
+        frozen = retrying(lambda: study._storage.get_trial(trial_id), "read the finished trial")
+        annotate_trial(study, frozen, values=values, baseline_curve=baseline.val_ppl, rules=spec.rules)
+    except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KoopmanError):
+        logger.warning("could not write the dashboard note of trial id %d", trial_id, exc_info=True)

@@ -1,0 +1,338 @@
+"""The supervisor: starts one worker process per slot, shows their progress, restarts the ones that crash,
+and passes stop requests on (the process tree and its protocol: :mod:`search.workers`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, TextIO, cast
+
+from search.errors import SpecError
+from search.spec import StudySpec
+from search.workers import events
+from search.workers.board import Board, BoardHandler, SlotRun
+from search.workers.events import EXIT_FATAL
+from search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
+
+__all__ = ["CHILD_COMMAND", "EXIT_FATAL", "MAX_RESTARTS", "Supervisor", "build_supervisor"]
+
+logger = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5  # crashes in a row (no trial finished in between) before a slot is given up
+RESTART_DELAY, RESTART_DELAY_MAX = 1.0, 60.0  # seconds before a crashed slot starts again; doubles per crash
+CHILD_COMMAND = (sys.executable, "-m", "search.workers")
+SEED_OFFSET_RANGE = 2**30
+
+
+class Supervisor:
+    """Starts one worker process per slot, shows their progress, restarts the ones that crash, and passes
+    stop requests on. :meth:`run` returns 0 when every slot ended cleanly (the study's queue is empty, the
+    trial cap is reached, or a stop was asked for), 1 when a slot failed for good."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        slots: Sequence[Slot],
+        max_trials: int | None = None,
+        *,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        live: bool | None = None,
+        command: Sequence[str] = CHILD_COMMAND,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not slots:
+            raise SpecError("a supervisor needs at least one slot, but got slots=[]")
+        if max_trials is not None and max_trials < 1:
+            raise SpecError(f"--n-trials must be >= 1, but got n_trials={max_trials}")
+        self._spec = spec
+        self._command = list(command)
+        self._env = dict(os.environ if env is None else env)
+        self._clock = clock
+        shares = split_trials(len(slots), max_trials)
+        self._runs = [SlotRun(slot, share) for slot, share in zip(slots, shares, strict=True) if share != 0]
+        self._out = out or sys.stdout
+        self._err = err or sys.stderr
+        if live is None:
+            live = self._err.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+        self._board = Board(self._runs, self._out, self._err, live)
+        self._events: queue.Queue[tuple[SlotRun, subprocess.Popen[str], str, str]] = queue.Queue()
+        self._signals = 0  # stop requests so far (the signal handler only counts)
+        self._announced = 0
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._signals > 0
+
+    def request_stop(self) -> None:
+        """Ask every slot to stop: the first time after its current epoch, the second time at once. Safe
+        to call from a signal handler (it only counts; the main loop passes the request on)."""
+        self._signals += 1
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, handle_signals: bool = True) -> int:
+        """Run the slots to the end. With ``handle_signals`` (and on the main thread), SIGTERM and SIGINT
+        call :meth:`request_stop` meanwhile."""
+        with self._stop_on_signals(handle_signals), self._logs_through_board():
+            return self._run()
+
+    @contextmanager
+    def _stop_on_signals(self, enabled: bool) -> Iterator[None]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            signal.signal(sig, lambda _signum, _frame: self.request_stop())
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
+        try:
+            for run in self._runs:
+                self._start(run)
+            while not all(run.done for run in self._runs):
+                self._pump(timeout=0.2)
+                self._pass_on_stop()
+                for run in self._runs:
+                    if run.proc is not None and run.proc.poll() is not None:
+                        self._reap(run, run.proc)
+                    elif run.proc is None and run.restart_at is not None and (
+                            self.stop_requested or self._clock() >= run.restart_at):
+                        run.restart_at = None
+                        if self.stop_requested:
+                            self._finish(run, "stopped")
+                        else:
+                            self._start(run)
+        finally:
+            for run in self._runs:  # only reached early by an error here: do not leave slots behind
+                if run.proc is not None and run.proc.poll() is None:
+                    run.proc.terminate()
+                    self._close_stdin(run.proc)
+            self._board.close()
+        failed = [run.slot.label for run in self._runs if run.failed]
+        if failed:
+            logger.error("%s stopped for good; see the errors above", ", ".join(failed))
+            return 1
+        return 0
+
+    @contextmanager
+    def _logs_through_board(self) -> Iterator[None]:
+        """On a terminal, the supervisor's own log records go through the board (a handler that writes to
+        the same stream directly would tear the status lines); elsewhere nothing changes."""
+        root = logging.getLogger()
+        mine = [h for h in root.handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is self._err]
+        if not self._board.live or not mine:
+            yield
+            return
+        board_handler = BoardHandler(self._board, mine[0].formatter)
+        board_handler.setLevel(mine[0].level)
+        for h in mine:
+            root.removeHandler(h)
+        root.addHandler(board_handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(board_handler)
+            for h in mine:
+                root.addHandler(h)
+
+    def _start(self, run: SlotRun) -> None:
+        slot = run.slot
+        remaining = None if run.share is None else run.share - run.started
+        job = {
+            "spec": self._spec.to_dict(),
+            "path": str(self._spec.path) if self._spec.path else None,
+            "storage_url": self._spec.storage_url,
+            "slot": slot.index,
+            "device": slot.device,
+            "max_trials": remaining,
+            # the sampler's seed is the study's plus this offset: fresh per process, so that processes on
+            # several machines, or a slot started again, do not propose the same parameters
+            "seed_offset": secrets.randbelow(SEED_OFFSET_RANGE),
+            "log_level": logging.getLevelName(logging.getLogger("search").getEffectiveLevel()),
+        }
+        env = {**self._env, **slot.env, "PYTHONUNBUFFERED": "1"}
+        if slot.gpu is None and "OMP_NUM_THREADS" not in env:
+            # CPU slots share the cores; torch's default of one thread per core in each would oversubscribe
+            cpu_slots = sum(1 for r in self._runs if r.slot.gpu is None)
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))
+        proc = subprocess.Popen(
+            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            text=True, encoding="utf-8", errors="replace", bufsize=1, start_new_session=True,
+        )
+        run.proc, run.signalled = proc, 0
+        stdin, stdout, stderr = (cast(IO[str], pipe) for pipe in (proc.stdin, proc.stdout, proc.stderr))
+        try:
+            stdin.write(json.dumps(job) + "\n")
+            stdin.flush()
+        except OSError:  # it died at once; _reap says so
+            pass
+        run.readers = [
+            threading.Thread(target=self._read, args=(run, proc, stdout, "event"), daemon=True,
+                             name=f"slot-{slot.index}-events"),
+            threading.Thread(target=self._read, args=(run, proc, stderr, "log"), daemon=True,
+                             name=f"slot-{slot.index}-log"),
+        ]
+        for reader in run.readers:
+            reader.start()
+        self._board.update(run, f"starting (pid {proc.pid})")
+
+    def _read(self, run: SlotRun, proc: subprocess.Popen[str], stream: IO[str], kind: str) -> None:
+        for line in stream:
+            self._events.put((run, proc, kind, line.rstrip("\n")))
+
+    def _pump(self, timeout: float) -> None:
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, run: SlotRun, proc: subprocess.Popen[str], kind: str, line: str) -> None:
+        if kind == "log":
+            self._board.log(f"[slot {run.slot.index}] {line}")
+            return
+        try:
+            event = json.loads(line)
+            name = event[events.EVENT_KEY]
+        except (ValueError, TypeError, KeyError):
+            self._board.log(f"[slot {run.slot.index}] {line}")  # not an event: something printed on stdout
+            return
+        if name == events.READY:
+            self._board.update(run, f"baseline, or waiting for it, then trials (pid {proc.pid})")
+        elif name == events.TRIAL:
+            run.started += 1
+            self._board.update(run, f"trial {event['number']} starting (pid {proc.pid})")
+        elif name == events.EPOCH:
+            self._board.update(run, f"trial {event['number']} epoch {event['epoch']}/{event['epochs']} "
+                                    f"val PPL {_fmt(event.get('val_ppl'))} (pid {proc.pid})")
+        elif name == events.BASELINE_EPOCH:
+            self._board.update(run, f"baseline epoch {event['epoch']}/{event['epochs']} (pid {proc.pid})")
+        elif name == events.OUTCOME:
+            run.finished += 1
+            run.crashes = 0
+            self._board.result(event["line"])
+            reason = f": {event['reason']}" if event.get("reason") else ""
+            self._board.update(run, f"trial {event['number']} {event['state']}{reason} (pid {proc.pid})")
+        elif name == events.EXIT:
+            self._board.update(run, f"{event['reason']} (pid {proc.pid})")
+
+    def _pass_on_stop(self) -> None:
+        if self._signals > self._announced:
+            self._announced = self._signals
+            if self._signals == 1:
+                logger.warning("stopping: each slot finishes its epoch, checkpoints and hands its trial back "
+                               "(again to stop at once)")
+            else:
+                logger.warning("stopping at once: each trial is handed back from its previous checkpoint")
+        for run in self._runs:
+            if run.proc is None or run.proc.poll() is not None:
+                continue
+            while run.signalled < self._signals:
+                run.signalled += 1
+                try:
+                    run.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:  # it just exited; _reap sees it
+                    break
+                if run.signalled == 1:
+                    self._board.update(run, "stopping after this epoch")
+
+    def _reap(self, run: SlotRun, proc: subprocess.Popen[str]) -> None:
+        code = proc.returncode
+        for reader in run.readers:
+            reader.join(timeout=5)  # the last events come before end of file
+        self._pump(timeout=0)
+        self._close_stdin(proc)
+        run.proc, run.readers = None, []
+        if code == 0:
+            self._finish(run, "stopped" if self.stop_requested else f"finished ({run.finished} trial(s))")
+            return
+        how = _describe_exit(code)
+        if self.stop_requested:
+            self._finish(run, f"stopped ({how})")
+            return
+        if code == EXIT_FATAL:
+            run.failed = True
+            self._finish(run, f"failed ({how}); not started again")
+            return
+        if run.share is not None and run.started >= run.share:
+            self._finish(run, f"{how} after its last trial")
+            return
+        if run.crashes >= MAX_RESTARTS:
+            run.failed = True
+            self._finish(run, f"{how}; gave up after {run.crashes + 1} crashes in a row")
+            return
+        delay = min(RESTART_DELAY * 2**run.crashes, RESTART_DELAY_MAX)
+        run.crashes += 1
+        run.restart_at = self._clock() + delay
+        logger.warning("%s %s; starting it again in %.0f s", run.slot.label, how, delay)
+        self._board.update(run, f"{how}; starting again in {delay:.0f} s")
+
+    def _finish(self, run: SlotRun, status: str) -> None:
+        run.done = True
+        self._board.update(run, status)
+
+    @staticmethod
+    def _close_stdin(proc: subprocess.Popen[str]) -> None:
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def build_supervisor(
+    spec: StudySpec,
+    gpus: str | Sequence[int] | None = None,
+    trials_per_gpu: int = 1,
+    workers: int | None = None,
+    max_trials: int | None = None,
+) -> Supervisor:
+    """The supervisor for ``--gpus``/``--trials-per-gpu``/``--workers`` on this machine (checked here)."""
+    if isinstance(gpus, str):
+        gpu_list = parse_gpus(gpus, available_gpus())
+    else:
+        gpu_list = list(gpus or [])
+    if gpus is None and workers is None:
+        visible = available_gpus()
+        if visible:
+            logger.warning("no --gpus given: running 1 worker on CPU although %d GPU(s) are visible; "
+                           "add --gpus all to use them", visible)
+    slots = plan_slots(gpu_list, trials_per_gpu, workers, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    logger.info("%d worker process(es): %s", len(slots), ", ".join(
+        f"{s.label} CUDA_VISIBLE_DEVICES={s.env['CUDA_VISIBLE_DEVICES']!r}" for s in slots))
+    return Supervisor(spec, slots, max_trials)

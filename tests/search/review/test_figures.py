@@ -1,0 +1,144 @@
+"""Figures drawn from the stored records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.review import (
+    loss_figure,
+    pareto_front_figure,
+    read_baseline,
+    read_rules,
+    trial_curves_figure,
+    trial_facts,
+    val_ppl_figure,
+    weight_figure,
+)
+from tests.search.review.synthetic import (
+    BASELINE_VAL_PPL,
+    EPOCHS,
+    _facts,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+
+
+def _trace(fig: Any, name_part: str) -> Any:
+    matches = [t for t in fig.data if name_part in (t.name or "")]
+    assert len(matches) == 1, [t.name for t in fig.data]
+    return matches[0]
+
+
+def test_loss_figure_draws_lm_koopman_total_and_the_7_limit(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.PRUNED, "original settings")
+    fig = loss_figure(facts, read_rules(study.user_attrs))
+    limit = _trace(fig, "total loss limit 7")
+    assert list(limit.y) == [7.0, 7.0] and list(limit.x) == [1, EPOCHS]
+    assert list(_trace(fig, "LM loss").y) == facts.metric("lm_loss")
+    koopman = _trace(fig, "Koopman loss")
+    assert koopman.yaxis == "y2"  # its own scale
+    start = facts.params["koopman_start_epoch"]
+    assert list(koopman.y) == [None] * start + facts.metric("koopman_loss")[start:]  # a gap while it is off
+    total = _trace(fig, "total loss =")
+    assert total.y[-1] > 7.0  # it was pruned for this
+    marker = _trace(fig, "pruned here")
+    assert list(marker.x) == [facts.pruned_epoch] and marker.text[0] == facts.prune_reason
+
+
+def test_val_ppl_figure_draws_baseline_curve_and_the_ratio_band(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.COMPLETE, "hand-tuned 1")
+    fig = val_ppl_figure(facts, read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    baseline = _trace(fig, "baseline (Koopman off")
+    assert list(baseline.y) == BASELINE_VAL_PPL
+    band = _trace(fig, "limit 1.3 × baseline")
+    assert band.fill == "tonexty" and fig.data.index(band) == fig.data.index(baseline) + 1
+    assert band.y == pytest.approx([1.3 * v for v in BASELINE_VAL_PPL])
+    assert list(_trace(fig, "this trial").y) == facts.metric("val_ppl")
+
+
+def test_weight_figure_shows_scheduled_effective_and_fallback_bars_on_a_second_axis(
+    study: optuna.Study,
+) -> None:
+    facts = _facts(study, TrialState.COMPLETE, "hand-tuned 3")
+    fig = weight_figure(facts)
+    assert list(_trace(fig, "scheduled").y) == facts.metric("koopman_weight")
+    assert list(_trace(fig, "applied").y) == facts.metric("effective_weight")
+    bars = _trace(fig, "fallback batches")
+    assert bars.type == "bar" and bars.yaxis == "y2"
+    assert sum(bars.y) > 0  # threshold 6 is under this trial's Koopman loss at first
+    assert fig.layout.yaxis2.overlaying == "y"
+    assert fig.layout.yaxis2.dtick == 4 and fig.layout.yaxis2.range == pytest.approx((0, 22))  # up to 20 batches
+
+
+def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: optuna.Study) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    with_records = sorted(f.number for f in facts if f.epoch_numbers)
+    selected = with_records[2]
+    fig = trial_curves_figure("losses", facts, None, read_rules(study.user_attrs), selected=selected)
+    menu = fig.layout.updatemenus[0]
+    assert [b.label.split(" · ")[0] for b in menu.buttons] == [f"Trial {n}" for n in with_records]
+    assert menu.active == 2
+    assert menu.buttons[menu.active].label.startswith(f"Trial {selected} · ")
+    # every entry restyles the same highlighted traces, with that trial's own data
+    chosen = menu.buttons[0]
+    restyle, slots = chosen.args
+    first = next(f for f in facts if f.number == with_records[0])
+    assert restyle["y"][0] == first.metric("lm_loss") and len(slots) == 4
+    assert _trace(fig, "all trials' total loss").line.color.startswith("rgba")
+
+
+def test_trial_curves_menu_keeps_the_latest_trials_and_the_selected_one(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.review import figures
+
+    monkeypatch.setattr(figures, "MAX_DROPDOWN_TRIALS", 2)
+    facts = [trial_facts(t) for t in study.get_trials()]
+    drawn = sorted(f.number for f in facts if f.epoch_numbers)
+    fig = trial_curves_figure("val_ppl", facts, selected=drawn[0])
+    menu = fig.layout.updatemenus[0]
+    assert [b.label.split(" · ")[0] for b in menu.buttons] == [f"Trial {n}" for n in [drawn[0], *drawn[-2:]]]
+    assert menu.active == 0
+    background = _trace(fig, "all trials")
+    assert sum(x is None for x in background.x) == len(drawn)  # every trial drawn behind, one gap after each
+
+
+def test_trial_curves_figure_without_trials_still_shows_the_baseline(study: optuna.Study) -> None:
+    fig = trial_curves_figure("val_ppl", [], read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    assert "no finished trial yet" in fig.layout.title.text
+    assert list(_trace(fig, "baseline (Koopman off").y) == BASELINE_VAL_PPL
+
+
+def test_pareto_front_figure_stars_the_hand_tuned_trials(study: optuna.Study) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    fig = pareto_front_figure(study, ["val_ppl", "val_koopman_nre"], facts, read_baseline(study.user_attrs))
+    for label in ("hand-tuned 1", "hand-tuned 2", "hand-tuned 3"):
+        trial = next(f for f in facts if f.label == label)
+        star = _trace(fig, f"★ {label} (trial {trial.number})")
+        assert (star.x[0], star.y[0]) == trial.values and star.marker.symbol == "star"
+    assert _trace(fig, "☆ original settings: pruned at epoch 6")  # pruned options are listed in the legend
+    assert fig.layout.xaxis.title.text == "val_ppl"
+    assert [s.x0 for s in fig.layout.shapes] == [477.2]  # the baseline's final val perplexity
+
+
+def test_menu_entries_name_a_complete_trials_first_objective_and_a_pruned_trials_epoch(
+    study: optuna.Study,
+) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    fig = trial_curves_figure("val_ppl", facts, names=["val_ppl", "val_koopman_nre"])
+    labels = {b.label.split(" · ")[0]: b.label for b in fig.layout.updatemenus[0].buttons}
+    complete = _facts(study, TrialState.COMPLETE, "hand-tuned 1")
+    pruned = _facts(study, TrialState.PRUNED, "original settings")
+    assert (
+        labels[f"Trial {complete.number}"]
+        == f"Trial {complete.number} · val_ppl {complete.values[0]:.5g} · hand-tuned 1"
+    )
+    assert labels[f"Trial {pruned.number}"] == f"Trial {pruned.number} · pruned at epoch 6 · original settings"
+    assert f"Trial {_facts(study, TrialState.FAIL).number}" not in labels  # no records, nothing to draw

@@ -1,0 +1,68 @@
+"""Trial notes: the markdown optuna-dashboard shows beside each trial."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from search.review import (
+    read_baseline,
+    read_rules,
+    trial_facts,
+    trial_note,
+)
+from tests.search.review.synthetic import (
+    BASELINE_VAL_PPL,
+    _facts,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- notes --------------------------------------------------------------------------------------------------
+
+
+def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.PRUNED, "original settings")
+    note = trial_note(
+        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+    )
+    epoch = facts.pruned_epoch
+    assert f"### Trial {facts.number}: pruned at epoch {epoch}" in note
+    assert f"**Pruned:** total\\_loss {facts.prune_reason.split(' ', 1)[1]}" in note
+    ppl = facts.metric("val_ppl")[-1]
+    ratio = ppl / BASELINE_VAL_PPL[epoch - 1]
+    assert f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |" in note
+    assert f"{facts.epochs_saved_by_pruning} saved by pruning" in note
+    assert "3 taken from the baseline's shared warmup" in note
+
+
+def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.COMPLETE, "hand-tuned 2")
+    note = trial_note(
+        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+    )
+    assert "hand-tuned 2" in note
+    assert f"**Result:** val\\_ppl = {facts.values[0]:.5g}, val\\_koopman\\_nre = {facts.values[1]:.5g}" in note
+    header = "| koopman\\_weight\\_max | koopman\\_start\\_epoch | fallback\\_threshold | schedule | koopman\\_dim |"
+    assert f"{header}\n|---|---|---|---|---|\n| 0.1 | 5 | 7.0 | exponential | 128 |" in note
+    assert "| at epoch 10 |" in note and "saved by pruning" not in note
+
+
+def test_note_of_val_ppl_pruned_trial_says_the_ratio_is_over(study: optuna.Study) -> None:
+    pruned = [t for t in study.get_trials(states=(TrialState.PRUNED,)) if "val_ppl" in t.user_attrs["prune_reason"]]
+    assert len(pruned) == 1
+    note = trial_note(
+        trial_facts(pruned[0]),
+        ["val_ppl", "val_koopman_nre"],
+        read_baseline(study.user_attrs),
+        read_rules(study.user_attrs),
+    )
+    assert "(limit 1.3×, over)" in note
+
+
+def test_note_of_failed_trial_gives_the_error(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.FAIL)
+    note = trial_note(facts, ["val_ppl", "val_koopman_nre"], None, read_rules(study.user_attrs))
+    assert "**Failed:** CUDA out of memory at epoch 5" in note
+    assert "No epoch records were stored for this trial." in note

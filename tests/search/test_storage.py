@@ -1,0 +1,117 @@
+"""The storage: retries of database calls, the cross-process lock, heartbeats and opening errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+
+from search.errors import StorageError
+from search.storage import Heartbeat, exclusive, open_storage, retrying
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- retries of database calls -----------------------------------------------------------------------------
+
+
+def _operational_error() -> sqlalchemy.exc.OperationalError:
+    return sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+
+def test_retrying_calls_again_after_transient_database_errors() -> None:
+    failures = [_operational_error(), _operational_error()]
+    slept: list[float] = []
+
+    def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    assert retrying(flaky, "read", sleep=slept.append) == "ok"
+    assert slept == [1.0, 2.0]
+
+
+def test_retrying_gives_up_after_its_timeout_and_lets_other_errors_through() -> None:
+    slept: list[float] = []
+
+    def down() -> None:
+        raise _operational_error()
+
+    with pytest.raises(StorageError, match=r"read: the database stayed unreachable for 7 s"):
+        retrying(down, "read", timeout=5.0, sleep=slept.append)
+    assert slept == [1.0, 2.0, 4.0]
+
+    def broken() -> None:
+        raise sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception("syntax error"))
+
+    with pytest.raises(sqlalchemy.exc.ProgrammingError):
+        retrying(broken, "read", sleep=slept.append)
+
+
+# ---- the lock ------------------------------------------------------------------------------------------------
+
+
+def test_exclusive_on_sqlite_lets_one_holder_in_at_a_time(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'lock.db'}", heartbeat=False)
+    inside: list[str] = []
+
+    def second() -> None:
+        with exclusive(storage, "budget"):
+            inside.append("second")
+
+    with exclusive(storage, "budget"):
+        inside.append("first")
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)  # the second holder must still be waiting
+        assert inside == ["first"]
+    thread.join(timeout=30)
+    assert inside == ["first", "second"]
+
+
+def test_exclusive_on_postgresql_lets_one_holder_in_at_a_time(postgres_url: str) -> None:
+    storage = open_storage(postgres_url, heartbeat=False)
+    inside: list[str] = []
+
+    def second() -> None:
+        with exclusive(storage, "budget"):
+            inside.append("second")
+
+    with exclusive(storage, "budget"):
+        inside.append("first")
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)
+        assert inside == ["first"]
+    thread.join(timeout=30)
+    assert inside == ["first", "second"]
+
+
+# ---- heartbeats ----------------------------------------------------------------------------------------------
+
+
+def test_heartbeat_records_beats_while_it_is_open(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="beat")
+    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna expects heartbeats under Study.optimize only
+        trial = study.ask()
+    with Heartbeat(storage, trial._trial_id, interval=0.05):
+        time.sleep(0.3)
+    with sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'beat.db'}").connect() as conn:
+        rows = conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar()
+    assert rows == 1
+
+
+# ---- opening ---------------------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_storage_is_one_error_without_the_password() -> None:
+    url = "postgresql+psycopg://koopman:s3cret@127.0.0.1:1/ks"
+    with pytest.raises(StorageError, match=r"cannot open storage postgresql\+psycopg://koopman:\*\*\*@") as info:
+        open_storage(url, heartbeat=False)
+    assert "s3cret" not in str(info.value)

@@ -1,0 +1,87 @@
+"""The study as a queue: the budget, claiming a trial, and queuing a trial again."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search import layout
+from search.cli import main
+from search.spec import load_spec
+from search.storage import open_storage
+from search.study import OUTCOME_ATTRS, claim_waiting_trial, create_or_load_study, enqueue_retry, ensure_budget
+from tests.search.study_files import write_study as write_tiny_study
+from tests.search.study_files import write_worker_study as write_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- a worker that dies right after claiming a trial ----------------------------------------------------
+
+
+def test_a_trial_claimed_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
+    # claiming records a heartbeat first: a RUNNING trial without any heartbeat would never be found stale
+    from search.storage import GRACE_FACTOR, fail_stale_trials
+
+    study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
+    assert main(["create", str(study_file)]) == 0
+    study = optuna.load_study(study_name="w", storage=open_storage(load_spec(study_file).storage_url,
+                                                                   heartbeat_interval=1))
+    claimed = claim_waiting_trial(study)  # ... and its worker dies here, before any Heartbeat thread
+    assert claimed is not None
+    time.sleep(GRACE_FACTOR * 1 + 1.5)
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["failed_trial"] == claimed.number
+
+
+def test_claiming_takes_the_oldest_waiting_trial_and_none_when_the_queue_is_empty(tmp_path: Path) -> None:
+    spec = load_spec(write_tiny_study(tmp_path, n_trials=2, storage=f"sqlite:///{tmp_path / 'q.db'}"))
+    study, created = create_or_load_study(spec, open_storage(spec.storage_url, heartbeat=False))
+    assert created
+    assert ensure_budget(study, spec) == 2
+    first, second = claim_waiting_trial(study), claim_waiting_trial(study)
+    assert first is not None and second is not None
+    assert (first.number, second.number) == (0, 1)
+    assert claim_waiting_trial(study) is None
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.RUNNING]
+
+
+def test_the_budget_is_topped_up_once_and_retries_do_not_count(tmp_path: Path) -> None:
+    spec = load_spec(write_tiny_study(tmp_path, n_trials=2, storage=f"sqlite:///{tmp_path / 'b.db'}"))
+    study, _ = create_or_load_study(spec, open_storage(spec.storage_url, heartbeat=False))
+    assert ensure_budget(study, spec) == 2
+    assert ensure_budget(study, spec) == 0
+    trial = claim_waiting_trial(study)
+    assert trial is not None
+    study.tell(trial, state=TrialState.FAIL)
+    enqueue_retry(study, study.get_trials()[trial.number])
+    assert ensure_budget(study, spec) == 0  # the retry stands in for its attempt
+    assert ensure_budget(study, spec, n_trials=3) == 1
+
+
+def test_a_retry_keeps_params_and_checkpoint_but_not_the_outcome_of_its_attempt() -> None:
+    study = optuna.create_study()
+    attempt = optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"koopman_weight_max": 0.1},
+        distributions={"koopman_weight_max": FloatDistribution(0.01, 0.5)},
+        user_attrs={layout.CHECKPOINT: layout.checkpoint_pointer(2, "a1"), layout.LABEL: "hand-tuned 1",
+                    layout.FAIL_REASON: "interrupted", layout.PRUNE_REASON: "x", layout.PRUNED_EPOCH: 2},
+        system_attrs={"artifacts:a1": "{}"},
+    )
+    study.add_trial(attempt)
+    enqueue_retry(study, study.get_trials()[0])
+    retry = study.get_trials()[1]
+    assert retry.state == TrialState.WAITING
+    assert retry.params == {"koopman_weight_max": 0.1}
+    assert retry.user_attrs == {layout.CHECKPOINT: {"epoch": 2, "artifact_id": "a1"}, layout.LABEL: "hand-tuned 1"}
+    assert not set(OUTCOME_ATTRS) & set(retry.user_attrs)
+    assert layout.is_retry(retry) and layout.retry_of(retry) == 0
+    assert not any(k.startswith("artifacts:") for k in retry.system_attrs)
+    enqueue_retry(study, study.get_trials()[1])
+    assert study.get_trials()[2].system_attrs[layout.RETRY_HISTORY] == [0, 1]
