@@ -429,4 +429,4 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build() -> None:
     ignored = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
-    assert {".env", ".venv/", "*.db", "artifacts/", ".git/"} <= ignored
+    assert {".env", ".venv/", "**/*.db", "**/*-artifacts/", "**/artifacts/", ".git/"} <= ignored

@@ -123,6 +123,7 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
         lm = BASELINE_LM[e - 1] + (0.4 * weight if on else 0.0)
         ppl = BASELINE_VAL_PPL[e - 1] * (1 + (plan.ppl_cost - 1) * (weight / plan.weight_max if on else 0.0))
         seconds = 96.0 if on else 78.0
+        nre = 0.9 * math.exp(-5 * plan.weight_max) * 0.92 ** (e - plan.start - 1)
         records.append(
             EpochRecord(
                 epoch=e,
@@ -136,10 +137,15 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
                 nonfinite_batches=0,
                 val_loss=math.log(ppl),
                 val_ppl=ppl,
-                val_koopman_nre=0.9 * math.exp(-5 * plan.weight_max) * 0.92 ** (e - plan.start - 1) if on else math.nan,
+                val_koopman_nre=nre if on else math.nan,
                 seconds=seconds,
                 tokens_per_s=STEPS * 32 * 128 / seconds,
                 steps=STEPS,
+                val_koopman_gain=1 / nre if on else math.nan,
+                phi_effective_rank=12.0 - 4 * plan.weight_max if on else math.nan,
+                state_effective_rank=9.0 if on else math.nan,
+                val_koopman_forward_ppl=ppl * (1 + 2 * nre) if on else math.nan,
+                koopman_k_norm=1.1 if on else math.nan,
             )
         )
     return records
@@ -176,7 +182,7 @@ def study_file_values(name: str = STUDY_NAME, objectives: list[str] | None = Non
 
 
 def store_trial(
-    study: optuna.Study, plan: Plan, rules: PruneRules, metrics: tuple[str, ...] = ("val_ppl", "val_koopman_nre")
+    study: optuna.Study, plan: Plan, rules: PruneRules, metrics: tuple[str, ...] = ("val_ppl", "val_koopman_forward_ppl")
 ) -> None:
     """One trial as a worker stores it: run the prune rules over its epochs, keep what it trained."""
     if plan.fail:
