@@ -24,6 +24,7 @@ from trainer.records import RECORD_FIELDS, EpochRecord
 
 __all__ = [
     "DEFAULT_FINITE_METRICS",
+    "FloorRule",
     "KOOPMAN_METRICS",
     "NonFiniteRule",
     "PruneRule",
@@ -124,6 +125,33 @@ class ValPplRatioRule:
         return f"val_ppl {shown} > {self._ratio!r} × baseline {_fmt(reference, 5)} = {bound} at epoch {epoch}"
 
 
+class FloorRule:
+    """Prune when ``metric`` is below ``min_value`` in an epoch with the Koopman loss on; off when ``min_value``
+    is 0. The collapse guards of docs/koopman-objective.md: ``phi_effective_rank`` (φ collapsed toward one
+    direction) and ``val_koopman_gain`` (K no better than the identity)."""
+
+    def __init__(self, metric: str, min_value: float) -> None:
+        if metric not in RECORD_FIELDS:
+            raise ConfigError(f"metric must be an EpochRecord field, but got metric={metric!r}")
+        if isinstance(min_value, bool) or not isinstance(min_value, (int, float)) or not (
+            math.isfinite(min_value) and min_value >= 0
+        ):
+            raise ConfigError(f"the {metric} floor must be a finite number >= 0, but got {min_value!r}")
+        self._metric = metric
+        self._min = float(min_value)
+
+    def check(self, record: EpochRecord) -> str | None:
+        if self._min == 0 or record.koopman_weight <= 0:
+            return None
+        value = getattr(record, self._metric)
+        if math.isnan(value):
+            return None  # NonFiniteRule's business, where the metric is checked at all
+        if value >= self._min:
+            return None
+        shown, floor = _over(value, self._min)
+        return f"{self._metric} {shown} < {floor} at epoch {record.epoch}"
+
+
 class NonFiniteRule:
     """Prune when one of ``metrics`` is NaN or infinite. Metrics in :data:`KOOPMAN_METRICS` are checked
     only in epochs where the Koopman loss is on (``record.koopman_weight > 0``)."""
@@ -154,15 +182,25 @@ class RuleSettings:
     total_loss_max: float = 7.0  # the user's "retune above 7.0"
     val_ppl_ratio_max: float = 1.3  # the user's "val perplexity < 1.3 × baseline"
     finite_metrics: tuple[str, ...] = DEFAULT_FINITE_METRICS
+    # collapse guards, off (0) by default: the default objective cannot collapse (docs/koopman-objective.md)
+    phi_rank_min: float = 0.0
+    koopman_gain_min: float = 0.0
 
     def __post_init__(self) -> None:
         _positive_finite("total_loss_max", self.total_loss_max)
         _positive_finite("val_ppl_ratio_max", self.val_ppl_ratio_max)
         NonFiniteRule(self.finite_metrics)
+        FloorRule("phi_effective_rank", self.phi_rank_min)
+        FloorRule("val_koopman_gain", self.koopman_gain_min)
 
     def to_dict(self) -> dict[str, float]:
-        """As stored with the study (and as written in ``[rules]``)."""
-        return {"total_loss_max": self.total_loss_max, "val_ppl_ratio_max": self.val_ppl_ratio_max}
+        """As stored with the study (and as written in ``[rules]``); the collapse guards only where on."""
+        out = {"total_loss_max": self.total_loss_max, "val_ppl_ratio_max": self.val_ppl_ratio_max}
+        if self.phi_rank_min:
+            out["phi_rank_min"] = self.phi_rank_min
+        if self.koopman_gain_min:
+            out["koopman_gain_min"] = self.koopman_gain_min
+        return out
 
 
 class PruneRules:
@@ -179,6 +217,8 @@ class PruneRules:
                 NonFiniteRule(settings.finite_metrics),
                 TotalLossRule(settings.total_loss_max),
                 ValPplRatioRule(settings.val_ppl_ratio_max, baseline_curve),
+                FloorRule("phi_effective_rank", settings.phi_rank_min),
+                FloorRule("val_koopman_gain", settings.koopman_gain_min),
             ]
         )
 

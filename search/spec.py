@@ -91,7 +91,7 @@ STUDY_KEYS = (
     "shared_warmup",
     "objectives",
 )
-RULE_KEYS = ("total_loss_max", "val_ppl_ratio_max")
+RULE_KEYS = ("total_loss_max", "val_ppl_ratio_max", "phi_rank_min", "koopman_gain_min")
 BASELINE_KEYS = ("val_ppl",)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -497,7 +497,17 @@ def _rules(table: Mapping[str, Any], objectives: tuple[Objective, ...], origin: 
         total_loss_max=_positive(table, "total_loss_max", defaults.total_loss_max, origin, "rules"),
         val_ppl_ratio_max=_positive(table, "val_ppl_ratio_max", defaults.val_ppl_ratio_max, origin, "rules"),
         finite_metrics=finite,
+        phi_rank_min=_non_negative(table, "phi_rank_min", origin, "rules"),
+        koopman_gain_min=_non_negative(table, "koopman_gain_min", origin, "rules"),
     )
+
+
+def _non_negative(table: Mapping[str, Any], key: str, origin: str, prefix: str) -> float:
+    value: float = _get(table, key, float, origin, prefix, default=0.0)
+    if not (math.isfinite(value) and value >= 0):
+        raise SpecError.at(f"{key} must be a finite number >= 0 (0 = off), but got {key}={value!r}", origin,
+                           f"{prefix}.{key}")
+    return value
 
 
 def _baseline(table: Mapping[str, Any], epochs: int, origin: str) -> BaselineSetting:

@@ -65,6 +65,17 @@ def _comparison(trial: TrialFacts, baseline: StoredBaseline | None, rules: Store
     nre = _at(trial.metric("val_koopman_nre"), i)
     if nre is not None:
         lines.append(f"| val Koopman NRE (1 − R²) | {fmt(nre, 4)} | | |")
+    forward = _at(trial.metric("val_koopman_forward_ppl"), i)
+    if forward is not None:
+        lines.append(f"| Koopman-forward perplexity (blocks → ψ ∘ K ∘ φ) | {fmt(forward)} | {fmt(base_ppl)} | "
+                     f"{_ratio_text(forward, base_ppl, None)} |")
+    gain = _at(trial.metric("val_koopman_gain"), i)
+    if gain is not None:
+        lines.append(f"| K's gain over the identity | {fmt(gain, 3)}× | | |")
+    rank = _at(trial.metric("phi_effective_rank"), i)
+    if rank is not None:
+        state_rank = _at(trial.metric("state_effective_rank"), i)
+        lines.append(f"| φ effective rank | {fmt(rank, 3)} | | the states' own: {fmt(state_rank, 3)} |")
     if baseline is None:
         lines.append("")
         lines.append("No baseline is stored for this study, so there is nothing to compare with.")

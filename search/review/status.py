@@ -17,7 +17,7 @@ from search.review.summary import summarize
 
 __all__ = ["SHOWN_METRICS", "status_data"]
 
-SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_nre")
+SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_forward_ppl", "val_koopman_nre", "phi_effective_rank")
 
 
 def _num(v: Any) -> Any:

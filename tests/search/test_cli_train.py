@@ -76,6 +76,10 @@ def test_json_prints_one_object_per_epoch_with_every_record_field(train: Runner)
     assert tuple(first) == RECORD_FIELDS
     assert first["val_koopman_nre"] is None  # NaN is written as null: the output stays valid JSON
     assert isinstance(second["val_koopman_nre"], float)
+    # every Koopman epoch carries the collapse and usefulness metrics (docs/koopman-objective.md)
+    assert first["phi_effective_rank"] is None and first["val_koopman_forward_ppl"] is None
+    assert second["phi_effective_rank"] >= 1.0 and second["val_koopman_forward_ppl"] > 1.0
+    assert len(second["val_koopman_gain_blocks"]) == 2
     assert second["val_ppl"] == pytest.approx(math.exp(second["val_loss"]))
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from search.errors import BaselineError
 from search.rules import (
+    FloorRule,
     NonFiniteRule,
     PruneRules,
     RuleSettings,
@@ -208,3 +209,30 @@ def test_rules_import_neither_optuna_nor_torch() -> None:
     code = "import sys, search.rules; print(sorted(m for m in ('optuna', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- collapse guards
+
+
+def test_floor_rules_are_off_by_default_and_prune_just_below_their_floor() -> None:
+    assert PruneRules.from_spec(RuleSettings(), [500.0] * 10).check(record(phi_effective_rank=1.0)) is None
+    rule = FloorRule("phi_effective_rank", 2.0)
+    assert rule.check(record(phi_effective_rank=2.0)) is None  # exactly at the floor is kept
+    assert rule.check(record(epoch=4, phi_effective_rank=1.9999)) == "phi_effective_rank 1.9999 < 2.0 at epoch 4"
+    assert FloorRule("val_koopman_gain", 1.0).check(record(val_koopman_gain=0.9)) is not None
+    # not judged before the Koopman loss is on
+    assert rule.check(record(koopman_weight=0.0, phi_effective_rank=1.0)) is None
+
+
+def test_floor_rules_run_from_the_study_settings_and_are_stored_only_when_on() -> None:
+    settings = RuleSettings(phi_rank_min=3.0, koopman_gain_min=1.5)
+    rules = PruneRules.from_spec(settings, [500.0] * 10)
+    assert rules.check(record(val_koopman_gain=1.2, phi_effective_rank=5.0)).startswith("val_koopman_gain 1.2 < 1.5")
+    assert settings.to_dict()["phi_rank_min"] == 3.0
+    assert "phi_rank_min" not in RuleSettings().to_dict()
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf])
+def test_a_floor_out_of_range_is_a_config_error(value: float) -> None:
+    with pytest.raises(ConfigError, match="floor must be a finite number >= 0"):
+        RuleSettings(phi_rank_min=value)

@@ -127,7 +127,7 @@ def test_a_minimal_study_takes_the_documented_defaults(tmp_path: Path) -> None:
     assert spec.artifacts_dir == str(tmp_path / "tiny-artifacts")
     assert (spec.n_trials, spec.sampler, spec.sampler_seed, spec.pruner) == (30, "tpe", 0, "none")
     assert spec.shared_warmup is True
-    assert spec.objectives == (Objective("val_ppl", "minimize"), Objective("val_koopman_nre", "minimize"))
+    assert spec.objectives == (Objective("val_ppl", "minimize"), Objective("val_koopman_forward_ppl", "minimize"))
     assert spec.space.searched == ()
     assert spec.space.params["koopman_dim"] == FixedParam("koopman_dim", spec.trainer.koopman.dim)
     assert spec.enqueue == ()
@@ -363,3 +363,26 @@ def test_import_search_loads_neither_torch_nor_optuna_nor_sqlalchemy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_objective_that_needs_a_decoder_is_refused_for_the_notebooks_loss(tmp_path: Path) -> None:
+    path = tmp_path / "nb.toml"
+    path.write_text('[study]\nname = "nb"\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8")
+    with pytest.raises(SpecError, match=r"val_koopman_forward_ppl needs koopman.loss = \"decoder\".*"
+                                        r"loss='smooth_l1'.*\[trainer.koopman.loss\]"):
+        load_spec(path)
+
+
+def test_a_negative_collapse_floor_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "floor.toml"
+    path.write_text('[study]\nname = "f"\n[rules]\nphi_rank_min = -1\n', encoding="utf-8")
+    with pytest.raises(SpecError, match=r"phi_rank_min must be a finite number >= 0.*\[rules.phi_rank_min\]"):
+        load_spec(path)
+
+
+def test_the_shipped_studies_load(tmp_path: Path) -> None:
+    for name in ("quickstart", "wikitext2", "notebook"):
+        spec = load_spec(REPO / "studies" / f"{name}.toml")
+        assert spec.objectives[0].metric == "val_ppl"
+    nb = load_spec(REPO / "studies" / "notebook.toml")
+    assert (nb.trainer.koopman.loss, nb.trainer.koopman.fit) == ("smooth_l1", "dmd")
