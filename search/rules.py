@@ -24,8 +24,8 @@ from trainer.records import RECORD_FIELDS, EpochRecord
 
 __all__ = [
     "DEFAULT_FINITE_METRICS",
-    "FloorRule",
     "KOOPMAN_METRICS",
+    "FloorRule",
     "NonFiniteRule",
     "PruneRule",
     "PruneRules",

@@ -182,7 +182,8 @@ def study_file_values(name: str = STUDY_NAME, objectives: list[str] | None = Non
 
 
 def store_trial(
-    study: optuna.Study, plan: Plan, rules: PruneRules, metrics: tuple[str, ...] = ("val_ppl", "val_koopman_forward_ppl")
+    study: optuna.Study, plan: Plan, rules: PruneRules,
+    metrics: tuple[str, ...] = ("val_ppl", "val_koopman_forward_ppl"),
 ) -> None:
     """One trial as a worker stores it: run the prune rules over its epochs, keep what it trained."""
     if plan.fail:
