@@ -43,8 +43,7 @@ PROBE = {"data.source": "builtin", "data.vocab_size": 2000, "data.seq_len": 32, 
          "model.d_model": 32, "model.n_layers": 2, "train.epochs": 2, "koopman.start_epoch": 1,
          "train.max_steps_per_epoch": 30, "train.device": "cpu", "koopman.dim": 32, "koopman.tokens_per_batch": 0}
 PROBE_LOSSES = ("smooth_l1", "mse", "normalized", "vicreg", "decoder")
-LIVE_VARIANTS = (("decoder", "gradient"), ("decoder", "lstsq"), ("smooth_l1", "gradient"),
-                 ("smooth_l1", "lstsq"), ("smooth_l1", "dmd"))
+LIVE_VARIANTS = ("decoder/gradient", "decoder/lstsq", "smooth_l1/gradient", "smooth_l1/lstsq", "smooth_l1/dmd")
 
 
 def fmt(v: float, spec: str = ".4g") -> str:
@@ -85,7 +84,8 @@ def live(args: argparse.Namespace) -> None:
         print("baseline val PPL by epoch: "
               + ", ".join(f"{e}: {r.val_ppl:.2f}" for e, r in baseline.items()) + "\n")
         overhead: list[str] = []
-        for loss, fit in LIVE_VARIANTS:
+        for variant in args.variants.split(","):
+            loss, _, fit = variant.partition("/")
             t0 = time.perf_counter()
             trainer = HybridKoopmanTrainer(live_config(args, loss=loss, fit=fit))
             trainer.warm_start_from(Path(tmp) / f"epoch_{args.start}.pt")
@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--start", type=int, default=3)
     p.add_argument("--weight", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
+    p.add_argument("--variants", default=",".join(LIVE_VARIANTS), help="objective/fit pairs, comma-separated")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.probe or args.live):

@@ -2,8 +2,8 @@
 
 Epochs are numbered 1..E. With s = ``koopman_start_epoch``, epochs 1..s are pure LM training (weight 0) and
 the Koopman loss is on from epoch s+1; the weight reaches ``koopman_weight_max`` exactly at e = E
-(../shared/DESIGN.md). The seed's schedule gave 0 at its first Koopman epoch and never reached the maximum
-(0.4286 of 0.5 at its last epoch).
+(docs/design.md, "Epochs"). The notebook's schedule gave 0 at its first Koopman epoch and never reached the
+maximum (0.4286 of 0.5 at its last epoch; docs/koopman-objective.md, "Timing against the notebook").
 
 With p = (e − s) / (E − s) in (0, 1] the progress through the Koopman epochs:
 
@@ -49,7 +49,7 @@ class FallbackState:
     """Per-epoch fallback, kept on the device so that a step needs no host sync.
 
     When a batch's Koopman loss exceeds ``threshold``, the weight is multiplied by ``factor`` for that batch
-    and the next ``n_batches`` batches, whatever their own loss (the seed only ever cut batches that were
+    and the next ``n_batches`` batches, whatever their own loss (the notebook only ever cut batches that were
     over the threshold anyway). A NaN/Inf Koopman loss switches the term off for the rest of the epoch.
     """
 
