@@ -62,7 +62,9 @@ def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
     for op in ops:
         parent, key = _pointer(doc, op["path"])
         if op["op"] == "replace":
-            parent[key]  # noqa: B018 - replace needs an existing value (KeyError/IndexError otherwise)
+            present = isinstance(key, int) and key < len(parent) if isinstance(parent, list) else key in parent
+            if not present:
+                raise KeyError(f"JSON patch replace: nothing at {op['path']}")  # replace needs a value there
             parent[key] = copy.deepcopy(op["value"])
         elif op["op"] == "add":
             if isinstance(parent, list):
