@@ -121,8 +121,8 @@ def _tiny_study(tmp_path: Path, slow: bool) -> tuple[Path, str]:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = write_study(tmp_path, n_trials=2, epochs=3, storage=url, baseline=[2000.0] * 3)
     if slow:  # a pause in every training step, so that a signal lands in the middle of a trial
-        text = study.read_text().replace("[trainer.model]\n", '[trainer.model]\nfactory = "tests.search.slow_model:build"\n')
-        study.write_text(text)
+        factory = 'factory = "tests.search.slow_model:build"\n'
+        study.write_text(study.read_text().replace("[trainer.model]\n", "[trainer.model]\n" + factory))
     created = subprocess.run([KOOPMAN_SEARCH, "-q", "create", str(study), "--artifacts", str(tmp_path / "a")],
                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                              check=False, timeout=120)
