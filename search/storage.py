@@ -101,9 +101,13 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
 
     With ``heartbeat``, running trials record heartbeats and a stale trial is failed and retried up to
     :data:`MAX_RETRY` times. Connections are checked before use (``pool_pre_ping``) so that workers
-    survive a database restart.
+    survive a database restart. ``grpc://HOST:PORT`` is a storage proxy in front of the database instead.
     """
     interval = heartbeat_interval or HEARTBEAT_INTERVAL
+    if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/proxy.py)
+        from search.proxy import open_proxy_storage
+
+        return open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval)
     is_sqlite = url.startswith("sqlite")
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if is_sqlite:

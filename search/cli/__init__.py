@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "best": "search.cli.best",
     "dashboard": "search.cli.dashboard",
     "report": "search.cli.report",
+    "storage-proxy": "search.cli.storage_proxy",
 }
 
 

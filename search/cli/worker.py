@@ -63,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
             "same --storage"
         ) from None
     finally:
-        storage.engine.dispose()
+        close = getattr(storage, "close", None) or storage.engine.dispose  # close(): a storage proxy
+        close()
     return supervisor.run()
