@@ -156,6 +156,12 @@ class KoopmanHeads(nn.Module):
                 self.kb = nn.Parameter(kb)
             else:
                 self.register_buffer("kb", kb)  # the notebook's K has no offset
+        # Data-dependent initialisation (docs/koopman-objective.md): at the first training batch the offsets
+        # start at the batch's means, so a trained backbone's residual-stream mean does not make every term
+        # start far above 1. The notebook's forms keep the notebook's fixed initialisation.
+        self.data_init = cfg.loss not in ("smooth_l1", "mse")
+        self.register_buffer("initialised", torch.tensor(not self.data_init))
+        self._initialised: bool | None = None
         if cfg.fit == "dmd":
             m = cfg.dmd_buffer
             self.register_buffer("dmd_x", torch.zeros(L, k, m))
@@ -228,8 +234,28 @@ class KoopmanHeads(nn.Module):
                 p.grad.masked_fill_(bad, 0.0)
 
     # ---- the objective -------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        self._initialised = None  # read the loaded flag again
+
+    @torch.no_grad()
+    def _initialise_from(self, states: torch.Tensor) -> None:
+        """Offsets from the first training batch: c = mean(φ(h_out) − φ(h_in)) (K = I at the start), and ψ's
+        output bias = mean(h) of each block's states, so that ψ starts by predicting the mean."""
+        x, y = self.lift_pairs(states)
+        self.kb.copy_((y - x).mean(1, keepdim=True))
+        if self.c2 is not None:
+            self.c2.copy_(states[1:].mean(1, keepdim=True))
+        self.initialised.fill_(True)
+
     def objective(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Koopman loss of ``koopman.loss`` on states (L+1, N, d); also returns φ(h_in), φ(h_out)."""
+        if self.training and self.data_init:
+            if self._initialised is None:
+                self._initialised = bool(self.initialised)  # one host sync, then cached
+            if not self._initialised:
+                self._initialise_from(states.detach())
+                self._initialised = True
         x, y = self.lift_pairs(states)  # (L, N, k) each
         pred = self.advance(x)
         if self.cfg.loss == "mse":
