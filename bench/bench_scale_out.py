@@ -86,7 +86,7 @@ def _records(epoch: int, epochs: int) -> list[Any]:
 
 def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds: float, values: list[float]) -> float:
     """One stand-in trial, storage calls as the trial runner makes them; the seconds spent in them."""
-    from search.records import records_to_columns
+    from search.layout import records_to_columns
     from search.storage import Heartbeat, retrying
 
     storage_s = 0.0

@@ -42,8 +42,8 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 
 from search.errors import SpecError, StorageError
-from search.spec import redact_url
 from search.storage import GRACE_FACTOR, HEARTBEAT_INTERVAL, TRANSIENT, open_storage
+from search.urls import redact_url
 
 __all__ = [
     "DEFAULT_PORT",

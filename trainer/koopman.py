@@ -111,6 +111,7 @@ class KoopmanHeads(nn.Module):
     dmd_y: torch.Tensor
     dmd_pos: torch.Tensor
     dmd_filled: torch.Tensor
+    initialised: torch.Tensor  # the data-dependent initialisation has run
 
     def __init__(self, cfg: KoopmanConfig, d_model: int, n_layers: int, seed: int) -> None:
         super().__init__()
@@ -235,7 +236,7 @@ class KoopmanHeads(nn.Module):
 
     # ---- the objective -------------------------------------------------------------------------------------
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+        super()._load_from_state_dict(*args, **kwargs)
         self._initialised = None  # read the loaded flag again
 
     @torch.no_grad()

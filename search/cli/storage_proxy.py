@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from search.proxy import is_proxy_url, serve
-    from search.spec import redact_url
+    from search.urls import redact_url
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, but got port={args.port}")
