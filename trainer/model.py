@@ -10,6 +10,10 @@ The protocol every model follows, the built-in one and any user model plugged in
   (B, T, vocab_size) and a list of ``n_layers + 1`` tensors of shape (B, T, d_model): the input of block 1
   followed by the output of every block. Block ``l``'s input is ``hidden_states[l - 1]`` and its output is
   ``hidden_states[l]``; the Koopman loss asks ``φ(output) ≈ K φ(input)`` for each block.
+
+Optionally, ``lm_head_inputs(idx)`` returns ``(features, hidden_states, head_weight)`` for a model whose logits
+are ``features @ head_weight.T``: the trainer then computes the LM loss without building the logits
+(trainer/lm_loss.py). The built-in model has it.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def lm_head_inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The LM head's input ln_f(x) (B, T, d), the hidden states, and the head's weight (vocab, d)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
@@ -118,8 +123,11 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x)
             hidden.append(x)
-        logits = self.head(self.ln_f(x))  # (B, T, vocab)
-        return logits, hidden
+        return self.ln_f(x), hidden, self.head.weight
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features, hidden, _ = self.lm_head_inputs(idx)
+        return self.head(features), hidden  # (B, T, vocab)
 
 
 def _load_factory(spec: str) -> object:
