@@ -57,6 +57,7 @@ from typing import IO, Any, TextIO, cast
 
 from search.errors import BaselineError, SpecError, StudyNotFoundError
 from search.spec import StudySpec, spec_from_dict
+from trainer.alloc import allocator_env, chosen_allocator
 from trainer.errors import ConfigError, KoopmanError
 
 __all__ = [
@@ -310,7 +311,9 @@ class Supervisor:
         self._spec = spec
         self._storage_url = storage_url or spec.storage_url
         self._command = list(command)
-        self._env = dict(os.environ if env is None else env)
+        # the slots' memory allocator, KOOPMAN_MALLOC (trainer/alloc.py); a bad value stops here, before any slot
+        self._env = allocator_env(chosen_allocator(env if env is not None else os.environ),
+                                  os.environ if env is None else env)
         self._clock = clock
         shares = _shares(len(slots), max_trials)
         self._runs = [_SlotRun(slot, share) for slot, share in zip(slots, shares, strict=True) if share != 0]
