@@ -583,7 +583,7 @@ def bench_cuda(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
     if args.peak_tflops:
         peak = (args.peak_tflops, args.peak_tflops)
     rounds = args.repeats + 1
-    cfg_on = user_config(args, epochs=rounds)
+    cfg_on = user_config(args, epochs=rounds + 1)  # + 1: the peak-memory epoch before the timed rounds
     flops_tok = lm_flops_per_token(cfg_on, corpus.vocab_size)
     tokens = args.steps * cfg_on.data.batch_size * cfg_on.data.seq_len
     rows = []
