@@ -311,7 +311,13 @@ def bench_components(args: argparse.Namespace, step_off: float, device: torch.de
     def head_and_ce() -> None:
         F.cross_entropy(head(h).float(), target).backward()
 
-    pieces: dict[str, Callable[[], object]] = {f"LM head + cross-entropy ({bt} × {d} → {vocab})": head_and_ce}
+    def fused_head() -> None:
+        linear_cross_entropy(h, head.weight, target).backward()
+
+    pieces: dict[str, Callable[[], object]] = {
+        f"LM head + F.cross_entropy ({bt} × {d} → {vocab}), the plain loop's": head_and_ce,
+        "LM head + cross-entropy fused and chunked (trainer.lm_loss), the trainer's": fused_head,
+    }
     for fit in FIT_MODES:
         for n in args.tokens:
             kc = with_overrides(cfg, {"koopman.fit": fit}).koopman

@@ -31,10 +31,10 @@ __all__ = ["CHUNK_BYTES", "chunk_tokens", "linear_cross_entropy", "lm_loss_and_h
 
 logger = logging.getLogger(__name__)
 
-# Size of the reused logits buffer of one chunk (float32). On CPU, 128 to 512 tokens of a 30000-word vocabulary
-# (15 to 61 MB) ran fastest, smaller chunks were slower (the matmuls get thin), the whole batch slowest
-# (`bench/bench_trainer.py --only chunks`, BENCHMARKS.md). On a GPU a larger buffer amortises the kernel
-# launches; not yet measured on one.
+# Size of the reused logits buffer of one chunk (float32). On CPU, chunks of 256 to 1024 tokens of a 30000-word
+# vocabulary (29 to 117 MiB) ran fastest and alike within the noise; 64 tokens and the whole batch (4096) were
+# slower (`bench/bench_trainer.py --only chunks`, BENCHMARKS.md). 32 MiB is 279 tokens there. On a GPU a larger
+# buffer amortises the kernel launches; not yet measured on one.
 CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 
 
