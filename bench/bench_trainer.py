@@ -1,8 +1,16 @@
 """Trainer benchmarks (issue: hybrid trainer): Koopman overhead, throughput against a plain PyTorch loop, and
 tokenizing + caching WikiText-2. Prints one markdown table per measurement on stdout; progress on stderr.
 
-    .venv/bin/python bench/bench_trainer.py                  # the default run: about 6 minutes on 2 busy cores
+    .venv/bin/python bench/bench_trainer.py                  # every CPU section but next: 10+ minutes on 2 busy cores
     .venv/bin/python bench/bench_trainer.py --only overhead --tokens 256,1024
+    .venv/bin/python bench/bench_trainer.py --only next --compile   # AdamW foreach/fused, dropout, torch.compile
+    .venv/bin/python bench/bench_trainer.py --device cuda --only cuda,chunks,throughput   # as bench/gpu.sh does
+
+Sections: tokenize; overhead (Koopman on ÷ off); throughput (the trainer ÷ a plain loop with F.cross_entropy);
+chunks (the LM head alone: plain, torch's chunked, trainer.lm_loss per chunk size); memory (each loop in its own
+process per allocator: peak RSS, page faults, system time); next (one change each: AdamW foreach / fused,
+dropout 0, torch.compile); cuda (bf16 and fp32: tokens/s, step time, peak memory, share of peak FLOP/s);
+components; profile.
 
 Shapes are the user's (../shared/DESIGN.md): d_model 64, 4 blocks, Koopman dim 256, batch 32, seq_len 128,
 vocabulary 30000, WikiText-2. The machine is shared, so every comparison is a ratio of measurements taken side by
@@ -543,9 +551,10 @@ def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
         try:
             wall, cpu = time_block(one_epoch(trainer), device)  # compiles forward and backward
             variants["torch.compile of each block"] = trainer
+            per_epoch = n_windows(trainer.train_tokens.numel(), cfg.data.seq_len) // cfg.data.batch_size
             compile_note = (f"\n\ntorch.compile: the first epoch of {args.steps} steps with compiled blocks took "
-                            f"{wall:.1f} s wall, {cpu:.1f} s CPU (compiling included); a trial of the study trains "
-                            "10 epochs of 509 steps.")
+                            f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (compiling included); an epoch "
+                            f"of the whole train split is {per_epoch} steps.")
         except Exception as exc:  # a missing compiler is reported, not fatal to the benchmark
             compile_note = f"\n\ntorch.compile failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     blocks_ = {name: one_epoch(tr) for name, tr in variants.items()}
