@@ -1,8 +1,16 @@
 """Trainer benchmarks (issue: hybrid trainer): Koopman overhead, throughput against a plain PyTorch loop, and
 tokenizing + caching WikiText-2. Prints one markdown table per measurement on stdout; progress on stderr.
 
-    .venv/bin/python bench/bench_trainer.py                  # the default run: about 6 minutes on 2 busy cores
+    .venv/bin/python bench/bench_trainer.py                  # every CPU section but next: 10+ minutes on 2 busy cores
     .venv/bin/python bench/bench_trainer.py --only overhead --tokens 256,1024
+    .venv/bin/python bench/bench_trainer.py --only next --compile   # AdamW foreach/fused, dropout, torch.compile
+    .venv/bin/python bench/bench_trainer.py --device cuda --only cuda,chunks,throughput   # as bench/gpu.sh does
+
+Sections: tokenize; overhead (Koopman on ÷ off); throughput (the trainer ÷ a plain loop with F.cross_entropy);
+chunks (the LM head alone: plain, torch's chunked, trainer.lm_loss per chunk size); memory (each loop in its own
+process per allocator: peak RSS, page faults, system time); next (one change each: AdamW foreach / fused,
+dropout 0, torch.compile); cuda (bf16 and fp32: tokens/s, step time, peak memory, share of peak FLOP/s);
+components; profile.
 
 Shapes are the user's (docs/design.md, "The user's setup"): d_model 64, 4 blocks, Koopman dim 256, batch 32,
 seq_len 128, vocabulary 30000, WikiText-2. The machine is shared, so every comparison is a ratio of measurements
@@ -45,6 +53,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from trainer.config import FIT_MODES, TrainerConfig, config_from_dict, with_overrides  # noqa: E402
 from trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
 from trainer.koopman import KoopmanHeads  # noqa: E402
+from trainer.lm_loss import chunk_tokens, linear_cross_entropy  # noqa: E402
 from trainer.loop import HybridKoopmanTrainer, resolve_device  # noqa: E402
 from trainer.model import TransformerLM  # noqa: E402
 
@@ -52,7 +61,8 @@ logger = logging.getLogger("bench_trainer")
 
 DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
 OVERHEAD_GOAL = 1.10
-THROUGHPUT_GOAL = 0.95
+THROUGHPUT_GOAL = 1.25
+MEMORY_GOAL = 0.6
 
 
 def stop_after_epoch(record: object) -> bool:
@@ -238,13 +248,15 @@ def bench_overhead(args: argparse.Namespace, corpus: Corpus, device: torch.devic
 
 def plain_block(
     model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, cfg: TrainerConfig, epoch: int,
-    device: torch.device,
+    device: torch.device, bf16: bool | None = None,
 ) -> None:
-    """The plain loop: same model, same batches as the trainer's epoch e, AdamW and clipping."""
+    """The plain loop: same model, same batches as the trainer's epoch e, AdamW and clipping; the logits of the
+    whole batch and F.cross_entropy, as everyone writes it. bf16 autocast on CUDA unless ``bf16`` says."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     d, t = cfg.data, cfg.train
     order = epoch_order(n_windows(tokens.numel(), d.seq_len), t.seed, epoch)[: t.max_steps_per_epoch * d.batch_size]
     for x, y in window_batches(tokens, d.seq_len, d.batch_size, order.to(device), drop_last=True):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logits, _ = model(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
@@ -307,7 +319,13 @@ def bench_components(args: argparse.Namespace, step_off: float, device: torch.de
     def head_and_ce() -> None:
         F.cross_entropy(head(h).float(), target).backward()
 
-    pieces: dict[str, Callable[[], object]] = {f"LM head + cross-entropy ({bt} × {d} → {vocab})": head_and_ce}
+    def fused_head() -> None:
+        linear_cross_entropy(h, head.weight, target).backward()
+
+    pieces: dict[str, Callable[[], object]] = {
+        f"LM head + F.cross_entropy ({bt} × {d} → {vocab}), the plain loop's": head_and_ce,
+        "LM head + cross-entropy fused and chunked (trainer.lm_loss), the trainer's": fused_head,
+    }
     for fit in FIT_MODES:
         for n in args.tokens:
             kc = with_overrides(cfg, {"koopman.fit": fit}).koopman
@@ -367,7 +385,270 @@ def bench_profile(args: argparse.Namespace, corpus: Corpus, top: int = 12) -> st
     )
 
 
+# ----------------------------------------------------------------------------------------------- the LM head
+
+
+def bench_chunks(args: argparse.Namespace, device: torch.device) -> str:
+    """Forward + backward of the LM head and its cross-entropy alone, at the user's shapes: F.cross_entropy of the
+    logits, torch's own chunked F.linear_cross_entropy (where this torch has it), and trainer.lm_loss at several
+    chunk sizes, interleaved."""
+    cfg = user_config(args, epochs=1)
+    d, vocab, bt = cfg.model.d_model, cfg.data.vocab_size, cfg.data.batch_size * cfg.data.seq_len
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(bt, d, generator=g).to(device).requires_grad_()
+    w = (0.02 * torch.randn(vocab, d, generator=g)).to(device).requires_grad_()
+    y = torch.randint(0, vocab, (bt,), generator=g).to(device)
+
+    def reference() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = F.linear(h, w)
+        F.cross_entropy(logits.float(), y).backward()
+
+    pieces: dict[str, Callable[[], object]] = {"F.cross_entropy(F.linear(h, W)) (the plain loop's)": reference}
+    options = getattr(nn, "LinearCrossEntropyOptions", None)
+    if options is not None:
+        pieces["torch F.linear_cross_entropy, chunked (options=LinearCrossEntropyOptions())"] = (
+            lambda: F.linear_cross_entropy(h, w, y, options=options()).backward())
+    default = chunk_tokens(bt, vocab, device)
+    for chunk in sorted({*args.chunks, default}):
+        label = f"trainer.lm_loss, chunk {chunk} tokens ({chunk * vocab * 4 / 2**20:.0f} MiB buffer)"
+        label += " (default)" if chunk == default else ""
+
+        def fused(chunk: int = chunk) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                linear_cross_entropy(h, w, y, chunk=chunk).backward()
+
+        pieces[label] = fused
+    clocks = measure(pieces, args.repeats + 1, device, "chunks")
+    main_clock = 1 if device.type == "cpu" else 0
+    ref_name = next(iter(pieces))
+    rows = []
+    for name, values in clocks.items():
+        mid, lo, hi = ratio_stats(values, clocks[ref_name], main_clock)
+        rows.append((name, f"{1000 * median([v[main_clock] for v in values]):.0f}", f"**{mid:.3f}**",
+                     f"{lo:.3f}–{hi:.3f}"))
+    clock = "CPU" if main_clock else "wall"
+    return (
+        f"The LM head + cross-entropy alone ({bt} × {d} → {vocab}), forward + backward, {args.repeats} interleaved "
+        f"rounds after a warm-up round ({clock} time); ratio: time ÷ the plain F.cross_entropy's, median of the "
+        "paired per-round ratios.\n\n"
+        + table(("head + loss", f"median ms ({clock})", "time ratio to plain", "min–max"), rows)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def child_memory(args: argparse.Namespace) -> int:
+    """One loop in this process (Koopman off): peak RSS of its training steps, page faults and CPU time per step.
+    Prints one JSON line. The peak is the kernel's VmHWM, reset (``/proc/self/clear_refs``) before the steps."""
+    import json
+    import resource
+
+    device = resolve_device(args.device)
+    corpus = load_corpus(args.data, 30000)
+    cfg = user_config(args, epochs=2).without_koopman()
+    step: Callable[[], object]
+    if args.child == "trainer":
+        trainer = timed_trainer(cfg, corpus)
+        step = one_epoch(trainer)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = TransformerLM(cfg.model, corpus.vocab_size, cfg.data.seq_len).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        tokens = corpus.train.to(device)
+        step = lambda: plain_block(model, opt, tokens, cfg, 1, device)  # noqa: E731
+    rss_before = _rss_kib("VmRSS")
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step()  # the first epoch of args.steps steps: allocates the optimizer's state
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    step()
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    n = args.steps
+    print(json.dumps({
+        "loop": args.child, "rss_before_mib": rss_before / 1024, "peak_rss_mib": _rss_kib("VmHWM") / 1024,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "minflt_per_step": (r1.ru_minflt - r0.ru_minflt) / n, "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / n,
+        "user_s_per_step": (r1.ru_utime - r0.ru_utime) / n, "wall_s_per_step": (t1 - t0) / n,
+    }))
+    return 0
+
+
+def bench_memory(args: argparse.Namespace) -> str:
+    """Each loop in its own process, under each allocator; the processes run one after another, twice."""
+    import json
+    import subprocess
+
+    from trainer.alloc import ALLOCATORS, allocator_env
+
+    names = [a for a in args.allocators if a in ALLOCATORS]
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in range(2):
+        for alloc in names:
+            for loop in ("trainer", "plain"):
+                env = allocator_env(alloc, dict(os.environ))
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", loop, "--data", args.data,
+                       "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                results.setdefault((alloc, loop), []).append(json.loads(out.strip().splitlines()[-1]))
+                logger.info("memory round %d: %s %s %s", r, alloc, loop, results[(alloc, loop)][-1])
+    rows = []
+    for (alloc, loop), runs in results.items():
+        plain_peak = median([x["peak_rss_mib"] for x in results[(alloc, "plain")]])
+        peak = median([x["peak_rss_mib"] for x in runs])
+        before = median([x["rss_before_mib"] for x in runs])
+        rows.append((
+            alloc, loop, f"{before:.0f}", f"{peak:.0f}", f"{peak - before:.0f}",
+            f"**{peak / plain_peak:.2f}**" if loop == "trainer" else "1",
+            f"{median([x['minflt_per_step'] for x in runs]):.0f}",
+            f"{median([x['sys_s_per_step'] for x in runs]):.3f}", f"{median([x['user_s_per_step'] for x in runs]):.3f}",
+            f"{median([x['wall_s_per_step'] for x in runs]):.3f}",
+        ))
+    return (
+        f"Memory and page faults of the training steps (Koopman off), each loop in its own process, one after "
+        f"another, twice (medians of the 2): peak RSS (VmHWM, reset after set-up) over two epochs of {args.steps} "
+        f"steps, and minor page faults, system and user CPU time per step over the second (goal: trainer peak "
+        f"≤ {MEMORY_GOAL:.1f}× the plain loop's).\n\n"
+        + table(("allocator", "loop", "RSS after set-up MiB", "peak RSS MiB", "peak − set-up MiB",
+                 "peak ratio to plain", "minor faults / step", "system s / step", "user s / step",
+                 "wall s / step"), rows)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the next cost
+
+
+def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -> str:
+    """Trainer epochs (Koopman off) with one thing changed each: AdamW foreach / fused, no dropout, compiled
+    blocks; interleaved, ratios to the trainer as it is."""
+    rounds = args.repeats + 1
+    cfg = user_config(args, epochs=rounds + 1).without_koopman()
+    t = cfg.train
+    variants: dict[str, HybridKoopmanTrainer] = {
+        "trainer as it is (AdamW for-loop, dropout 0.1)": timed_trainer(cfg, corpus)}
+    for kind in ("foreach", "fused"):
+        trainer = timed_trainer(cfg, corpus)
+        trainer.opt_lm = torch.optim.AdamW(trainer.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                           **{kind: True})
+        variants[f"AdamW {kind}=True"] = trainer
+    variants["dropout 0 (the cost of dropout)"] = timed_trainer(with_overrides(cfg, {"model.dropout": 0.0}), corpus)
+    compile_note = ""
+    if args.compile:
+        trainer = timed_trainer(cfg, corpus)
+        blocks = trainer.model.blocks  # type: ignore[union-attr]
+        for i in range(len(blocks)):
+            blocks[i] = torch.compile(blocks[i])
+        try:
+            wall, cpu = time_block(one_epoch(trainer), device)  # compiles forward and backward
+            variants["torch.compile of each block"] = trainer
+            per_epoch = n_windows(trainer.train_tokens.numel(), cfg.data.seq_len) // cfg.data.batch_size
+            compile_note = (f"\n\ntorch.compile: the first epoch of {args.steps} steps with compiled blocks took "
+                            f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (compiling included); an epoch "
+                            f"of the whole train split is {per_epoch} steps.")
+        except Exception as exc:  # a missing compiler is reported, not fatal to the benchmark
+            compile_note = f"\n\ntorch.compile failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    blocks_ = {name: one_epoch(tr) for name, tr in variants.items()}
+    clocks = measure(blocks_, rounds, device, "next")
+    main_clock = 1 if device.type == "cpu" else 0
+    ref = next(iter(variants))
+    rows = []
+    for name, values in clocks.items():
+        mid, lo, hi = ratio_stats(values, clocks[ref], main_clock)
+        rows.append((name, f"{median([v[main_clock] for v in values]) / args.steps:.3f}", f"**{mid:.3f}**",
+                     f"{lo:.3f}–{hi:.3f}"))
+    clock = "CPU" if main_clock else "wall"
+    return (
+        f"The next costs: trainer epochs of {args.steps} steps (Koopman off) with one change each, {args.repeats} "
+        f"interleaved rounds after a warm-up round; ratio: step time ÷ the trainer's as it is ({clock} time).\n\n"
+        + table(("variant", f"median s/step ({clock})", "time ratio", "min–max"), rows) + compile_note
+    )
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+# Dense peak rates in TFLOP/s (vendor data sheets, SXM parts): bf16 tensor cores, and fp32 without tensor cores
+# (torch's default matmul precision "highest" does not use TF32).
+PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
+               "A10": (125.0, 31.2), "V100": (125.0, 15.7)}
+
+
+def lm_flops_per_token(cfg: TrainerConfig, vocab: int) -> float:
+    """Training FLOPs per token of the LM (forward + backward = 3 × forward): 6 per weight of the blocks and of
+    the head, plus attention's scores and weighted sum (6 · 2 · L · T · d, causal masking not subtracted)."""
+    m, t = cfg.model, cfg.data.seq_len
+    block_weights = m.n_layers * (4 + 2 * m.mlp_ratio) * m.d_model**2
+    return 6.0 * (block_weights + vocab * m.d_model) + 12.0 * m.n_layers * t * m.d_model
+
+
+def bench_cuda(args: argparse.Namespace, corpus: Corpus, device: torch.device) -> str:
+    """Trainer and plain loop on CUDA in bf16 autocast (the trainer's default there) and in fp32: tokens/s, step
+    time, peak memory, share of the GPU's peak FLOP rate."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if args.peak_tflops:
+        peak = (args.peak_tflops, args.peak_tflops)
+    rounds = args.repeats + 1
+    cfg_on = user_config(args, epochs=rounds + 1)  # + 1: the peak-memory epoch before the timed rounds
+    flops_tok = lm_flops_per_token(cfg_on, corpus.vocab_size)
+    tokens = args.steps * cfg_on.data.batch_size * cfg_on.data.seq_len
+    rows = []
+    for precision in ("bf16", "fp32"):
+        variants: dict[str, Callable[[], object]] = {}
+        peaks: dict[str, float] = {}
+        for label, cfg in (("trainer, Koopman off", cfg_on.without_koopman()), ("trainer, Koopman on", cfg_on)):
+            trainer = timed_trainer(cfg, corpus)
+            trainer.autocast = precision == "bf16"
+            variants[label] = one_epoch(trainer)
+        torch.manual_seed(cfg_on.train.seed)
+        model = TransformerLM(cfg_on.model, corpus.vocab_size, cfg_on.data.seq_len).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg_on.train.lr, weight_decay=cfg_on.train.weight_decay)
+        epoch = iter(range(1, 10**9))
+        tokens_dev = corpus.train.to(device)
+
+        def plain(model: nn.Module = model, opt: torch.optim.Optimizer = opt, bf16: bool = precision == "bf16",
+                  epoch: Iterator[int] = epoch, tokens_dev: torch.Tensor = tokens_dev) -> None:
+            plain_block(model, opt, tokens_dev, cfg_on.without_koopman(), next(epoch), device, bf16=bf16)
+
+        variants["plain loop (F.cross_entropy)"] = plain
+        for label, fn in variants.items():  # peak memory of each on its own
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            peaks[label] = torch.cuda.max_memory_allocated(device) / 2**20
+        clocks = measure(variants, rounds, device, f"cuda {precision}")
+        for label, values in clocks.items():
+            wall = median([w for w, _ in values])
+            rate = tokens / wall
+            share = "n/a"
+            if peak is not None:
+                share = f"{100 * rate * flops_tok / (1e12 * (peak[0] if precision == 'bf16' else peak[1])):.1f}%"
+            rows.append((precision, label, f"{rate:.0f}", f"{1000 * wall / args.steps:.1f}", f"{peaks[label]:.0f}",
+                         share))
+    peak_text = (f"peak {peak[0]:.0f} TFLOP/s bf16, {peak[1]:.1f} fp32" if peak is not None
+                 else "peak rate unknown for this GPU (pass --peak-tflops)")
+    return (
+        f"CUDA ({name}): {args.repeats} interleaved rounds × {args.steps} steps after a warm-up round, wall time "
+        f"with synchronisation. LM FLOPs per token {flops_tok / 1e6:.2f} M (`lm_flops_per_token`), {peak_text}; "
+        "peak memory: torch.cuda.max_memory_allocated over one block.\n\n"
+        + table(("precision", "loop", "tokens/s", "ms/step", "peak MiB", "share of peak FLOP/s"), rows)
+    )
+
+
 # ----------------------------------------------------------------------------------------------- main
+
+SECTIONS = ("tokenize", "overhead", "throughput", "chunks", "memory", "next", "cuda", "components", "profile")
+
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -380,11 +661,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", default="512,0",
                    help="koopman.tokens_per_batch values, comma-separated; 0 = all tokens (default 512,0)")
-    p.add_argument("--only", default="tokenize,overhead,throughput,components,profile",
-                   help="comma-separated subset of tokenize, overhead, throughput, components, profile")
+    p.add_argument("--only", default="tokenize,overhead,throughput,chunks,memory,components,profile",
+                   help="comma-separated subset of " + ", ".join(SECTIONS) + " (default: all but next and cuda; "
+                        "cuda needs --device cuda)")
+    p.add_argument("--chunks", default="64,128,256,512,1024,4096",
+                   help="tokens per chunk for the chunks section, comma-separated (default 64,...,4096)")
+    p.add_argument("--allocators", default="glibc,glibc-tuned,jemalloc",
+                   help="allocators for the memory section (trainer.alloc.ALLOCATORS; default all three)")
+    p.add_argument("--compile", action="store_true", help="next: also time torch.compile of the blocks")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="cuda: the GPU's peak TFLOP/s when this script does not know it")
+    p.add_argument("--child", choices=("trainer", "plain"), help=argparse.SUPPRESS)  # memory's own processes
     args = p.parse_args(argv)
     args.tokens = [int(v) for v in args.tokens.split(",")]
+    args.chunks = [int(v) for v in args.chunks.split(",")]
+    args.allocators = args.allocators.split(",")
     args.only = set(args.only.split(","))
+    if args.only - set(SECTIONS):
+        p.error(f"--only knows {', '.join(SECTIONS)}, but got {','.join(sorted(args.only - set(SECTIONS)))}")
     if args.steps < 1 or args.repeats < 1:
         p.error(f"--steps and --repeats must be >= 1, but got steps={args.steps}, repeats={args.repeats}")
     return args
@@ -395,6 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        return child_memory(args)
     device = resolve_device(args.device)
     started = time.perf_counter()
     print("## Trainer benchmarks\n")
@@ -409,6 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text + "\n", flush=True)
     if "throughput" in args.only:
         print(bench_throughput(args, corpus, device) + "\n", flush=True)
+    if "chunks" in args.only:
+        print(bench_chunks(args, device) + "\n", flush=True)
+    if "memory" in args.only:
+        print(bench_memory(args) + "\n", flush=True)
+    if "next" in args.only:
+        print(bench_next(args, corpus, device) + "\n", flush=True)
+    if "cuda" in args.only and device.type == "cuda":
+        print(bench_cuda(args, corpus, device) + "\n", flush=True)
     if "components" in args.only:
         if math.isnan(step_off):  # the denominator: a Koopman-off step, after a warm-up epoch
             trainer = timed_trainer(user_config(args, epochs=2).without_koopman(), corpus)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.checkpoint import (
@@ -40,6 +39,7 @@ from trainer.config import TrainerConfig, config_from_dict, config_to_dict
 from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
 from trainer.errors import CheckpointError, ConfigError
 from trainer.koopman import KoopmanHeads, KoopmanMetrics
+from trainer.lm_loss import lm_loss_and_hidden
 from trainer.model import build_model, model_blocks
 from trainer.records import EpochRecord
 from trainer.schedule import FallbackState, koopman_weight
@@ -171,8 +171,7 @@ class HybridKoopmanTrainer:
         bar = self._progress(epoch)
         for x, y in batches:
             with self._autocast():
-                logits, hidden = self.model(x)
-            lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                lm_loss, hidden = lm_loss_and_hidden(self.model, x, y)  # fused head (trainer/lm_loss.py)
             finite: torch.Tensor | None = None
             if koop is not None:
                 states = koop.gather(hidden, self._sample_tokens(x.numel()))  # (L+1, N, d)
@@ -328,9 +327,8 @@ class HybridKoopmanTrainer:
             if limit and i >= limit:
                 break
             with self._autocast():
-                logits, hidden = self.model(x)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                     reduction="sum").double()
+                loss_sum, hidden = lm_loss_and_hidden(self.model, x, y, reduction="sum")
+            total += loss_sum.double()
             n_tokens += y.numel()
             if metrics is not None and self.koopman is not None:
                 states = self.koopman.gather(hidden, None)  # (L+1, N, d)

@@ -16,6 +16,10 @@ is with ``model.blocks_attr = "blocks"``: the attribute that holds its blocks as
 block's input and output are then captured with forward hooks (:class:`HookedBlocks`). Either way, a model
 whose blocks can be found (:func:`model_blocks`) also gets the Koopman-forward metric, in which every block
 is replaced by ψ ∘ K ∘ φ.
+
+Optionally, ``lm_head_inputs(idx)`` returns ``(features, hidden_states, head_weight)`` for a model whose logits
+are ``features @ head_weight.T``: the trainer then computes the LM loss without building the logits
+(trainer/lm_loss.py). The built-in model has it.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def lm_head_inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The LM head's input ln_f(x) (B, T, d), the hidden states, and the head's weight (vocab, d)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d)
@@ -125,8 +130,11 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x)
             hidden.append(x)
-        logits = self.head(self.ln_f(x))  # (B, T, vocab)
-        return logits, hidden
+        return self.ln_f(x), hidden, self.head.weight
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features, hidden, _ = self.lm_head_inputs(idx)
+        return self.head(features), hidden  # (B, T, vocab)
 
 
 class HookedBlocks(nn.Module):

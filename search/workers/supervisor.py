@@ -23,6 +23,7 @@ from search.workers import events
 from search.workers.board import Board, BoardHandler, SlotRun
 from search.workers.events import EXIT_FATAL
 from search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
+from trainer.alloc import allocator_env, chosen_allocator
 
 __all__ = ["CHILD_COMMAND", "EXIT_FATAL", "MAX_RESTARTS", "Supervisor", "build_supervisor"]
 
@@ -58,7 +59,9 @@ class Supervisor:
             raise SpecError(f"--n-trials must be >= 1, but got n_trials={max_trials}")
         self._spec = spec
         self._command = list(command)
-        self._env = dict(os.environ if env is None else env)
+        # the slots' memory allocator, KOOPMAN_MALLOC (trainer/alloc.py); a bad value stops here, before any slot
+        self._env = allocator_env(chosen_allocator(env if env is not None else os.environ),
+                                  os.environ if env is None else env)
         self._clock = clock
         shares = split_trials(len(slots), max_trials)
         self._runs = [SlotRun(slot, share) for slot, share in zip(slots, shares, strict=True) if share != 0]

@@ -36,6 +36,8 @@ from search.workers.child import _watch_supervisor
 from search.workers.slots import split_trials
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import write_worker_study as write_study
+from trainer.alloc import GLIBC_TUNED
+from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -619,3 +621,21 @@ def test_a_worker_survives_its_database_connections_being_killed(
     trials = open_study(postgres_url).get_trials()
     assert_study_done(trials, 3)
     assert {t.state for t in originals(trials)} == {TrialState.COMPLETE}
+
+
+def test_slots_get_the_allocator_koopman_malloc_asks_for(tmp_path: Path) -> None:
+    command = fake_worker(tmp_path, """
+        mark(f"{os.environ.get('KOOPMAN_MALLOC')} {os.environ.get('GLIBC_TUNABLES', '-')}")
+        emit("exit", reason="queue empty")
+    """)
+    env = {**os.environ, "KOOPMAN_MALLOC": "glibc-tuned"}
+    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=io.StringIO(), live=False,
+                      command=command, env=env).run()
+    assert code == 0
+    assert marks(tmp_path) == [f"glibc-tuned {GLIBC_TUNED}"]
+
+
+def test_an_unknown_allocator_stops_the_supervisor_before_any_slot(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"KOOPMAN_MALLOC must be one of glibc, glibc-tuned, jemalloc, but got "
+                                          r"KOOPMAN_MALLOC='tcmalloc'"):
+        Supervisor(tiny_spec(tmp_path), plan_slots([], 1), env={"KOOPMAN_MALLOC": "tcmalloc"})
