@@ -428,9 +428,9 @@ def test_a_trial_that_raises_fails_with_its_reason_and_a_nan_prunes_while_the_wo
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_heads(cfg, *args)
 
-    def evaluate(self: Any, koopman: bool = True) -> tuple[float, float]:
-        loss, nre = real_evaluate(self, koopman)
-        return (float("nan"), nre) if koopman and self.cfg.koopman.dim == 16 else (loss, nre)
+    def evaluate(self: Any, koopman: bool = True) -> dict[str, Any]:
+        val = real_evaluate(self, koopman)
+        return {**val, "val_loss": float("nan")} if koopman and self.cfg.koopman.dim == 16 else val
 
     monkeypatch.setattr(trainer.loop, "KoopmanHeads", heads)
     monkeypatch.setattr(trainer.loop.HybridKoopmanTrainer, "evaluate", evaluate)
