@@ -37,12 +37,22 @@ def _modules() -> dict[str, ModuleType]:
     return {name: importlib.import_module(path) for name, path in COMMANDS.items()}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("koopman-search")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koopman-search",
         description="Hyperparameter search for hybrid Koopman language-model training.",
         epilog="Example: koopman-search launch studies/quickstart.toml",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

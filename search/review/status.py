@@ -33,6 +33,7 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     queued = {t.number: t.system_attrs.get(layout.FIXED_PARAMS) or {} for t in frozen if not t.params}
     baseline = read_baseline(study.user_attrs)
     summary = summarize(facts, baseline)
+    names = objective_names(study)
     trials = []
     for f in facts:
         last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
@@ -42,7 +43,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
             "label": f.label,
             # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
             "params": f.params or dict(queued.get(f.number, {})),
-            "values": list(f.values) if f.values is not None else None,
+            # keyed by metric name, as in `best` (one shape for a trial in every command)
+            "values": dict(zip(names, (_num(v) for v in f.values), strict=False)) if f.values is not None else None,
             "epochs_run": f.epochs_run,
             "epochs_from_warmup": f.epochs_from_warmup,
             "last_epoch": f.last_epoch,
@@ -54,7 +56,7 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
         })
     return {
         "study": study.study_name,
-        "objectives": objective_names(study),
+        "objectives": names,
         "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl)} if baseline else None,
         "trials": trials,
         "totals": {

@@ -123,8 +123,8 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
         assert t["epochs_from_warmup"] == t["params"]["koopman_start_epoch"]
         assert t["epochs_run"] == 3 - t["epochs_from_warmup"]
         assert t["last_epoch"] == 3
-        assert t["final"]["val_ppl"] == pytest.approx(t["values"][0], rel=1e-5)  # records keep 6 digits
-        assert t["final"]["val_koopman_nre"] == pytest.approx(t["values"][1], rel=1e-5)
+        assert t["final"]["val_ppl"] == pytest.approx(t["values"]["val_ppl"], rel=1e-5)  # records keep 6 digits
+        assert t["final"]["val_koopman_nre"] == pytest.approx(t["values"]["val_koopman_nre"], rel=1e-5)
         assert t["prune_reason"] is None and t["fail_reason"] is None
     assert data["totals"]["complete"] == 4
     assert data["totals"]["epochs_spent"] == sum(t["epochs_run"] for t in trials) + 3  # + the baseline's
@@ -137,7 +137,7 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
     code, out, err = cli(capsys, "best", "--study-name", "tiny", "--storage", storage_url, "--format", "json")
     assert code == 0, err
     front = json.loads(out)["pareto_front"]
-    values = {t["number"]: t["values"] for t in trials}
+    values = {t["number"]: list(t["values"].values()) for t in trials}
     not_dominated = [n for n, v in values.items() if not any(_dominates(w, v) for w in values.values())]
     assert sorted(row["number"] for row in front) == sorted(not_dominated)
     for row in front:
@@ -174,7 +174,7 @@ def test_best_of_a_one_objective_study_is_one_trial_with_the_lowest_val_ppl(
     assert code == 0, err
     assert "best trial of study tiny:" in out
 
-    lowest = min(t["values"][0] for t in status_json(capsys, "tiny", storage_url)["trials"])
+    lowest = min(t["values"]["val_ppl"] for t in status_json(capsys, "tiny", storage_url)["trials"])
     code, out, err = cli(capsys, "best", str(study), "--storage", storage_url, "--format", "json")
     assert code == 0, err
     result = json.loads(out)
