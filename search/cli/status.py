@@ -64,6 +64,10 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
     if data["baseline"]:
         curve = ", ".join(_cell(v) for v in data["baseline"]["val_ppl"])
         lines.append(f"baseline ({data['baseline']['state']}) val PPL per epoch: {curve or '-'}")
+        unjudged = data["baseline"].get("total_loss_unjudged_epochs")
+        if unjudged:
+            lines.append(f"total-loss rule: epoch(s) {', '.join(map(str, unjudged))} not judged, the baseline's "
+                         "own total loss is above total_loss_max there")
     lines.append("epochs: N trained by the trial itself, +Nw taken from the baseline's shared warmup")
     lines.append(data["summary"])
     return "\n".join(lines)

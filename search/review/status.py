@@ -12,8 +12,9 @@ from typing import Any
 import optuna
 
 from search import layout
-from search.review.stored import objective_names, read_baseline, trial_facts
+from search.review.stored import objective_names, read_baseline, read_rules, trial_facts
 from search.review.summary import summarize
+from search.rules import unjudged_epochs
 
 __all__ = ["SHOWN_METRICS", "status_data"]
 
@@ -22,6 +23,12 @@ SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_forward_ppl", "val_koopma
 
 def _num(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _unjudged(user_attrs: Any, baseline: Any) -> list[int]:
+    limit = read_rules(user_attrs).total_loss_max
+    total = (baseline.columns or {}).get("total_loss") or []
+    return unjudged_epochs(limit, total) if limit is not None else []
 
 
 def status_data(study: optuna.Study) -> dict[str, Any]:
@@ -57,7 +64,9 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     return {
         "study": study.study_name,
         "objectives": names,
-        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl)} if baseline else None,
+        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl),
+                     # epochs the total-loss rule does not judge: the baseline itself is over the limit
+                     "total_loss_unjudged_epochs": _unjudged(study.user_attrs, baseline)} if baseline else None,
         "trials": trials,
         "totals": {
             **{s.lower(): n for s, n in summary.states.items()},
