@@ -46,8 +46,11 @@ def is_live(stream: TextIO) -> bool:
 def epoch_fields(record: EpochRecord) -> dict[str, Any]:
     """What one epoch event carries: epoch, epochs, seconds and :data:`EPOCH_FIELDS` (NaN as None)."""
     out: dict[str, Any] = {"epoch": record.epoch, "epochs": record.epochs, "seconds": _finite(record.seconds)}
+    koopman_on = record.koopman_weight > 0
     for name in EPOCH_FIELDS:
-        out[name] = _finite(getattr(record, name))
+        # the Koopman loss and its weight are 0 while it is off: shown as unknown, like the Koopman metrics
+        off = name in ("koopman_loss", "effective_weight") and not koopman_on
+        out[name] = None if off else _finite(getattr(record, name))
     return out
 
 
