@@ -185,3 +185,34 @@ def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: P
     chrome.set_window_size(1280, 1300)  # the first screen: summary and Pareto front
     chrome.save_screenshot(str(ARTIFACTS / "report.png"))
     _full_page_screenshot(chrome, ARTIFACTS / "report-full.png", 1280)
+
+
+def test_report_trial_menu_switches_all_three_curve_figures_together(tmp_path: Path, chrome: webdriver.Chrome) -> None:
+    study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
+    out = write_report(study, tmp_path / "report.html")
+    chrome.get(out.as_uri())
+    ids = ["curves-losses", "curves-val_ppl", "curves-weight"]
+    _wait(chrome, "the curve figures to render", lambda d: all(
+        d.execute_script("var g = document.getElementById(arguments[0]); return !!(g && g.data)", i) for i in ids))
+    menus = json.loads(chrome.find_element(By.ID, "curves-menus").get_attribute("textContent"))
+    shown = """
+        var menus = arguments[1], out = {};
+        arguments[0].forEach(function (id) {
+            var g = document.getElementById(id);
+            out[id] = menus[id][0][1].map(function (s) { return Array.from(g.data[s].y || []); });
+        });
+        return out;
+    """
+    menu = chrome.find_element(By.ID, "curves-trial")
+    options = menu.find_elements(By.TAG_NAME, "option")
+    current = int(menu.get_attribute("value"))
+    target = next(i for i in range(len(options)) if i != current)
+    before = chrome.execute_script(shown, ids, menus)
+    for figure_id in ids:  # the selected trial's data is on show at first
+        assert before[figure_id] == menus[figure_id][current][0]["y"], figure_id
+    options[target].click()
+    _wait(chrome, "the figures to switch", lambda d: d.execute_script(shown, ids, menus) != before)
+    after = chrome.execute_script(shown, ids, menus)
+    for figure_id in ids:  # one choice, all three figures
+        assert after[figure_id] == menus[figure_id][target][0]["y"], figure_id
+    assert _severe(chrome) == []
