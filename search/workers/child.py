@@ -72,6 +72,10 @@ def child_main() -> int:
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("trainer", "search"):
         logging.getLogger(name).setLevel(job.get("log_level") or "INFO")
+    import optuna  # its own lines in the same format, through the handler above
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
     stop = threading.Event()
     _stop_on_signals(stop)

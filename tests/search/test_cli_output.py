@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,13 @@ def test_review_of_a_missing_storage_refuses_and_creates_nothing(
     assert code == 1
     assert "storage file must exist" in err
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["study.toml"]
+
+
+def test_optunas_own_log_lines_come_in_the_same_format_as_ours(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "create", str(write_study(tmp_path)))
+    assert code == 0, err
+    assert re.search(r"^\d\d:\d\d:\d\d INFO optuna\.[\w.]+: A new study created in RDB with name: tiny$",
+                     err, re.MULTILINE)
+    assert "[I 20" not in err
