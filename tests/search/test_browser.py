@@ -47,6 +47,39 @@ CHROME_ARGS = (
 )
 
 
+# For each row of each table on the page: the horizontal gaps (px) between the visible text (no spaces) of
+# neighbouring non-empty cells.
+NOTE_TABLE_GAPS = """
+function inked(cell) {
+    var text = cell.textContent, first = text.search(/\\S/);
+    if (first < 0) { return null; }
+    var last = text.length - 1;
+    while (/\\s/.test(text[last])) { last -= 1; }
+    var walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT), nodes = [], node;
+    while ((node = walker.nextNode())) { nodes.push(node); }
+    function at(offset) {
+        for (var i = 0; i < nodes.length; i++) {
+            if (offset < nodes[i].length) { return [nodes[i], offset]; }
+            offset -= nodes[i].length;
+        }
+        return [nodes[nodes.length - 1], nodes[nodes.length - 1].length];
+    }
+    var range = document.createRange(), a = at(first), b = at(last);
+    range.setStart(a[0], a[1]);
+    range.setEnd(b[0], b[1] + 1);
+    return range.getBoundingClientRect();
+}
+var out = [];
+document.querySelectorAll("table tr").forEach(function (tr) {
+    var boxes = Array.from(tr.children).map(inked).filter(function (r) { return r && r.width > 0; });
+    var gaps = [];
+    for (var i = 1; i < boxes.length; i++) { gaps.push(boxes[i].left - boxes[i - 1].right); }
+    if (gaps.length) { out.push(gaps); }
+});
+return out;
+"""
+
+
 @pytest.fixture
 def chrome(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
@@ -159,6 +192,10 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
     reason = pruned.user_attrs["prune_reason"]
     _wait(chrome, "the pruned trial's note", lambda d: reason in d.find_element(By.TAG_NAME, "body").text)
     chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial.png"))
+    # the note's tables render as tables whose cells do not run together: between the visible text of two
+    # neighbouring cells there is a gap (the dashboard gives the cells no padding of their own)
+    gaps = chrome.execute_script(NOTE_TABLE_GAPS)
+    assert len(gaps) >= 2 and min(min(row) for row in gaps) >= 8, gaps
 
 
 def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: webdriver.Chrome) -> None:
