@@ -39,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="keep the clone (its path goes to stderr)")
     args = p.parse_args()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     tmp = Path(tempfile.mkdtemp(prefix="koopman-quickstart-"))
     clone = tmp / "koopman-search"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -52,7 +53,6 @@ def main() -> None:
         rows.append([title, f"{wall / 60:.1f} min ({wall:.0f} s)", f"{cpu / 60:.1f} min", f"{load:.1f}", code])
         if code != 0:
             break
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     print(f"`.venv/bin/python bench/bench_quickstart.py`, a fresh clone of {head.stdout.strip()}; "
           f"{machine_line()}; load average at the start {env_load[0]:.1f}\n")
     print(markdown_table(["command", "wall time", "CPU time", "load average (1 min) at its start", "exit"], rows))
