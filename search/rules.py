@@ -32,6 +32,7 @@ __all__ = [
     "RuleSettings",
     "TotalLossRule",
     "ValPplRatioRule",
+    "unjudged_epochs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,18 +74,30 @@ def _over(value: float, limit: float) -> tuple[str, str]:
     return repr(value), repr(limit)
 
 
+def unjudged_epochs(max_value: float, baseline_total_loss: Sequence[float | None]) -> list[int]:
+    """The epochs (1-based) where the Koopman-off baseline's own total loss is above ``max_value``: there the
+    total-loss rule does not judge a trial (see :class:`TotalLossRule`)."""
+    return [e for e, v in enumerate(baseline_total_loss, 1) if v is not None and math.isfinite(v) and v > max_value]
+
+
 class TotalLossRule:
     """Prune when the epoch's mean total loss (LM + weight × Koopman) is above ``max_value``.
 
     Only epochs with the Koopman loss on (``record.koopman_weight > 0``) are judged: before the start epoch a
     trial is pure LM training, identical to the baseline, and its first epochs' LM loss alone can be above the
-    limit (ln 30000 ≈ 10.3 at step 0). The limit is about what the Koopman term does to training."""
+    limit (ln 30000 ≈ 10.3 at step 0). The limit is about what the Koopman term does to training, so for the
+    same reason an epoch where the baseline's own total loss (its LM loss: the Koopman loss is off) is above
+    the limit is not judged either (``baseline_total_loss[e - 1]``, where known): a trial over the limit
+    there would be blamed for the language model. The ratio rule still judges those epochs."""
 
-    def __init__(self, max_value: float) -> None:
+    def __init__(self, max_value: float, baseline_total_loss: Sequence[float | None] = ()) -> None:
         self._max_value = _positive_finite("total_loss_max", max_value)
+        self._unjudged = frozenset(unjudged_epochs(self._max_value, baseline_total_loss))
 
     def check(self, record: EpochRecord) -> str | None:
         if record.koopman_weight <= 0:
+            return None
+        if record.epoch in self._unjudged:
             return None
         value = record.total_loss
         if math.isnan(value):
@@ -210,12 +223,14 @@ class PruneRules:
         self._rules = tuple(rules)
 
     @classmethod
-    def from_spec(cls, settings: RuleSettings, baseline_curve: Sequence[float]) -> PruneRules:
-        """The study's rules; ``baseline_curve[e - 1]`` is the baseline's val perplexity at epoch e."""
+    def from_spec(cls, settings: RuleSettings, baseline_curve: Sequence[float],
+                  baseline_total_loss: Sequence[float | None] = ()) -> PruneRules:
+        """The study's rules; ``baseline_curve[e - 1]`` is the baseline's val perplexity at epoch e and
+        ``baseline_total_loss[e - 1]`` its total loss (unknown for a fixed curve)."""
         return cls(
             [
                 NonFiniteRule(settings.finite_metrics),
-                TotalLossRule(settings.total_loss_max),
+                TotalLossRule(settings.total_loss_max, baseline_total_loss),
                 ValPplRatioRule(settings.val_ppl_ratio_max, baseline_curve),
                 FloorRule("phi_effective_rank", settings.phi_rank_min),
                 FloorRule("val_koopman_gain", settings.koopman_gain_min),

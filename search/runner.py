@@ -94,7 +94,7 @@ class TrialRunner:
         self._baseline = baseline
         self._stop = stop or threading.Event()
         self._on_epoch = on_epoch
-        self._rules = PruneRules.from_spec(spec.rules, baseline.val_ppl)
+        self._rules = PruneRules.from_spec(spec.rules, baseline.val_ppl, [r.total_loss for r in baseline.records])
 
     def run(self, trial: optuna.Trial) -> TrialOutcome:
         with TrainingJob(self._storage, self._store, trial, f"trial {trial.number}") as job:

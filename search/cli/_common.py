@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from search.errors import SpecError
 from search.spec import StudySpec, load_spec
@@ -24,6 +25,7 @@ __all__ = [
     "render_table",
     "resolve_target",
     "spec_with_overrides",
+    "waiting_trials",
 ]
 
 STORAGE_ENV = "OPTUNA_STORAGE"
@@ -105,3 +107,11 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(out)
+
+
+def waiting_trials(study: Any, cap: int | None = None) -> int:
+    """The trials a worker command expects to run: the study's queue (WAITING), at most ``cap``."""
+    from optuna.trial import TrialState
+
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return n if cap is None else min(n, cap)

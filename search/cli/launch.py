@@ -7,7 +7,13 @@ import logging
 import sys
 from typing import Any
 
-from search.cli._common import add_study_args, add_worker_args, check_counts, spec_with_overrides
+from search.cli._common import (
+    add_study_args,
+    add_worker_args,
+    check_counts,
+    spec_with_overrides,
+    waiting_trials,
+)
 from search.spec import load_spec
 from search.urls import redact_url
 
@@ -68,13 +74,19 @@ def run(args: argparse.Namespace) -> int:
             logger.info("baseline queued to run again")
     interrupted = False
     if supervisor is not None:
+        supervisor.expect_trials(waiting_trials(study))
         code = supervisor.run()
         interrupted = code != 0 or supervisor.stop_requested
     else:
         from search.workers import run_worker
+        from search.workers.progress import LiveProgress
 
+        progress = LiveProgress(waiting_trials(study),
+                                format_outcome=lambda o: format_outcome(o, spec.metrics))
         try:
-            run_worker(spec, on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
+            with progress.session():
+                run_worker(spec, on_outcome=progress.on_outcome, on_trial_start=progress.on_trial_start,
+                           on_epoch=progress.on_epoch, on_baseline_epoch=progress.on_baseline_epoch)
         except KeyboardInterrupt:
             interrupted = True
     _annotate(study)

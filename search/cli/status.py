@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any
 
 from search.cli._common import add_study_args, render_table, resolve_target
+from search.cli._output import add_format_args, dump, param_header, param_legend, param_order
 
 __all__ = ["add_parser", "run", "status_text"]
 
@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 EXAMPLE = """examples:
   koopman-search status studies/quickstart.toml
   koopman-search status --study-name wikitext2-koopman --storage postgresql+psycopg://... --format json
+  koopman-search status studies/quickstart.toml -f csv > trials.csv
 """
-
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "the study's totals (complete / pruned / failed, epochs spent and saved).",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, file_required=False)
-    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    add_format_args(p)
     return p
 
 
@@ -39,14 +39,12 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def status_text(data: dict[str, Any]) -> str:
+def status_text(data: dict[str, Any], full_names: bool = False) -> str:
     """``data`` (:func:`search.review.status.status_data`) as the table that ``status`` prints."""
     from search.review.status import SHOWN_METRICS
 
-    names = sorted({k for t in data["trials"] for k in t["params"]})
-    short = {"koopman_weight_max": "w_max", "koopman_start_epoch": "start", "fallback_threshold": "thresh",
-             "schedule": "schedule", "koopman_dim": "dim"}
-    headers = ["#", "state", *[short.get(n, n) for n in names], "epochs", *SHOWN_METRICS, "note"]
+    names = param_order(k for t in data["trials"] for k in t["params"])
+    headers = ["#", "state", *[param_header(n, full_names) for n in names], "epochs", *SHOWN_METRICS, "note"]
     rows = []
     for t in data["trials"]:
         epochs = str(t["epochs_run"]) + (f"+{t['epochs_from_warmup']}w" if t["epochs_from_warmup"] else "")
@@ -60,21 +58,31 @@ def status_text(data: dict[str, Any]) -> str:
         rows.append([str(t["number"]), t["state"], *[_cell(t["params"].get(n)) for n in names], epochs,
                      *[_cell(t["final"][m]) for m in SHOWN_METRICS], note])
     lines = [f"study {data['study']} (objectives: {', '.join(data['objectives'])})", render_table(headers, rows)]
+    legend = param_legend(names, full_names)
+    if legend:
+        lines.append(legend)
     if data["baseline"]:
         curve = ", ".join(_cell(v) for v in data["baseline"]["val_ppl"])
         lines.append(f"baseline ({data['baseline']['state']}) val PPL per epoch: {curve or '-'}")
+        unjudged = data["baseline"].get("total_loss_unjudged_epochs")
+        if unjudged:
+            lines.append(f"total-loss rule: epoch(s) {', '.join(map(str, unjudged))} not judged, the baseline's "
+                         "own total loss is above total_loss_max there")
     lines.append("epochs: N trained by the trial itself, +Nw taken from the baseline's shared warmup")
     lines.append(data["summary"])
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    from search.review.open import open_existing_storage
     from search.review.status import status_data
-    from search.storage import open_storage
     from search.study import load_study
 
     target = resolve_target(args)
-    study = load_study(open_storage(target.storage_url, heartbeat=False), target.study_name)
+    study = load_study(open_existing_storage(target.storage_url), target.study_name)
     data = status_data(study)
-    print(json.dumps(data, indent=2) if args.format == "json" else status_text(data))
+    if args.format == "table":
+        print(status_text(data, args.full_names))
+    else:
+        print(dump(data, args.format, data["trials"]))
     return 0

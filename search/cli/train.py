@@ -72,7 +72,27 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     overrides = {key: getattr(args, dest) for dest, (key, _, _) in FLAG_KEYS.items()
                  if getattr(args, dest) is not None}
     overrides["train.progress"] = not args.no_progress and sys.stderr.isatty()
-    return with_overrides(cfg, overrides, origin="command line")
+    cfg = with_overrides(cfg, overrides, origin="command line")
+    _check_koopman_epochs(cfg, args)
+    return cfg
+
+
+def _check_koopman_epochs(cfg: TrainerConfig, args: argparse.Namespace) -> None:
+    """Epochs 1..s are pure LM training (docs/design.md, "Epochs"): with s >= E the Koopman loss would
+    never be on, which is a mistake unless it was turned off on purpose."""
+    s, epochs = cfg.koopman.start_epoch, cfg.train.epochs
+    if not cfg.koopman.enabled or s < epochs:
+        return
+    where = ", ".join(filter(None, [
+        "command line" if args.koopman_start_epoch is not None or args.epochs is not None else "",
+        str(args.config) if args.config else "",
+    ])) or "defaults"
+    raise ConfigError(
+        f"koopman.start_epoch must be < train.epochs (epochs 1..s are pure LM training, the Koopman loss is "
+        f"on from s+1), but got koopman.start_epoch={s}, train.epochs={epochs} ({where}, "
+        "[koopman.start_epoch]); lower --koopman-start-epoch, raise --epochs, or set "
+        "[koopman] enabled = false for a Koopman-free run"
+    )
 
 
 def format_record(r: EpochRecord) -> str:
@@ -108,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     last = Path(args.checkpoint_dir) / "last.pt" if args.checkpoint_dir else None
     if args.resume and last is not None and last.exists():
         trainer = HybridKoopmanTrainer.from_checkpoint(last, cfg)
+        if trainer.epoch >= cfg.train.epochs:
+            logger.info("the run in %s already finished its %d epochs: nothing to train (its records are in "
+                        "%s; a run of more epochs is another run)", args.checkpoint_dir, cfg.train.epochs, last)
+            return 0
         logger.info("resuming from %s after epoch %d", last, trainer.epoch)
     else:
         if args.resume:

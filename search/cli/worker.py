@@ -6,7 +6,13 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_study_args, add_worker_args, check_counts, spec_with_overrides
+from search.cli._common import (
+    add_study_args,
+    add_worker_args,
+    check_counts,
+    spec_with_overrides,
+    waiting_trials,
+)
 from search.errors import StudyNotFoundError
 from search.spec import load_spec
 from search.urls import redact_url
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                   workers=args.workers, max_trials=args.n_trials)
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
-        load_study(storage, spec.name)
+        supervisor.expect_trials(waiting_trials(load_study(storage, spec.name), args.n_trials))
     except StudyNotFoundError:
         raise StudyNotFoundError(
             f"study {spec.name!r} does not exist in {redact_url(spec.storage_url)}; create it first with "

@@ -32,7 +32,7 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
-from search.layout import SPEC_ATTR
+from search.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed
 from search.review import figures
 from search.review.notes import study_note, trial_note
 from search.review.stored import (
@@ -216,8 +216,33 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
     _write_note(study, None, note, counts)
     for figure_id, figure in study_figures(study, facts, baseline, rules, best).items():
         _write_figure(study, figure_id, figure, counts)
+    _mark_baseline_companions(study, counts)
     logger.info("annotated study %s: %s", study.study_name, counts)
     return counts
+
+
+def _mark_baseline_companions(study: optuna.Study, counts: AnnotationCounts) -> None:
+    """A note on each baseline companion study (``<study>.baseline-seed<N>``, docs/design.md "Baseline"),
+    which optuna-dashboard lists beside the real one: what it is, and which study to look at instead."""
+    for key in study.user_attrs:
+        seed = baseline_key_seed(key)
+        if seed is None:
+            continue
+        name = f"{study.study_name}.baseline-seed{seed}"
+        try:
+            companion = optuna.load_study(study_name=name, storage=study._storage)
+        except KeyError:  # a fixed curve, or a companion not created yet
+            continue
+        if not str(companion.user_attrs.get(ROLE_ATTR, "")).startswith("baseline of study"):
+            continue  # not one the search made
+        body = (
+            f"## Baseline companion of study {study.study_name}\n\n"
+            f"Not a search: its one trial is the Koopman-off baseline run of study **{study.study_name}** "
+            f"(trainer seed {seed}), kept in a study of its own so that it runs once however many workers "
+            f"start. Its curve is stored with study {study.study_name} (user attr `{key}`); review that study.\n"
+        )
+        _write_note(companion, None, body, counts)
+
 
 
 def study_figures(

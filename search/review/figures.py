@@ -107,10 +107,10 @@ def _slot_data(kind: str, trial: TrialFacts) -> list[dict[str, Any]]:
             None if k == 0 and i < len(weights) and not weights[i] else k
             for i, k in enumerate(trial.metric("koopman_loss"))
         ]
-        return [
+        return [  # the total first, so that the LM loss (often just under it) is drawn on top
+            {"x": x, "y": trial.metric("total_loss")},
             {"x": x, "y": trial.metric("lm_loss")},
             {"x": x, "y": koopman},
-            {"x": x, "y": trial.metric("total_loss")},
             _prune_marker(trial, "total_loss"),
         ]
     if kind == "val_ppl":
@@ -134,19 +134,23 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
     }
     if kind == "losses":
         return [
-            go.Scatter(**data[0], name="LM loss", mode="lines+markers", line={"color": COLORS["lm"]}),
-            go.Scatter(
-                **data[1],
-                name="Koopman loss, raw (right axis)",
-                mode="lines+markers",
-                line={"color": COLORS["koopman"]},
-                yaxis="y2",
-            ),
-            go.Scatter(
-                **data[2],
+            go.Scatter(  # wide and pale underneath: where it equals the LM loss, the LM line shows on it
+                **data[0],
                 name="total loss = LM + weight × Koopman",
                 mode="lines+markers",
-                line={"color": COLORS["total"], "width": 3},
+                line={"color": COLORS["total"], "width": 7},
+                marker={"size": 11},
+                opacity=0.45,
+            ),
+            go.Scatter(**data[1], name="LM loss", mode="lines+markers",
+                       line={"color": COLORS["lm"], "width": 2}, marker={"size": 6}),
+            go.Scatter(
+                **data[2],
+                name="Koopman loss, raw (right axis)",
+                mode="lines+markers",
+                line={"color": COLORS["koopman"], "dash": "dot"},
+                marker={"symbol": "diamond"},
+                yaxis="y2",
             ),
             go.Scatter(**data[3], **marker_style),
         ]
@@ -160,18 +164,20 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
             ),
             go.Scatter(**data[1], **marker_style),
         ]
+    # A weight is constant over its epoch, so both are drawn as steps ("hv": epoch e's value until e + 1):
+    # a `step` schedule then reads as the jump it is, not as a ramp from the last warmup epoch.
     return [  # applied first, so that the dotted schedule stays visible where the two agree
         go.Scatter(
             **data[0],
             name="applied weight (mean over batches)",
             mode="lines+markers",
-            line={"color": COLORS["effective"], "width": 3},
+            line={"color": COLORS["effective"], "width": 3, "shape": "hv"},
         ),
         go.Scatter(
             **data[1],
             name="scheduled weight",
             mode="lines+markers",
-            line={"color": COLORS["scheduled"], "dash": "dot", "width": 2},
+            line={"color": COLORS["scheduled"], "dash": "dot", "width": 2, "shape": "hv"},
             marker={"size": 5},
         ),
         go.Bar(
@@ -256,7 +262,8 @@ def _fixed_traces(
     return traces
 
 
-def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = False) -> dict[str, Any]:
+def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = False,
+            limit: float | None = None) -> dict[str, Any]:
     """Sized for optuna-dashboard's 450 px cards: title top left, the trial menu under it, legend below."""
     y_titles = {
         "losses": "loss (mean over the epoch's batches)",
@@ -278,25 +285,44 @@ def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = Fa
         if values and max(values) / max(min(values), 1e-9) > 20:
             layout["yaxis"]["type"] = "log"  # one diverged trial would flatten every other curve
     if kind == "losses":
-        # its own scale: next to a total loss near 7 a falling Koopman loss of 0.05 would be a flat line
+        # its own scale: next to a total loss near 7 a falling Koopman loss of 0.05 would be a flat line.
+        # One range for every trial in the menu, with headroom: the Koopman loss is highest at its first
+        # epoch, and at the top of its own axis that point would sit level with the total-loss limit and
+        # read as "hit the limit".
+        koopman = [v for t in trials for v in t.metric("koopman_loss") if v is not None and math.isfinite(v) and v > 0]
         layout["yaxis2"] = {
             "title": {"text": "Koopman loss (raw)", "font": {"color": COLORS["koopman"]}},
             "tickfont": {"color": COLORS["koopman"]},
             "overlaying": "y",
             "side": "right",
-            "rangemode": "tozero",
             "showgrid": False,
+            "tickformat": ".2~g",  # 0.003, not 0.002882
+            "nticks": 6,
         }
+        left = [v for t in trials for m in ("total_loss", "lm_loss") for v in t.metric(m)
+                if v is not None and math.isfinite(v)]
+        peak_height = 0.5  # of the plot's height, where the highest Koopman loss is drawn
+        if left and limit is not None:
+            lo, hi = min(left), max(max(left), limit)
+            pad = 0.08 * max(hi - lo, 0.1)
+            layout["yaxis"]["range"] = [lo - pad, hi + pad]
+            limit_height = (limit - lo + pad) / (hi - lo + 2 * pad)
+            if abs(peak_height - limit_height) < 0.25:
+                peak_height = limit_height - 0.3 if limit_height > 0.5 else limit_height + 0.3
+        if koopman:
+            layout["yaxis2"]["range"] = [0, max(koopman) / peak_height]
+        else:
+            layout["yaxis2"]["rangemode"] = "tozero"
     if kind == "weight":
         # one fixed scale for every trial in the menu, in whole batches
         most = max((v for t in trials for v in t.metric("fallback_batches") if v is not None), default=0)
         layout["yaxis2"] = {
             "title": {"text": "fallback batches"},
+            "tickformat": "d",
             "overlaying": "y",
             "side": "right",
             "range": [0, max(most, 1) * 1.1],
             "dtick": max(1, math.ceil(most / 5)),
-            "tickformat": "d",
             "showgrid": False,
         }
         layout["barmode"] = "overlay"
@@ -313,7 +339,7 @@ def trial_figure(
         fig.add_trace(trace)
     for trace in _slot_traces(kind, trial):
         fig.add_trace(trace)
-    fig.update_layout(_layout(kind, f"{_TITLES[kind]}: {trial_label(trial)}", [trial]))
+    fig.update_layout(_layout(kind, f"{_TITLES[kind]}: {trial_label(trial)}", [trial], limit=rules.total_loss_max))
     return fig
 
 
@@ -372,7 +398,7 @@ def trial_curves_figure(
         data = _slot_data(kind, trial)
         restyle = {key: [d.get(key, []) for d in data] for key in ("x", "y", "text")}
         buttons.append({"label": trial_label(trial, names), "method": "restyle", "args": [restyle, slots]})
-    layout = _layout(kind, _TITLES[kind], shown, menu=True)
+    layout = _layout(kind, _TITLES[kind], drawn, menu=True, limit=rules.total_loss_max)
     layout["updatemenus"] = [
         {
             "type": "dropdown",

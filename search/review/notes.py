@@ -21,6 +21,22 @@ logger = logging.getLogger(__name__)
 FIGURES_HINT = "Curves: the *Training losses*, *Val perplexity* and *Koopman weight* figures on the study page"
 
 
+# optuna-dashboard draws a note's markdown tables without cell padding, so adjacent cells run together
+# ("this trial baseline", "529.4 1.086×"); non-breaking spaces before every cell but the first keep them
+# apart (markdown trims plain spaces in a cell, not these)
+CELL_PAD = "&nbsp;" * 3
+
+
+def _pad_tables(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        if line.startswith("| ") and line.endswith(" |"):
+            cells = line[2:-2].split(" | ")
+            line = "| " + " | ".join([cells[0], *(CELL_PAD + c for c in cells[1:])]) + " |"
+        out.append(line)
+    return out
+
+
 def _escape(text: str) -> str:
     """Text safe inside a markdown table cell or emphasis."""
     return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("\n", " ")
@@ -128,7 +144,7 @@ def trial_note(
             "| " + " | ".join(_escape(fmt_param(v)) for v in trial.params.values()) + " |",
         ]
     lines += ["", f"{FIGURES_HINT}; pick trial {trial.number} in their menus."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_pad_tables(lines)) + "\n"
 
 
 def study_note(
@@ -173,4 +189,4 @@ def study_note(
             lines.append("| " + " | ".join([str(trial.number), _escape(trial.label or ""), *values]) + " |")
     else:
         lines.append("No trial has completed yet.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(_pad_tables(lines)) + "\n"

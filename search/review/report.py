@@ -9,6 +9,7 @@ for the rest. Nothing is re-run and nothing is written to the storage.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 import optuna
 import plotly.graph_objects as go
 import plotly.offline
+import plotly.utils
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import StorageError
@@ -59,7 +61,10 @@ SECTION_TITLES = {
     "pruned": "Prune reasons",
     "config": "Best config",
 }
-MIN_TRIALS_FOR_IMPORTANCE = 2
+# fANOVA's importances from fewer complete trials than this are noise (with 8, both objectives of the
+# quickstart study got the same ranking); they are shown from here on, with a caveat
+MIN_TRIALS_FOR_IMPORTANCE = 10
+ROUGH_IMPORTANCE_BELOW = 50
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #222;
@@ -106,12 +111,13 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _figure_html(fig: go.Figure) -> str:
+def _figure_html(fig: go.Figure, div_id: str | None = None) -> str:
     return fig.to_html(
         full_html=False,
         include_plotlyjs=False,
         config={"displaylogo": False, "responsive": True},
         default_width="100%",
+        div_id=div_id,
     )
 
 
@@ -255,7 +261,11 @@ def _importances_section(ctx: _Context) -> str:
     params = _searched_params(ctx)
     if not params:
         return _note("Not enough variety: every complete trial has the same parameters.")
-    parts = ['<div class="grid">']
+    caveat = (f"Fitted (fANOVA) on the {complete} complete trials alone; pruned and failed trials are left "
+              "out, so settings that get pruned look unimportant. ")
+    if complete < ROUGH_IMPORTANCE_BELOW:
+        caveat += f"Below about {ROUGH_IMPORTANCE_BELOW} trials read them as a rough ranking, not as shares."
+    parts = [f'<p class="lead">{_esc(caveat)}</p>', '<div class="grid">']
     for target, name in _targets(ctx):
         try:
             fig = _quiet(
@@ -296,8 +306,23 @@ def _parallel_section(ctx: _Context) -> str:
             )
         )
         fig.update_layout(title={"text": f"Parallel coordinates, coloured by {name}"}, height=420)
+        _drop_repeated_ticks(fig)
         parts.append(_figure_html(fig))
     return "".join(parts)
+
+
+def _drop_repeated_ticks(fig: go.Figure) -> None:
+    """Optuna draws each parallel axis's tick labels as annotations, rounded to 3 digits, so a narrow int
+    range gives ``234, 234, 234``: keep the first of each repeated label on an axis."""
+    seen: set[tuple[Any, str]] = set()
+    kept = []
+    for note in fig.layout.annotations:
+        key = (note.x, str(note.text))
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(note)
+    fig.layout.annotations = kept
 
 
 def _curves_section(ctx: _Context) -> str:
@@ -306,17 +331,53 @@ def _curves_section(ctx: _Context) -> str:
         return _note("No finished trial has stored epoch records yet.")
     selected = ctx.best[0].number if ctx.best else None
     parts = [
-        '<p class="lead">From the epoch records stored with each trial. Pick a trial in the menu above each '
-        "figure (the best one is shown first); grey lines are all the trials, for comparison. "
+        '<p class="lead">From the epoch records stored with each trial. Pick a trial in the menu: it switches '
+        "all three figures (the best one is shown first); grey lines are all the trials, for comparison. "
         "A red × marks where a trial was pruned; dashed red lines are the prune limits.</p>",
-        '<div class="grid">',
     ]
+    # one menu for the three figures: each figure's own dropdown is taken out, and its entries (the
+    # restyle of the highlighted traces per trial, the same trials in the same order) are applied together
+    menus: dict[str, list[Any]] = {}
+    labels: list[str] = []
+    active = 0
+    grid = ['<div class="grid">']
     for kind in figures.KINDS:
         fig = figures.trial_curves_figure(
             kind, with_records, ctx.baseline, ctx.rules, selected=selected, names=ctx.names
         )
-        parts.append(f"<div>{_figure_html(fig)}</div>")
-    parts.append("</div>")
+        div_id = f"curves-{kind}"
+        if fig.layout.updatemenus:
+            menu = fig.layout.updatemenus[0]
+            menus[div_id] = [list(b.args) for b in menu.buttons]
+            labels = [b.label for b in menu.buttons]
+            active = menu.active or 0
+            fig.layout.updatemenus = ()
+            fig.update_layout(margin={"t": 40})
+        grid.append(f"<div>{_figure_html(fig, div_id)}</div>")
+    grid.append("</div>")
+    if labels:
+        options = "".join(
+            f'<option value="{i}"{" selected" if i == active else ""}>{_esc(label)}</option>'
+            for i, label in enumerate(labels)
+        )
+        data = json.dumps(menus, cls=plotly.utils.PlotlyJSONEncoder).replace("</", "<\\/")
+        parts.append(f'<p><label for="curves-trial">Trial: </label><select id="curves-trial">{options}</select></p>')
+        parts += grid
+        parts.append(f'<script type="application/json" id="curves-menus">{data}</script>')
+        parts.append(
+            "<script>(function () {\n"
+            '  var menus = JSON.parse(document.getElementById("curves-menus").textContent);\n'
+            '  document.getElementById("curves-trial").addEventListener("change", function (e) {\n'
+            "    var i = Number(e.target.value);\n"
+            "    Object.keys(menus).forEach(function (id) {\n"
+            "      var args = menus[id][i];\n"
+            "      Plotly.restyle(document.getElementById(id), args[0], args[1]);\n"
+            "    });\n"
+            "  });\n"
+            "})();</script>"
+        )
+    else:
+        parts += grid
     return "".join(parts)
 
 

@@ -12,8 +12,9 @@ from typing import Any
 import optuna
 
 from search import layout
-from search.review.stored import objective_names, read_baseline, trial_facts
+from search.review.stored import objective_names, read_baseline, read_rules, trial_facts
 from search.review.summary import summarize
+from search.rules import unjudged_epochs
 
 __all__ = ["SHOWN_METRICS", "status_data"]
 
@@ -22,6 +23,12 @@ SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_forward_ppl", "val_koopma
 
 def _num(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _unjudged(user_attrs: Any, baseline: Any) -> list[int]:
+    limit = read_rules(user_attrs).total_loss_max
+    total = (baseline.columns or {}).get("total_loss") or []
+    return unjudged_epochs(limit, total) if limit is not None else []
 
 
 def status_data(study: optuna.Study) -> dict[str, Any]:
@@ -33,6 +40,7 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     queued = {t.number: t.system_attrs.get(layout.FIXED_PARAMS) or {} for t in frozen if not t.params}
     baseline = read_baseline(study.user_attrs)
     summary = summarize(facts, baseline)
+    names = objective_names(study)
     trials = []
     for f in facts:
         last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
@@ -42,7 +50,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
             "label": f.label,
             # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
             "params": f.params or dict(queued.get(f.number, {})),
-            "values": list(f.values) if f.values is not None else None,
+            # keyed by metric name, as in `best` (one shape for a trial in every command)
+            "values": dict(zip(names, (_num(v) for v in f.values), strict=False)) if f.values is not None else None,
             "epochs_run": f.epochs_run,
             "epochs_from_warmup": f.epochs_from_warmup,
             "last_epoch": f.last_epoch,
@@ -54,8 +63,10 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
         })
     return {
         "study": study.study_name,
-        "objectives": objective_names(study),
-        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl)} if baseline else None,
+        "objectives": names,
+        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl),
+                     # epochs the total-loss rule does not judge: the baseline itself is over the limit
+                     "total_loss_unjudged_epochs": _unjudged(study.user_attrs, baseline)} if baseline else None,
         "trials": trials,
         "totals": {
             **{s.lower(): n for s, n in summary.states.items()},

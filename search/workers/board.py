@@ -1,4 +1,4 @@
-"""The terminal board: one status line per slot on stderr, finished trials on stdout."""
+"""The terminal board: one status line per slot and the n/N trials line on stderr, finished trials on stdout."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
+from search.workers.progress import TrialsProgress, epoch_text, format_duration, trial_eta
 from search.workers.slots import Slot
 
 __all__ = ["Board", "BoardHandler", "SlotRun"]
@@ -35,8 +36,10 @@ class SlotRun:
 
 
 class Board:
-    """One status line per slot on stderr. On a terminal the lines stay at the bottom and are redrawn in
-    place, with log lines and finished trials printed above them; otherwise each change is one line."""
+    """One status line per slot on stderr, and under them the n/N trials line with the run's ETA
+    (:class:`~search.workers.progress.TrialsProgress`). On a terminal the lines stay at the bottom and are
+    redrawn in place, with log lines and finished trials printed above them; otherwise each change is one
+    line, and the n/N line follows each finished trial."""
 
     def __init__(self, runs: Sequence[SlotRun], out: TextIO, err: TextIO, live: bool) -> None:
         self._runs = runs
@@ -45,6 +48,15 @@ class Board:
         self.live = live
         self._drawn = 0
         self._lock = threading.RLock()
+        self.trials = TrialsProgress(parallel=max(1, len(runs)))
+
+    def epoch_status(self, event: Mapping[str, Any]) -> str:
+        """A slot's status after an epoch event: ``epoch 2/4  val_ppl 512.3 ...  ETA 12 s``."""
+        if "number" in event:
+            eta = self.trials.epoch(event["number"], event)
+        else:  # the baseline
+            eta = trial_eta(event)
+        return f"epoch {event['epoch']}/{event['epochs']}  {epoch_text(event)}  ETA {format_duration(eta)}"
 
     def _line(self, run: SlotRun) -> str:
         return f"{run.slot.label}: {run.status}"
@@ -59,7 +71,8 @@ class Board:
         width = max(20, shutil.get_terminal_size().columns - 1)
         for run in self._runs:
             self._err.write(self._line(run)[:width] + "\n")
-        self._drawn = len(self._runs)
+        self._err.write(self.trials.line()[:width] + "\n")
+        self._drawn = len(self._runs) + 1
         self._err.flush()
 
     def update(self, run: SlotRun, status: str) -> None:
@@ -84,9 +97,11 @@ class Board:
                 self._draw()
             self._err.flush()
 
-    def result(self, text: str) -> None:
-        """A finished trial's line on stdout."""
+    def result(self, text: str, number: int | None = None) -> None:
+        """A finished trial's line on stdout (trial ``number`` counts as done)."""
         with self._lock:
+            if number is not None:
+                self.trials.finished(number)
             if self.live:
                 self._clear()
                 self._err.flush()
@@ -94,6 +109,9 @@ class Board:
             self._out.flush()
             if self.live:
                 self._draw()
+            elif number is not None:
+                self._err.write(f"{time.strftime('%H:%M:%S')} {self.trials.line()}\n")
+                self._err.flush()
 
     def close(self) -> None:
         with self._lock:

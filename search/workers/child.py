@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -73,6 +72,10 @@ def child_main() -> int:
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("trainer", "search"):
         logging.getLogger(name).setLevel(job.get("log_level") or "INFO")
+    import optuna  # its own lines in the same format, through the handler above
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -82,6 +85,7 @@ def child_main() -> int:
 
     from search.runner import TrialOutcome, format_outcome
     from search.workers.loop import run_worker
+    from search.workers.progress import epoch_fields
 
     try:
         spec = spec_from_dict(job["spec"], origin=job.get("path") or "study")
@@ -96,9 +100,8 @@ def child_main() -> int:
             spec, seed_offset=int(job.get("seed_offset", 0)), max_trials=job.get("max_trials"), stop=stop,
             on_outcome=on_outcome,
             on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
-            on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, epoch=r.epoch, epochs=r.epochs,
-                                                   val_ppl=_finite(r.val_ppl)),
-            on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, epoch=r.epoch, epochs=r.epochs),
+            on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, **epoch_fields(r)),
+            on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, **epoch_fields(r)),
         )
     except KeyboardInterrupt:
         writer.emit(events.EXIT, reason="stopped at once")
@@ -120,6 +123,3 @@ def child_main() -> int:
     writer.emit(events.EXIT, reason=reason)
     return 0
 
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -26,8 +26,8 @@ EXIT_FATAL = 3  # a worker process's exit status for an error that a restart can
 EVENT_KEY = "event"
 READY = "ready"  # pid, device: the process is up; the baseline (or the wait for it) comes next
 TRIAL = "trial"  # number: a trial was claimed
-EPOCH = "epoch"  # number, epoch, epochs, val_ppl: a trial finished an epoch
-BASELINE_EPOCH = "baseline_epoch"  # epoch, epochs: the baseline finished an epoch
+EPOCH = "epoch"  # number and search.workers.progress.epoch_fields: a trial finished an epoch
+BASELINE_EPOCH = "baseline_epoch"  # epoch_fields: the baseline finished an epoch
 OUTCOME = "outcome"  # number, state, reason, line: a trial ended
 EXIT = "exit"  # reason: the process is about to exit 0
 

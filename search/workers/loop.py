@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from search.baseline import ensure_baseline
 from search.layout import MatchedBaseline
+from search.rules import unjudged_epochs
 from search.runner import TrialOutcome, TrialRunner
 from search.spec import StudySpec
 from search.storage import fail_stale_trials, open_artifact_store, open_storage, retrying
@@ -67,6 +68,7 @@ def run_worker(
     study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
     baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch)
+    _warn_baseline_over_limit(spec, baseline)
     runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
     summary = WorkerSummary()
     delay = IDLE_MIN
@@ -100,6 +102,18 @@ def run_worker(
             on_outcome(outcome)
     summary.interrupted = stop.is_set()
     return summary
+
+
+def _warn_baseline_over_limit(spec: StudySpec, baseline: MatchedBaseline) -> None:
+    """Say where the total-loss rule does not judge, because the baseline itself is over the limit."""
+    limit = spec.rules.total_loss_max
+    epochs = unjudged_epochs(limit, [r.total_loss for r in baseline.records])
+    if epochs:
+        values = ", ".join(f"{baseline.records[e - 1].total_loss:.4g}" for e in epochs)
+        logger.warning(
+            "the baseline's own total loss is above total_loss_max %g at epoch(s) %s (%s): the total-loss "
+            "rule does not judge trials there (the language model, not the Koopman term, is over the limit); "
+            "raise total_loss_max in [rules] to judge them", limit, ", ".join(map(str, epochs)), values)
 
 
 def _annotate(study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int,

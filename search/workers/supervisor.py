@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import IO, Any, TextIO, cast
+from typing import IO, TextIO, cast
 
 from search.errors import SpecError
 from search.spec import StudySpec
@@ -73,6 +73,10 @@ class Supervisor:
         self._events: queue.Queue[tuple[SlotRun, subprocess.Popen[str], str, str]] = queue.Queue()
         self._signals = 0  # stop requests so far (the signal handler only counts)
         self._announced = 0
+
+    def expect_trials(self, n: int) -> None:
+        """The trials this run expects (the study's queue): the board's n/N line and ETA count to it."""
+        self._board.trials.total = n
 
     @property
     def stop_requested(self) -> bool:
@@ -226,16 +230,16 @@ class Supervisor:
             self._board.update(run, f"baseline, or waiting for it, then trials (pid {proc.pid})")
         elif name == events.TRIAL:
             run.started += 1
+            self._board.trials.started(event["number"])
             self._board.update(run, f"trial {event['number']} starting (pid {proc.pid})")
         elif name == events.EPOCH:
-            self._board.update(run, f"trial {event['number']} epoch {event['epoch']}/{event['epochs']} "
-                                    f"val PPL {_fmt(event.get('val_ppl'))} (pid {proc.pid})")
+            self._board.update(run, f"trial {event['number']} {self._board.epoch_status(event)} (pid {proc.pid})")
         elif name == events.BASELINE_EPOCH:
-            self._board.update(run, f"baseline epoch {event['epoch']}/{event['epochs']} (pid {proc.pid})")
+            self._board.update(run, f"baseline {self._board.epoch_status(event)} (pid {proc.pid})")
         elif name == events.OUTCOME:
             run.finished += 1
             run.crashes = 0
-            self._board.result(event["line"])
+            self._board.result(event["line"], number=event["number"])
             reason = f": {event['reason']}" if event.get("reason") else ""
             self._board.update(run, f"trial {event['number']} {event['state']}{reason} (pid {proc.pid})")
         elif name == events.EXIT:
@@ -303,10 +307,6 @@ class Supervisor:
                 proc.stdin.close()
             except OSError:
                 pass
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
 
 
 def _describe_exit(code: int) -> str:

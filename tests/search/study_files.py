@@ -197,6 +197,8 @@ def logging_restored() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in ("search", "trainer")}
+    optuna_logger = logging.getLogger("optuna")
+    optuna_state = (optuna_logger.handlers[:], optuna_logger.propagate, optuna_logger.level)
     try:
         yield
     finally:
@@ -204,6 +206,8 @@ def logging_restored() -> Iterator[None]:
         root.setLevel(level)
         for name, value in levels.items():
             logging.getLogger(name).setLevel(value)
+        optuna_logger.handlers[:], optuna_logger.propagate, _ = optuna_state
+        optuna_logger.setLevel(optuna_state[2])
 
 
 def write_worker_study(

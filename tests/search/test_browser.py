@@ -47,6 +47,39 @@ CHROME_ARGS = (
 )
 
 
+# For each row of each table on the page: the horizontal gaps (px) between the visible text (no spaces) of
+# neighbouring non-empty cells.
+NOTE_TABLE_GAPS = """
+function inked(cell) {
+    var text = cell.textContent, first = text.search(/\\S/);
+    if (first < 0) { return null; }
+    var last = text.length - 1;
+    while (/\\s/.test(text[last])) { last -= 1; }
+    var walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT), nodes = [], node;
+    while ((node = walker.nextNode())) { nodes.push(node); }
+    function at(offset) {
+        for (var i = 0; i < nodes.length; i++) {
+            if (offset < nodes[i].length) { return [nodes[i], offset]; }
+            offset -= nodes[i].length;
+        }
+        return [nodes[nodes.length - 1], nodes[nodes.length - 1].length];
+    }
+    var range = document.createRange(), a = at(first), b = at(last);
+    range.setStart(a[0], a[1]);
+    range.setEnd(b[0], b[1] + 1);
+    return range.getBoundingClientRect();
+}
+var out = [];
+document.querySelectorAll("table tr").forEach(function (tr) {
+    var boxes = Array.from(tr.children).map(inked).filter(function (r) { return r && r.width > 0; });
+    var gaps = [];
+    for (var i = 1; i < boxes.length; i++) { gaps.push(boxes[i].left - boxes[i - 1].right); }
+    if (gaps.length) { out.push(gaps); }
+});
+return out;
+"""
+
+
 @pytest.fixture
 def chrome(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
@@ -159,6 +192,10 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
     reason = pruned.user_attrs["prune_reason"]
     _wait(chrome, "the pruned trial's note", lambda d: reason in d.find_element(By.TAG_NAME, "body").text)
     chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial.png"))
+    # the note's tables render as tables whose cells do not run together: between the visible text of two
+    # neighbouring cells there is a gap (the dashboard gives the cells no padding of their own)
+    gaps = chrome.execute_script(NOTE_TABLE_GAPS)
+    assert len(gaps) >= 2 and min(min(row) for row in gaps) >= 8, gaps
 
 
 def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: webdriver.Chrome) -> None:
@@ -185,3 +222,34 @@ def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: P
     chrome.set_window_size(1280, 1300)  # the first screen: summary and Pareto front
     chrome.save_screenshot(str(ARTIFACTS / "report.png"))
     _full_page_screenshot(chrome, ARTIFACTS / "report-full.png", 1280)
+
+
+def test_report_trial_menu_switches_all_three_curve_figures_together(tmp_path: Path, chrome: webdriver.Chrome) -> None:
+    study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
+    out = write_report(study, tmp_path / "report.html")
+    chrome.get(out.as_uri())
+    ids = ["curves-losses", "curves-val_ppl", "curves-weight"]
+    _wait(chrome, "the curve figures to render", lambda d: all(
+        d.execute_script("var g = document.getElementById(arguments[0]); return !!(g && g.data)", i) for i in ids))
+    menus = json.loads(chrome.find_element(By.ID, "curves-menus").get_attribute("textContent"))
+    shown = """
+        var menus = arguments[1], out = {};
+        arguments[0].forEach(function (id) {
+            var g = document.getElementById(id);
+            out[id] = menus[id][0][1].map(function (s) { return Array.from(g.data[s].y || []); });
+        });
+        return out;
+    """
+    menu = chrome.find_element(By.ID, "curves-trial")
+    options = menu.find_elements(By.TAG_NAME, "option")
+    current = int(menu.get_attribute("value"))
+    target = next(i for i in range(len(options)) if i != current)
+    before = chrome.execute_script(shown, ids, menus)
+    for figure_id in ids:  # the selected trial's data is on show at first
+        assert before[figure_id] == menus[figure_id][current][0]["y"], figure_id
+    options[target].click()
+    _wait(chrome, "the figures to switch", lambda d: d.execute_script(shown, ids, menus) != before)
+    after = chrome.execute_script(shown, ids, menus)
+    for figure_id in ids:  # one choice, all three figures
+        assert after[figure_id] == menus[figure_id][target][0]["y"], figure_id
+    assert _severe(chrome) == []

@@ -103,9 +103,9 @@ def test_config_file_is_read_and_flags_override_it(train: Runner, tmp_path: Path
         '[koopman]\nweight_max = 0.3\nschedule = "step"\n[train]\nepochs = 5\nmax_eval_batches = 3\n',
         encoding="utf-8",
     )
-    code, lines, _ = train("--config", str(config), *TINY_FLAGS, "--epochs", "2", "--json")
-    assert code == 0
-    assert [r["koopman_weight"] for r in records(lines)] == [0.0, 0.0]  # default start epoch 3 >= 2 epochs
+    code, lines, err = train("--config", str(config), *TINY_FLAGS, "--epochs", "2", "--json")
+    assert code == 2 and lines == []  # the default start epoch 3 would leave the Koopman loss off throughout
+    assert f"koopman.start_epoch=3, train.epochs=2 (command line, {config}, [koopman.start_epoch])" in err
     code, lines, _ = train(
         "--config", str(config), *TINY_FLAGS, "--epochs", "2", "--koopman-start-epoch", "0", "--json"
     )
@@ -143,7 +143,8 @@ def test_resume_after_an_interrupted_run_continues_at_the_next_epoch(
 
 
 def test_resume_without_a_checkpoint_yet_starts_at_epoch_one(train: Runner, tmp_path: Path) -> None:
-    code, lines, err = train(*TINY_FLAGS, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "c"), "--resume")
+    code, lines, err = train(*TINY_FLAGS, "--epochs", "1", "--koopman-start-epoch", "0",
+                             "--checkpoint-dir", str(tmp_path / "c"), "--resume")
     assert code == 0 and len(lines) == 1 and lines[0].startswith("Epoch 1/1:")
     assert "starting from epoch 1" in err
     assert (tmp_path / "c" / "last.pt").exists()
@@ -152,12 +153,42 @@ def test_resume_without_a_checkpoint_yet_starts_at_epoch_one(train: Runner, tmp_
 def test_resume_with_other_flags_is_refused_naming_the_key(train: Runner, tmp_path: Path) -> None:
     # The weight schedule depends on the number of epochs: a 2-epoch run is not the start of a 3-epoch run.
     ckpt = str(tmp_path / "c")
-    code, _, _ = train(*TINY_FLAGS, "--epochs", "2", "--checkpoint-dir", ckpt)
+    code, _, _ = train(*TINY_FLAGS, "--epochs", "2", "--koopman-start-epoch", "1", "--checkpoint-dir", ckpt)
     assert code == 0
-    code, lines, err = train(*TINY_FLAGS, "--epochs", "3", "--checkpoint-dir", ckpt, "--resume")
+    code, lines, err = train(*TINY_FLAGS, "--epochs", "3", "--koopman-start-epoch", "1", "--checkpoint-dir", ckpt,
+                             "--resume")
     assert code == 1 and lines == []
     assert "was made with another config: train.epochs: 2 != 3" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(train: Runner, tmp_path: Path) -> None:
+    args = [*TINY_FLAGS, "--epochs", "1", "--koopman-start-epoch", "0", "--checkpoint-dir", str(tmp_path / "c")]
+    assert train(*args)[0] == 0
+    code, lines, err = train(*args, "--resume")
+    assert code == 0 and lines == []
+    assert "already finished its 1 epochs: nothing to train" in err
+
+
+@pytest.mark.parametrize(("epochs", "start"), [("2", "2"), ("2", "3"), ("1", None)])
+def test_a_start_epoch_that_leaves_no_koopman_epoch_exits_2_naming_the_key(
+    train: Runner, tmp_path: Path, epochs: str, start: str | None
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    flags = ["--koopman-start-epoch", start] if start else []  # None: the default start epoch, 3
+    code, lines, err = train(*TINY_FLAGS, "--epochs", epochs, *flags, "--checkpoint-dir", str(ckpt))
+    assert code == 2 and lines == [] and not ckpt.exists()
+    [line] = err.strip().splitlines()
+    assert line.startswith("koopman-search train: error: koopman.start_epoch must be < train.epochs")
+    assert f"but got koopman.start_epoch={start or 3}, train.epochs={epochs} (command line, " in line
+    assert "[koopman.start_epoch]" in line
+
+
+def test_a_koopman_free_run_may_have_any_start_epoch(train: Runner, tmp_path: Path) -> None:
+    config = tmp_path / "off.toml"
+    config.write_text("[koopman]\nenabled = false\n[train]\nmax_eval_batches = 2\n", encoding="utf-8")
+    code, lines, _ = train("--config", str(config), *TINY_FLAGS, "--epochs", "1")
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("Epoch 1/1:")
 
 
 def test_resume_needs_a_checkpoint_dir(train: Runner) -> None:

@@ -17,6 +17,7 @@ from search.rules import (
     RuleSettings,
     TotalLossRule,
     ValPplRatioRule,
+    unjudged_epochs,
 )
 from trainer.errors import ConfigError
 from trainer.records import EpochRecord
@@ -236,3 +237,12 @@ def test_floor_rules_run_from_the_study_settings_and_are_stored_only_when_on() -
 def test_a_floor_out_of_range_is_a_config_error(value: float) -> None:
     with pytest.raises(ConfigError, match="floor must be a finite number >= 0"):
         RuleSettings(phi_rank_min=value)
+
+
+def test_total_loss_rule_skips_epochs_where_the_baseline_itself_is_over_the_limit() -> None:
+    rule = TotalLossRule(7.0, baseline_total_loss=[7.5, 7.0, None])
+    assert rule.check(record(epoch=1, koopman_weight=0.1, total_loss=7.6)) is None  # the baseline: 7.5 > 7.0
+    # exactly at the limit, and unknown, are judged
+    assert rule.check(record(epoch=2, koopman_weight=0.1, total_loss=7.6)) == "total_loss 7.6 > 7.0 at epoch 2"
+    assert rule.check(record(epoch=3, koopman_weight=0.1, total_loss=7.6)) == "total_loss 7.6 > 7.0 at epoch 3"
+    assert unjudged_epochs(7.0, [7.5, 7.0, None, float("nan"), 9.0]) == [1, 5]

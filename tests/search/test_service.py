@@ -123,8 +123,8 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
         assert t["epochs_from_warmup"] == t["params"]["koopman_start_epoch"]
         assert t["epochs_run"] == 3 - t["epochs_from_warmup"]
         assert t["last_epoch"] == 3
-        assert t["final"]["val_ppl"] == pytest.approx(t["values"][0], rel=1e-5)  # records keep 6 digits
-        assert t["final"]["val_koopman_nre"] == pytest.approx(t["values"][1], rel=1e-5)
+        assert t["final"]["val_ppl"] == pytest.approx(t["values"]["val_ppl"], rel=1e-5)  # records keep 6 digits
+        assert t["final"]["val_koopman_nre"] == pytest.approx(t["values"]["val_koopman_nre"], rel=1e-5)
         assert t["prune_reason"] is None and t["fail_reason"] is None
     assert data["totals"]["complete"] == 4
     assert data["totals"]["epochs_spent"] == sum(t["epochs_run"] for t in trials) + 3  # + the baseline's
@@ -137,7 +137,7 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
     code, out, err = cli(capsys, "best", "--study-name", "tiny", "--storage", storage_url, "--format", "json")
     assert code == 0, err
     front = json.loads(out)["pareto_front"]
-    values = {t["number"]: t["values"] for t in trials}
+    values = {t["number"]: list(t["values"].values()) for t in trials}
     not_dominated = [n for n, v in values.items() if not any(_dominates(w, v) for w in values.values())]
     assert sorted(row["number"] for row in front) == sorted(not_dominated)
     for row in front:
@@ -161,9 +161,9 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
     assert exported == chosen["params"]
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len, cfg.train.epochs) == (16, 1, 16, 3)
 
-    code, out, err = cli(capsys, "train", "--config", str(config_file), "--epochs", "1")
+    code, out, err = cli(capsys, "train", "--config", str(config_file))
     assert code == 0, err
-    assert re.search(r"^Epoch 1/1: Train Loss \d", out, re.MULTILINE)
+    assert re.search(r"^Epoch 3/3: Train Loss \d", out, re.MULTILINE)
 
 
 def test_best_of_a_one_objective_study_is_one_trial_with_the_lowest_val_ppl(
@@ -174,7 +174,7 @@ def test_best_of_a_one_objective_study_is_one_trial_with_the_lowest_val_ppl(
     assert code == 0, err
     assert "best trial of study tiny:" in out
 
-    lowest = min(t["values"][0] for t in status_json(capsys, "tiny", storage_url)["trials"])
+    lowest = min(t["values"]["val_ppl"] for t in status_json(capsys, "tiny", storage_url)["trials"])
     code, out, err = cli(capsys, "best", str(study), "--storage", storage_url, "--format", "json")
     assert code == 0, err
     result = json.loads(out)
@@ -189,7 +189,8 @@ def test_best_of_a_one_objective_study_is_one_trial_with_the_lowest_val_ppl(
 def test_total_loss_limit_prunes_every_trial_at_its_first_koopman_epoch_with_the_reason(
     storage_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study = write_study(tmp_path, n_trials=3, total_loss_max=0.1)
+    # a fixed baseline curve: its total loss is unknown, so every Koopman epoch is judged
+    study = write_study(tmp_path, n_trials=3, total_loss_max=0.1, baseline=HIGH_BASELINE)
     code, out, err = cli(capsys, "launch", str(study), "--storage", storage_url)
     assert code == 0, err
     lines = progress_lines(out)
@@ -204,7 +205,7 @@ def test_total_loss_limit_prunes_every_trial_at_its_first_koopman_epoch_with_the
         assert re.fullmatch(rf"total_loss \d+\.\d+ > 0\.1 at epoch {first_koopman_epoch}", t["prune_reason"])
         assert stored[t["number"]].user_attrs["prune_reason"] == t["prune_reason"]
         assert stored[t["number"]].user_attrs["pruned_epoch"] == first_koopman_epoch
-        assert t["epochs_run"] == 1
+        assert t["epochs_run"] == first_koopman_epoch  # no baseline run, so no shared warmup to start from
     assert data["totals"]["pruned"] == 3
     assert data["totals"].get("complete", 0) == 0
 
@@ -223,7 +224,7 @@ def test_val_ppl_ratio_over_a_tiny_fixed_baseline_prunes_every_trial_at_epoch_1(
     assert len(progress_lines(out)) == 2
 
     data = status_json(capsys, "tiny", storage_url)
-    assert data["baseline"] == {"state": "fixed", "val_ppl": [5.0, 5.0, 5.0]}
+    assert data["baseline"] == {"state": "fixed", "val_ppl": [5.0, 5.0, 5.0], "total_loss_unjudged_epochs": []}
     for t in data["trials"]:
         assert t["state"] == "PRUNED"
         assert re.fullmatch(r"val_ppl \d+\.\d+ > 1\.3 × baseline 5\.0 = 6\.5 at epoch 1", t["prune_reason"])
@@ -231,6 +232,23 @@ def test_val_ppl_ratio_over_a_tiny_fixed_baseline_prunes_every_trial_at_epoch_1(
     assert {t.user_attrs["prune_reason"] for t in trials_of(storage_url, "tiny")} == {
         t["prune_reason"] for t in data["trials"]
     }
+
+
+def test_epochs_where_the_baseline_itself_is_over_the_total_loss_limit_are_warned_of_and_not_judged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    # the tiny model's LM loss stays near ln 2000 ≈ 7.6, far above 0.1: the baseline is over it at every epoch
+    study = write_study(tmp_path, n_trials=2, epochs=2, steps=2, total_loss_max=0.1)
+    code, out, err = cli(capsys, "launch", str(study), "--storage", url)
+    assert code == 0, err
+    assert "the baseline's own total loss is above total_loss_max 0.1 at epoch(s) 1, 2 (" in err
+    assert "the total-loss rule does not judge trials there" in err
+    assert [t.state for t in trials_of(url, "tiny")] == [TrialState.COMPLETE] * 2
+    data = status_json(capsys, "tiny", url)
+    assert data["baseline"]["total_loss_unjudged_epochs"] == [1, 2]
+    code, out, err = cli(capsys, "status", str(study), "--storage", url)
+    assert "total-loss rule: epoch(s) 1, 2 not judged, the baseline's own total loss is above total_loss_max" in out
 
 
 @pytest.mark.parametrize(("curve", "pruned_epoch"), [([1e4, 10.0, 1e4], 2), ([1e4, 1e4, 10.0], 3)])

@@ -267,7 +267,8 @@ def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_cha
     assert sorted(out.getvalue().splitlines()) == ["trial 7 | COMPLETE", "trial 8 | COMPLETE"]
     assert sorted(marks(tmp_path)) == ["slot 0 device cuda cuda '0'", "slot 1 device cuda cuda '1'"]
     log = err.getvalue()
-    assert "slot 0 (GPU 0): trial 7 epoch 1/3 val PPL 123.5" in log
+    assert "slot 0 (GPU 0): trial 7 epoch 1/3  val_ppl 123.5  ETA ? (pid " in log
+    assert "trials 1/? done" in log  # the n/N line after each finished trial
     assert "slot 1 (GPU 1): trial 8 COMPLETE" in log
     assert "[slot 0] a log line" in log and "[slot 1] a stray print" in log
     assert "slot 0 (GPU 0): finished (1 trial(s))" in log
@@ -286,9 +287,10 @@ def test_live_board_keeps_the_status_lines_below_the_log_and_results(tmp_path: P
     assert out.getvalue() == "trial 0 | PRUNED\n"
     screen = err.getvalue()
     # each redraw moves up over the one status line and erases it, so the log line stays above the board
-    assert "\x1b[1F\x1b[J[slot 0] a log line\nslot 0 (CPU): " in screen
+    # the board is the slot's line and the n/N trials line
+    assert "\x1b[2F\x1b[J[slot 0] a log line\nslot 0 (CPU): " in screen
     assert "slot 0 (CPU): trial 0 PRUNED: total_loss 7.1 > 7.0 at epoch 2 (pid " in screen
-    assert screen.endswith("\x1b[1F\x1b[Jslot 0 (CPU): finished (1 trial(s))\n")
+    assert screen.endswith("\x1b[2F\x1b[Jslot 0 (CPU): finished (1 trial(s))\ntrials 1/? done, ETA ?\n")
 
 
 def test_supervisor_restarts_a_crashing_slot_a_bounded_number_of_times(tmp_path: Path) -> None:

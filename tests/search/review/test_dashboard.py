@@ -10,7 +10,7 @@ import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
 
-from search.layout import records_to_columns
+from search.layout import ROLE_ATTR, records_to_columns
 from search.review import (
     FIGURE_IDS,
     annotate_storage,
@@ -20,6 +20,7 @@ from search.review import (
     is_loopback,
 )
 from search.review.dashboard import Refresher
+from search.review.notes import CELL_PAD
 from search.rules import PruneRules
 from search.spec import spec_from_dict
 from tests.search.review.synthetic import (
@@ -118,7 +119,7 @@ def test_annotate_trial_uses_the_given_baseline_and_rules(study: optuna.Study) -
         baseline_curve=[250.0] * EPOCHS,
         rules={"total_loss_max": 6.5, "val_ppl_ratio_max": 2.0},
     )
-    note = optuna_dashboard.get_note(trial)
+    note = optuna_dashboard.get_note(trial).replace(CELL_PAD, "")  # the cells' padding (test_notes.py)
     assert "| 250.0 |" in note and "(limit 2.0×)" in note and "limit 6.5" in note
 
 
@@ -181,3 +182,13 @@ def test_refresher_annotates_trials_that_finish_while_the_dashboard_serves(
         refresher.join(timeout=10)
     assert not refresher.is_alive()
     assert _note_of(study, study.trials[0]).startswith("### Trial 0: ")
+
+
+def test_annotate_study_notes_its_baseline_companion_as_such(study: optuna.Study, storage_url: str) -> None:
+    companion = optuna.create_study(study_name=f"{STUDY_NAME}.baseline-seed0", storage=storage_url)
+    companion.set_user_attr(ROLE_ATTR, f"baseline of study {STUDY_NAME}")
+    annotate_study(study)
+    note = optuna_dashboard.get_note(companion)
+    assert note.startswith(f"## Baseline companion of study {STUDY_NAME}\n\nNot a search: ")
+    assert "review that study" in note
+    assert annotate_study(study).notes_written == 0  # idempotent, the companion's note included

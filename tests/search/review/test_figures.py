@@ -90,7 +90,7 @@ def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: op
     chosen = menu.buttons[0]
     restyle, slots = chosen.args
     first = next(f for f in facts if f.number == with_records[0])
-    assert restyle["y"][0] == first.metric("lm_loss") and len(slots) == 4
+    assert restyle["y"][1] == first.metric("lm_loss") and len(slots) == 4  # the total first, under the LM line
     assert _trace(fig, "all trials' total loss").line.color.startswith("rgba")
 
 
@@ -142,3 +142,27 @@ def test_menu_entries_name_a_complete_trials_first_objective_and_a_pruned_trials
     )
     assert labels[f"Trial {pruned.number}"] == f"Trial {pruned.number} · pruned at epoch 6 · original settings"
     assert f"Trial {_facts(study, TrialState.FAIL).number}" not in labels  # no records, nothing to draw
+
+
+def test_loss_figure_keeps_the_first_koopman_point_off_the_limits_level_and_the_lm_line_on_top(
+    study: optuna.Study,
+) -> None:
+    facts = _facts(study, TrialState.PRUNED, "original settings")
+    fig = loss_figure(facts, read_rules(study.user_attrs))
+    koopman = [v for v in _trace(fig, "Koopman loss").y if v is not None]
+    lo, hi = fig.layout.yaxis.range
+    top = fig.layout.yaxis2.range[1]
+    limit_height = (7.0 - lo) / (hi - lo)  # where the limit line sits, as a fraction of the plot's height
+    assert 0 < limit_height < 1
+    assert abs(max(koopman) / top - limit_height) >= 0.25  # the Koopman peak is nowhere near the limit line
+    assert lo <= min(facts.metric("lm_loss")) and max(facts.metric("total_loss")) <= hi
+    assert fig.layout.yaxis2.tickformat == ".2~g"  # short ticks, not 0.002882
+    names = [t.name for t in fig.data]
+    total = names.index("total loss = LM + weight × Koopman")
+    assert names.index("LM loss") > total and fig.data[total].opacity < 1  # drawn over the pale, wide total
+
+
+def test_weights_are_drawn_as_steps_so_a_step_schedule_jumps(study: optuna.Study) -> None:
+    fig = weight_figure(_facts(study, TrialState.COMPLETE, "hand-tuned 1"))
+    assert _trace(fig, "scheduled weight").line.shape == "hv"
+    assert _trace(fig, "applied weight").line.shape == "hv"

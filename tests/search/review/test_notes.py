@@ -11,6 +11,7 @@ from search.review import (
     trial_facts,
     trial_note,
 )
+from search.review.notes import CELL_PAD
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     _facts,
@@ -32,7 +33,8 @@ def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optun
     assert f"**Pruned:** total\\_loss {facts.prune_reason.split(' ', 1)[1]}" in note
     ppl = facts.metric("val_ppl")[-1]
     ratio = ppl / BASELINE_VAL_PPL[epoch - 1]
-    assert f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |" in note
+    plain = note.replace(CELL_PAD, "")  # the cells' padding (see test_note_tables_pad_every_cell_but_the_first)
+    assert f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |" in plain
     assert f"{facts.epochs_saved_by_pruning} saved by pruning" in note
     assert "3 taken from the baseline's shared warmup" in note
 
@@ -45,8 +47,19 @@ def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.
     assert "hand-tuned 2" in note
     assert f"**Result:** val\\_ppl = {facts.values[0]:.5g}, val\\_koopman\\_nre = {facts.values[1]:.5g}" in note
     header = "| koopman\\_weight\\_max | koopman\\_start\\_epoch | fallback\\_threshold | schedule | koopman\\_dim |"
-    assert f"{header}\n|---|---|---|---|---|\n| 0.1 | 5 | 7.0 | exponential | 128 |" in note
-    assert "| at epoch 10 |" in note and "saved by pruning" not in note
+    plain = note.replace(CELL_PAD, "")
+    assert f"{header}\n|---|---|---|---|---|\n| 0.1 | 5 | 7.0 | exponential | 128 |" in plain
+    assert "| at epoch 10 |" in plain and "saved by pruning" not in note
+
+
+def test_note_tables_pad_every_cell_but_the_first(study: optuna.Study) -> None:
+    facts = _facts(study, TrialState.COMPLETE, "hand-tuned 2")
+    note = trial_note(facts, ["val_ppl"], read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    rows = [line for line in note.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 6
+    for row in rows:
+        first, *rest = row[2:-2].split(" | ")
+        assert not first.startswith(CELL_PAD) and rest and all(c.startswith(CELL_PAD) for c in rest), row
 
 
 def test_note_of_val_ppl_pruned_trial_says_the_ratio_is_over(study: optuna.Study) -> None:

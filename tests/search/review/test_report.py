@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
 import optuna
+import plotly.graph_objects as go
+import pytest
 import tomllib
 from optuna.trial import TrialState
 
@@ -16,6 +19,7 @@ from search.review import (
     trial_facts,
     write_report,
 )
+from search.review import report as report_module
 from search.review.report import SECTION_TITLES
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
@@ -40,7 +44,8 @@ def test_report_has_every_section_and_embeds_plotly_js_once(study: optuna.Study)
     assert headings == expected
     assert len(PLOTLY_HEADER.findall(text)) == 1
     assert "<script src=" not in text and "<link " not in text  # nothing to fetch: opens offline
-    assert text.count('class="plotly-graph-div"') >= 9  # pareto, 2 histories, 2 importances, 2 parallel, 3 curves
+    # pareto, 2 histories, 2 parallel, 3 curves (importances need 10 complete trials; this study has 6)
+    assert text.count('class="plotly-graph-div"') >= 8
 
 
 def test_report_tables_list_the_prune_reasons_and_failures(study: optuna.Study) -> None:
@@ -74,7 +79,7 @@ def test_report_of_a_study_with_one_complete_trial_says_importances_need_more(st
     study = make_review_study(storage_url, plans=[PLANS[0], PLANS[3]])
     text = build_report(study)
     section = text.split('<section id="importances">', 1)[1].split("</section>", 1)[0]
-    assert "Not enough trials: parameter importances need at least 2 complete trials, and this study has 1." in section
+    assert "Not enough trials: parameter importances need at least 10 complete trials, and this study has 1." in section
     assert "Pareto front" in text
 
 
@@ -136,3 +141,33 @@ def test_write_report_replaces_the_file_in_one_step(study: optuna.Study, tmp_pat
     write_report(study, out)
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "review-demo.db"]
+
+
+def test_importances_come_with_a_caveat_naming_what_they_were_fitted_on(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report_module, "MIN_TRIALS_FOR_IMPORTANCE", 2)
+    section = build_report(study).split('<section id="importances">', 1)[1].split("</section>", 1)[0]
+    assert "Fitted (fANOVA) on the 6 complete trials alone; pruned and failed trials are left out" in section
+    assert "Below about 50 trials read them as a rough ranking, not as shares." in section
+    assert section.count('class="plotly-graph-div"') == 2
+
+
+def test_the_three_curve_figures_share_one_trial_menu(study: optuna.Study) -> None:
+    section = build_report(study).split('<section id="curves">', 1)[1].split("</section>", 1)[0]
+    assert section.count("<select") == 1
+    options = re.findall(r'<option value="(\d+)"( selected)?>([^<]+)</option>', section)
+    with_records = [t for t in study.get_trials() if t.user_attrs.get("records")]
+    assert len(options) == len(with_records) and sum(1 for o in options if o[1]) == 1
+    menus = json.loads(re.search(r'<script type="application/json" id="curves-menus">(.*?)</script>', section).group(1))
+    assert sorted(menus) == ["curves-losses", "curves-val_ppl", "curves-weight"]
+    assert all(len(entries) == len(options) for entries in menus.values())
+    assert '"buttons"' not in section  # no per-figure menus left
+
+
+def test_parallel_coordinates_show_each_tick_label_once_per_axis() -> None:
+    fig = go.Figure()
+    for x, text in [(1, "234"), (1, "234"), (1, "235"), (2, "234")]:
+        fig.add_annotation(x=x, y=0, text=text)
+    report_module._drop_repeated_ticks(fig)
+    assert [(a.x, a.text) for a in fig.layout.annotations] == [(1, "234"), (1, "235"), (2, "234")]

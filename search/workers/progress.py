@@ -1,0 +1,278 @@
+"""Live progress of a worker: each trial's start, one line per epoch with the record's key numbers and the
+trial's ETA, and the n/N trials line with the whole run's ETA.
+
+The same numbers drive both views: :class:`LiveProgress` in a single-process ``launch`` (tqdm bars redrawn
+in place on a terminal, one timestamped line per event in a log or a pipe), and the multi-process board
+(:mod:`search.workers.board`), which gets them as :data:`search.workers.events.EPOCH` events.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from trainer.records import EpochRecord
+
+__all__ = [
+    "EPOCH_FIELDS",
+    "LiveProgress",
+    "TrialsProgress",
+    "epoch_fields",
+    "epoch_text",
+    "format_duration",
+    "is_live",
+]
+
+# the record's numbers an epoch line shows, in this order (the shipped objectives first; docs/design.md)
+EPOCH_FIELDS = ("val_ppl", "val_koopman_forward_ppl", "total_loss", "lm_loss", "koopman_loss",
+                "effective_weight")
+
+
+def is_live(stream: TextIO) -> bool:
+    """A terminal that can redraw lines in place (not a log file, a pipe or TERM=dumb)."""
+    try:
+        return stream.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+    except (AttributeError, ValueError):
+        return False
+
+
+def epoch_fields(record: EpochRecord) -> dict[str, Any]:
+    """What one epoch event carries: epoch, epochs, seconds and :data:`EPOCH_FIELDS` (NaN as None)."""
+    out: dict[str, Any] = {"epoch": record.epoch, "epochs": record.epochs, "seconds": _finite(record.seconds)}
+    koopman_on = record.koopman_weight > 0
+    for name in EPOCH_FIELDS:
+        # the Koopman loss and its weight are 0 while it is off: shown as unknown, like the Koopman metrics
+        off = name in ("koopman_loss", "effective_weight") and not koopman_on
+        out[name] = None if off else _finite(getattr(record, name))
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``; ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def epoch_text(fields: Mapping[str, Any]) -> str:
+    """The key numbers of one epoch event: ``val_ppl 512.3  val_koopman_forward_ppl 640.1  ...``
+    (the Koopman numbers are left out where they are None, i.e. while the Koopman loss is off)."""
+    parts = []
+    for name in EPOCH_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        parts.append(f"{name} {value:.4g}")
+    return "  ".join(parts)
+
+
+def trial_eta(fields: Mapping[str, Any]) -> float | None:
+    """Seconds left in a trial after this epoch: its epoch time × the epochs still to run."""
+    seconds = fields.get("seconds")
+    if seconds is None:
+        return None
+    return float(seconds) * max(0, int(fields["epochs"]) - int(fields["epoch"]))
+
+
+@dataclass
+class _Running:
+    started: float
+    eta: float | None = None  # seconds left after its last epoch
+    at: float = 0.0  # when that estimate was made
+    per_epoch: float | None = None
+    epochs: int | None = None
+
+
+@dataclass
+class TrialsProgress:
+    """The n/N trials count and the run's ETA, for ``parallel`` trials at a time.
+
+    ``total`` is the number of trials this run expects (the study's WAITING trials when it starts, at
+    most the ``--n-trials`` cap); None when unknown. A trial estimates its own remaining time from its
+    epoch times; the trials not yet started take the mean duration of those finished here (or, before
+    any has finished, a running trial's epoch time × its epochs)."""
+
+    total: int | None = None
+    parallel: int = 1
+    clock: Callable[[], float] = time.monotonic
+    done: int = 0
+    durations: list[float] = field(default_factory=list)
+    running: dict[int, _Running] = field(default_factory=dict)
+
+    def started(self, number: int) -> None:
+        self.running[number] = _Running(self.clock())
+
+    def epoch(self, number: int, fields: Mapping[str, Any]) -> float | None:
+        """Note an epoch event; returns the trial's ETA in seconds."""
+        run = self.running.setdefault(number, _Running(self.clock()))
+        run.eta, run.at = trial_eta(fields), self.clock()
+        run.per_epoch, run.epochs = fields.get("seconds"), int(fields["epochs"])
+        return run.eta
+
+    def finished(self, number: int) -> None:
+        run = self.running.pop(number, None)
+        self.done += 1
+        if run is not None:
+            self.durations.append(self.clock() - run.started)
+        if self.total is not None and self.done > self.total:  # a retry was queued meanwhile
+            self.total = self.done
+
+    def eta(self) -> float | None:
+        """Seconds until every expected trial has finished; None while nothing can be estimated."""
+        if self.total is None:
+            return None
+        now = self.clock()
+        if self.durations:
+            per_trial: float | None = sum(self.durations) / len(self.durations)
+        else:
+            guesses = [r.per_epoch * r.epochs for r in self.running.values() if r.per_epoch and r.epochs]
+            per_trial = max(guesses) if guesses else None
+        left_running = []
+        for run in self.running.values():
+            if run.eta is not None:
+                left_running.append(max(0.0, run.eta - (now - run.at)))
+            elif per_trial is not None:  # no epoch finished yet: a trial as long as the others
+                left_running.append(max(0.0, per_trial - (now - run.started)))
+            else:
+                return None
+        waiting = max(0, self.total - self.done - len(self.running))
+        if waiting and per_trial is None:
+            return None
+        slots = max(1, self.parallel)
+        return max(left_running, default=0.0) + math.ceil(waiting / slots) * (per_trial or 0.0)
+
+    def line(self) -> str:
+        """``trials 3/8 done, 1 running, ETA 4 min 10 s``."""
+        total = "?" if self.total is None else str(self.total)
+        running = f", {len(self.running)} running" if self.running else ""
+        return f"trials {self.done}/{total} done{running}, ETA {format_duration(self.eta())}"
+
+
+class LiveProgress:
+    """The progress of a single-process worker, as callbacks for :func:`search.workers.run_worker`.
+
+    On a terminal (``live``) two tqdm bars at the bottom of stderr: the run's trials (n/N, ETA) and the
+    current trial's epochs (its key numbers, ETA), with finished trials printed above them on stdout and
+    log records above them on stderr. Otherwise one timestamped line on stderr per event (the baseline's
+    and each trial's start, every epoch, the n/N line after each trial) and each finished trial's line on
+    stdout."""
+
+    def __init__(self, total: int | None, *, out: TextIO | None = None, err: TextIO | None = None,
+                 live: bool | None = None, clock: Callable[[], float] = time.monotonic,
+                 format_outcome: Callable[[Any], str] = str, ncols: int | None = None) -> None:
+        self._out = out or sys.stdout
+        self._err = err or sys.stderr
+        self.live = is_live(self._err) if live is None else live
+        self.trials = TrialsProgress(total=total, clock=clock)
+        self._format_outcome = format_outcome
+        self._bars: tuple[Any, Any] | None = None
+        self._ncols = ncols
+
+    # -- output ------------------------------------------------------------------------------------------
+    def _line(self, text: str) -> None:
+        if self._bars is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self._err)
+            return
+        self._err.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        self._err.flush()
+
+    def _ensure_bars(self) -> tuple[Any, Any]:
+        if self._bars is None:
+            from tqdm import tqdm
+
+            ncols = self._ncols or shutil.get_terminal_size().columns
+            overall = tqdm(total=self.trials.total, desc=self.trials.line(), file=self._err, position=0,
+                           leave=True, ncols=ncols, bar_format="|{bar:20}| {desc}")
+            epochs = tqdm(total=1, desc="", file=self._err, position=1, leave=False, ncols=ncols,
+                          bar_format="|{bar:20}| {desc}")
+            self._bars = (overall, epochs)
+        return self._bars
+
+    def _redraw(self, text: str, epoch: int = 0, epochs: int = 1) -> None:
+        overall, bar = self._ensure_bars()
+        overall.total, overall.n = self.trials.total, self.trials.done
+        overall.set_description_str(self.trials.line(), refresh=False)
+        overall.refresh()
+        bar.total, bar.n = epochs, epoch
+        bar.set_description_str(text, refresh=False)
+        bar.refresh()
+
+    @contextmanager
+    def session(self) -> Iterator[LiveProgress]:
+        """Around the run: on a terminal, log records go above the bars (tqdm's own logging redirect)."""
+        if not self.live:
+            yield self
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._ensure_bars()
+        try:
+            with logging_redirect_tqdm():
+                yield self
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._bars is not None:
+            overall, bar = self._bars
+            bar.close()
+            overall.n = self.trials.done
+            overall.set_description_str(self.trials.line(), refresh=False)
+            overall.close()
+            self._bars = None
+
+    # -- the callbacks of run_worker -------------------------------------------------------------------
+    def on_baseline_epoch(self, record: EpochRecord) -> None:
+        fields = epoch_fields(record)
+        text = f"epoch {record.epoch}/{record.epochs}  {epoch_text(fields)}  ETA {format_duration(trial_eta(fields))}"
+        if self.live:
+            self._redraw(f"baseline {text}", record.epoch, record.epochs)
+        else:
+            self._line(f"baseline {text}")
+
+    def on_trial_start(self, number: int) -> None:
+        self.trials.started(number)
+        if self.live:
+            self._redraw(f"trial {number} starting")
+        else:
+            self._line(f"trial {number} started ({self.trials.line()})")
+
+    def on_epoch(self, number: int, record: EpochRecord) -> None:
+        fields = epoch_fields(record)
+        eta = self.trials.epoch(number, fields)
+        text = f"epoch {record.epoch}/{record.epochs}  {epoch_text(fields)}  ETA {format_duration(eta)}"
+        if self.live:
+            self._redraw(f"trial {number} {text}", record.epoch, record.epochs)
+        else:
+            self._line(f"trial {number} {text}")
+
+    def on_outcome(self, outcome: Any) -> None:
+        self.trials.finished(outcome.number)
+        text = self._format_outcome(outcome)
+        if self.live:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self._out)
+            self._redraw(f"trial {outcome.number} {outcome.state}")
+        else:
+            self._out.write(text + "\n")
+            self._out.flush()
+            self._line(self.trials.line())
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
