@@ -124,16 +124,22 @@ class TrialRunner:
         epochs_run = warm = resumed = 0
         interrupted = False
         try:
-            params = spec.space.suggest(trial)
+            # the sampler reads the study and stores each parameter: a database outage here is retried, and
+            # a retry finds the parameters already stored (Optuna returns a stored parameter as it is)
+            params = retrying(lambda: spec.space.suggest(trial), f"draw the parameters of trial {trial.number}")
             cfg = spec.trial_config(params)
             # which process runs it: the one to look at when the trial goes quiet
             worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.train.device}
             retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
             trainer, warm, resumed = self._start(job, cfg)
             first_epoch = trainer.epoch + 1
-            trial.set_user_attr(layout.EPOCHS_FROM_WARMUP, warm)
-            if resumed:
-                trial.set_user_attr(layout.EPOCHS_RESUMED, resumed)
+            start_attrs = {layout.EPOCHS_FROM_WARMUP: warm, **({layout.EPOCHS_RESUMED: resumed} if resumed else {})}
+
+            def record_start() -> None:
+                for key, value in start_attrs.items():
+                    trial.set_user_attr(key, value)
+
+            retrying(record_start, f"record how trial {trial.number} starts")
             previous: list[str] = []
             prune: list[tuple[str, int]] = []
 
@@ -151,7 +157,7 @@ class TrialRunner:
                     value = getattr(record, spec.metrics[0])
                     if math.isfinite(value):
                         retrying(lambda: trial.report(value, record.epoch), "report")
-                        if trial.should_prune():
+                        if retrying(trial.should_prune, "ask the pruner"):
                             why = f"{spec.pruner} pruner at epoch {record.epoch}"
                 if why is not None:
                     prune.append((why, record.epoch))

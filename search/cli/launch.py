@@ -71,12 +71,7 @@ def run(args: argparse.Namespace) -> int:
         code = supervisor.run()
         interrupted = code != 0 or supervisor.stop_requested
     else:
-        from search.workers import run_worker
-
-        try:
-            run_worker(spec, on_outcome=lambda o: print(format_outcome(o, spec.metrics), flush=True))
-        except KeyboardInterrupt:
-            interrupted = True
+        interrupted = _run_here(spec, lambda o: print(format_outcome(o, spec.metrics), flush=True))
     _annotate(study)
     print()
     print(status_text(status_data(study)))
@@ -86,6 +81,43 @@ def run(args: argparse.Namespace) -> int:
     print(f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to "
           "continue", file=sys.stderr)
     return 130
+
+
+def _run_here(spec: Any, on_outcome: Any) -> bool:
+    """The worker loop in this process. SIGTERM stops it after the running epoch (the trial is handed back
+    to resume from its checkpoint), a second SIGTERM or Ctrl-C at once. True when it was stopped."""
+    import secrets
+    import signal
+    import threading
+
+    from search.errors import BaselineError
+    from search.workers import run_worker
+    from search.workers.supervisor import SEED_OFFSET_RANGE
+
+    stop = threading.Event()
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt("SIGTERM received twice")
+        logger.warning("SIGTERM: stopping after this epoch; the trial is queued to resume (again to stop at once)")
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        # a fresh sampler seed per launch: a relaunch, or launches side by side, must not repeat proposals
+        summary = run_worker(spec, seed_offset=secrets.randbelow(SEED_OFFSET_RANGE), stop=stop,
+                             on_outcome=on_outcome)
+        return summary.interrupted
+    except KeyboardInterrupt:
+        return True
+    except BaselineError:
+        if stop.is_set():  # stopped while the baseline ran or was waited for; it resumes on the next run
+            return True
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _annotate(study: Any) -> None:

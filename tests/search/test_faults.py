@@ -1,0 +1,166 @@
+"""Faults a search must survive without losing a trial: database outages, full disks, bad checkpoints,
+dying processes (docs/design.md, "Fault model").
+
+Database outages are staged on a PostgreSQL cluster of the test's own (:mod:`tests.search.pg_cluster`),
+never on the shared server. The studies are the tiny ones of :mod:`tests.search.study_files`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import optuna_dashboard
+import pytest
+from optuna.trial import TrialState
+
+from search.cli import main
+from search.space import SearchSpace
+from search.spec import load_spec
+from search.workers import run_worker
+from tests.search.pg_cluster import own_cluster
+from tests.search.slow_model import STEP_SECONDS_ENV
+from tests.search.study_files import logging_restored, study_names, trials_of
+from tests.search.study_files import write_worker_study as write_study
+
+REPO = Path(__file__).resolve().parents[2]
+OUTAGE_SECONDS = 20.0
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_database_outage_as_a_trial_draws_its_parameters_does_not_fail_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with own_cluster() as pg:
+        study = write_study(tmp_path, pg.url, n_trials=2, epochs=2, start_epoch=1)
+        with logging_restored():
+            assert main(["create", str(study)]) == 0
+        restarts = []
+        draw = SearchSpace.suggest
+
+        def suggest_in_an_outage(self: SearchSpace, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+            if not restarts:  # the database goes down just as the first trial asks the sampler
+                restarts.append(pg.outage(OUTAGE_SECONDS))
+            return draw(self, trial)
+
+        monkeypatch.setattr(SearchSpace, "suggest", suggest_in_an_outage)
+        with caplog.at_level(logging.WARNING, logger="search"):
+            summary = run_worker(load_spec(study))
+        restarts[0].join(timeout=60)
+        assert pg.outages == 1
+        assert [o.state for o in summary.outcomes] == ["COMPLETE", "COMPLETE"], summary.outcomes
+        trials = trials_of(pg.url, "w")
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+        assert all(len(t.params) == 5 for t in trials)
+        assert any("draw the parameters of trial 0: database unreachable since" in r.getMessage()
+                   for r in caplog.records)
+
+
+# ---- launch in one process: signals, the baseline, the sampler seed ------------------------------------------
+
+
+def _launch(study: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "search.cli", "launch", str(study)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _wait_until(predicate: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"launch exited ({proc.returncode}) before {what}:\n{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"launch did not end within {timeout} s of the signal:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def _baseline_trials(url: str, name: str = "w") -> list[optuna.trial.FrozenTrial]:
+    names = study_names(url)
+    return trials_of(url, f"{name}.baseline-seed0") if f"{name}.baseline-seed0" in names else []
+
+
+@pytest.fixture
+def slow_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv(STEP_SECONDS_ENV, "0.05")
+    return dict(os.environ)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_launchs_baseline_exits_130_without_a_traceback_and_the_dashboard_note_is_written(
+    tmp_path: Path, slow_env: dict[str, str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = write_study(tmp_path, url, n_trials=2, epochs=4, start_epoch=1, slow=True)
+    proc = _launch(study, slow_env)
+    _wait_until(lambda: any(t.state == TrialState.RUNNING and "checkpoint" in t.user_attrs
+                            for t in _baseline_trials(url)), proc, "the baseline's first epoch")
+    proc.send_signal(signal.SIGINT)
+    code, _out, err = _finish(proc)
+    assert code == 130, err
+    assert "Traceback" not in err and "could not write the study's dashboard note" not in err, err
+    assert "run `koopman-search launch" in err
+    baseline = _baseline_trials(url)
+    assert [t.state for t in baseline] == [TrialState.FAIL, TrialState.WAITING]  # handed back to resume
+    main_study = optuna.load_study(study_name="w", storage=url)
+    assert "no curve yet" in optuna_dashboard.get_note(main_study)  # the note of a study without a curve
+    assert not [t for t in main_study.get_trials() if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_single_process_launch_after_its_epoch_and_hands_the_trial_back(
+    tmp_path: Path, slow_env: dict[str, str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = write_study(tmp_path, url, n_trials=2, epochs=4, start_epoch=1, slow=True)
+    proc = _launch(study, slow_env)
+
+    def trial_checkpointed() -> bool:
+        if "w" not in study_names(url):
+            return False
+        return any(t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint", {}).get("epoch") == 2
+                   for t in trials_of(url, "w"))
+
+    _wait_until(trial_checkpointed, proc, "a trial's epoch 2")
+    proc.send_signal(signal.SIGTERM)
+    code, _out, err = _finish(proc)
+    assert code == 130, err
+    assert "Traceback" not in err
+    trials = trials_of(url, "w")
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    [stopped] = [t for t in trials if t.state == TrialState.FAIL]
+    assert "interrupted after epoch" in stopped.user_attrs["fail_reason"]
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == stopped.number]
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params
+    assert retry.user_attrs["checkpoint"]["epoch"] == stopped.user_attrs["records"]["epoch"][-1] >= 2
+
+
+def test_each_launch_draws_other_first_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
+    with logging_restored():
+        assert main(["launch", str(study)]) == 0
+        assert main(["launch", str(study), "--n-trials", "2"]) == 0
+    first, second = (t for t in trials_of(url, "w") if t.state == TrialState.COMPLETE)
+    assert first.params["koopman_weight_max"] != second.params["koopman_weight_max"]
+    assert first.params["fallback_threshold"] != second.params["fallback_threshold"]
