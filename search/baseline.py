@@ -170,6 +170,7 @@ def _run(
     _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
         checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
+        digests: dict[str, dict[str, Any]] = dict(job.frozen.user_attrs.get(layout.CHECKPOINT_DIGESTS, {}))
         last = job.frozen.user_attrs.get(layout.CHECKPOINT)
         logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
                     f", resuming after epoch {last['epoch']}" if last else "")
@@ -178,12 +179,18 @@ def _run(
 
             def record_epoch(record: EpochRecord) -> bool:
                 # the checkpoints of the warmup epochs stay: trials start from them (shared warmup)
-                artifact_id = job.save_epoch(trainer, record)
+                artifact_id, dropped = job.save_epoch(trainer, record)
+                if dropped is not None and dropped not in checkpoints.values():
+                    job.remove(dropped)  # only the warmup epochs' checkpoints and the newest two stay
                 if record.epoch in keep:
                     checkpoints[record.epoch] = artifact_id
-                    retrying(lambda: trial.set_user_attr(
-                        layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()}),
-                        "record a warmup checkpoint")
+                    digests[artifact_id] = job.digests[artifact_id]
+
+                    def record_warmup() -> None:
+                        trial.set_user_attr(layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
+                        trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
+
+                    retrying(record_warmup, "record a warmup checkpoint")
                 logger.info("baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs,
                             record.val_ppl, record.seconds)
                 if on_epoch is not None:
@@ -208,7 +215,7 @@ def _run(
             raise _failed(spec, reason) from exc
     final = records[-1]
     retrying(lambda: study.tell(trial, final.val_ppl), "complete the baseline run")
-    baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints)
+    baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints, digests)
     _publish(main_study, spec, baseline.to_attr())
     logger.info("baseline of study %s done: val PPL %s", spec.name,
                 ", ".join(f"{v:.1f}" for v in baseline.val_ppl))

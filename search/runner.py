@@ -23,20 +23,45 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
-from search.job import TrainingJob
+from search.job import CheckpointCorrupt, TrainingJob
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
 from search.spec import StudySpec
 from search.storage import retrying
+from trainer.errors import CheckpointError
 from trainer.records import EpochRecord
 
 if TYPE_CHECKING:
     from trainer.config import TrainerConfig
     from trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["TrialOutcome", "TrialRunner", "format_outcome"]
+__all__ = ["ENV_RETRY_MAX", "TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
 
 logger = logging.getLogger(__name__)
+
+# Attempts of one trial that its environment may fail (a full disk, the artifact store, the database) before
+# the trial is given up as lost; each failed attempt is queued again with its parameters and checkpoint.
+ENV_RETRY_MAX = int(os.environ.get("KOOPMAN_ENV_RETRY_MAX", "3"))
+
+
+def is_environment_fault(exc: BaseException) -> bool:
+    """True for a failure of where the trial runs, not of what it computes: an OS error (a full disk, a
+    missing or corrupt checkpoint file), the storage or the artifact store out of reach, or torch failing to
+    write a checkpoint file."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from search.errors import StorageError
+    from search.storage import TRANSIENT
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, StorageError, ArtifactNotFound, *TRANSIENT)):
+            return True
+        if isinstance(seen, RuntimeError) and any(
+                mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,8 @@ class TrialOutcome:
     label: str | None = None
     trial_id: int | None = None
     stored: bool = True  # False when the attempt was failed elsewhere meanwhile and its end was dropped
+    requeued: bool = False  # failed by its environment and queued again: it does not use up a trial
+    lost: bool = False  # failed by its environment ENV_RETRY_MAX times: not queued again
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -101,19 +128,35 @@ class TrialRunner:
             return self._run(trial, job)
 
     def _start(self, job: TrainingJob, cfg: TrainerConfig) -> tuple[HybridKoopmanTrainer, int, int]:
-        """The trainer to continue: (trainer, epochs_from_warmup, epochs_resumed)."""
+        """The trainer to continue: (trainer, epochs_from_warmup, epochs_resumed). A retry resumes from its
+        newest checkpoint, else the one before it, else the baseline's warmup checkpoint, else epoch 0; every
+        step down is logged and kept in the :data:`~search.layout.RESUME_FALLBACK` attr."""
         from trainer.loop import HybridKoopmanTrainer
 
         warm = int(job.frozen.user_attrs.get(layout.EPOCHS_FROM_WARMUP, 0))
         resumed = job.resume(cfg)
         if resumed is not None:  # a retry: continue from the last checkpoint of the attempt that died or stopped
+            if job.fallback:
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
             return resumed, warm, resumed.epoch
         s = cfg.koopman.start_epoch
         artifact = self._baseline.checkpoints.get(s) if self._spec.shared_warmup else None
         trainer = HybridKoopmanTrainer(cfg)
         if artifact:
-            trainer.warm_start_from(job.download(artifact, "warmup.pt"))
+            try:
+                trainer.warm_start_from(job.download(artifact, "warmup.pt", self._baseline.digests.get(artifact)))
+            except (CheckpointCorrupt, CheckpointError) as exc:
+                job.fallback = "; ".join(filter(None, [job.fallback, f"the baseline's warmup checkpoint of epoch "
+                                                       f"{s} cannot be used ({exc}); trained from epoch 0"]))
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
+                return HybridKoopmanTrainer(cfg), 0, 0
+            if job.fallback:
+                job.fallback += f"; started from the baseline's warmup checkpoint of epoch {s}"
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
             return trainer, s, 0
+        if job.fallback:
+            job.fallback += "; trained from epoch 0"
+            logger.warning("trial %d: %s", job.frozen.number, job.fallback)
         return trainer, 0, 0
 
     def _run(self, trial: optuna.Trial, job: TrainingJob) -> TrialOutcome:
@@ -122,7 +165,7 @@ class TrialRunner:
         params: dict[str, Any] = {}
         state, reason, values, pruned_epoch = "FAIL", None, None, None
         epochs_run = warm = resumed = 0
-        interrupted = False
+        interrupted = env = lost = False
         try:
             # the sampler reads the study and stores each parameter: a database outage here is retried, and
             # a retry finds the parameters already stored (Optuna returns a stored parameter as it is)
@@ -133,23 +176,22 @@ class TrialRunner:
             retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
             trainer, warm, resumed = self._start(job, cfg)
             first_epoch = trainer.epoch + 1
-            start_attrs = {layout.EPOCHS_FROM_WARMUP: warm, **({layout.EPOCHS_RESUMED: resumed} if resumed else {})}
+            start_attrs = {layout.EPOCHS_FROM_WARMUP: warm, **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
+                           **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {})}
 
             def record_start() -> None:
                 for key, value in start_attrs.items():
                     trial.set_user_attr(key, value)
 
             retrying(record_start, f"record how trial {trial.number} starts")
-            previous: list[str] = []
             prune: list[tuple[str, int]] = []
 
             def on_epoch(record: EpochRecord) -> bool:
                 nonlocal epochs_run
                 epochs_run = record.epoch - first_epoch + 1
-                artifact_id = job.save_epoch(trainer, record, first_epoch)
-                for old in previous:  # keep only the newest checkpoint of this attempt
-                    job.remove(old)
-                previous[:] = [artifact_id]
+                _artifact_id, dropped = job.save_epoch(trainer, record, first_epoch)
+                if dropped is not None:  # keep the newest checkpoint and the one before it, for a fallback
+                    job.remove(dropped)
                 if self._on_epoch is not None:
                     self._on_epoch(trial.number, record)
                 why = self._rules.check(record)
@@ -181,12 +223,32 @@ class TrialRunner:
             raise
         except Exception as exc:  # a failing trial never takes its worker down
             reason = f"{type(exc).__name__}: {exc}".strip()
+            if is_environment_fault(exc):
+                env, lost = self._environment_failed(trial, job, reason)
             logger.warning("trial %d failed: %s", trial.number, reason,
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
-        stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=interrupted)
+        requeue = interrupted or (env and not lost)
+        stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=requeue)
         return TrialOutcome(trial.number, "FAIL" if interrupted else state, _clean(params), values, reason,
-                            epochs_run, warm, resumed, label, trial._trial_id, stored)
+                            epochs_run, warm, resumed, label, trial._trial_id, stored,
+                            requeued=env and not lost and stored, lost=lost)
+
+    def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
+        """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
+        failures = int(job.frozen.user_attrs.get(layout.ENV_FAILURES, 0)) + 1
+        try:
+            retrying(lambda: trial.set_user_attr(layout.ENV_FAILURES, failures), "count an environment failure")
+        except Exception:
+            logger.warning("trial %d: its environment failure could not be counted", trial.number)
+        lost = failures > ENV_RETRY_MAX
+        if lost:
+            logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures,
+                         reason)
+        else:
+            logger.warning("trial %d failed by its environment (%d of %d allowed); queued again with its "
+                           "parameters and checkpoint", trial.number, failures, ENV_RETRY_MAX)
+        return True, lost
 
     def _finish(self, trial: optuna.Trial, job: TrainingJob, state: str, values: tuple[float, ...] | None,
                 reason: str | None, pruned_epoch: int | None, interrupted: bool) -> bool:

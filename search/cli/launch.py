@@ -67,14 +67,19 @@ def run(args: argparse.Namespace) -> int:
         if rerun_baseline(spec, storage):
             logger.info("baseline queued to run again")
     interrupted = False
+    lost: list[int] = []
     if supervisor is not None:
         code = supervisor.run()
         interrupted = code != 0 or supervisor.stop_requested
     else:
-        interrupted = _run_here(spec, lambda o: print(format_outcome(o, spec.metrics), flush=True))
+        interrupted = _run_here(spec, lambda o: print(format_outcome(o, spec.metrics), flush=True), lost)
     _annotate(study)
     print()
     print(status_text(status_data(study)))
+    if lost:
+        print(f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
+              f"{', '.join(map(str, lost))}); see the errors above", file=sys.stderr)
+        return 1
     if not interrupted:
         print_best(study, "table")
         return 0
@@ -83,9 +88,10 @@ def run(args: argparse.Namespace) -> int:
     return 130
 
 
-def _run_here(spec: Any, on_outcome: Any) -> bool:
+def _run_here(spec: Any, on_outcome: Any, lost: list[int]) -> bool:
     """The worker loop in this process. SIGTERM stops it after the running epoch (the trial is handed back
-    to resume from its checkpoint), a second SIGTERM or Ctrl-C at once. True when it was stopped."""
+    to resume from its checkpoint), a second SIGTERM or Ctrl-C at once. True when it was stopped; ``lost``
+    gets the numbers of the trials lost to environment faults."""
     import secrets
     import signal
     import threading
@@ -108,6 +114,7 @@ def _run_here(spec: Any, on_outcome: Any) -> bool:
         # a fresh sampler seed per launch: a relaunch, or launches side by side, must not repeat proposals
         summary = run_worker(spec, seed_offset=secrets.randbelow(SEED_OFFSET_RANGE), stop=stop,
                              on_outcome=on_outcome)
+        lost[:] = [o.number for o in summary.lost]
         return summary.interrupted
     except KeyboardInterrupt:
         return True

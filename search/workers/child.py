@@ -90,7 +90,7 @@ def child_main() -> int:
 
         def on_outcome(o: TrialOutcome) -> None:
             writer.emit(events.OUTCOME, number=o.number, state=o.state, reason=o.reason,
-                        line=format_outcome(o, spec.metrics))
+                        line=format_outcome(o, spec.metrics), requeued=o.requeued, lost=o.lost)
 
         summary = run_worker(
             spec, seed_offset=int(job.get("seed_offset", 0)), max_trials=job.get("max_trials"), stop=stop,
@@ -110,7 +110,7 @@ def child_main() -> int:
         logger.error("%s", exc)
         fatal = isinstance(exc, (ConfigError, BaselineError, StudyNotFoundError))
         return EXIT_FATAL if fatal else 1
-    n = len(summary.outcomes)
+    n = summary.counted
     if summary.interrupted:
         reason = "stopped"
     elif job.get("max_trials") is not None and n >= job["max_trials"]:

@@ -40,6 +40,16 @@ class WorkerSummary:
     outcomes: list[TrialOutcome] = field(default_factory=list)
     interrupted: bool = False
 
+    @property
+    def counted(self) -> int:
+        """Trials run, not counting attempts failed by their environment and queued again."""
+        return sum(1 for o in self.outcomes if not o.requeued)
+
+    @property
+    def lost(self) -> list[TrialOutcome]:
+        """Trials their environment failed too often to queue them again."""
+        return [o for o in self.outcomes if o.lost]
+
 
 def run_worker(
     spec: StudySpec,
@@ -70,7 +80,7 @@ def run_worker(
     runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
     summary = WorkerSummary()
     delay = IDLE_MIN
-    while not stop.is_set() and (max_trials is None or len(summary.outcomes) < max_trials):
+    while not stop.is_set() and (max_trials is None or summary.counted < max_trials):
         fail_stale_trials(study)
         trial = claim_waiting_trial(study)
         if trial is None:

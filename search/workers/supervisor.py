@@ -37,7 +37,8 @@ SEED_OFFSET_RANGE = 2**30
 class Supervisor:
     """Starts one worker process per slot, shows their progress, restarts the ones that crash, and passes
     stop requests on. :meth:`run` returns 0 when every slot ended cleanly (the study's queue is empty, the
-    trial cap is reached, or a stop was asked for), 1 when a slot failed for good."""
+    trial cap is reached, or a stop was asked for), 1 when a slot failed for good or a trial was lost to
+    environment faults (docs/design.md, "Fault model")."""
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class Supervisor:
         self._board = Board(self._runs, self._out, self._err, live)
         self._events: queue.Queue[tuple[SlotRun, subprocess.Popen[str], str, str]] = queue.Queue()
         self._signals = 0  # stop requests so far (the signal handler only counts)
+        self._lost: list[int] = []  # trials their environment failed too often to queue them again
         self._announced = 0
 
     @property
@@ -127,6 +129,10 @@ class Supervisor:
         failed = [run.slot.label for run in self._runs if run.failed]
         if failed:
             logger.error("%s stopped for good; see the errors above", ", ".join(failed))
+            return 1
+        if self._lost:
+            logger.error("%d trial(s) lost to environment faults (trial %s); see the errors above",
+                         len(self._lost), ", ".join(map(str, sorted(self._lost))))
             return 1
         return 0
 
@@ -230,8 +236,13 @@ class Supervisor:
         elif name == events.BASELINE_EPOCH:
             self._board.update(run, f"baseline epoch {event['epoch']}/{event['epochs']} (pid {proc.pid})")
         elif name == events.OUTCOME:
-            run.finished += 1
             run.crashes = 0
+            if event.get("requeued"):
+                run.started -= 1  # failed by its environment and queued again: it does not use up a trial
+            else:
+                run.finished += 1
+            if event.get("lost"):
+                self._lost.append(int(event["number"]))
             self._board.result(event["line"])
             reason = f": {event['reason']}" if event.get("reason") else ""
             self._board.update(run, f"trial {event['number']} {event['state']}{reason} (pid {proc.pid})")

@@ -7,13 +7,18 @@ never on the shared server. The studies are the tiny ones of :mod:`tests.search.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +27,17 @@ import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
 
+from search import runner
 from search.cli import main
+from search.runner import TrialOutcome
 from search.space import SearchSpace
-from search.spec import load_spec
+from search.spec import StudySpec, load_spec
 from search.workers import run_worker
 from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import logging_restored, study_names, trials_of
 from tests.search.study_files import write_worker_study as write_study
+from trainer.records import EpochRecord
 
 REPO = Path(__file__).resolve().parents[2]
 OUTAGE_SECONDS = 20.0
@@ -164,3 +172,133 @@ def test_each_launch_draws_other_first_parameters(tmp_path: Path, capsys: pytest
     first, second = (t for t in trials_of(url, "w") if t.state == TrialState.COMPLETE)
     assert first.params["koopman_weight_max"] != second.params["koopman_weight_max"]
     assert first.params["fallback_threshold"] != second.params["fallback_threshold"]
+
+
+# ---- environment faults: a full disk, damaged checkpoints ------------------------------------------------------
+
+
+@contextmanager
+def small_disk(size: str = "8m") -> Iterator[Path]:
+    """A real tmpfs of ``size``, mounted for the test (the tests run as root, as CI does)."""
+    where = Path(tempfile.mkdtemp(prefix="ks-disk-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _fill(disk: Path, leave: int = 64 * 1024) -> Path:
+    """Fill ``disk`` up to ``leave`` free bytes with a ballast file, which the test may delete."""
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    ballast.write_bytes(b"\0" * max(0, free - leave))
+    return ballast
+
+
+def _tiny(tmp_path: Path, artifacts: Path, *, n_trials: int, epochs: int = 3) -> StudySpec:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path = write_study(tmp_path, url, n_trials=n_trials, epochs=epochs, start_epoch=1)
+    with logging_restored():
+        assert main(["create", str(path)]) == 0
+    return dataclasses.replace(load_spec(path), artifacts_dir=str(artifacts))
+
+
+@pytest.mark.slow
+def test_a_full_artifact_disk_fails_the_attempt_queues_it_again_and_the_budget_is_kept(tmp_path: Path) -> None:
+    with small_disk() as disk:
+        spec = _tiny(tmp_path, disk / "artifacts", n_trials=2)
+        baseline_done = threading.Event()
+        ballast: list[Path] = []
+
+        def on_baseline_epoch(record: EpochRecord) -> None:
+            if record.epoch == record.epochs:
+                baseline_done.set()
+
+        def on_trial_start(number: int) -> None:
+            if number == 0 and not ballast:  # the disk is full as the first trial starts
+                ballast.append(_fill(disk))
+
+        def on_outcome(outcome: TrialOutcome) -> None:
+            if outcome.requeued and ballast and ballast[0].exists():
+                ballast[0].unlink()  # the operator frees the disk
+
+        summary = run_worker(spec, on_trial_start=on_trial_start, on_outcome=on_outcome,
+                             on_baseline_epoch=on_baseline_epoch)
+    assert baseline_done.is_set() and ballast
+    first = summary.outcomes[0]
+    assert first.requeued and not first.lost and "No space left on device" in (first.reason or "")
+    assert summary.counted == 2 and summary.lost == []
+    trials = trials_of(spec.storage_url, "w")
+    originals = [t for t in trials if "failed_trial" not in t.system_attrs]
+    assert len(originals) == 2  # the budget: the retry did not use up a trial
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert retry.user_attrs["env_failures"] == 1
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.slow
+def test_a_trial_its_environment_fails_too_often_is_lost_and_launch_says_so_with_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runner, "ENV_RETRY_MAX", 1)
+    with small_disk() as disk:
+        path = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1, epochs=2, start_epoch=1)
+        monkeypatch.setenv("KOOPMAN_ARTIFACTS", str(disk / "artifacts"))
+        with logging_restored():
+            assert main(["create", str(path), "--artifacts", str(disk / "artifacts")]) == 0
+            assert main(["launch", str(path)]) == 0  # the baseline and trial 0 ... then the disk fills
+            _fill(disk)
+            assert main(["launch", str(path), "--n-trials", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "koopman-search launch: error: 1 trial(s) lost to environment faults (trial 2)" in err  # the retry of trial 1
+    trials = trials_of(f"sqlite:///{tmp_path / 'w.db'}", "w")
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL"]
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].user_attrs["env_failures"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate newest", "remove both", "remove both, corrupt warmup"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_epoch_0(
+    tmp_path: Path, damage: str
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    spec = _tiny(tmp_path, artifacts, n_trials=1, epochs=4)
+    stop = threading.Event()
+    first = run_worker(spec, stop=stop, on_epoch=lambda _n, r: stop.set() if r.epoch == 3 else None)
+    assert first.interrupted
+    trials = trials_of(spec.storage_url, "w")
+    pointer = trials[0].user_attrs["checkpoint"]
+    assert pointer["epoch"] == 3 and pointer["previous"]["epoch"] == 2
+    assert pointer["size"] == (artifacts / pointer["artifact_id"]).stat().st_size
+    newest, before = artifacts / pointer["artifact_id"], artifacts / pointer["previous"]["artifact_id"]
+    if damage == "truncate newest":
+        newest.write_bytes(newest.read_bytes()[:1000])
+    else:
+        newest.unlink()
+        before.unlink()
+    if damage.endswith("corrupt warmup"):
+        baseline = trials_of(spec.storage_url, "w.baseline-seed0")[0]
+        warmup = artifacts / baseline.user_attrs["checkpoints"]["1"]
+        warmup.write_bytes(b"not a checkpoint" + warmup.read_bytes()[16:])
+
+    second = run_worker(spec)
+    [outcome] = second.outcomes
+    assert outcome.state == "COMPLETE", outcome.reason
+    retry = trials_of(spec.storage_url, "w")[1]
+    assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4]
+    note = retry.user_attrs["resume_fallback"]
+    if damage == "truncate newest":
+        assert "is corrupt" in note and note.startswith("resumed from epoch 2")
+        assert retry.user_attrs["epochs_resumed"] == 2
+    elif damage == "remove both":
+        assert "missing" in note and note.endswith("started from the baseline's warmup checkpoint of epoch 1")
+        assert retry.user_attrs["epochs_from_warmup"] == 1 and "epochs_resumed" not in retry.user_attrs
+    else:
+        assert note.endswith("trained from epoch 0") and "warmup checkpoint of epoch 1 cannot be used" in note
+        assert retry.user_attrs["epochs_from_warmup"] == 0
