@@ -28,7 +28,7 @@ from search.study import claim_waiting_trial, load_study
 from trainer.errors import KoopmanError
 from trainer.records import EpochRecord
 
-__all__ = ["WorkerSummary", "run_worker"]
+__all__ = ["WorkerSummary", "check_machine", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def run_worker(
     them on to their supervisor)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
+    check_machine(spec)  # before the shared baseline or any trial is touched
     storage = open_storage(spec.storage_url)
     study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
@@ -110,6 +111,27 @@ def run_worker(
             on_outcome(outcome)
     summary.interrupted = stop.is_set()
     return summary
+
+
+def check_machine(spec: StudySpec) -> None:
+    """What this machine must have to run the study: its trainer device and its model factory. Raises
+    :class:`~trainer.errors.ConfigError`, so that a worker with a bad device or a missing module stops at
+    start (exit 2, or a slot that stays down) instead of failing the shared baseline or a trial."""
+    import torch
+
+    from trainer.errors import ConfigError
+    from trainer.loop import resolve_device
+    from trainer.model import _load_factory
+
+    name = spec.trainer.train.device
+    device = resolve_device(name)
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"device {name} cannot be used on this machine ({str(exc).splitlines()[0]}), "
+                          f"but got device={name!r}") from None
+    if spec.trainer.model.factory:
+        _load_factory(spec.trainer.model.factory)
 
 
 def _annotate(study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -28,10 +29,13 @@ import pytest
 from optuna.trial import TrialState
 
 from search import runner
+from search.baseline import baseline_config_hash, rerun_baseline
 from search.cli import main
+from search.errors import BaselineError
 from search.runner import TrialOutcome
 from search.space import SearchSpace
 from search.spec import StudySpec, load_spec
+from search.storage import open_storage
 from search.workers import run_worker
 from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
@@ -256,7 +260,8 @@ def test_a_trial_its_environment_fails_too_often_is_lost_and_launch_says_so_with
             _fill(disk)
             assert main(["launch", str(path), "--n-trials", "2"]) == 1
     err = capsys.readouterr().err
-    assert "koopman-search launch: error: 1 trial(s) lost to environment faults (trial 2)" in err  # the retry of trial 1
+    # trial 2 is the retry of trial 1
+    assert "koopman-search launch: error: 1 trial(s) lost to environment faults (trial 2)" in err
     trials = trials_of(f"sqlite:///{tmp_path / 'w.db'}", "w")
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL"]
     assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].user_attrs["env_failures"] == 2
@@ -302,3 +307,74 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
     else:
         assert note.endswith("trained from epoch 0") and "warmup checkpoint of epoch 1 cannot be used" in note
         assert retry.user_attrs["epochs_from_warmup"] == 0
+
+
+# ---- the baseline ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.loop
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
+    with logging_restored():
+        assert main(["create", str(path)]) == 0
+    monkeypatch.setattr(trainer.loop, "_ppl", lambda _loss: math.inf)  # every epoch's perplexity overflows
+    with pytest.raises(BaselineError, match=r"the baseline diverged: val PPL inf at epoch 1"):
+        run_worker(load_spec(path))
+    assert [t.state for t in trials_of(url, "w.baseline-seed0")] == [TrialState.FAIL]
+    main_study = optuna.load_study(study_name="w", storage=url)
+    assert main_study.user_attrs["baseline:seed=0"]["state"] == "failed"
+    assert [t.state for t in main_study.get_trials()] == [TrialState.WAITING]  # no trial touched
+
+    monkeypatch.undo()
+    assert rerun_baseline(load_spec(path), open_storage(url, heartbeat=False))
+    summary = run_worker(load_spec(path))
+    assert [o.state for o in summary.outcomes] == ["COMPLETE"]
+    assert [t.state for t in trials_of(url, "w.baseline-seed0")] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_an_edited_trainer_config_gets_a_baseline_of_its_own(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
+    with logging_restored():
+        assert main(["launch", str(path)]) == 0
+        first = load_spec(path)
+        path.write_text(path.read_text().replace("lr = 3e-3", "lr = 1e-3"))
+        second = load_spec(path)
+        assert baseline_config_hash(first) != baseline_config_hash(second)
+        assert main(["launch", str(path), "--n-trials", "2"]) == 0
+    names = study_names(url)
+    assert names == ["w", "w.baseline-seed0", f"w.baseline-seed0-{baseline_config_hash(second)}"]
+    old, = trials_of(url, "w.baseline-seed0")
+    new, = trials_of(url, names[2])
+    assert old.state == new.state == TrialState.COMPLETE and old.value != new.value
+    stored = optuna.load_study(study_name="w", storage=url).user_attrs["baseline:seed=0"]
+    assert stored["config_hash"] == baseline_config_hash(second)
+    assert stored["val_ppl"][-1] == pytest.approx(new.value, rel=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["device", "factory"])
+def test_a_machine_that_cannot_run_the_study_stops_before_the_baseline_or_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fault: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
+    args = ["launch", str(path)]
+    if fault == "device":
+        args += ["--device", "cuda:7"]
+    else:
+        factory = '[trainer.model]\nfactory = "no_such_module:build"'
+        path.write_text(path.read_text().replace("[trainer.model]", factory))
+    with logging_restored():
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith("koopman-search launch: error:")]
+    assert ("cuda:7" in line) if fault == "device" else ("no_such_module" in line)
+    assert "w.baseline-seed0" not in study_names(url)
+    assert [t.state for t in trials_of(url, "w")] == [TrialState.WAITING]
