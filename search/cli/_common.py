@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from search.errors import SpecError
 from search.spec import StudySpec, load_spec
@@ -62,8 +63,21 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     """The study file with the storage and artifact store from flags or the environment."""
-    storage = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or spec.storage_url
-    artifacts = getattr(args, "artifacts", None) or os.environ.get(ARTIFACTS_ENV) or spec.artifacts_dir
+    from search.urls import resolve_artifacts, resolve_storage_url
+
+    # a flag or variable is checked like the file's own key: an in-memory SQLite, a storage or artifact
+    # store of an unknown kind is refused here, before anything is written
+    storage, artifacts = spec.storage_url, spec.artifacts_dir
+    for value, origin in ((getattr(args, "storage", None), "--storage"),
+                          (os.environ.get(STORAGE_ENV), f"${STORAGE_ENV}")):
+        if value:
+            storage = resolve_storage_url(value, spec.name, origin, Path.cwd())
+            break
+    for value, origin in ((getattr(args, "artifacts", None), "--artifacts"),
+                          (os.environ.get(ARTIFACTS_ENV), f"${ARTIFACTS_ENV}")):
+        if value:
+            artifacts = resolve_artifacts(value, spec.name, origin, Path.cwd())
+            break
     return dataclasses.replace(spec, storage_url=storage, artifacts_dir=artifacts)
 
 

@@ -25,7 +25,7 @@ The study's trial budget is shared: start the same command on every machine, wit
 and artifact store, and together they run the study's trials once each. Status lines (one per process)
 go to stderr, each finished trial to stdout. SIGTERM or Ctrl-C: every trial finishes its epoch,
 checkpoints and is queued to resume; press Ctrl-C again to stop at once. A process that crashes is
-started again; its trial resumes from its last checkpoint once its heartbeat goes stale.
+started again; its trial is queued again at once and resumes from its last checkpoint.
 """
 
 

@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from search.errors import BaselineError, StudyNotFoundError
+from search.errors import BaselineError, StorageError, StudyNotFoundError
 from search.spec import spec_from_dict
 from search.workers import events
-from search.workers.events import EXIT_FATAL, EventWriter
+from search.workers.events import EXIT_FATAL, EXIT_OUTAGE, EventWriter
 from trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["child_main"]
@@ -108,6 +108,8 @@ def child_main() -> int:
             writer.emit(events.EXIT, reason="stopped")
             return 0
         logger.error("%s", exc)
+        if isinstance(exc, StorageError):
+            return EXIT_OUTAGE  # the supervisor starts it again, without counting it as a crash
         fatal = isinstance(exc, (ConfigError, BaselineError, StudyNotFoundError))
         return EXIT_FATAL if fatal else 1
     n = summary.counted

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,16 @@ from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import logging_restored, study_names, trials_of
 from tests.search.study_files import write_worker_study as write_study
+from tests.search.test_workers import (  # noqa: F401 - worker_env and processes are fixtures
+    Worker,
+    open_study,
+    originals,
+    processes,
+    retries_of,
+    running_with_checkpoint,
+    wait_for,
+    worker_env,
+)
 from trainer.records import EpochRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -378,3 +389,102 @@ def test_a_machine_that_cannot_run_the_study_stops_before_the_baseline_or_any_tr
     assert ("cuda:7" in line) if fault == "device" else ("no_such_module" in line)
     assert "w.baseline-seed0" not in study_names(url)
     assert [t.state for t in trials_of(url, "w")] == [TrialState.WAITING]
+
+
+# ---- the supervisor: a process that dies in a trial ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_killed_slots_trial_is_queued_again_at_once_and_the_command_ends_with_nothing_running(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],  # noqa: F811
+) -> None:
+    worker_env["KOOPMAN_HEARTBEAT_INTERVAL"] = "30"  # no stale heartbeat within the test: the supervisor acts
+    study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
+    with logging_restored():
+        assert main(["create", str(study)]) == 0
+    supervisor = Worker(study, ["--workers", "2", "--n-trials", "4"], worker_env, "supervisor", processes)
+    victim = wait_for(running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume",
+                      alive=[supervisor])
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+
+    assert supervisor.wait(timeout=240) == 0, supervisor.err[-3000:]
+    assert (f"trial {victim.number}: its worker process was killed by SIGKILL; queued to resume from its last "
+            "checkpoint") in supervisor.err
+    trials = open_study(postgres_url).get_trials()
+    assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
+    assert trials[victim.number].state == TrialState.FAIL
+    retry, = retries_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["epochs_resumed"] >= 2
+    assert sorted(t.number for t in trials if t.state == TrialState.COMPLETE) == sorted(
+        [t.number for t in originals(trials) if t.number != victim.number] + [retry.number])
+
+
+# ---- hostile input: one line, exit 2, nothing written -----------------------------------------------------------
+
+
+def _hostile(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """(the create command's arguments, a piece of the expected error line) for one hostile input."""
+    good = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1, epochs=2, start_epoch=1)
+    path = tmp_path / f"{case.replace(' ', '_')}.toml"
+    text = good.read_text()
+    extra: list[str] = []
+    if case == "deep nesting":
+        path.write_text(text + "deep = " + "[" * 50000 + "]" * 50000 + "\n")
+        expect = "nests its tables or arrays too deeply"
+    elif case == "symlink loop":
+        os.symlink(path, path)
+        expect = "cannot be read: Too many levels of symbolic links"
+    elif case == "fifo":
+        os.mkfifo(path)
+        expect = "must be a regular file"
+    elif case == "not utf-8":
+        path.write_bytes(text.encode() + b"# \xff\xfe\n")
+        expect = "must be UTF-8 text"
+    elif case == "control character":
+        path.write_text(text.replace('name = "w"', 'name = "w\x07"'))
+        expect = "not valid TOML"
+    elif case == "huge seed":
+        path.write_text(re.sub(r"seed = 0(\s+shared_warmup)", rf"seed = {2**32}\1", text, count=1))
+        expect = f"seed must be in 0..{2**31 - 1}, but got seed={2**32}"
+    elif case == "huge budget":
+        path.write_text(text.replace("n_trials = 1", "n_trials = 5000000"))
+        expect = "n_trials must be <= 100000, but got n_trials=5000000"
+    elif case == "in-memory storage":
+        path.write_text(text)
+        extra = ["--storage", "sqlite://"]
+        expect = "must name a SQLite file"
+    elif case == "ftp artifacts":
+        path.write_text(text)
+        extra = ["--artifacts", "ftp://x"]
+        expect = "artifacts must be a directory or an s3://bucket/prefix URL, but got artifacts='ftp://x'"
+    else:
+        raise AssertionError(case)
+    good.unlink()
+    return [str(path), *extra], expect
+
+
+@pytest.mark.parametrize("case", ["deep nesting", "symlink loop", "fifo", "not utf-8", "control character",
+                                  "huge seed", "huge budget", "in-memory storage", "ftp artifacts"])
+def test_hostile_input_ends_in_one_line_and_exit_2_with_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    args, expect = _hostile(tmp_path, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with logging_restored():
+        code = main(["create", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("koopman-search create: error:")]
+    assert expect in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no database, no artifact folder
+
+
+def test_a_password_with_an_unencoded_at_sign_is_never_shown() -> None:
+    from search.urls import redact_text, redact_url
+
+    url = "postgresql+psycopg://koopman:p@ss@w0rd@db:5432/ks"
+    assert redact_url(url) == "postgresql+psycopg://koopman:***@db:5432/ks"
+    shown = redact_text(f"cannot connect to {url}: password p@ss@w0rd rejected", url)
+    assert "ss@w0rd" not in shown and "p@ss" not in shown and "koopman:***@db:5432/ks" in shown
