@@ -488,3 +488,32 @@ def test_a_password_with_an_unencoded_at_sign_is_never_shown() -> None:
     assert redact_url(url) == "postgresql+psycopg://koopman:***@db:5432/ks"
     shown = redact_text(f"cannot connect to {url}: password p@ss@w0rd rejected", url)
     assert "ss@w0rd" not in shown and "p@ss" not in shown and "koopman:***@db:5432/ks" in shown
+
+
+@pytest.mark.parametrize("case", ["config dir", "config fifo", "checkpoint dir in /proc", "report out in /proc"])
+def test_bad_paths_of_train_and_report_end_in_one_line_and_exit_2_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    if case == "config dir":
+        command, args = "train", ["--config", str(tmp_path)]
+        expect = "--config must be a TOML file, but got a directory"
+    elif case == "config fifo":
+        os.mkfifo(tmp_path / "fifo.toml")
+        command, args = "train", ["--config", str(tmp_path / "fifo.toml")]
+        expect = "--config must be a regular file"
+    elif case == "checkpoint dir in /proc":
+        command, args = "train", ["--epochs", "1", "--checkpoint-dir", "/proc/koopman-x"]
+        expect = "--checkpoint-dir must be a directory this process can write to, but got checkpoint_dir='/proc/"
+    else:
+        study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
+        command, args = "report", [str(study), "--out", "/proc/r.html"]
+        expect = "--out must be in a directory this process can write to, but got out='/proc/r.html'"
+    started = time.monotonic()
+    with logging_restored():
+        code = main([command, *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    [line] = [x for x in err.splitlines() if x.startswith(f"koopman-search {command}: error:")]
+    assert expect in line and "Traceback" not in err
+    assert not re.search(r"^Epoch \d", err, re.M)  # no epoch trained before the error
+    assert time.monotonic() - started < 60
