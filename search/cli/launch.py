@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 EXAMPLE = """examples:
   koopman-search launch studies/quickstart.toml
   koopman-search launch studies/wikitext2.toml --gpus all --trials-per-gpu 2
-  koopman-search launch studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db/koopman --workers 4
+  export OPTUNA_STORAGE=postgresql+psycopg://koopman:PASS@db/koopman    # a password: never in --storage
+  koopman-search launch studies/wikitext2.toml --workers 4
 
 Ctrl-C stops at once: the running trial is queued again and resumes from its last checkpoint when the
 same command runs again.

@@ -16,9 +16,9 @@ __all__ = ["add_parser", "run"]
 logger = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
-  koopman-search create studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman
-  koopman-search worker studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman \\
-      --gpus all --trials-per-gpu 2
+  export KOOPMAN_STORAGE_FILE=/run/secrets/storage-url   # holds postgresql+psycopg://koopman:PASS@db/koopman
+  koopman-search create studies/wikitext2.toml
+  koopman-search worker studies/wikitext2.toml --gpus all --trials-per-gpu 2
   koopman-search worker studies/quickstart.toml --workers 2          # two CPU processes
 
 The study's trial budget is shared: start the same command on every machine, with the same storage URL

@@ -517,3 +517,41 @@ def test_bad_paths_of_train_and_report_end_in_one_line_and_exit_2_before_any_wor
     assert expect in line and "Traceback" not in err
     assert not re.search(r"^Epoch \d", err, re.M)  # no epoch trained before the error
     assert time.monotonic() - started < 60
+
+
+def _cmdlines() -> list[str]:
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_output(
+    tmp_path: Path, postgres_url: str, worker_env: dict[str, str],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+) -> None:
+    password = "s3cr3t-pa55"
+    secret = postgres_url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{password}@")
+    url_file = tmp_path / "storage-url"
+    url_file.write_text(secret + "\n")
+    worker_env["KOOPMAN_STORAGE_FILE"] = str(url_file)
+    study = write_study(tmp_path, "", n_trials=2, epochs=2, start_epoch=1, slow=True)
+    create = subprocess.run([sys.executable, "-m", "search.cli", "create", str(study)], capture_output=True,
+                            text=True, env=worker_env, cwd=REPO, timeout=120)
+    assert create.returncode == 0, create.stderr
+    supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
+    seen: list[str] = []
+    deadline = time.monotonic() + 180
+    while supervisor.proc.poll() is None and time.monotonic() < deadline:
+        seen += [line for line in _cmdlines() if password in line]
+        time.sleep(0.2)
+    assert supervisor.wait() == 0, supervisor.err[-3000:]
+    assert seen == []
+    assert password not in supervisor.err + supervisor.out + create.stderr + create.stdout
+    assert {t.state for t in open_study(postgres_url).get_trials()} == {TrialState.COMPLETE}
