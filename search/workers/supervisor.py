@@ -331,7 +331,7 @@ class Supervisor:
                 self._storage = open_storage(self._spec.storage_url, heartbeat=False)
             study = load_study(self._storage, self._spec.name)
             running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                               "read running trials", timeout=60.0)
+                               "read running trials", timeout=10.0)
             frozen = next((t for t in running if t.number == number), None)
             if frozen is None:
                 return False
@@ -341,7 +341,7 @@ class Supervisor:
                 self._storage.set_trial_user_attr(frozen._trial_id, layout.FAIL_REASON, reason)
                 return bool(self._storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL))
 
-            if not retrying(fail, f"fail trial {number}", timeout=60.0):
+            if not retrying(fail, f"fail trial {number}", timeout=10.0):
                 return False
             enqueue_retry(study, retrying(lambda: self._storage.get_trial(frozen._trial_id), f"read trial {number}"))
         except (optuna.exceptions.OptunaError, KoopmanError, ValueError) as exc:

@@ -555,3 +555,27 @@ def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_ou
     assert seen == []
     assert password not in supervisor.err + supervisor.out + create.stderr + create.stdout
     assert {t.state for t in open_study(postgres_url).get_trials()} == {TrialState.COMPLETE}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_database_outage_longer_than_a_workers_patience_never_gives_its_slot_up(
+    tmp_path: Path, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],  # noqa: F811
+) -> None:
+    worker_env["KOOPMAN_OUTAGE_TIMEOUT"] = "3"  # each worker process gives up on the database after 3 s
+    with own_cluster() as pg:
+        study = write_study(tmp_path, pg.url, n_trials=2, epochs=3, start_epoch=1, slow=True)
+        with logging_restored():
+            assert main(["create", str(study)]) == 0
+        supervisor = Worker(study, ["--workers", "1"], worker_env, "supervisor", processes)
+        wait_for(running_with_checkpoint(pg.url, (2,)), "a trial with a checkpoint", alive=[supervisor])
+        pg.outage(25.0).join(timeout=60)  # longer than 5 restarts in a row would have lasted
+        assert supervisor.wait(timeout=240) == 0, supervisor.err[-3000:]
+        err = supervisor.err
+        assert "the database is unreachable; starting it again in" in err
+        assert "gave up" not in err and "stopped for good" not in err
+        trials = open_study(pg.url).get_trials()
+        assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
+        assert len(originals(trials)) == 2
+        finished = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert len(finished) == 2 and all(t.user_attrs["records"]["epoch"] == [1, 2, 3] for t in finished)
