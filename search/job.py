@@ -93,6 +93,11 @@ class TrainingJob:
             self._scratch = None
 
     @property
+    def scratch(self) -> Path:
+        """The job's scratch directory (removed when the job ends)."""
+        return self._tmp
+
+    @property
     def _tmp(self) -> Path:
         if self._scratch is None:
             raise RuntimeError(f"{self._what}: the job is used outside its `with` block")

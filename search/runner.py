@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -23,11 +24,11 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
-from search.job import CheckpointCorrupt, TrainingJob
+from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
 from search.spec import StudySpec
-from search.storage import retrying
+from search.storage import exclusive, retrying
 from trainer.errors import CheckpointError
 from trainer.records import EpochRecord
 
@@ -146,10 +147,17 @@ class TrialRunner:
             try:
                 trainer.warm_start_from(job.download(artifact, "warmup.pt", self._baseline.digests.get(artifact)))
             except (CheckpointCorrupt, CheckpointError) as exc:
-                job.fallback = "; ".join(filter(None, [job.fallback, f"the baseline's warmup checkpoint of epoch "
-                                                       f"{s} cannot be used ({exc}); trained from epoch 0"]))
+                problem = f"the baseline's warmup checkpoint of epoch {s} cannot be used ({exc})"
+                rebuilt = self._rebuild_warmup(job, s, artifact)
+                trainer = HybridKoopmanTrainer(cfg)
+                if rebuilt is not None:
+                    trainer.warm_start_from(rebuilt)
+                    job.fallback = "; ".join(filter(None, [job.fallback, f"{problem}; started from it rebuilt"]))
+                    logger.warning("trial %d: %s", job.frozen.number, job.fallback)
+                    return trainer, s, 0
+                job.fallback = "; ".join(filter(None, [job.fallback, f"{problem}; trained from epoch 0"]))
                 logger.warning("trial %d: %s", job.frozen.number, job.fallback)
-                return HybridKoopmanTrainer(cfg), 0, 0
+                return trainer, 0, 0
             if job.fallback:
                 job.fallback += f"; started from the baseline's warmup checkpoint of epoch {s}"
                 logger.warning("trial %d: %s", job.frozen.number, job.fallback)
@@ -158,6 +166,48 @@ class TrialRunner:
             job.fallback += "; trained from epoch 0"
             logger.warning("trial %d: %s", job.frozen.number, job.fallback)
         return trainer, 0, 0
+
+    def _rebuild_warmup(self, job: TrainingJob, s: int, bad: str) -> Path | None:
+        """The baseline's epoch-``s`` checkpoint made again after ``bad`` was found missing or corrupt: by
+        rerunning the baseline's first ``s`` epochs (the same computation, so the same checkpoint), once per
+        study and epoch, under a lock, and published in the main study's baseline attr for every worker.
+        A worker that finds it rebuilt by another takes that one. None when it cannot be had."""
+        from trainer.loop import HybridKoopmanTrainer
+
+        key = layout.baseline_key(self._spec.trainer.train.seed)
+        study = self._study
+        with exclusive(study._storage, f"koopman-search warmup {self._spec.name} {key} epoch {s}"):
+            attrs = retrying(lambda: self._storage.get_study_user_attrs(study._study_id), "read the baseline")
+            stored = dict(attrs.get(key) or {})
+            checkpoints = dict(stored.get("checkpoints") or {})
+            digests = dict(stored.get("digests") or {})
+            rebuilt = dict(stored.get("rebuilt") or {})
+            current = checkpoints.get(str(s))
+            try:
+                if current and current != bad:  # rebuilt meanwhile by another worker
+                    path = job.download(current, "warmup.pt", digests.get(current))
+                    self._baseline.checkpoints[s] = current
+                    self._baseline.digests[current] = digests.get(current, {})
+                    return path
+            except (CheckpointCorrupt, CheckpointError) as exc:
+                logger.warning("the rebuilt warmup checkpoint of epoch %d cannot be used either: %s", s, exc)
+                return None
+            if rebuilt.get(str(s)):
+                return None  # rebuilt once already: not again
+            logger.warning("rebuilding the baseline's warmup checkpoint of epoch %d (the stored one is unusable)", s)
+            base = HybridKoopmanTrainer(self._spec.baseline_config)
+            base.fit(callback=lambda record: record.epoch >= s)
+            path = base.save_checkpoint(job.scratch / f"warmup-rebuilt-{s}.pt")
+            digest = file_digest(path)
+            new = retrying(lambda: optuna.artifacts.upload_artifact(
+                artifact_store=self._store, file_path=str(path), study_or_trial=study),
+                "upload the rebuilt warmup checkpoint")
+            checkpoints[str(s)], digests[new], rebuilt[str(s)] = new, digest, True
+            stored.update(checkpoints=checkpoints, digests=digests, rebuilt=rebuilt)
+            retrying(lambda: study.set_user_attr(key, stored), "publish the rebuilt warmup checkpoint")
+            self._baseline.checkpoints[s] = new
+            self._baseline.digests[new] = digest
+            return path
 
     def _run(self, trial: optuna.Trial, job: TrainingJob) -> TrialOutcome:
         spec = self._spec

@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 import optuna_dashboard
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from search import runner
@@ -37,6 +38,7 @@ from search.runner import TrialOutcome
 from search.space import SearchSpace
 from search.spec import StudySpec, load_spec
 from search.storage import open_storage
+from search.study import ensure_budget
 from search.workers import run_worker
 from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
@@ -52,6 +54,7 @@ from tests.search.test_workers import (  # noqa: F401 - worker_env and processes
     wait_for,
     worker_env,
 )
+from trainer.checkpoint import read_checkpoint
 from trainer.records import EpochRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -301,6 +304,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
     if damage.endswith("corrupt warmup"):
         baseline = trials_of(spec.storage_url, "w.baseline-seed0")[0]
         warmup = artifacts / baseline.user_attrs["checkpoints"]["1"]
+        shutil.copy(warmup, tmp_path / "warmup-before.pt")
         warmup.write_bytes(b"not a checkpoint" + warmup.read_bytes()[16:])
 
     second = run_worker(spec)
@@ -316,8 +320,24 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
         assert "missing" in note and note.endswith("started from the baseline's warmup checkpoint of epoch 1")
         assert retry.user_attrs["epochs_from_warmup"] == 1 and "epochs_resumed" not in retry.user_attrs
     else:
-        assert note.endswith("trained from epoch 0") and "warmup checkpoint of epoch 1 cannot be used" in note
-        assert retry.user_attrs["epochs_from_warmup"] == 0
+        # rebuilt once, by rerunning the baseline's first epoch: the same computation, the same checkpoint
+        assert "warmup checkpoint of epoch 1 cannot be used" in note and note.endswith("started from it rebuilt")
+        assert retry.user_attrs["epochs_from_warmup"] == 1
+        stored = optuna.load_study(study_name="w", storage=spec.storage_url).user_attrs["baseline:seed=0"]
+        original = baseline.user_attrs["checkpoints"]["1"]
+        rebuilt = stored["checkpoints"]["1"]
+        assert rebuilt != original and stored["rebuilt"] == {"1": True}
+        before, again = (read_checkpoint(p) for p in (tmp_path / "warmup-before.pt", artifacts / rebuilt))
+        assert before["epoch"] == again["epoch"] == 1
+        assert before["model"].keys() == again["model"].keys()
+        assert all(torch.equal(before["model"][k], again["model"][k]) for k in before["model"])
+        # not a second time: a later trial that finds the rebuilt one corrupt trains from epoch 0
+        (artifacts / rebuilt).write_bytes(b"garbage")
+        ensure_budget(optuna.load_study(study_name="w", storage=spec.storage_url), spec, 2)
+        [later] = run_worker(spec).outcomes
+        assert later.state == "COMPLETE" and later.epochs_from_warmup == 0
+        third = trials_of(spec.storage_url, "w")[2]
+        assert third.user_attrs["resume_fallback"].endswith("trained from epoch 0")
 
 
 # ---- the baseline ---------------------------------------------------------------------------------------------
