@@ -11,9 +11,9 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     name = "wikitext2-koopman"        # letters, digits, . _ -; also names the default SQLite file
     storage = ""                      # "" = sqlite:///<study file dir>/<name>.db; ${VAR} expands from the env
     artifacts = ""                    # "" = <study file dir>/<name>-artifacts; a path, or s3://bucket/prefix
-    n_trials = 30                     # >= 1 and >= the number of [[enqueue]] trials
+    n_trials = 30                     # 1..100000 and >= the number of [[enqueue]] trials
     sampler = "tpe"                   # tpe | random | nsgaii
-    seed = 0                          # the sampler's seed
+    seed = 0                          # the sampler's seed, 0..2**31-1
     pruner = "none"                   # none | median | hyperband (single-objective studies only)
     shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
     objectives = [{ metric = "val_ppl", direction = "minimize" },
