@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
             logger.info("baseline queued to run again")
     interrupted = False
     lost: list[int] = []
+    failed = False
     if supervisor is not None:
         code = supervisor.run()
-        interrupted = code != 0 or supervisor.stop_requested
+        interrupted = supervisor.stop_requested
+        failed = code != 0 and not interrupted  # a slot stopped for good, or a trial was lost: said above
     else:
         interrupted = _run_here(spec, lambda o: print(format_outcome(o, spec.metrics), flush=True), lost)
     _annotate(study)
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if lost:
         print(f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
               f"{', '.join(map(str, lost))}); see the errors above", file=sys.stderr)
+        return 1
+    if failed:
+        print("koopman-search launch: error: a worker process stopped for good or a trial was lost; see the "
+              "errors above", file=sys.stderr)
         return 1
     if not interrupted:
         print_best(study, "table")
