@@ -18,7 +18,10 @@ per-epoch curve is also copied to the main study's user attr ``baseline:seed=<N>
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +41,7 @@ from trainer.records import EpochRecord
 
 __all__ = [
     "baseline_attr",
+    "baseline_config_hash",
     "baseline_study_name",
     "ensure_baseline",
     "rerun_baseline",
@@ -50,8 +54,25 @@ POLL_MIN, POLL_MAX = 1.0, 5.0  # seconds between looks while another worker runs
 EMPTY_GRACE = 30.0  # seconds a new baseline study may stay without its run before that counts as a failure
 
 
+CONFIG_HASH_ATTR = "config_hash"  # on the baseline study, and in the main study's baseline attr
+
+
 def baseline_study_name(spec: StudySpec) -> str:
+    """The companion study of the first trainer config the study ran with; an edited config gets
+    ``<this>-<hash>`` (:func:`baseline_config_hash`)."""
     return f"{spec.name}.baseline-seed{spec.trainer.train.seed}"
+
+
+def baseline_config_hash(spec: StudySpec) -> str:
+    """What decides the baseline's curve: its trainer config without the keys of where it runs."""
+    from trainer.checkpoint import RUNTIME_KEYS
+    from trainer.config import config_to_dict
+
+    values = config_to_dict(spec.baseline_config)
+    for section, key in RUNTIME_KEYS:
+        values.get(section, {}).pop(key, None)
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 def baseline_attr(spec: StudySpec) -> str:
@@ -70,18 +91,29 @@ def warmup_epochs(spec: StudySpec) -> set[int]:
 
 
 def _publish(study: optuna.Study, spec: StudySpec, value: dict[str, Any]) -> None:
+    value = {**value, CONFIG_HASH_ATTR: baseline_config_hash(spec)}
     retrying(lambda: study.set_user_attr(baseline_attr(spec), value), "store the baseline in the study")
 
 
 def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
-    name = baseline_study_name(spec)
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(storage=storage, study_name=name)
-    study.set_user_attr(layout.ROLE_ATTR, f"baseline of study {spec.name}")
-    study.enqueue_trial({}, user_attrs={layout.ROLE: "baseline"})
-    return study
+    """The baseline study of this trainer config: the first config's keeps the plain name; a study whose
+    trainer config was edited since gets a companion study of its own, so that no old curve is reused."""
+    digest = baseline_config_hash(spec)
+    for name in (baseline_study_name(spec), f"{baseline_study_name(spec)}-{digest}"):
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(storage=storage, study_name=name)
+            if study.user_attrs.get(CONFIG_HASH_ATTR, digest) == digest:  # one made before hashes: the same
+                return study
+            logger.info("the trainer config of study %s changed since its baseline ran: a new baseline %s",
+                        spec.name, f"{baseline_study_name(spec)}-{digest}")
+            continue
+        study.set_user_attr(CONFIG_HASH_ATTR, digest)
+        study.set_user_attr(layout.ROLE_ATTR, f"baseline of study {spec.name}")
+        study.enqueue_trial({}, user_attrs={layout.ROLE: "baseline"})
+        return study
+    raise BaselineError(f"the baseline study {name} of study {spec.name} was made for another trainer config")
 
 
 def rerun_baseline(spec: StudySpec, storage: RDBStorage) -> bool:
@@ -132,7 +164,8 @@ def ensure_baseline(
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             baseline = MatchedBaseline.from_trial(done[-1])
-            if main_study.user_attrs.get(baseline_attr(spec), {}).get("state") != "complete":
+            stored = main_study.user_attrs.get(baseline_attr(spec), {})
+            if stored.get("state") != "complete" or stored.get(CONFIG_HASH_ATTR) != baseline_config_hash(spec):
                 _publish(main_study, spec, baseline.to_attr())
             return baseline
         if any(t.state == TrialState.WAITING for t in trials):
@@ -170,6 +203,7 @@ def _run(
     _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
         checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
+        digests: dict[str, dict[str, Any]] = dict(job.frozen.user_attrs.get(layout.CHECKPOINT_DIGESTS, {}))
         last = job.frozen.user_attrs.get(layout.CHECKPOINT)
         logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
                     f", resuming after epoch {last['epoch']}" if last else "")
@@ -178,12 +212,18 @@ def _run(
 
             def record_epoch(record: EpochRecord) -> bool:
                 # the checkpoints of the warmup epochs stay: trials start from them (shared warmup)
-                artifact_id = job.save_epoch(trainer, record)
+                artifact_id, dropped = job.save_epoch(trainer, record)
+                if dropped is not None and dropped not in checkpoints.values():
+                    job.remove(dropped)  # only the warmup epochs' checkpoints and the newest two stay
                 if record.epoch in keep:
                     checkpoints[record.epoch] = artifact_id
-                    retrying(lambda: trial.set_user_attr(
-                        layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()}),
-                        "record a warmup checkpoint")
+                    digests[artifact_id] = job.digests[artifact_id]
+
+                    def record_warmup() -> None:
+                        trial.set_user_attr(layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
+                        trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
+
+                    retrying(record_warmup, "record a warmup checkpoint")
                 logger.info("baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs,
                             record.val_ppl, record.seconds)
                 if on_epoch is not None:
@@ -193,6 +233,10 @@ def _run(
             records = trainer.fit(callback=record_epoch)
             if trainer.stopped and trainer.epoch < spec.epochs:
                 raise InterruptedError(f"stopped after epoch {trainer.epoch}")
+            bad = [r.epoch for r in records if not math.isfinite(r.val_ppl)]
+            if bad:  # a diverged baseline is no curve to compare with: it fails, and --rerun-baseline reruns it
+                raise FloatingPointError(f"the baseline diverged: val PPL {records[bad[0] - 1].val_ppl} at epoch "
+                                         f"{bad[0]} (non-finite at epochs {', '.join(map(str, bad))})")
         except (Exception, KeyboardInterrupt) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             job.fail(study, reason)
@@ -208,7 +252,7 @@ def _run(
             raise _failed(spec, reason) from exc
     final = records[-1]
     retrying(lambda: study.tell(trial, final.val_ppl), "complete the baseline run")
-    baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints)
+    baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints, digests)
     _publish(main_study, spec, baseline.to_attr())
     logger.info("baseline of study %s done: val PPL %s", spec.name,
                 ", ".join(f"{v:.1f}" for v in baseline.val_ppl))

@@ -13,27 +13,54 @@ queued again, so that the next worker resumes it from that checkpoint (docs/desi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search import layout
 from search.storage import Heartbeat, retrying
 from search.study import enqueue_retry
+from trainer.errors import CheckpointError
 from trainer.records import EpochRecord
 
 if TYPE_CHECKING:
     from trainer.config import TrainerConfig
     from trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["TrainingJob"]
+__all__ = ["CheckpointCorrupt", "TrainingJob", "file_digest"]
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointCorrupt(OSError):
+    """A checkpoint in the artifact store is missing, or its size or digest is not the one recorded when it
+    was written. An environment fault (an ``OSError``): the trial falls back to an earlier start."""
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file, as a checkpoint pointer records it."""
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _stored_digest(store: Any, artifact_id: str) -> dict[str, Any]:
+    sha, size = hashlib.sha256(), 0
+    with store.open_reader(artifact_id) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+            size += len(block)
+    return {"size": size, "sha256": sha.hexdigest()}
 
 
 class TrainingJob:
@@ -49,6 +76,10 @@ class TrainingJob:
         self._heartbeat = Heartbeat(storage, trial._trial_id)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self.frozen: FrozenTrial = retrying(lambda: storage.get_trial(trial._trial_id), f"read {what}")
+        self.fallback: str | None = None  # why the attempt did not start from its newest checkpoint
+        self.digests: dict[str, dict[str, Any]] = {}  # checkpoints written by this attempt
+        newest = self.frozen.user_attrs.get(layout.CHECKPOINT)
+        self._newest: dict[str, Any] | None = dict(newest) if newest else None
 
     def __enter__(self) -> TrainingJob:
         self._scratch = tempfile.TemporaryDirectory(prefix="koopman-")
@@ -62,40 +93,90 @@ class TrainingJob:
             self._scratch = None
 
     @property
+    def scratch(self) -> Path:
+        """The job's scratch directory (removed when the job ends)."""
+        return self._tmp
+
+    @property
     def _tmp(self) -> Path:
         if self._scratch is None:
             raise RuntimeError(f"{self._what}: the job is used outside its `with` block")
         return Path(self._scratch.name)
 
     # -- starting --------------------------------------------------------------------------------------------
-    def download(self, artifact_id: str, name: str) -> Path:
-        """A checkpoint from the artifact store, into the scratch directory."""
+    def download(self, artifact_id: str, name: str, digest: Mapping[str, Any] | None = None) -> Path:
+        """A checkpoint from the artifact store, into the scratch directory; checked against ``digest``
+        (its recorded size and sha256) when given. Raises :class:`CheckpointCorrupt`."""
         path = self._tmp / name
-        retrying(lambda: optuna.artifacts.download_artifact(
-            artifact_store=self._store, file_path=str(path), artifact_id=artifact_id), "download a checkpoint")
+        try:
+            retrying(lambda: optuna.artifacts.download_artifact(
+                artifact_store=self._store, file_path=str(path), artifact_id=artifact_id),
+                "download a checkpoint")
+        except ArtifactNotFound:
+            raise CheckpointCorrupt(f"checkpoint {artifact_id} is missing from the artifact store") from None
+        if digest and {"size", "sha256"} <= digest.keys():
+            found = file_digest(path)
+            if found["size"] != digest["size"] or found["sha256"] != digest["sha256"]:
+                path.unlink()
+                raise CheckpointCorrupt(
+                    f"checkpoint {artifact_id} is corrupt: {found['size']} bytes, sha256 {found['sha256'][:12]}, "
+                    f"but {digest['size']} bytes, sha256 {str(digest['sha256'])[:12]} were written")
         return path
 
     def resume(self, cfg: TrainerConfig) -> HybridKoopmanTrainer | None:
-        """The trainer restored from this trial's own newest checkpoint (a retry), or None (a first attempt)."""
+        """The trainer restored from this trial's own newest checkpoint (a retry), else from the one before
+        it; None for a first attempt, or when neither can be used (:attr:`fallback` then says why)."""
         from trainer.loop import HybridKoopmanTrainer
 
         own = self.frozen.user_attrs.get(layout.CHECKPOINT)
         if not own:
             return None
-        return HybridKoopmanTrainer.from_checkpoint(self.download(own["artifact_id"], "resume.pt"), cfg)
+        problems: list[str] = []
+        for pointer in (own, own.get("previous")):
+            if not pointer:
+                continue
+            try:
+                path = self.download(pointer["artifact_id"], "resume.pt", pointer)
+                trainer = HybridKoopmanTrainer.from_checkpoint(path, cfg)
+            except (CheckpointCorrupt, CheckpointError) as exc:
+                problems.append(f"epoch {pointer['epoch']}: {exc}")
+                logger.warning("%s: cannot resume from its checkpoint of epoch %d: %s", self._what,
+                               pointer["epoch"], exc)
+                continue
+            if problems:
+                self.fallback = f"resumed from epoch {pointer['epoch']}; " + "; ".join(problems)
+            self._newest = dict(pointer)
+            return trainer
+        self.fallback = "no checkpoint of its own could be used (" + "; ".join(problems) + ")"
+        self._newest = None
+        return None
 
     # -- after every epoch -----------------------------------------------------------------------------------
-    def save_epoch(self, trainer: HybridKoopmanTrainer, record: EpochRecord, first_epoch: int | None = None) -> str:
-        """Checkpoint the trainer into the artifact store and record the epoch in the trial's user attrs
-        (:func:`search.layout.epoch_attrs`; with ``first_epoch``, what the attempt spent too). Returns the
-        checkpoint's artifact id."""
+    def save_epoch(self, trainer: HybridKoopmanTrainer, record: EpochRecord,
+                   first_epoch: int | None = None) -> tuple[str, str | None]:
+        """Checkpoint the trainer into the artifact store, read it back to check it, and record the epoch in
+        the trial's user attrs (:func:`search.layout.epoch_attrs`; with ``first_epoch``, what the attempt
+        spent too). The pointer keeps the checkpoint before it, for a retry to fall back to. Returns the new
+        checkpoint's artifact id and the id of the one that no pointer names any more (the caller may drop
+        it), or None."""
         path = trainer.save_checkpoint(self._tmp / f"epoch_{record.epoch}.pt")
+        digest = file_digest(path)
         artifact_id = retrying(lambda: optuna.artifacts.upload_artifact(
             artifact_store=self._store, file_path=str(path), study_or_trial=self._trial),
             f"upload a checkpoint of {self._what}")
         path.unlink()
-        self._write_attrs(layout.epoch_attrs(trainer.records, record.epoch, artifact_id, first_epoch))
-        return artifact_id
+        stored = _stored_digest(self._store, artifact_id)
+        if stored != digest:
+            raise CheckpointCorrupt(f"checkpoint of epoch {record.epoch} of {self._what} was stored as "
+                                    f"{stored['size']} of {digest['size']} bytes or with another digest")
+        attrs = layout.epoch_attrs(trainer.records, record.epoch, artifact_id, first_epoch)
+        previous = self._newest
+        attrs[layout.CHECKPOINT] = layout.checkpoint_pointer(record.epoch, artifact_id, digest, previous)
+        self._write_attrs(attrs)
+        dropped = previous.get("previous", {}).get("artifact_id") if previous else None
+        self._newest = attrs[layout.CHECKPOINT]
+        self.digests[artifact_id] = digest
+        return artifact_id, dropped
 
     def _write_attrs(self, values: dict[str, Any]) -> None:
         def write() -> None:
@@ -105,8 +186,11 @@ class TrainingJob:
         retrying(write, f"record an epoch of {self._what}")
 
     def remove(self, artifact_id: str) -> None:
-        """Drop a checkpoint that nothing refers to any more."""
-        self._store.remove(artifact_id)
+        """Drop a checkpoint that nothing refers to any more (one already gone is no error)."""
+        try:
+            self._store.remove(artifact_id)
+        except (ArtifactNotFound, OSError) as exc:
+            logger.debug("checkpoint %s not removed: %s", artifact_id, exc)
 
     # -- ending ----------------------------------------------------------------------------------------------
     def fail(self, study: optuna.Study, reason: str) -> None:

@@ -99,6 +99,9 @@ FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
 PRUNED_EPOCH = "pruned_epoch"
 ROLE = "role"
+ENV_FAILURES = "env_failures"  # attempts of this trial failed by its environment (disk, artifact store, database)
+RESUME_FALLBACK = "resume_fallback"  # why an attempt did not start from its newest checkpoint
+CHECKPOINT_DIGESTS = "checkpoint_digests"  # the baseline's trial: artifact id -> {"size", "sha256"}
 WARMUP_CHECKPOINTS = "checkpoints"  # the baseline's trial: epoch -> artifact id, the epochs trials may start at
 
 # ---- trial system attrs: Optuna's own marks (RetryHeartbeatStaleTrialCallback, enqueue_trial)
@@ -185,9 +188,14 @@ def baseline_key_seed(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def checkpoint_pointer(epoch: int, artifact_id: str) -> dict[str, Any]:
-    """The value of a :data:`CHECKPOINT` attr."""
-    return {"epoch": epoch, "artifact_id": artifact_id}
+def checkpoint_pointer(epoch: int, artifact_id: str, digest: Mapping[str, Any] | None = None,
+                       previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The value of a :data:`CHECKPOINT` attr; with ``digest`` its ``size`` and ``sha256``, with ``previous``
+    the pointer before it (without its own previous), the checkpoint a retry falls back to."""
+    pointer: dict[str, Any] = {"epoch": epoch, "artifact_id": artifact_id, **(digest or {})}
+    if previous:
+        pointer["previous"] = {k: v for k, v in previous.items() if k != "previous"}
+    return pointer
 
 
 def is_retry(trial: Any) -> bool:
@@ -273,6 +281,7 @@ class MatchedBaseline:
     source: str  # "auto" | "fixed"
     records: tuple[EpochRecord, ...] = ()
     checkpoints: dict[int, str] = field(default_factory=dict)  # epoch -> artifact id
+    digests: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact id -> {"size", "sha256"}
 
     def to_attr(self) -> dict[str, Any]:
         """The value of the main study's :func:`~search.layout.baseline_key` attr."""
@@ -281,6 +290,7 @@ class MatchedBaseline:
             "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],
             "records": records_to_columns(list(self.records)) if self.records else None,
             "checkpoints": {str(k): v for k, v in self.checkpoints.items()},
+            "digests": dict(self.digests),
             "error": None,
         }
 
@@ -288,7 +298,8 @@ class MatchedBaseline:
     def from_trial(cls, trial: FrozenTrial) -> MatchedBaseline:
         """The baseline from its own COMPLETE trial (in the companion study)."""
         records = columns_to_records(trial.user_attrs[RECORDS])
-        return cls(tuple(r.val_ppl for r in records), "auto", tuple(records), warmup_checkpoints(trial.user_attrs))
+        return cls(tuple(r.val_ppl for r in records), "auto", tuple(records), warmup_checkpoints(trial.user_attrs),
+                   dict(trial.user_attrs.get(CHECKPOINT_DIGESTS, {})))
 
 
 def warmup_checkpoints(user_attrs: Mapping[str, Any]) -> dict[int, str]:

@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -23,20 +24,45 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
-from search.job import TrainingJob
+from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
 from search.spec import StudySpec
-from search.storage import retrying
+from search.storage import exclusive, retrying
+from trainer.errors import CheckpointError
 from trainer.records import EpochRecord
 
 if TYPE_CHECKING:
     from trainer.config import TrainerConfig
     from trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["TrialOutcome", "TrialRunner", "format_outcome"]
+__all__ = ["ENV_RETRY_MAX", "TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
 
 logger = logging.getLogger(__name__)
+
+# Attempts of one trial that its environment may fail (a full disk, the artifact store, the database) before
+# the trial is given up as lost; each failed attempt is queued again with its parameters and checkpoint.
+ENV_RETRY_MAX = int(os.environ.get("KOOPMAN_ENV_RETRY_MAX", "3"))
+
+
+def is_environment_fault(exc: BaseException) -> bool:
+    """True for a failure of where the trial runs, not of what it computes: an OS error (a full disk, a
+    missing or corrupt checkpoint file), the storage or the artifact store out of reach, or torch failing to
+    write a checkpoint file."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from search.errors import StorageError
+    from search.storage import TRANSIENT
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, StorageError, ArtifactNotFound, *TRANSIENT)):
+            return True
+        if isinstance(seen, RuntimeError) and any(
+                mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,8 @@ class TrialOutcome:
     label: str | None = None
     trial_id: int | None = None
     stored: bool = True  # False when the attempt was failed elsewhere meanwhile and its end was dropped
+    requeued: bool = False  # failed by its environment and queued again: it does not use up a trial
+    lost: bool = False  # failed by its environment ENV_RETRY_MAX times: not queued again
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -101,20 +129,85 @@ class TrialRunner:
             return self._run(trial, job)
 
     def _start(self, job: TrainingJob, cfg: TrainerConfig) -> tuple[HybridKoopmanTrainer, int, int]:
-        """The trainer to continue: (trainer, epochs_from_warmup, epochs_resumed)."""
+        """The trainer to continue: (trainer, epochs_from_warmup, epochs_resumed). A retry resumes from its
+        newest checkpoint, else the one before it, else the baseline's warmup checkpoint, else epoch 0; every
+        step down is logged and kept in the :data:`~search.layout.RESUME_FALLBACK` attr."""
         from trainer.loop import HybridKoopmanTrainer
 
         warm = int(job.frozen.user_attrs.get(layout.EPOCHS_FROM_WARMUP, 0))
         resumed = job.resume(cfg)
         if resumed is not None:  # a retry: continue from the last checkpoint of the attempt that died or stopped
+            if job.fallback:
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
             return resumed, warm, resumed.epoch
         s = cfg.koopman.start_epoch
         artifact = self._baseline.checkpoints.get(s) if self._spec.shared_warmup else None
         trainer = HybridKoopmanTrainer(cfg)
         if artifact:
-            trainer.warm_start_from(job.download(artifact, "warmup.pt"))
+            try:
+                trainer.warm_start_from(job.download(artifact, "warmup.pt", self._baseline.digests.get(artifact)))
+            except (CheckpointCorrupt, CheckpointError) as exc:
+                problem = f"the baseline's warmup checkpoint of epoch {s} cannot be used ({exc})"
+                rebuilt = self._rebuild_warmup(job, s, artifact)
+                trainer = HybridKoopmanTrainer(cfg)
+                if rebuilt is not None:
+                    trainer.warm_start_from(rebuilt)
+                    job.fallback = "; ".join(filter(None, [job.fallback, f"{problem}; started from it rebuilt"]))
+                    logger.warning("trial %d: %s", job.frozen.number, job.fallback)
+                    return trainer, s, 0
+                job.fallback = "; ".join(filter(None, [job.fallback, f"{problem}; trained from epoch 0"]))
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
+                return trainer, 0, 0
+            if job.fallback:
+                job.fallback += f"; started from the baseline's warmup checkpoint of epoch {s}"
+                logger.warning("trial %d: %s", job.frozen.number, job.fallback)
             return trainer, s, 0
+        if job.fallback:
+            job.fallback += "; trained from epoch 0"
+            logger.warning("trial %d: %s", job.frozen.number, job.fallback)
         return trainer, 0, 0
+
+    def _rebuild_warmup(self, job: TrainingJob, s: int, bad: str) -> Path | None:
+        """The baseline's epoch-``s`` checkpoint made again after ``bad`` was found missing or corrupt: by
+        rerunning the baseline's first ``s`` epochs (the same computation, so the same checkpoint), once per
+        study and epoch, under a lock, and published in the main study's baseline attr for every worker.
+        A worker that finds it rebuilt by another takes that one. None when it cannot be had."""
+        from trainer.loop import HybridKoopmanTrainer
+
+        key = layout.baseline_key(self._spec.trainer.train.seed)
+        study = self._study
+        with exclusive(study._storage, f"koopman-search warmup {self._spec.name} {key} epoch {s}"):
+            attrs = retrying(lambda: self._storage.get_study_user_attrs(study._study_id), "read the baseline")
+            stored = dict(attrs.get(key) or {})
+            checkpoints = dict(stored.get("checkpoints") or {})
+            digests = dict(stored.get("digests") or {})
+            rebuilt = dict(stored.get("rebuilt") or {})
+            current = checkpoints.get(str(s))
+            try:
+                if current and current != bad:  # rebuilt meanwhile by another worker
+                    path = job.download(current, "warmup.pt", digests.get(current))
+                    self._baseline.checkpoints[s] = current
+                    self._baseline.digests[current] = digests.get(current, {})
+                    return path
+            except (CheckpointCorrupt, CheckpointError) as exc:
+                logger.warning("the rebuilt warmup checkpoint of epoch %d cannot be used either: %s", s, exc)
+                return None
+            if rebuilt.get(str(s)):
+                return None  # rebuilt once already: not again
+            logger.warning("rebuilding the baseline's warmup checkpoint of epoch %d (the stored one is unusable)", s)
+            base = HybridKoopmanTrainer(self._spec.baseline_config)
+            base.fit(callback=lambda record: record.epoch >= s)
+            path = base.save_checkpoint(job.scratch / f"warmup-rebuilt-{s}.pt")
+            digest = file_digest(path)
+            new = retrying(lambda: optuna.artifacts.upload_artifact(
+                artifact_store=self._store, file_path=str(path), study_or_trial=study),
+                "upload the rebuilt warmup checkpoint")
+            checkpoints[str(s)], digests[new], rebuilt[str(s)] = new, digest, True
+            stored.update(checkpoints=checkpoints, digests=digests, rebuilt=rebuilt)
+            retrying(lambda: study.set_user_attr(key, stored), "publish the rebuilt warmup checkpoint")
+            self._baseline.checkpoints[s] = new
+            self._baseline.digests[new] = digest
+            return path
 
     def _run(self, trial: optuna.Trial, job: TrainingJob) -> TrialOutcome:
         spec = self._spec
@@ -122,28 +215,33 @@ class TrialRunner:
         params: dict[str, Any] = {}
         state, reason, values, pruned_epoch = "FAIL", None, None, None
         epochs_run = warm = resumed = 0
-        interrupted = False
+        interrupted = env = lost = False
         try:
-            params = spec.space.suggest(trial)
+            # the sampler reads the study and stores each parameter: a database outage here is retried, and
+            # a retry finds the parameters already stored (Optuna returns a stored parameter as it is)
+            params = retrying(lambda: spec.space.suggest(trial), f"draw the parameters of trial {trial.number}")
             cfg = spec.trial_config(params)
             # which process runs it: the one to look at when the trial goes quiet
             worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.train.device}
             retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
             trainer, warm, resumed = self._start(job, cfg)
             first_epoch = trainer.epoch + 1
-            trial.set_user_attr(layout.EPOCHS_FROM_WARMUP, warm)
-            if resumed:
-                trial.set_user_attr(layout.EPOCHS_RESUMED, resumed)
-            previous: list[str] = []
+            start_attrs = {layout.EPOCHS_FROM_WARMUP: warm, **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
+                           **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {})}
+
+            def record_start() -> None:
+                for key, value in start_attrs.items():
+                    trial.set_user_attr(key, value)
+
+            retrying(record_start, f"record how trial {trial.number} starts")
             prune: list[tuple[str, int]] = []
 
             def on_epoch(record: EpochRecord) -> bool:
                 nonlocal epochs_run
                 epochs_run = record.epoch - first_epoch + 1
-                artifact_id = job.save_epoch(trainer, record, first_epoch)
-                for old in previous:  # keep only the newest checkpoint of this attempt
-                    job.remove(old)
-                previous[:] = [artifact_id]
+                _artifact_id, dropped = job.save_epoch(trainer, record, first_epoch)
+                if dropped is not None:  # keep the newest checkpoint and the one before it, for a fallback
+                    job.remove(dropped)
                 if self._on_epoch is not None:
                     self._on_epoch(trial.number, record)
                 why = self._rules.check(record)
@@ -151,7 +249,7 @@ class TrialRunner:
                     value = getattr(record, spec.metrics[0])
                     if math.isfinite(value):
                         retrying(lambda: trial.report(value, record.epoch), "report")
-                        if trial.should_prune():
+                        if retrying(trial.should_prune, "ask the pruner"):
                             why = f"{spec.pruner} pruner at epoch {record.epoch}"
                 if why is not None:
                     prune.append((why, record.epoch))
@@ -175,12 +273,32 @@ class TrialRunner:
             raise
         except Exception as exc:  # a failing trial never takes its worker down
             reason = f"{type(exc).__name__}: {exc}".strip()
+            if is_environment_fault(exc):
+                env, lost = self._environment_failed(trial, job, reason)
             logger.warning("trial %d failed: %s", trial.number, reason,
                            exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
-        stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=interrupted)
+        requeue = interrupted or (env and not lost)
+        stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=requeue)
         return TrialOutcome(trial.number, "FAIL" if interrupted else state, _clean(params), values, reason,
-                            epochs_run, warm, resumed, label, trial._trial_id, stored)
+                            epochs_run, warm, resumed, label, trial._trial_id, stored,
+                            requeued=env and not lost and stored, lost=lost)
+
+    def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
+        """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
+        failures = int(job.frozen.user_attrs.get(layout.ENV_FAILURES, 0)) + 1
+        try:
+            retrying(lambda: trial.set_user_attr(layout.ENV_FAILURES, failures), "count an environment failure")
+        except Exception:
+            logger.warning("trial %d: its environment failure could not be counted", trial.number)
+        lost = failures > ENV_RETRY_MAX
+        if lost:
+            logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures,
+                         reason)
+        else:
+            logger.warning("trial %d failed by its environment (%d of %d allowed); queued again with its "
+                           "parameters and checkpoint", trial.number, failures, ENV_RETRY_MAX)
+        return True, lost
 
     def _finish(self, trial: optuna.Trial, job: TrainingJob, state: str, values: tuple[float, ...] | None,
                 reason: str | None, pruned_epoch: int | None, interrupted: bool) -> bool:

@@ -11,9 +11,9 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     name = "wikitext2-koopman"        # letters, digits, . _ -; also names the default SQLite file
     storage = ""                      # "" = sqlite:///<study file dir>/<name>.db; ${VAR} expands from the env
     artifacts = ""                    # "" = <study file dir>/<name>-artifacts; a path, or s3://bucket/prefix
-    n_trials = 30                     # >= 1 and >= the number of [[enqueue]] trials
+    n_trials = 30                     # 1..100000 and >= the number of [[enqueue]] trials
     sampler = "tpe"                   # tpe | random | nsgaii
-    seed = 0                          # the sampler's seed
+    seed = 0                          # the sampler's seed, 0..2**31-1
     pruner = "none"                   # none | median | hyperband (single-objective studies only)
     shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
     objectives = [{ metric = "val_ppl", direction = "minimize" },
@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -229,11 +230,24 @@ class StudySpec:
 # ---- loading -----------------------------------------------------------------------------------------------
 
 
+MAX_STUDY_FILE_BYTES = 1 << 20
+MAX_TRIALS = 100_000  # a budget is a queue of WAITING trials in the database: each is a row
+MAX_SEED = 2**31  # the sampler's seed plus a worker's offset (< 2**30) must stay below numpy's 2**32
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file. Raises :class:`SpecError`; never touches a storage."""
     path = Path(path)
     origin = str(path)
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(origin)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise SpecError(f"study file must be a regular file, but got a special file: {origin}")
+        if info.st_size > MAX_STUDY_FILE_BYTES:
+            raise SpecError(f"study file must be at most {MAX_STUDY_FILE_BYTES} bytes, but got "
+                            f"{info.st_size} bytes: {origin}")
         with path.open("rb") as fh:
             values = tomllib.load(fh)
     except FileNotFoundError:
@@ -244,6 +258,10 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"study file must be UTF-8 text, but got {exc.reason} ({origin})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"study file is not valid TOML: {exc}; fix the syntax there ({origin})") from None
+    except RecursionError:
+        raise SpecError(f"study file nests its tables or arrays too deeply to read: {origin}") from None
+    except OSError as exc:  # unreadable, a symlink loop, an I/O error
+        raise SpecError(f"study file cannot be read: {exc.strerror or exc} ({origin})") from None
     return spec_from_dict(values, origin=origin, base_dir=path.resolve().parent)
 
 
@@ -269,10 +287,13 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
     n_trials = _get(study, "n_trials", int, origin, "study", default=30)
     if n_trials < 1:
         raise SpecError.at(f"n_trials must be >= 1, but got n_trials={n_trials}", origin, "study.n_trials")
+    if n_trials > MAX_TRIALS:
+        raise SpecError.at(f"n_trials must be <= {MAX_TRIALS}, but got n_trials={n_trials}", origin,
+                           "study.n_trials")
     sampler = _choice(study, "sampler", SAMPLERS, origin, "study")
     seed = _get(study, "seed", int, origin, "study", default=0)
-    if seed < 0:
-        raise SpecError.at(f"seed must be >= 0, but got seed={seed}", origin, "study.seed")
+    if not 0 <= seed < MAX_SEED:
+        raise SpecError.at(f"seed must be in 0..{MAX_SEED - 1}, but got seed={seed}", origin, "study.seed")
     pruner = _choice(study, "pruner", PRUNERS, origin, "study")
     shared_warmup = _get(study, "shared_warmup", bool, origin, "study", default=True)
 

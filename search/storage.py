@@ -31,6 +31,7 @@ from search.urls import redact_text, redact_url
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
+    "OUTAGE_TIMEOUT",
     "Heartbeat",
     "exclusive",
     "fail_stale_trials",
@@ -169,20 +170,32 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
              optuna.exceptions.StorageInternalError)
 
 
-def retrying(fn: Callable[[], T], what: str, timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call ``fn`` until it stops raising a transient database error, backing off up to ``timeout`` s."""
-    delay, waited = 1.0, 0.0
+# How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
+# database restart or failover; a trial whose heartbeat went stale meanwhile is retried from its checkpoint
+# (docs/design.md, "Fault model").
+OUTAGE_TIMEOUT = float(os.environ.get("KOOPMAN_OUTAGE_TIMEOUT", "1800"))
+RETRY_DELAY_MAX = 30.0
+
+
+def retrying(fn: Callable[[], T], what: str, timeout: float | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` until it stops raising a transient database error, backing off (1 s doubling, at most
+    :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default :data:`OUTAGE_TIMEOUT`), with one status line per
+    attempt that says since when the database is unreachable."""
+    limit = OUTAGE_TIMEOUT if timeout is None else timeout
+    delay, waited, since = 1.0, 0.0, ""
     while True:
         try:
             return fn()
         except TRANSIENT as exc:
-            if waited >= timeout:
+            if waited >= limit:
                 raise StorageError(f"{what}: the database stayed unreachable for {waited:.0f} s") from exc
-            logger.warning("%s: database unreachable (%s), retrying in %.0f s", what,
-                           type(exc).__name__, delay)
+            since = since or time.strftime("%H:%M:%S")
+            logger.warning("%s: database unreachable since %s (%s), retrying in %.0f s (gives up after %.0f s)",
+                           what, since, type(exc).__name__, delay, limit)
             sleep(delay)
             waited += delay
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, RETRY_DELAY_MAX)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

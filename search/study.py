@@ -148,7 +148,8 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     trial_id = retrying(claim, "claim a trial")
     if trial_id is None:
         return None
-    return optuna.Trial(study, trial_id)
+    # a Trial reads the study for the sampler's relative search space: an outage here is retried too
+    return retrying(lambda: optuna.Trial(study, trial_id), "start the claimed trial")
 
 
 def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -43,6 +43,11 @@ def redact_url(url: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    scheme, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0] if sep else ""
+    if netloc.count("@") > 1:  # an unencoded '@' in the password: everything before the last '@' is userinfo
+        user = netloc.rsplit("@", 1)[0].split(":", 1)[0]
+        return f"{scheme}://{user}:***@{rest[len(netloc.rsplit('@', 1)[0]) + 1:]}"
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
@@ -56,10 +61,16 @@ def redact_text(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) replaced by ``***``."""
     import sqlalchemy
 
-    try:
-        password = sqlalchemy.engine.make_url(url).password
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return text.replace(url, redact_url(url))
+    text = text.replace(url, redact_url(url))
+    _scheme, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0] if sep else ""
+    if netloc.count("@") > 1:  # an unencoded '@' in the password: the userinfo runs to the last '@'
+        password: str | None = netloc.rsplit("@", 1)[0].partition(":")[2] or None
+    else:
+        try:
+            password = sqlalchemy.engine.make_url(url).password
+        except (sqlalchemy.exc.ArgumentError, ValueError):
+            return text
     if password:
         text = text.replace(str(password), "***")
     return text

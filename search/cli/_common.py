@@ -1,7 +1,9 @@
 """Options and lookups shared by the study commands.
 
 Where the storage comes from, first found wins: ``--storage URL``, then ``$OPTUNA_STORAGE`` (optuna's own
-habit; docker-compose sets it), then the study file's ``storage`` (a SQLite file next to it by default).
+habit; docker-compose sets it), then the first line of the file ``$KOOPMAN_STORAGE_FILE`` names (a secret
+file), then the study file's ``storage`` (a SQLite file next to it by default). A URL with a password
+belongs in the environment or that file: on the command line every user of the machine sees it (``ps``).
 The artifact store likewise: ``--artifacts DIR``, ``$KOOPMAN_ARTIFACTS``, the study file's ``artifacts``.
 """
 
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from search.errors import SpecError
@@ -29,13 +32,16 @@ __all__ = [
 ]
 
 STORAGE_ENV = "OPTUNA_STORAGE"
+STORAGE_FILE_ENV = "KOOPMAN_STORAGE_FILE"
 ARTIFACTS_ENV = "KOOPMAN_ARTIFACTS"
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL",
-                   help=f"storage URL, e.g. postgresql+psycopg://user:pass@host/db "
-                        f"(default: ${STORAGE_ENV}, else the study file's)")
+                   help=f"storage URL, e.g. postgresql+psycopg://user@host/db (default: ${STORAGE_ENV}, else the "
+                        f"file named by ${STORAGE_FILE_ENV}, else the study file's); give a URL with a password "
+                        f"through ${STORAGE_ENV} or ${STORAGE_FILE_ENV}, never here: arguments are visible to "
+                        "every user of the machine")
     p.add_argument("--artifacts", metavar="DIR",
                    help=f"artifact store for checkpoints: a shared directory or s3://bucket "
                         f"(default: ${ARTIFACTS_ENV}, else the study file's)")
@@ -62,10 +68,40 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="CPU processes when --gpus is left out (default 1)")
 
 
+def storage_from_file() -> str | None:
+    """The storage URL in the file ``$KOOPMAN_STORAGE_FILE`` names (its first line), or None when unset."""
+    name = os.environ.get(STORAGE_FILE_ENV)
+    if not name:
+        return None
+    try:
+        with open(name, encoding="utf-8") as fh:
+            url = fh.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"${STORAGE_FILE_ENV} must name a readable UTF-8 file holding the storage URL, but got "
+                        f"{STORAGE_FILE_ENV}={name!r} ({getattr(exc, 'strerror', None) or exc})") from None
+    if not url:
+        raise SpecError(f"${STORAGE_FILE_ENV} names an empty file, but got {STORAGE_FILE_ENV}={name!r}")
+    return url
+
+
 def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     """The study file with the storage and artifact store from flags or the environment."""
-    storage = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or spec.storage_url
-    artifacts = getattr(args, "artifacts", None) or os.environ.get(ARTIFACTS_ENV) or spec.artifacts_dir
+    from search.urls import resolve_artifacts, resolve_storage_url
+
+    # a flag or variable is checked like the file's own key: an in-memory SQLite, a storage or artifact
+    # store of an unknown kind is refused here, before anything is written
+    storage, artifacts = spec.storage_url, spec.artifacts_dir
+    for value, origin in ((getattr(args, "storage", None), "--storage"),
+                          (os.environ.get(STORAGE_ENV), f"${STORAGE_ENV}"),
+                          (storage_from_file(), f"${STORAGE_FILE_ENV}")):
+        if value:
+            storage = resolve_storage_url(value, spec.name, origin, Path.cwd())
+            break
+    for value, origin in ((getattr(args, "artifacts", None), "--artifacts"),
+                          (os.environ.get(ARTIFACTS_ENV), f"${ARTIFACTS_ENV}")):
+        if value:
+            artifacts = resolve_artifacts(value, spec.name, origin, Path.cwd())
+            break
     return dataclasses.replace(spec, storage_url=storage, artifacts_dir=artifacts)
 
 
@@ -82,7 +118,7 @@ def resolve_target(args: argparse.Namespace) -> StudyTarget:
         spec = spec_with_overrides(load_spec(args.study), args)
         name = getattr(args, "study_name", None) or spec.name
         return StudyTarget(spec.storage_url, name, spec)
-    url = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV)
+    url = getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or storage_from_file()
     name = getattr(args, "study_name", None)
     if not name or not url:
         raise SpecError(

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 EXAMPLE = """examples:
   koopman-search launch studies/quickstart.toml
   koopman-search launch studies/wikitext2.toml --gpus all --trials-per-gpu 2
-  koopman-search launch studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db/koopman --workers 4
+  export OPTUNA_STORAGE=postgresql+psycopg://koopman:PASS@db/koopman    # a password: never in --storage
+  koopman-search launch studies/wikitext2.toml --workers 4
 
 Ctrl-C stops at once: the running trial is queued again and resumes from its last checkpoint when the
 same command runs again.
@@ -73,31 +74,77 @@ def run(args: argparse.Namespace) -> int:
         if rerun_baseline(spec, storage):
             logger.info("baseline queued to run again")
     interrupted = False
+    lost: list[int] = []
+    failed = False
     if supervisor is not None:
         supervisor.expect_trials(waiting_trials(study))
         code = supervisor.run()
-        interrupted = code != 0 or supervisor.stop_requested
+        interrupted = supervisor.stop_requested
+        failed = code != 0 and not interrupted  # a slot stopped for good, or a trial was lost: said above
     else:
-        from search.workers import run_worker
         from search.workers.progress import LiveProgress
 
         progress = LiveProgress(waiting_trials(study),
                                 format_outcome=lambda o: format_outcome(o, spec.metrics))
-        try:
-            with progress.session():
-                run_worker(spec, on_outcome=progress.on_outcome, on_trial_start=progress.on_trial_start,
-                           on_epoch=progress.on_epoch, on_baseline_epoch=progress.on_baseline_epoch)
-        except KeyboardInterrupt:
-            interrupted = True
+        with progress.session():
+            interrupted = _run_here(spec, progress.on_outcome, lost, on_trial_start=progress.on_trial_start,
+                                    on_epoch=progress.on_epoch, on_baseline_epoch=progress.on_baseline_epoch)
     _annotate(study)
     print()
     print(status_text(status_data(study)))
+    if lost:
+        print(f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
+              f"{', '.join(map(str, lost))}); see the errors above", file=sys.stderr)
+        return 1
+    if failed:
+        print("koopman-search launch: error: a worker process stopped for good or a trial was lost; see the "
+              "errors above", file=sys.stderr)
+        return 1
     if not interrupted:
         print_best(study, "table")
         return 0
     print(f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to "
           "continue", file=sys.stderr)
     return 130
+
+
+def _run_here(spec: Any, on_outcome: Any, lost: list[int], **callbacks: Any) -> bool:
+    """The worker loop in this process. SIGTERM stops it after the running epoch (the trial is handed back
+    to resume from its checkpoint), a second SIGTERM or Ctrl-C at once. True when it was stopped; ``lost``
+    gets the numbers of the trials lost to environment faults."""
+    import secrets
+    import signal
+    import threading
+
+    from search.errors import BaselineError
+    from search.workers import run_worker
+    from search.workers.supervisor import SEED_OFFSET_RANGE
+
+    stop = threading.Event()
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt("SIGTERM received twice")
+        logger.warning("SIGTERM: stopping after this epoch; the trial is queued to resume (again to stop at once)")
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        # a fresh sampler seed per launch: a relaunch, or launches side by side, must not repeat proposals
+        summary = run_worker(spec, seed_offset=secrets.randbelow(SEED_OFFSET_RANGE), stop=stop,
+                             on_outcome=on_outcome, **callbacks)
+        lost[:] = [o.number for o in summary.lost]
+        return summary.interrupted
+    except KeyboardInterrupt:
+        return True
+    except BaselineError:
+        if stop.is_set():  # stopped while the baseline ran or was waited for; it resumes on the next run
+            return True
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _annotate(study: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def _check_out(out: Path) -> None:
             f"--out must be in an existing directory, but got out={str(out)!r} "
             f"(no directory {str(out.parent)!r}); create it first"
         )
+    try:  # a directory we cannot write to (read-only, /proc) is found before the study is read
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".report-", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out must be in a directory this process can write to, but got out={str(out)!r} "
+                          f"({exc.strerror or exc})") from None
 
 
 def run(args: argparse.Namespace) -> int:

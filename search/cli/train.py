@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,37 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _load(path: str) -> TrainerConfig:
+    """``--config`` read, with every way a path can be wrong as one line (exit 2)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config must be a TOML file, but got a directory: config={path!r}")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"--config must be a regular file, but got a special file: config={path!r}")
+    try:
+        return load_config(p)
+    except OSError as exc:
+        raise ConfigError(f"--config cannot be read: {exc.strerror or exc} (config={path!r})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config must be UTF-8 text, but got {exc.reason} (config={path!r})") from None
+    except RecursionError:
+        raise ConfigError(f"--config nests its tables or arrays too deeply to read (config={path!r})") from None
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    """``--checkpoint-dir`` made and written to once before the first epoch, not after it."""
+    where = Path(path)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--checkpoint-dir must be a directory this process can write to, but got "
+                          f"checkpoint_dir={path!r} ({exc.strerror or exc})") from None
+
+
 def build_config(args: argparse.Namespace) -> TrainerConfig:
-    cfg = load_config(args.config) if args.config else TrainerConfig()
+    cfg = _load(args.config) if args.config else TrainerConfig()
     overrides = {key: getattr(args, dest) for dest, (key, _, _) in FLAG_KEYS.items()
                  if getattr(args, dest) is not None}
     overrides["train.progress"] = not args.no_progress and sys.stderr.isatty()
@@ -125,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir, but got checkpoint_dir=None")
+    if args.checkpoint_dir:
+        _check_checkpoint_dir(args.checkpoint_dir)
     last = Path(args.checkpoint_dir) / "last.pt" if args.checkpoint_dir else None
     if args.resume and last is not None and last.exists():
         trainer = HybridKoopmanTrainer.from_checkpoint(last, cfg)

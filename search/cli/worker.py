@@ -22,16 +22,16 @@ __all__ = ["add_parser", "run"]
 logger = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
-  koopman-search create studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman
-  koopman-search worker studies/wikitext2.toml --storage postgresql+psycopg://koopman:PASS@db:5432/koopman \\
-      --gpus all --trials-per-gpu 2
+  export KOOPMAN_STORAGE_FILE=/run/secrets/storage-url   # holds postgresql+psycopg://koopman:PASS@db/koopman
+  koopman-search create studies/wikitext2.toml
+  koopman-search worker studies/wikitext2.toml --gpus all --trials-per-gpu 2
   koopman-search worker studies/quickstart.toml --workers 2          # two CPU processes
 
 The study's trial budget is shared: start the same command on every machine, with the same storage URL
 and artifact store, and together they run the study's trials once each. Status lines (one per process)
 go to stderr, each finished trial to stdout. SIGTERM or Ctrl-C: every trial finishes its epoch,
 checkpoints and is queued to resume; press Ctrl-C again to stop at once. A process that crashes is
-started again; its trial resumes from its last checkpoint once its heartbeat goes stale.
+started again; its trial is queued again at once and resumes from its last checkpoint.
 """
 
 

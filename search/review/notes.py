@@ -170,9 +170,11 @@ def study_note(
         lines.append("**Baseline:** none stored yet.")
     else:
         known = [v for v in baseline.val_ppl if v is not None]
-        curve = f"val perplexity {fmt(known[0])} → {fmt(known[-1])} over {len(baseline.val_ppl)} epochs"
         text = f"**Baseline** (Koopman off, seed {baseline.seed}, {baseline.state}): "
-        text += curve if known else "no curve yet"
+        if known:  # a baseline that runs, was interrupted or failed has no curve yet
+            text += f"val perplexity {fmt(known[0])} → {fmt(known[-1])} over {len(baseline.val_ppl)} epochs"
+        else:
+            text += "no curve yet"
         if baseline.error:
             text += f"; error: {_escape(baseline.error)}"
         lines.append(text + ".")

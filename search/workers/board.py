@@ -29,6 +29,8 @@ class SlotRun:
     started: int = 0  # trials claimed
     finished: int = 0  # trials that reached an outcome
     crashes: int = 0  # unexpected exits in a row
+    current: int | None = None  # the number of the trial its process runs now
+    outages: int = 0  # exits for a database out of reach, in a row (they never give the slot up)
     restart_at: float | None = None
     signalled: int = 0  # stop requests passed on to the current process
     done: bool = False

@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from search.errors import BaselineError, StudyNotFoundError
+from search.errors import BaselineError, StorageError, StudyNotFoundError
 from search.spec import spec_from_dict
 from search.workers import events
-from search.workers.events import EXIT_FATAL, EventWriter
+from search.workers.events import EXIT_FATAL, EXIT_OUTAGE, EventWriter
 from trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["child_main"]
@@ -94,7 +94,7 @@ def child_main() -> int:
 
         def on_outcome(o: TrialOutcome) -> None:
             writer.emit(events.OUTCOME, number=o.number, state=o.state, reason=o.reason,
-                        line=format_outcome(o, spec.metrics))
+                        line=format_outcome(o, spec.metrics), requeued=o.requeued, lost=o.lost)
 
         summary = run_worker(
             spec, seed_offset=int(job.get("seed_offset", 0)), max_trials=job.get("max_trials"), stop=stop,
@@ -111,9 +111,11 @@ def child_main() -> int:
             writer.emit(events.EXIT, reason="stopped")
             return 0
         logger.error("%s", exc)
+        if isinstance(exc, StorageError):
+            return EXIT_OUTAGE  # the supervisor starts it again, without counting it as a crash
         fatal = isinstance(exc, (ConfigError, BaselineError, StudyNotFoundError))
         return EXIT_FATAL if fatal else 1
-    n = len(summary.outcomes)
+    n = summary.counted
     if summary.interrupted:
         reason = "stopped"
     elif job.get("max_trials") is not None and n >= job["max_trials"]:

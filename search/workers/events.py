@@ -15,6 +15,7 @@ __all__ = [
     "EVENT_KEY",
     "EXIT",
     "EXIT_FATAL",
+    "EXIT_OUTAGE",
     "OUTCOME",
     "READY",
     "TRIAL",
@@ -22,6 +23,7 @@ __all__ = [
 ]
 
 EXIT_FATAL = 3  # a worker process's exit status for an error that a restart cannot fix: not started again
+EXIT_OUTAGE = 75  # the database stayed out of reach: started again, however often (EX_TEMPFAIL)
 
 EVENT_KEY = "event"
 READY = "ready"  # pid, device: the process is up; the baseline (or the wait for it) comes next

@@ -29,7 +29,7 @@ from search.study import claim_waiting_trial, load_study
 from trainer.errors import KoopmanError
 from trainer.records import EpochRecord
 
-__all__ = ["WorkerSummary", "run_worker"]
+__all__ = ["WorkerSummary", "check_machine", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,16 @@ IDLE_MIN, IDLE_MAX = 2.0, 20.0  # seconds between looks while other workers' tri
 class WorkerSummary:
     outcomes: list[TrialOutcome] = field(default_factory=list)
     interrupted: bool = False
+
+    @property
+    def counted(self) -> int:
+        """Trials run, not counting attempts failed by their environment and queued again."""
+        return sum(1 for o in self.outcomes if not o.requeued)
+
+    @property
+    def lost(self) -> list[TrialOutcome]:
+        """Trials their environment failed too often to queue them again."""
+        return [o for o in self.outcomes if o.lost]
 
 
 def run_worker(
@@ -64,6 +74,7 @@ def run_worker(
     them on to their supervisor)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
+    check_machine(spec)  # before the shared baseline or any trial is touched
     storage = open_storage(spec.storage_url)
     study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
@@ -72,7 +83,7 @@ def run_worker(
     runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
     summary = WorkerSummary()
     delay = IDLE_MIN
-    while not stop.is_set() and (max_trials is None or len(summary.outcomes) < max_trials):
+    while not stop.is_set() and (max_trials is None or summary.counted < max_trials):
         fail_stale_trials(study)
         trial = claim_waiting_trial(study)
         if trial is None:
@@ -114,6 +125,27 @@ def _warn_baseline_over_limit(spec: StudySpec, baseline: MatchedBaseline) -> Non
             "the baseline's own total loss is above total_loss_max %g at epoch(s) %s (%s): the total-loss "
             "rule does not judge trials there (the language model, not the Koopman term, is over the limit); "
             "raise total_loss_max in [rules] to judge them", limit, ", ".join(map(str, epochs)), values)
+
+
+def check_machine(spec: StudySpec) -> None:
+    """What this machine must have to run the study: its trainer device and its model factory. Raises
+    :class:`~trainer.errors.ConfigError`, so that a worker with a bad device or a missing module stops at
+    start (exit 2, or a slot that stays down) instead of failing the shared baseline or a trial."""
+    import torch
+
+    from trainer.errors import ConfigError
+    from trainer.loop import resolve_device
+    from trainer.model import _load_factory
+
+    name = spec.trainer.train.device
+    device = resolve_device(name)
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"device {name} cannot be used on this machine ({str(exc).splitlines()[0]}), "
+                          f"but got device={name!r}") from None
+    if spec.trainer.model.factory:
+        _load_factory(spec.trainer.model.factory)
 
 
 def _annotate(study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int,

@@ -15,15 +15,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import IO, TextIO, cast
+from typing import IO, Any, TextIO, cast
 
 from search.errors import SpecError
 from search.spec import StudySpec
 from search.workers import events
 from search.workers.board import Board, BoardHandler, SlotRun
-from search.workers.events import EXIT_FATAL
+from search.workers.events import EXIT_FATAL, EXIT_OUTAGE
 from search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
 from trainer.alloc import allocator_env, chosen_allocator
+from trainer.errors import KoopmanError
 
 __all__ = ["CHILD_COMMAND", "EXIT_FATAL", "MAX_RESTARTS", "Supervisor", "build_supervisor"]
 
@@ -38,7 +39,8 @@ SEED_OFFSET_RANGE = 2**30
 class Supervisor:
     """Starts one worker process per slot, shows their progress, restarts the ones that crash, and passes
     stop requests on. :meth:`run` returns 0 when every slot ended cleanly (the study's queue is empty, the
-    trial cap is reached, or a stop was asked for), 1 when a slot failed for good."""
+    trial cap is reached, or a stop was asked for), 1 when a slot failed for good or a trial was lost to
+    environment faults (docs/design.md, "Fault model")."""
 
     def __init__(
         self,
@@ -72,6 +74,8 @@ class Supervisor:
         self._board = Board(self._runs, self._out, self._err, live)
         self._events: queue.Queue[tuple[SlotRun, subprocess.Popen[str], str, str]] = queue.Queue()
         self._signals = 0  # stop requests so far (the signal handler only counts)
+        self._storage: Any = None  # opened when a process dies in a trial
+        self._lost: list[int] = []  # trials their environment failed too often to queue them again
         self._announced = 0
 
     def expect_trials(self, n: int) -> None:
@@ -134,6 +138,10 @@ class Supervisor:
         failed = [run.slot.label for run in self._runs if run.failed]
         if failed:
             logger.error("%s stopped for good; see the errors above", ", ".join(failed))
+            return 1
+        if self._lost:
+            logger.error("%d trial(s) lost to environment faults (trial %s); see the errors above",
+                         len(self._lost), ", ".join(map(str, sorted(self._lost))))
             return 1
         return 0
 
@@ -231,14 +239,21 @@ class Supervisor:
         elif name == events.TRIAL:
             run.started += 1
             self._board.trials.started(event["number"])
+            run.current = int(event["number"])
             self._board.update(run, f"trial {event['number']} starting (pid {proc.pid})")
         elif name == events.EPOCH:
             self._board.update(run, f"trial {event['number']} {self._board.epoch_status(event)} (pid {proc.pid})")
         elif name == events.BASELINE_EPOCH:
             self._board.update(run, f"baseline {self._board.epoch_status(event)} (pid {proc.pid})")
         elif name == events.OUTCOME:
-            run.finished += 1
-            run.crashes = 0
+            run.crashes = run.outages = 0
+            run.current = None
+            if event.get("requeued"):
+                run.started -= 1  # failed by its environment and queued again: it does not use up a trial
+            else:
+                run.finished += 1
+            if event.get("lost"):
+                self._lost.append(int(event["number"]))
             self._board.result(event["line"], number=event["number"])
             reason = f": {event['reason']}" if event.get("reason") else ""
             self._board.update(run, f"trial {event['number']} {event['state']}{reason} (pid {proc.pid})")
@@ -272,6 +287,10 @@ class Supervisor:
         self._pump(timeout=0)
         self._close_stdin(proc)
         run.proc, run.readers = None, []
+        if run.current is not None:  # it died in the middle of a trial
+            if self._requeue(run.current, _describe_exit(code)):
+                run.started -= 1  # the killed attempt does not count toward --n-trials
+            run.current = None
         if code == 0:
             self._finish(run, "stopped" if self.stop_requested else f"finished ({run.finished} trial(s))")
             return
@@ -286,6 +305,13 @@ class Supervisor:
         if run.share is not None and run.started >= run.share:
             self._finish(run, f"{how} after its last trial")
             return
+        if code == EXIT_OUTAGE:  # the database is out of reach: wait for it, never give the slot up
+            delay = min(RESTART_DELAY * 2**run.outages, RESTART_DELAY_MAX)
+            run.outages += 1
+            run.restart_at = self._clock() + delay
+            logger.warning("%s: the database is unreachable; starting it again in %.0f s", run.slot.label, delay)
+            self._board.update(run, f"database unreachable; starting again in {delay:.0f} s")
+            return
         if run.crashes >= MAX_RESTARTS:
             run.failed = True
             self._finish(run, f"{how}; gave up after {run.crashes + 1} crashes in a row")
@@ -295,6 +321,42 @@ class Supervisor:
         run.restart_at = self._clock() + delay
         logger.warning("%s %s; starting it again in %.0f s", run.slot.label, how, delay)
         self._board.update(run, f"{how}; starting again in {delay:.0f} s")
+
+    def _requeue(self, number: int, how: str) -> bool:
+        """Fail the trial of a process that died and queue it again at once (no wait for its heartbeat to go
+        stale); its retry resumes from its checkpoint. False when it was no longer RUNNING, or the
+        database could not be reached (the heartbeat then does it later)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from search import layout
+        from search.storage import open_storage, retrying
+        from search.study import enqueue_retry, load_study
+
+        try:
+            if self._storage is None:
+                self._storage = open_storage(self._spec.storage_url, heartbeat=False)
+            study = load_study(self._storage, self._spec.name)
+            running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                               "read running trials", timeout=10.0)
+            frozen = next((t for t in running if t.number == number), None)
+            if frozen is None:
+                return False
+            reason = f"its worker process {how}; queued to resume from its last checkpoint"
+
+            def fail() -> bool:
+                self._storage.set_trial_user_attr(frozen._trial_id, layout.FAIL_REASON, reason)
+                return bool(self._storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL))
+
+            if not retrying(fail, f"fail trial {number}", timeout=10.0):
+                return False
+            enqueue_retry(study, retrying(lambda: self._storage.get_trial(frozen._trial_id), f"read trial {number}"))
+        except (optuna.exceptions.OptunaError, KoopmanError, ValueError) as exc:
+            logger.warning("trial %d of a dead process not queued again here (%s); its heartbeat will be",
+                           number, exc)
+            return False
+        logger.warning("trial %d: %s", number, reason)
+        return True
 
     def _finish(self, run: SlotRun, status: str) -> None:
         run.done = True
