@@ -74,9 +74,11 @@ def machine_line() -> str:
     except OSError:  # pragma: no cover - not on Linux
         load = "load average n/a"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {gpu}, "
-            f"torch {torch.__version__}, optuna {optuna.__version__}, "
-            f"Python {platform.python_version()}, {load}, {now}")
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {gpu}, "
+        f"torch {torch.__version__}, optuna {optuna.__version__}, "
+        f"Python {platform.python_version()}, {load}, {now}"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -137,8 +139,12 @@ def postgres_scratch_db(server_url: str, prefix: str) -> Iterator[str]:
 
     url = make_url(server_url)
     name = f"{prefix}_{int(time.time())}_{secrets.token_hex(3)}"
-    conninfo: dict[str, Any] = {"host": url.host or "127.0.0.1", "port": url.port or 5432,
-                                "user": url.username or "postgres", "dbname": url.database or "postgres"}
+    conninfo: dict[str, Any] = {
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 5432,
+        "user": url.username or "postgres",
+        "dbname": url.database or "postgres",
+    }
     if url.password:
         conninfo["password"] = url.password
     with psycopg.connect(**conninfo, autocommit=True) as conn:

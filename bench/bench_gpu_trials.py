@@ -59,12 +59,20 @@ def to_toml(d: dict[str, Any], prefix: str = "") -> str:
 
 def study_toml(args: argparse.Namespace, k: int, folder: Path) -> Path:
     d = copy.deepcopy(study_file_dict())
-    d["study"].update(name=f"gpu-trials-k{k}", storage=f"sqlite:///{folder / 'study.db'}",
-                      artifacts=str(folder / "artifacts"), n_trials=args.trials_per_slot * k, shared_warmup=False)
+    d["study"].update(
+        name=f"gpu-trials-k{k}",
+        storage=f"sqlite:///{folder / 'study.db'}",
+        artifacts=str(folder / "artifacts"),
+        n_trials=args.trials_per_slot * k,
+        shared_warmup=False,
+    )
     d["trainer"]["data"]["source"] = f"files:{Path(args.data).resolve()}"
-    d["trainer"]["train"].update(epochs=args.epochs, device="cpu" if args.cpu else "cuda",
-                                 max_steps_per_epoch=args.steps,
-                                 max_eval_batches=args.eval_batches)
+    d["trainer"]["train"].update(
+        epochs=args.epochs,
+        device="cpu" if args.cpu else "cuda",
+        max_steps_per_epoch=args.steps,
+        max_eval_batches=args.eval_batches,
+    )
     d["search"]["koopman_start_epoch"] = {"type": "int", "low": 1, "high": max(1, args.epochs - 1)}
     d["enqueue"] = []
     d["rules"] = {"total_loss_max": OFF_LIMIT, "val_ppl_ratio_max": OFF_LIMIT}
@@ -95,13 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-batches", type=int, default=10)
     p.add_argument("--trials-per-slot", type=int, default=2)
     p.add_argument("--limit", type=int, default=75, help="seconds at most per K (default 75)")
-    p.add_argument("--cpu", action="store_true",
-                   help="K CPU workers instead of K slots on GPU 0: a dry run of this script on a machine without one")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="K CPU workers instead of K slots on GPU 0: a dry run of this script on a machine without one",
+    )
     args = p.parse_args(argv)
     ks = [int(v) for v in args.trials_per_gpu.split(",")]
     print(f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
-    print(f"One GPU, {args.epochs} epochs × {args.steps} steps + {args.eval_batches} validation batches per trial, "
-          f"{args.trials_per_slot} trials per slot, at most {args.limit} s per K.\n")
+    print(
+        f"One GPU, {args.epochs} epochs × {args.steps} steps + {args.eval_batches} validation batches per trial, "
+        f"{args.trials_per_slot} trials per slot, at most {args.limit} s per K.\n"
+    )
     print("| K (--trials-per-gpu) | trials complete / started | wall s | trials per hour | ratio to K=1 |")
     print("|---|---|---|---|---|")
     first: float | None = None
@@ -123,8 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             done, started = complete_trials(path)
         rate = 3600 * done / wall
         first = rate if first is None else first
-        print(f"| {k} | {done} / {started} | {wall:.0f} | {rate:.0f} | {rate / first:.2f} |" if first else
-              f"| {k} | {done} / {started} | {wall:.0f} | {rate:.0f} | n/a |", flush=True)
+        print(
+            f"| {k} | {done} / {started} | {wall:.0f} | {rate:.0f} | {rate / first:.2f} |"
+            if first
+            else f"| {k} | {done} / {started} | {wall:.0f} | {rate:.0f} | n/a |",
+            flush=True,
+        )
     return 0
 
 

@@ -39,9 +39,20 @@ from trainer.probe import frozen_backbone_probe  # noqa: E402
 from trainer.records import EpochRecord  # noqa: E402
 
 DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
-PROBE = {"data.source": "builtin", "data.vocab_size": 2000, "data.seq_len": 32, "data.batch_size": 8,
-         "model.d_model": 32, "model.n_layers": 2, "train.epochs": 2, "koopman.start_epoch": 1,
-         "train.max_steps_per_epoch": 30, "train.device": "cpu", "koopman.dim": 32, "koopman.tokens_per_batch": 0}
+PROBE = {
+    "data.source": "builtin",
+    "data.vocab_size": 2000,
+    "data.seq_len": 32,
+    "data.batch_size": 8,
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "train.epochs": 2,
+    "koopman.start_epoch": 1,
+    "train.max_steps_per_epoch": 30,
+    "train.device": "cpu",
+    "koopman.dim": 32,
+    "koopman.tokens_per_batch": 0,
+}
 PROBE_LOSSES = ("smooth_l1", "mse", "normalized", "vicreg", "decoder")
 LIVE_VARIANTS = ("decoder/gradient", "decoder/lstsq", "smooth_l1/gradient", "smooth_l1/lstsq", "smooth_l1/dmd")
 
@@ -58,31 +69,44 @@ def probe(steps: int, every: int) -> None:
         trainer = HybridKoopmanTrainer(with_overrides(TrainerConfig(), {**PROBE, "koopman.loss": loss}))
         t0 = time.perf_counter()
         for p in frozen_backbone_probe(trainer, steps, every):
-            print(f"| {loss} | {p.step} | {fmt(p.loss, '.3g')} | {fmt(p.identity_loss, '.3g')} | "
-                  f"{p.phi_effective_rank:.2f} | {p.phi_scale:.3g} | {p.gain:.2f} |", flush=True)
+            print(
+                f"| {loss} | {p.step} | {fmt(p.loss, '.3g')} | {fmt(p.identity_loss, '.3g')} | "
+                f"{p.phi_effective_rank:.2f} | {p.phi_scale:.3g} | {p.gain:.2f} |",
+                flush=True,
+            )
         print(f"probe {loss}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print()
 
 
 def live_config(args: argparse.Namespace, **koopman: Any) -> TrainerConfig:
-    return with_overrides(TrainerConfig(), {
-        "data.source": args.data, "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps,
-        "train.max_eval_batches": args.eval_batches, "train.device": "cpu", "koopman.start_epoch": args.start,
-        "koopman.weight_max": args.weight, **{f"koopman.{k}": v for k, v in koopman.items()},
-    }, origin="bench")
+    return with_overrides(
+        TrainerConfig(),
+        {
+            "data.source": args.data,
+            "train.epochs": args.epochs,
+            "train.max_steps_per_epoch": args.steps,
+            "train.max_eval_batches": args.eval_batches,
+            "train.device": "cpu",
+            "koopman.start_epoch": args.start,
+            "koopman.weight_max": args.weight,
+            **{f"koopman.{k}": v for k, v in koopman.items()},
+        },
+        origin="bench",
+    )
 
 
 def live(args: argparse.Namespace) -> None:
-    print(f"### The user's setup, {args.steps} steps per epoch, {args.eval_batches} validation batches "
-          f"(weight max {args.weight}, start epoch {args.start}, {args.epochs} epochs)\n")
+    print(
+        f"### The user's setup, {args.steps} steps per epoch, {args.eval_batches} validation batches "
+        f"(weight max {args.weight}, start epoch {args.start}, {args.epochs} epochs)\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         base = HybridKoopmanTrainer(live_config(args).without_koopman())
         base.fit(checkpoint_dir=tmp)
         print(f"baseline: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         baseline = {r.epoch: r for r in base.records}
-        print("baseline val PPL by epoch: "
-              + ", ".join(f"{e}: {r.val_ppl:.2f}" for e, r in baseline.items()) + "\n")
+        print("baseline val PPL by epoch: " + ", ".join(f"{e}: {r.val_ppl:.2f}" for e, r in baseline.items()) + "\n")
         overhead: list[str] = []
         for variant in args.variants.split(","):
             loss, _, fit = variant.partition("/")
@@ -91,9 +115,9 @@ def live(args: argparse.Namespace) -> None:
             trainer.warm_start_from(Path(tmp) / f"epoch_{args.start}.pt")
             records = trainer.fit()
             print(f"{loss}/{fit}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            table(loss, fit, records[args.start:], baseline)
-            ks = [r for r in records[args.start:]]
-            ratio = (sum(baseline[r.epoch].tokens_per_s for r in ks) / sum(r.tokens_per_s for r in ks))
+            table(loss, fit, records[args.start :], baseline)
+            ks = [r for r in records[args.start :]]
+            ratio = sum(baseline[r.epoch].tokens_per_s for r in ks) / sum(r.tokens_per_s for r in ks)
             overhead.append(f"| {loss} | {fit} | {ratio:.3f} |")
         print("#### Koopman epochs' training time against the baseline's same epochs (tokens/s ratio, wall)\n")
         print("| objective | fit | time ratio |\n|---|---|---|")
@@ -102,15 +126,19 @@ def live(args: argparse.Namespace) -> None:
 
 def table(loss: str, fit: str, records: list[EpochRecord], baseline: dict[int, EpochRecord]) -> None:
     print(f"#### {loss}, fit {fit}\n")
-    print("| epoch | weight | Koopman loss | total loss | fallback | val PPL | baseline PPL | NRE | gain over I | "
-          "φ PR (h PR) | Koopman-forward PPL | ‖K‖₂ |")
+    print(
+        "| epoch | weight | Koopman loss | total loss | fallback | val PPL | baseline PPL | NRE | gain over I | "
+        "φ PR (h PR) | Koopman-forward PPL | ‖K‖₂ |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r.epoch} | {r.koopman_weight:.4f} | {r.koopman_loss:.4g} | {r.total_loss:.4f} | "
-              f"{r.fallback_batches} | {r.val_ppl:.2f} | {baseline[r.epoch].val_ppl:.2f} | "
-              f"{fmt(r.val_koopman_nre)} | {fmt(r.val_koopman_gain, '.3g')} | "
-              f"{fmt(r.phi_effective_rank, '.2f')} ({fmt(r.state_effective_rank, '.2f')}) | "
-              f"{fmt(r.val_koopman_forward_ppl, '.1f')} | {fmt(r.koopman_k_norm, '.3g')} |")
+        print(
+            f"| {r.epoch} | {r.koopman_weight:.4f} | {r.koopman_loss:.4g} | {r.total_loss:.4f} | "
+            f"{r.fallback_batches} | {r.val_ppl:.2f} | {baseline[r.epoch].val_ppl:.2f} | "
+            f"{fmt(r.val_koopman_nre)} | {fmt(r.val_koopman_gain, '.3g')} | "
+            f"{fmt(r.phi_effective_rank, '.2f')} ({fmt(r.state_effective_rank, '.2f')}) | "
+            f"{fmt(r.val_koopman_forward_ppl, '.1f')} | {fmt(r.koopman_k_norm, '.3g')} |"
+        )
     print(flush=True)
 
 
@@ -131,8 +159,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (args.probe or args.live):
         p.error("choose --probe, --live or both")
-    print(f"`{' '.join(['bench/bench_koopman_objective.py', *sys.argv[1:]])}`, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)\n")
+    print(
+        f"`{' '.join(['bench/bench_koopman_objective.py', *sys.argv[1:]])}`, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)\n"
+    )
     if args.probe:
         probe(args.probe_steps, 100)
     if args.live:

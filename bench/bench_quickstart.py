@@ -45,16 +45,22 @@ def main() -> None:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     env_load = os.getloadavg()
     rows = []
-    for title, command in (("bash scripts/setup.sh", ["bash", "scripts/setup.sh"]),
-                           ("koopman-search launch studies/quickstart.toml",
-                            [".venv/bin/koopman-search", "launch", "studies/quickstart.toml"])):
+    for title, command in (
+        ("bash scripts/setup.sh", ["bash", "scripts/setup.sh"]),
+        (
+            "koopman-search launch studies/quickstart.toml",
+            [".venv/bin/koopman-search", "launch", "studies/quickstart.toml"],
+        ),
+    ):
         load = os.getloadavg()[0]
         wall, cpu, code = timed(command, clone)
         rows.append([title, f"{wall / 60:.1f} min ({wall:.0f} s)", f"{cpu / 60:.1f} min", f"{load:.1f}", code])
         if code != 0:
             break
-    print(f"`.venv/bin/python bench/bench_quickstart.py`, a fresh clone of {head.stdout.strip()}; "
-          f"{machine_line()}; load average at the start {env_load[0]:.1f}\n")
+    print(
+        f"`.venv/bin/python bench/bench_quickstart.py`, a fresh clone of {head.stdout.strip()}; "
+        f"{machine_line()}; load average at the start {env_load[0]:.1f}\n"
+    )
     print(markdown_table(["command", "wall time", "CPU time", "load average (1 min) at its start", "exit"], rows))
     if args.keep:
         print(f"clone kept at {clone}", file=sys.stderr)

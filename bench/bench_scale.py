@@ -74,10 +74,25 @@ def baseline_records(epochs: int, rng: random.Random) -> list[Any]:
     for e in range(1, epochs + 1):
         lm = 6.05 + 1.6 * math.exp(-(e - 1) / 2.2) + rng.gauss(0, 0.01)
         val = lm + 0.05
-        records.append(EpochRecord(
-            epoch=e, epochs=epochs, lm_loss=lm, koopman_loss=0.0, total_loss=lm, koopman_weight=0.0,
-            effective_weight=0.0, fallback_batches=0, nonfinite_batches=0, val_loss=val, val_ppl=math.exp(val),
-            val_koopman_nre=math.nan, seconds=78.0 + rng.gauss(0, 1), tokens_per_s=53000.0, steps=510))
+        records.append(
+            EpochRecord(
+                epoch=e,
+                epochs=epochs,
+                lm_loss=lm,
+                koopman_loss=0.0,
+                total_loss=lm,
+                koopman_weight=0.0,
+                effective_weight=0.0,
+                fallback_batches=0,
+                nonfinite_batches=0,
+                val_loss=val,
+                val_ppl=math.exp(val),
+                val_koopman_nre=math.nan,
+                seconds=78.0 + rng.gauss(0, 1),
+                tokens_per_s=53000.0,
+                steps=510,
+            )
+        )
     return records
 
 
@@ -100,11 +115,25 @@ def trial_records(spec: Any, params: dict[str, Any], base: list[Any], rng: rando
         cut = rng.randint(0, 3) if k > cfg.koopman.fallback_threshold else 0
         lm = b.lm_loss + 0.02 * w * k + rng.gauss(0, 0.01)
         val = b.val_loss + 0.03 * w * k + rng.gauss(0, 0.01)
-        records.append(EpochRecord(
-            epoch=e, epochs=spec.epochs, lm_loss=lm, koopman_loss=k, total_loss=lm + w * k, koopman_weight=w,
-            effective_weight=w * (1 - cut / 510), fallback_batches=cut, nonfinite_batches=0, val_loss=val,
-            val_ppl=math.exp(val), val_koopman_nre=min(1.0, 0.05 + 0.1 * k / (1 + w) * rng.uniform(0.5, 1.5)),
-            seconds=96.0 + rng.gauss(0, 1), tokens_per_s=43000.0, steps=510))
+        records.append(
+            EpochRecord(
+                epoch=e,
+                epochs=spec.epochs,
+                lm_loss=lm,
+                koopman_loss=k,
+                total_loss=lm + w * k,
+                koopman_weight=w,
+                effective_weight=w * (1 - cut / 510),
+                fallback_batches=cut,
+                nonfinite_batches=0,
+                val_loss=val,
+                val_ppl=math.exp(val),
+                val_koopman_nre=min(1.0, 0.05 + 0.1 * k / (1 + w) * rng.uniform(0.5, 1.5)),
+                seconds=96.0 + rng.gauss(0, 1),
+                tokens_per_s=43000.0,
+                steps=510,
+            )
+        )
     return records
 
 
@@ -157,13 +186,24 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
         last = records[-1]
         values = [float(getattr(last, m)) for m in spec.metrics] if state == TrialState.COMPLETE else None
         worker = {"host": "gpu-node-1", "pid": 4000 + i % 8, "device": f"cuda:{i % 8}"}
-        frozen.append(layout.finished_trial(
-            state, params, distributions, records, epochs_from_warmup=s, values=values, label=label,
-            prune_reason=reason, fail_reason=fail, checkpoint=str(uuid.UUID(int=rng.getrandbits(128))),
-            extra={layout.WORKER: worker}))
+        frozen.append(
+            layout.finished_trial(
+                state,
+                params,
+                distributions,
+                records,
+                epochs_from_warmup=s,
+                values=values,
+                label=label,
+                prune_reason=reason,
+                fail_reason=fail,
+                checkpoint=str(uuid.UUID(int=rng.getrandbits(128))),
+                extra={layout.WORKER: worker},
+            )
+        )
     started = time.perf_counter()
     for chunk in range(0, n, 100):
-        study.add_trials(frozen[chunk: chunk + 100])
+        study.add_trials(frozen[chunk : chunk + 100])
     add_s = time.perf_counter() - started
     logger.info("%d trials stored in %.1f s; writing their dashboard notes", n, add_s)
     note_times = []
@@ -176,8 +216,13 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
         note_times.append(time.perf_counter() - t0)
     notes_s = time.perf_counter() - started
     last = note_times[-50:]
-    return {"states": states, "add_trials_s": add_s, "notes_s": notes_s, "note_last50_s": sum(last) / max(1, len(last)),
-            "note_first50_s": sum(note_times[:50]) / max(1, len(note_times[:50]))}
+    return {
+        "states": states,
+        "add_trials_s": add_s,
+        "notes_s": notes_s,
+        "note_last50_s": sum(last) / max(1, len(last)),
+        "note_first50_s": sum(note_times[:50]) / max(1, len(note_times[:50])),
+    }
 
 
 def time_suggest(spec: Any, storage: Any) -> float:
@@ -233,8 +278,11 @@ def profile_command(argv: list[str], top: int, tmp: Path) -> str:
 def run_backend(args: argparse.Namespace, backend: str, tmp: Path) -> tuple[list[list[Any]], list[str]]:
     from search.storage import open_storage
 
-    scratch = (postgres_scratch_db(args.postgres, "bench_scale") if backend == "postgresql"
-               else nullcontext(f"sqlite:///{tmp / 'scale.db'}"))
+    scratch = (
+        postgres_scratch_db(args.postgres, "bench_scale")
+        if backend == "postgresql"
+        else nullcontext(f"sqlite:///{tmp / 'scale.db'}")
+    )
     rows: list[list[Any]] = []
     profiles: list[str] = []
     with scratch as url:
@@ -262,14 +310,29 @@ def run_backend(args: argparse.Namespace, backend: str, tmp: Path) -> tuple[list
             rows.append([backend, title, round(best, 2), round(max(times), 2), f"{size / 1e6:.2f} MB"])
             logger.info("%s: %s %.2f s", backend, title, best)
             if argv[0] != "--help" and (args.profile or best > args.profile_above):
-                profiles.append(f"### {backend}: {title} ({best:.1f} s)\n\n```\n"
-                                + profile_command(argv, args.top, tmp) + "```")
+                profiles.append(
+                    f"### {backend}: {title} ({best:.1f} s)\n\n```\n" + profile_command(argv, args.top, tmp) + "```"
+                )
         suggest_s = time_suggest(spec, storage)
         rows.append([backend, f"TPE suggest for trial {args.trials + 1} (in process)", round(suggest_s, 2), "-", "-"])
-        rows.append([backend, "annotate_trial, mean of the first / last 50 (in process)",
-                     f"{writes['note_first50_s']:.3f} / {writes['note_last50_s']:.3f}", "-", "-"])
-        rows.append([backend, f"writing the study: add_trials / {args.trials} notes (in process)",
-                     f"{writes['add_trials_s']:.1f} / {writes['notes_s']:.1f}", "-", "-"])
+        rows.append(
+            [
+                backend,
+                "annotate_trial, mean of the first / last 50 (in process)",
+                f"{writes['note_first50_s']:.3f} / {writes['note_last50_s']:.3f}",
+                "-",
+                "-",
+            ]
+        )
+        rows.append(
+            [
+                backend,
+                f"writing the study: add_trials / {args.trials} notes (in process)",
+                f"{writes['add_trials_s']:.1f} / {writes['notes_s']:.1f}",
+                "-",
+                "-",
+            ]
+        )
         storage.engine.dispose()
     states = ", ".join(f"{v} {k.lower()}" for k, v in writes["states"].items())
     rows.append([backend, f"(the study: {states})", "-", "-", "-"])
@@ -277,18 +340,29 @@ def run_backend(args: argparse.Namespace, backend: str, tmp: Path) -> tuple[list
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--trials", type=int, default=1000, help="trials in the study (default: %(default)s)")
     p.add_argument("--backends", default="sqlite,postgresql", help="storages to test (default: %(default)s)")
-    p.add_argument("--postgres", default=DEFAULT_POSTGRES,
-                   help="a PostgreSQL server URL; a scratch database is made there (default: %(default)s)")
+    p.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES,
+        help="a PostgreSQL server URL; a scratch database is made there (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic study (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="runs of each command; the best is shown (default: %(default)s)")
+    p.add_argument(
+        "--repeat", type=int, default=2, help="runs of each command; the best is shown (default: %(default)s)"
+    )
     p.add_argument("--profile", action="store_true", help="profile every command, not only slow ones")
-    p.add_argument("--profile-above", type=float, default=10.0,
-                   help="profile a command slower than this many seconds (default: %(default)s)")
+    p.add_argument(
+        "--profile-above",
+        type=float,
+        default=10.0,
+        help="profile a command slower than this many seconds (default: %(default)s)",
+    )
     p.add_argument("--top", type=int, default=15, help="functions shown per profile (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show the search's own INFO logs")
     return p.parse_args(argv)
@@ -305,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += r
             profiles += p
     print(f"Measured: {machine_line()}")
-    print(f"Study: {args.trials} synthetic trials of studies/wikitext2.toml (10 epochs each, two objectives), "
-          "written through the product's code paths; commands run as `python -m search.cli -q ...` "
-          f"subprocesses, best of {args.repeat}.")
+    print(
+        f"Study: {args.trials} synthetic trials of studies/wikitext2.toml (10 epochs each, two objectives), "
+        "written through the product's code paths; commands run as `python -m search.cli -q ...` "
+        f"subprocesses, best of {args.repeat}."
+    )
     print()
     print(markdown_table(["storage", "command", "best s", "worst s", "output"], rows))
     for text in profiles:

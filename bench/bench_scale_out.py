@@ -78,10 +78,26 @@ class _RetryCounter(logging.Handler):
 def _records(epoch: int, epochs: int) -> list[Any]:
     from trainer.records import EpochRecord
 
-    return [EpochRecord(epoch=e, epochs=epochs, lm_loss=6.5, koopman_loss=0.3, total_loss=6.6, koopman_weight=0.1,
-                        effective_weight=0.1, fallback_batches=0, nonfinite_batches=0, val_loss=6.6,
-                        val_ppl=735.1, val_koopman_nre=0.2, seconds=96.0, tokens_per_s=53000.0, steps=510)
-            for e in range(1, epoch + 1)]
+    return [
+        EpochRecord(
+            epoch=e,
+            epochs=epochs,
+            lm_loss=6.5,
+            koopman_loss=0.3,
+            total_loss=6.6,
+            koopman_weight=0.1,
+            effective_weight=0.1,
+            fallback_batches=0,
+            nonfinite_batches=0,
+            val_loss=6.6,
+            val_ppl=735.1,
+            val_koopman_nre=0.2,
+            seconds=96.0,
+            tokens_per_s=53000.0,
+            steps=510,
+        )
+        for e in range(1, epoch + 1)
+    ]
 
 
 def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds: float, values: list[float]) -> float:
@@ -92,8 +108,9 @@ def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds:
     storage_s = 0.0
     with Heartbeat(storage, trial._trial_id):
         t = time.perf_counter()
-        retrying(lambda: trial.set_user_attr("worker", {"host": "bench", "pid": os.getpid()}),
-                 "record the trial's worker")
+        retrying(
+            lambda: trial.set_user_attr("worker", {"host": "bench", "pid": os.getpid()}), "record the trial's worker"
+        )
         storage_s += time.perf_counter() - t
         for epoch in range(1, epochs + 1):
             time.sleep(epoch_seconds)  # the stand-in trainer
@@ -106,8 +123,9 @@ def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds:
                 trial.set_user_attr("train_seconds", 96.0 * epoch)
                 trial.set_user_attr("checkpoint", {"epoch": epoch, "artifact_id": artifact})
                 trial.set_user_attr("epochs_run", epoch)
-                storage.set_trial_system_attr(trial._trial_id, f"artifacts:{artifact}",
-                                              json.dumps({"artifact_id": artifact}))
+                storage.set_trial_system_attr(
+                    trial._trial_id, f"artifacts:{artifact}", json.dumps({"artifact_id": artifact})
+                )
 
             retrying(record, "record an epoch")
             storage_s += time.perf_counter() - t
@@ -144,8 +162,9 @@ def worker_main(url: str, epochs: int, epoch_seconds: float) -> int:
         trial = claim_waiting_trial(study)
         claim_s = time.perf_counter() - t0
         if trial is None:
-            running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                               "read running trials")
+            running = retrying(
+                lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "read running trials"
+            )
             if not running:
                 break
             time.sleep(0.5)
@@ -157,10 +176,28 @@ def worker_main(url: str, epochs: int, epoch_seconds: float) -> int:
         except Exception as exc:  # a storage error that retrying gave up on, or any other
             failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}"[:300])
             continue
-        trials.append({"number": trial.number, "claim_s": claim_s, "storage_s": storage_s,
-                       "claimed_at": claimed_at, "finished_at": time.time()})
-    print(json.dumps({"pid": os.getpid(), "trials": trials, "failures": failures, "retried": counter.count,
-                      "retried_messages": counter.messages, "idle_s": idle_s}), flush=True)
+        trials.append(
+            {
+                "number": trial.number,
+                "claim_s": claim_s,
+                "storage_s": storage_s,
+                "claimed_at": claimed_at,
+                "finished_at": time.time(),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "trials": trials,
+                "failures": failures,
+                "retried": counter.count,
+                "retried_messages": counter.messages,
+                "idle_s": idle_s,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -181,8 +218,12 @@ def _database_connections(server_url: str, database: str, stop: threading.Event,
 
 
 def _start_proxy(url: str, threads: int, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([KOOPMAN_SEARCH, "-q", "storage-proxy", "--storage", url, "--port", "0",
-                             "--threads", str(threads)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [KOOPMAN_SEARCH, "-q", "storage-proxy", "--storage", url, "--port", "0", "--threads", str(threads)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("listening on grpc://"):
@@ -208,10 +249,16 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
     from search.study import create_or_load_study, ensure_budget
 
     budget = workers * args.trials_per_worker
-    env = {**os.environ, "KOOPMAN_HEARTBEAT_INTERVAL": str(args.heartbeat_interval),
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with postgres_scratch_db(args.postgres, "bench_scale_out") as url, \
-            tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
+    env = {
+        **os.environ,
+        "KOOPMAN_HEARTBEAT_INTERVAL": str(args.heartbeat_interval),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    with (
+        postgres_scratch_db(args.postgres, "bench_scale_out") as url,
+        tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp,
+    ):
         d = copy.deepcopy(study_file_dict())
         d["study"].update(name=NAME, storage=url, artifacts=str(Path(tmp) / "artifacts"), n_trials=budget)
         d.pop("enqueue", None)
@@ -225,10 +272,22 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
         if storage_kind == "proxy":
             proxy, target = _start_proxy(url, args.proxy_threads, env)
         logger.info("%d workers, %s: starting %d processes (%d trials)", workers, storage_kind, workers, budget)
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", target,
-                   "--epochs", str(args.epochs), "--epoch-seconds", str(args.epoch_seconds)]
-        procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for _ in range(workers)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            target,
+            "--epochs",
+            str(args.epochs),
+            "--epoch-seconds",
+            str(args.epoch_seconds),
+        ]
+        procs = [
+            subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(workers)
+        ]
         started_up = 0
         for p in procs:
             assert p.stdout is not None
@@ -236,8 +295,9 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
                 started_up += 1
         stop = threading.Event()
         connections: list[int] = []
-        sampler = threading.Thread(target=_database_connections,
-                                   args=(args.postgres, make_url(url).database, stop, connections), daemon=True)
+        sampler = threading.Thread(
+            target=_database_connections, args=(args.postgres, make_url(url).database, stop, connections), daemon=True
+        )
         sampler.start()
         time.sleep(0.5)
         before = list(connections)
@@ -307,19 +367,28 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workers", default="16,32,64", help="worker processes per run (default: %(default)s)")
     p.add_argument("--storages", default="direct,proxy", help="direct, proxy or both (default: %(default)s)")
     p.add_argument("--trials-per-worker", type=int, default=3, help="budget = workers x this (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per stand-in trial (default: %(default)s)")
-    p.add_argument("--epoch-seconds", type=float, default=1.0,
-                   help="sleep per stand-in epoch (default: %(default)s)")
-    p.add_argument("--heartbeat-interval", type=int, default=5,
-                   help="KOOPMAN_HEARTBEAT_INTERVAL of workers and proxy (default: %(default)s; the product's is 30)")
+    p.add_argument("--epoch-seconds", type=float, default=1.0, help="sleep per stand-in epoch (default: %(default)s)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=5,
+        help="KOOPMAN_HEARTBEAT_INTERVAL of workers and proxy (default: %(default)s; the product's is 30)",
+    )
     p.add_argument("--proxy-threads", type=int, default=16, help="storage-proxy --threads (default: %(default)s)")
-    p.add_argument("--postgres", default=DEFAULT_POSTGRES,
-                   help="a PostgreSQL server URL; a scratch database is made there per run (default: %(default)s)")
+    p.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES,
+        help="a PostgreSQL server URL; a scratch database is made there per run (default: %(default)s)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take (default: %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="the JSON results (default: bench/results/scale_out.json)")
     p.add_argument("--worker", metavar="URL", help=argparse.SUPPRESS)
@@ -336,25 +405,51 @@ def main(argv: list[str] | None = None) -> int:
     for storage_kind in args.storages.split(","):
         for workers in (int(n) for n in args.workers.split(",")):
             rows.append(run_one(args, workers, storage_kind))
-    settings = {"trials_per_worker": args.trials_per_worker, "epochs": args.epochs,
-                "epoch_seconds": args.epoch_seconds, "heartbeat_interval_s": args.heartbeat_interval,
-                "proxy_threads": args.proxy_threads, "real_trial_s": TRIAL_SECONDS_REAL}
-    result = {"machine": machine_line(), "settings": settings, "rows": rows,
-              "total_s": round(time.time() - started, 1)}
+    settings = {
+        "trials_per_worker": args.trials_per_worker,
+        "epochs": args.epochs,
+        "epoch_seconds": args.epoch_seconds,
+        "heartbeat_interval_s": args.heartbeat_interval,
+        "proxy_threads": args.proxy_threads,
+        "real_trial_s": TRIAL_SECONDS_REAL,
+    }
+    result = {"machine": machine_line(), "settings": settings, "rows": rows, "total_s": round(time.time() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"Measured: {result['machine']}")
-    print(f"Stand-in trials: {args.epochs} epochs of {args.epoch_seconds} s sleep, {args.trials_per_worker} per "
-          f"worker; heartbeat every {args.heartbeat_interval} s; proxy with {args.proxy_threads} threads; "
-          f"overhead share = storage seconds per trial / {TRIAL_SECONDS_REAL:.0f} s. Written to {args.out}.")
+    print(
+        f"Stand-in trials: {args.epochs} epochs of {args.epoch_seconds} s sleep, {args.trials_per_worker} per "
+        f"worker; heartbeat every {args.heartbeat_interval} s; proxy with {args.proxy_threads} threads; "
+        f"overhead share = storage seconds per trial / {TRIAL_SECONDS_REAL:.0f} s. Written to {args.out}."
+    )
     print()
-    headers = ["workers", "storage", "trials/s (ideal)", "claim p50 / p95 / max s", "storage s per trial (p95)",
-               "share of 960 s", "DB connections max", "errors", "lost", "duplicates"]
-    table = [[r["workers"], r["storage"], f"{r['throughput_trials_per_s']:.2f} ({r['ideal_trials_per_s']:.2f})",
-              f"{r['claim_p50_s']:.3f} / {r['claim_p95_s']:.3f} / {r['claim_max_s']:.3f}",
-              f"{r['storage_s_per_trial_mean']:.3f} ({r['storage_s_per_trial_p95']:.3f})",
-              f"{100 * r['overhead_share']:.4f}%", r["db_connections_max"], r["errors"], r["lost"], r["duplicates"]]
-             for r in rows]
+    headers = [
+        "workers",
+        "storage",
+        "trials/s (ideal)",
+        "claim p50 / p95 / max s",
+        "storage s per trial (p95)",
+        "share of 960 s",
+        "DB connections max",
+        "errors",
+        "lost",
+        "duplicates",
+    ]
+    table = [
+        [
+            r["workers"],
+            r["storage"],
+            f"{r['throughput_trials_per_s']:.2f} ({r['ideal_trials_per_s']:.2f})",
+            f"{r['claim_p50_s']:.3f} / {r['claim_p95_s']:.3f} / {r['claim_max_s']:.3f}",
+            f"{r['storage_s_per_trial_mean']:.3f} ({r['storage_s_per_trial_p95']:.3f})",
+            f"{100 * r['overhead_share']:.4f}%",
+            r["db_connections_max"],
+            r["errors"],
+            r["lost"],
+            r["duplicates"],
+        ]
+        for r in rows
+    ]
     print(markdown_table(headers, table))
     return 0
 

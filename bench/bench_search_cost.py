@@ -80,13 +80,24 @@ def build_spec(args: argparse.Namespace, variant: str, tmp: Path) -> Any:
     warmup_on = variant in ("warmup", "both")
     d = copy.deepcopy(study_file_dict())
     name = f"cost-{variant}"
-    d["study"].update(name=name, storage=f"sqlite:///{tmp / name}.db", artifacts=str(tmp / f"{name}-artifacts"),
-                      n_trials=args.trials, seed=args.seed, shared_warmup=warmup_on)
-    d["trainer"]["data"].update(source=f"files:{Path(args.data).resolve()}", vocab_size=args.vocab,
-                                seq_len=args.seq_len, batch_size=args.batch_size)
+    d["study"].update(
+        name=name,
+        storage=f"sqlite:///{tmp / name}.db",
+        artifacts=str(tmp / f"{name}-artifacts"),
+        n_trials=args.trials,
+        seed=args.seed,
+        shared_warmup=warmup_on,
+    )
+    d["trainer"]["data"].update(
+        source=f"files:{Path(args.data).resolve()}",
+        vocab_size=args.vocab,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+    )
     d["trainer"]["model"].update(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
-    d["trainer"]["train"].update(epochs=args.epochs, device="cpu", lr=args.lr, max_steps_per_epoch=args.steps,
-                                 max_eval_batches=args.eval_batches)
+    d["trainer"]["train"].update(
+        epochs=args.epochs, device="cpu", lr=args.lr, max_steps_per_epoch=args.steps, max_eval_batches=args.eval_batches
+    )
     d["search"]["koopman_start_epoch"] = {"type": "int", "low": args.start_low, "high": args.start_high}
     # the file's hand-tuned trials start at epoch 4-5 of 10; here every trial comes from the sampler
     d["enqueue"] = []
@@ -111,8 +122,14 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
 
     torch.set_num_threads(args.threads)
     spec = build_spec(args, variant, tmp)
-    logger.info("variant %s: %d trials of %d epochs, shared_warmup=%s, rules %s", variant, spec.n_trials,
-                spec.epochs, spec.shared_warmup, spec.rules.to_dict())
+    logger.info(
+        "variant %s: %d trials of %d epochs, shared_warmup=%s, rules %s",
+        variant,
+        spec.n_trials,
+        spec.epochs,
+        spec.shared_warmup,
+        spec.rules.to_dict(),
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     storage = open_storage(spec.storage_url)
     study, _ = create_or_load_study(spec, storage)
@@ -124,8 +141,11 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    values = {t.number: (float(t.values[0]), float(t.values[1])) for t in trials
-              if t.state == TrialState.COMPLETE and t.values is not None}
+    values = {
+        t.number: (float(t.values[0]), float(t.values[1]))
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.values is not None
+    }
     attr = study.user_attrs.get(layout.baseline_key(spec.trainer.train.seed)) or {}
     records = attr.get("records") or {}
     baseline_epochs = len(records.get("epoch", [])) if attr.get("state") == "complete" else 0
@@ -147,7 +167,8 @@ def run_variant(args: argparse.Namespace, variant: str, tmp: Path) -> VariantRes
 
 def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(
-        math.isclose(a[k], b[k], rel_tol=1e-12) if isinstance(a[k], float) else a[k] == b[k] for k in a)
+        math.isclose(a[k], b[k], rel_tol=1e-12) if isinstance(a[k], float) else a[k] == b[k] for k in a
+    )
 
 
 def report(args: argparse.Namespace, results: dict[str, VariantResult]) -> str:
@@ -168,24 +189,38 @@ def report(args: argparse.Namespace, results: dict[str, VariantResult]) -> str:
             same_params = f"{len(shared)}/{len(r.params)}"
             both_complete = [n for n in shared if n in r.values and n in plain.values]
             same_values = f"{sum(r.values[n] == plain.values[n] for n in both_complete)}/{len(both_complete)}"
-        rows.append([
-            r.name,
-            f"{r.epochs} ({r.trial_epochs} + {r.baseline_epochs})",
-            f"{100 * r.epochs / plain.epochs:.0f}%" if plain else "-",
-            r.warmup_epochs,
-            f"{r.states.get('COMPLETE', 0)} / {r.states.get('PRUNED', 0)} / {r.states.get('FAIL', 0)}",
-            round(r.cpu_s),
-            f"{100 * r.cpu_s / plain.cpu_s:.0f}%" if plain else "-",
-            round(r.wall_s),
-            hv,
-            len(pareto_front(r.points)),
-            r.best_ppl,
-            same_params,
-            same_values,
-        ])
-    headers = ["variant", "epochs trained (trials + baseline)", "epochs vs plain", "epochs from warmup",
-               "complete / pruned / failed", "CPU s", "CPU vs plain", "wall s", "hypervolume", "Pareto size",
-               "best val_ppl", "params = plain", "values = plain"]
+        rows.append(
+            [
+                r.name,
+                f"{r.epochs} ({r.trial_epochs} + {r.baseline_epochs})",
+                f"{100 * r.epochs / plain.epochs:.0f}%" if plain else "-",
+                r.warmup_epochs,
+                f"{r.states.get('COMPLETE', 0)} / {r.states.get('PRUNED', 0)} / {r.states.get('FAIL', 0)}",
+                round(r.cpu_s),
+                f"{100 * r.cpu_s / plain.cpu_s:.0f}%" if plain else "-",
+                round(r.wall_s),
+                hv,
+                len(pareto_front(r.points)),
+                r.best_ppl,
+                same_params,
+                same_values,
+            ]
+        )
+    headers = [
+        "variant",
+        "epochs trained (trials + baseline)",
+        "epochs vs plain",
+        "epochs from warmup",
+        "complete / pruned / failed",
+        "CPU s",
+        "CPU vs plain",
+        "wall s",
+        "hypervolume",
+        "Pareto size",
+        "best val_ppl",
+        "params = plain",
+        "values = plain",
+    ]
     lines = [
         f"Measured: {machine_line()}",
         f"Study: studies/wikitext2.toml's space, TPE seed {args.seed}, {args.trials} trials x {args.epochs} "
@@ -231,8 +266,10 @@ def per_trial_table(results: dict[str, VariantResult]) -> str:
             if p is None:
                 row.append("-")
                 continue
-            head = (f"{p.get('koopman_start_epoch')}, {p.get('koopman_weight_max', math.nan):.3g}, "
-                    f"{p.get('schedule')}, {p.get('koopman_dim')}")
+            head = (
+                f"{p.get('koopman_start_epoch')}, {p.get('koopman_weight_max', math.nan):.3g}, "
+                f"{p.get('schedule')}, {p.get('koopman_dim')}"
+            )
             v = r.values.get(n)
             row.append(f"{head} -> {v[0]:.4g} / {v[1]:.3g}" if v else f"{head} -> pruned/failed")
         rows.append(row)
@@ -241,10 +278,15 @@ def per_trial_table(results: dict[str, VariantResult]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
-                   help="WikiText-2 directory with train.txt / valid.txt / test.txt (default: %(default)s)")
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
+        help="WikiText-2 directory with train.txt / valid.txt / test.txt (default: %(default)s)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
     p.add_argument("--trials", type=int, default=12, help="trials per study (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per trial (default: %(default)s)")
@@ -255,23 +297,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=5, help="max_eval_batches (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=5000, help="vocabulary cap (user: 30000; default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=32, help="window length (user: 128; default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="learning rate (user: 1e-3; the short epochs need more to get the LM loss under the "
-                        "7.0 limit by the first Koopman epoch, as in the user's run; default: %(default)s)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="learning rate (user: 1e-3; the short epochs need more to get the LM loss under the "
+        "7.0 limit by the first Koopman epoch, as in the user's run; default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="batch size (user: 32; default: %(default)s)")
     p.add_argument("--d-model", type=int, default=64, help="model width (user: 64; default: %(default)s)")
     p.add_argument("--n-layers", type=int, default=4, help="blocks (user: 4; default: %(default)s)")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads per variant; 1 keeps timings steady on a shared machine "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per variant; 1 keeps timings steady on a shared machine (default: %(default)s)",
+    )
     p.add_argument("--jobs", type=int, default=4, help="variants run at the same time (default: %(default)s)")
-    p.add_argument("--ref-ppl", type=float, default=None,
-                   help="hypervolume reference val_ppl (default: 1.3 x the baseline's final val_ppl)")
+    p.add_argument(
+        "--ref-ppl",
+        type=float,
+        default=None,
+        help="hypervolume reference val_ppl (default: 1.3 x the baseline's final val_ppl)",
+    )
     p.add_argument("--ref-nre", type=float, default=1.0, help="hypervolume reference NRE (default: %(default)s)")
-    p.add_argument("--rules", default="7.0,1.3", metavar="TOTAL,RATIO",
-                   help="total_loss_max and val_ppl_ratio_max of the rules and both variants (default: the "
-                        "study file's %(default)s)")
+    p.add_argument(
+        "--rules",
+        default="7.0,1.3",
+        metavar="TOTAL,RATIO",
+        help="total_loss_max and val_ppl_ratio_max of the rules and both variants (default: the "
+        "study file's %(default)s)",
+    )
     p.add_argument("--details", action="store_true", help="also print every trial of every variant")
     p.add_argument("--verbose", action="store_true", help="show the search's and trainer's own INFO logs")
     args = p.parse_args(argv)
@@ -294,14 +351,24 @@ def main(argv: list[str] | None = None) -> int:
     load_corpus(f"files:{Path(args.data).resolve()}", args.vocab)  # tokenize (or hit the cache) before timing
     variants = args.variants.split(",")
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="bench-search-cost-") as tmp, ProcessPoolExecutor(
-            max_workers=args.jobs, mp_context=ctx, initializer=setup_logging, initargs=(args.verbose,)) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-search-cost-") as tmp,
+        ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=ctx, initializer=setup_logging, initargs=(args.verbose,)
+        ) as pool,
+    ):
         futures = {v: pool.submit(run_variant, args, v, Path(tmp)) for v in variants}
         results: dict[str, VariantResult] = {}
         for variant in variants:
             r = results[variant] = futures[variant].result()
-            logger.info("variant %s done: %d epochs (%d by the baseline), %.0f CPU s, %.0f wall s", variant,
-                        r.epochs, r.baseline_epochs, r.cpu_s, r.wall_s)
+            logger.info(
+                "variant %s done: %d epochs (%d by the baseline), %.0f CPU s, %.0f wall s",
+                variant,
+                r.epochs,
+                r.baseline_epochs,
+                r.cpu_s,
+                r.wall_s,
+            )
     print(report(args, results))
     return 0
 

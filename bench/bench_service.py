@@ -66,11 +66,11 @@ def build_spec(args: argparse.Namespace, name: str, storage_url: str, artifacts:
     from search.spec import spec_from_dict
 
     d = copy.deepcopy(study_file_dict())
-    d["study"].update(name=name, storage=storage_url, artifacts=str(artifacts), n_trials=1, seed=0,
-                      shared_warmup=True)
+    d["study"].update(name=name, storage=storage_url, artifacts=str(artifacts), n_trials=1, seed=0, shared_warmup=True)
     d["trainer"]["data"].update(source=f"files:{Path(args.data).resolve()}", batch_size=args.batch_size)
-    d["trainer"]["train"].update(epochs=args.epochs, device="cpu", max_steps_per_epoch=args.steps,
-                                 max_eval_batches=args.eval_batches)
+    d["trainer"]["train"].update(
+        epochs=args.epochs, device="cpu", max_steps_per_epoch=args.steps, max_eval_batches=args.eval_batches
+    )
     d["search"]["koopman_start_epoch"] = {"type": "int", "low": 1, "high": args.epochs - 1}
     d["enqueue"] = []
     d["rules"] = {"total_loss_max": OFF_LIMIT, "val_ppl_ratio_max": OFF_LIMIT}
@@ -164,8 +164,7 @@ def instrument() -> Timeline:
     return tl
 
 
-def worker_main(args: argparse.Namespace, name: str, storage_url: str, artifacts: str, index: int,
-                out: str) -> None:
+def worker_main(args: argparse.Namespace, name: str, storage_url: str, artifacts: str, index: int, out: str) -> None:
     """One worker process: instrument, then run the worker loop like ``koopman-search worker``."""
     setup_logging(args.verbose)
     import torch
@@ -177,8 +176,17 @@ def worker_main(args: argparse.Namespace, name: str, storage_url: str, artifacts
     spec = build_spec(args, name, storage_url, Path(artifacts))
     started = time.monotonic()
     summary = run_worker(spec, seed_offset=index)
-    Path(out).write_text(json.dumps({"index": index, "started": started, "ended": time.monotonic(),
-                                     "trials": len(summary.outcomes), "events": tl.events}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "index": index,
+                "started": started,
+                "ended": time.monotonic(),
+                "trials": len(summary.outcomes),
+                "events": tl.events,
+            }
+        )
+    )
 
 
 # ---- analysis ----------------------------------------------------------------------------------------------
@@ -235,9 +243,16 @@ def analyse(workers: list[dict[str, Any]]) -> dict[str, Any]:
             per_epoch.append(sum(g[p] for p in EPOCH_PARTS))
             per_epoch_cpu.append(g["cpu"])
     idle_after_baseline = [t - baseline_end for _, t in first_trial_steps if baseline_end is not None]
-    return {"gaps": gaps, "gaps_cpu": gaps_cpu, "parts": parts, "epoch_parts": epoch_parts,
-            "per_epoch": per_epoch, "per_epoch_cpu": per_epoch_cpu, "epochs": len(per_epoch),
-            "idle_after_baseline": idle_after_baseline}
+    return {
+        "gaps": gaps,
+        "gaps_cpu": gaps_cpu,
+        "parts": parts,
+        "epoch_parts": epoch_parts,
+        "per_epoch": per_epoch,
+        "per_epoch_cpu": per_epoch_cpu,
+        "epochs": len(per_epoch),
+        "idle_after_baseline": idle_after_baseline,
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -249,8 +264,11 @@ def run_config(args: argparse.Namespace, backend: str, n_workers: int, tmp: Path
     from search.study import create_or_load_study, ensure_budget
 
     name = f"svc-{backend}-w{n_workers}"
-    scratch = (postgres_scratch_db(args.postgres, f"bench_service_w{n_workers}") if backend == "postgresql"
-               else nullcontext(f"sqlite:///{tmp / name}.db"))
+    scratch = (
+        postgres_scratch_db(args.postgres, f"bench_service_w{n_workers}")
+        if backend == "postgresql"
+        else nullcontext(f"sqlite:///{tmp / name}.db")
+    )
     with scratch as url:
         artifacts = tmp / f"{name}-artifacts"
         spec = build_spec(args, name, url, artifacts)
@@ -260,8 +278,10 @@ def run_config(args: argparse.Namespace, backend: str, n_workers: int, tmp: Path
         storage.engine.dispose()
         ctx = mp.get_context("spawn")
         outs = [tmp / f"{name}-{i}.json" for i in range(n_workers)]
-        procs = [ctx.Process(target=worker_main, args=(args, name, url, str(artifacts), i, str(outs[i])))
-                 for i in range(n_workers)]
+        procs = [
+            ctx.Process(target=worker_main, args=(args, name, url, str(artifacts), i, str(outs[i])))
+            for i in range(n_workers)
+        ]
         started = time.monotonic()
         for p in procs:
             p.start()
@@ -281,8 +301,15 @@ def run_config(args: argparse.Namespace, backend: str, n_workers: int, tmp: Path
         storage.engine.dispose()
     result = analyse(workers)
     result.update(backend=backend, workers=n_workers, wall=wall, states=states)
-    logger.info("%s: %d trials %s, %d gaps, %d epoch records, %.0f s", name, sum(states.values()), states,
-                len(result["gaps"]), result["epochs"], wall)
+    logger.info(
+        "%s: %d trials %s, %d gaps, %d epoch records, %.0f s",
+        name,
+        sum(states.values()),
+        states,
+        len(result["gaps"]),
+        result["epochs"],
+        wall,
+    )
     return result
 
 
@@ -296,22 +323,46 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
     for r in results:
         gap, per_epoch = _mean(r["gaps"]), _mean(r["per_epoch"])
         gap_cpu, per_epoch_cpu = _mean(r["gaps_cpu"]), _mean(r["per_epoch_cpu"])
-        parts = ", ".join(f"{p} {_mean(r['parts'][p]):.2f}" for p in (*GAP_PARTS, "other")
-                          if _mean(r["parts"][p]) >= 0.005)
+        parts = ", ".join(
+            f"{p} {_mean(r['parts'][p]):.2f}" for p in (*GAP_PARTS, "other") if _mean(r["parts"][p]) >= 0.005
+        )
         eparts = ", ".join(f"{p} {1000 * _mean(r['epoch_parts'][p]):.0f}" for p in EPOCH_PARTS)
         idle = r["idle_after_baseline"]
-        rows.append([
-            r["backend"], r["workers"], len(r["gaps"]), f"{gap:.2f} ({gap_cpu:.2f})",
-            round(max(r["gaps"], default=0.0), 2), parts, r["epochs"],
-            f"{1000 * per_epoch:.0f} ({1000 * per_epoch_cpu:.0f})", round(1000 * max(r["per_epoch"], default=0.0)),
-            eparts, f"{100 * _share(args, gap, per_epoch):.2f}% ({100 * _share(args, gap_cpu, per_epoch_cpu):.2f}%)",
-            f"{min(idle):.1f} / {max(idle):.1f}" if len(idle) > 1 else "-",
-        ])
-    headers = ["storage", "workers", "gaps", "gap mean s (CPU s)", "gap max s", "gap parts (mean s)",
-               "epoch records", "storage/epoch mean ms (CPU ms)", "max ms", "parts (mean ms)",
-               f"share of a {trial_s:.0f} s trial (CPU)", "first step after baseline, min / max s"]
-    over = [f"{r['backend']} x{r['workers']}" for r in results
-            if _share(args, _mean(r["gaps"]), _mean(r["per_epoch"])) >= 0.01]
+        rows.append(
+            [
+                r["backend"],
+                r["workers"],
+                len(r["gaps"]),
+                f"{gap:.2f} ({gap_cpu:.2f})",
+                round(max(r["gaps"], default=0.0), 2),
+                parts,
+                r["epochs"],
+                f"{1000 * per_epoch:.0f} ({1000 * per_epoch_cpu:.0f})",
+                round(1000 * max(r["per_epoch"], default=0.0)),
+                eparts,
+                f"{100 * _share(args, gap, per_epoch):.2f}% ({100 * _share(args, gap_cpu, per_epoch_cpu):.2f}%)",
+                f"{min(idle):.1f} / {max(idle):.1f}" if len(idle) > 1 else "-",
+            ]
+        )
+    headers = [
+        "storage",
+        "workers",
+        "gaps",
+        "gap mean s (CPU s)",
+        "gap max s",
+        "gap parts (mean s)",
+        "epoch records",
+        "storage/epoch mean ms (CPU ms)",
+        "max ms",
+        "parts (mean ms)",
+        f"share of a {trial_s:.0f} s trial (CPU)",
+        "first step after baseline, min / max s",
+    ]
+    over = [
+        f"{r['backend']} x{r['workers']}"
+        for r in results
+        if _share(args, _mean(r["gaps"]), _mean(r["per_epoch"])) >= 0.01
+    ]
     lines = [
         f"Measured: {machine_line()}",
         f"Study: studies/wikitext2.toml's space and shared warmup, rules off; user model shapes (vocab 30000, "
@@ -324,8 +375,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
         f"share = (gap mean + {args.user_epochs} x storage/epoch mean) / ({args.user_epochs} x "
         f"{args.epoch_seconds:g} s); in brackets the same from the worker process's CPU time, which does not "
         "count waiting (for a CPU core, a lock, the database). "
-        + ("Goal < 1% of wall time: MET in every row." if not over
-           else f"Goal < 1% of wall time: NOT MET in {', '.join(over)}."),
+        + (
+            "Goal < 1% of wall time: MET in every row."
+            if not over
+            else f"Goal < 1% of wall time: NOT MET in {', '.join(over)}."
+        ),
         "The last column: time from the end of the baseline run to the first training step of each worker's "
         "first trial (workers that waited poll for the baseline with a growing sleep).",
     ]
@@ -333,21 +387,34 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
-                   help="WikiText-2 directory (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
+        help="WikiText-2 directory (default: %(default)s)",
+    )
     p.add_argument("--backends", default="sqlite,postgresql", help="storages to test (default: %(default)s)")
-    p.add_argument("--postgres", default=DEFAULT_POSTGRES,
-                   help="a PostgreSQL server URL; a scratch database is made there per run (default: %(default)s)")
+    p.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES,
+        help="a PostgreSQL server URL; a scratch database is made there per run (default: %(default)s)",
+    )
     p.add_argument("--workers", default="1,2,4", help="worker counts (default: %(default)s)")
     p.add_argument("--trials-per-worker", type=int, default=3, help="trials per worker (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="training batches per epoch (default: %(default)s)")
     p.add_argument("--eval-batches", type=int, default=1, help="validation batches (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size (user: 32; default: %(default)s)")
-    p.add_argument("--epoch-seconds", type=float, default=96.0,
-                   help="the user's epoch with the Koopman loss on, s (docs/design.md; default: %(default)s)")
+    p.add_argument(
+        "--epoch-seconds",
+        type=float,
+        default=96.0,
+        help="the user's epoch with the Koopman loss on, s (docs/design.md; default: %(default)s)",
+    )
     p.add_argument("--user-epochs", type=int, default=10, help="the user's epochs per trial (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show the search's own INFO logs")
     args = p.parse_args(argv)

@@ -93,9 +93,15 @@ def time_block(fn: Callable[[], object], device: torch.device) -> Clock:
 
 def no_evaluation(koopman: bool = True) -> dict[str, Any]:
     """Stands in for ``HybridKoopmanTrainer.evaluate`` while timing: the blocks time training steps only."""
-    return {"val_loss": math.nan, "val_koopman_nre": math.nan, "val_koopman_gain": math.nan,
-            "val_koopman_gain_blocks": [], "phi_effective_rank": math.nan, "state_effective_rank": math.nan,
-            "val_koopman_forward_ppl": math.nan}
+    return {
+        "val_loss": math.nan,
+        "val_koopman_nre": math.nan,
+        "val_koopman_gain": math.nan,
+        "val_koopman_gain_blocks": [],
+        "phi_effective_rank": math.nan,
+        "state_effective_rank": math.nan,
+        "val_koopman_forward_ppl": math.nan,
+    }
 
 
 def timed_trainer(cfg: TrainerConfig, corpus: Corpus) -> HybridKoopmanTrainer:
@@ -114,8 +120,13 @@ def measure(
             value = time_block(blocks[name], device)
             if r > 0:
                 clocks[name].append(value)
-        logger.info("%s round %d/%d: %s", what, r, rounds - 1,
-                    ", ".join(f"{n} {c[-1][0]:.2f}/{c[-1][1]:.2f} s" for n, c in clocks.items() if c))
+        logger.info(
+            "%s round %d/%d: %s",
+            what,
+            r,
+            rounds - 1,
+            ", ".join(f"{n} {c[-1][0]:.2f}/{c[-1][1]:.2f} s" for n, c in clocks.items() if c),
+        )
     return clocks
 
 
@@ -219,8 +230,11 @@ def bench_overhead(args: argparse.Namespace, corpus: Corpus, device: torch.devic
     for fit in TIMED_FITS:
         for n in args.tokens:
             cfg = with_overrides(base, {"koopman.fit": fit, "koopman.tokens_per_batch": n}, origin="bench")
-            variants[f"{fit}/{n}"] = (fit, f"0 (all {base.data.batch_size * base.data.seq_len})" if n == 0 else str(n),
-                                      cfg)
+            variants[f"{fit}/{n}"] = (
+                fit,
+                f"0 (all {base.data.batch_size * base.data.seq_len})" if n == 0 else str(n),
+                cfg,
+            )
     blocks = {name: one_epoch(timed_trainer(cfg, corpus)) for name, (_, _, cfg) in variants.items()}
     clocks = measure(blocks, rounds, device, "overhead")
     main_clock = 1 if device.type == "cpu" else 0
@@ -229,19 +243,36 @@ def bench_overhead(args: argparse.Namespace, corpus: Corpus, device: torch.devic
         per_step = [(w / args.steps, c / args.steps) for w, c in clocks[name]]
         mid, lo, hi = ratio_stats(clocks[name], clocks["off"], main_clock)
         wall_mid, _, _ = ratio_stats(clocks[name], clocks["off"], 0)
-        rows.append((
-            "off" if name == "off" else "on", fit, tokens,
-            f"{median([c for _, c in per_step]):.3f}" if device.type == "cpu" else "n/a",
-            f"{median([w for w, _ in per_step]):.3f}",
-            f"**{mid:.3f}**", f"{lo:.3f}–{hi:.3f}", f"{wall_mid:.3f}",
-        ))
+        rows.append(
+            (
+                "off" if name == "off" else "on",
+                fit,
+                tokens,
+                f"{median([c for _, c in per_step]):.3f}" if device.type == "cpu" else "n/a",
+                f"{median([w for w, _ in per_step]):.3f}",
+                f"**{mid:.3f}**",
+                f"{lo:.3f}–{hi:.3f}",
+                f"{wall_mid:.3f}",
+            )
+        )
     clock = "CPU" if main_clock else "wall"
     text = (
         f"Koopman overhead: step time with the Koopman loss on ÷ off (goal ≤ {OVERHEAD_GOAL:.2f}×), "
         f"{args.repeats} rounds × {args.steps} steps per variant after a warm-up round. Ratio: median over rounds "
         f"of the paired per-round ratio ({clock} time).\n\n"
-        + table(("Koopman loss", "fit", "tokens_per_batch", "median CPU s/step", "median wall s/step",
-                 f"ratio to off ({clock})", "min–max", "ratio (wall)"), rows)
+        + table(
+            (
+                "Koopman loss",
+                "fit",
+                "tokens_per_batch",
+                "median CPU s/step",
+                "median wall s/step",
+                f"ratio to off ({clock})",
+                "min–max",
+                "ratio (wall)",
+            ),
+            rows,
+        )
     )
     off_step = median([c[main_clock] for c in clocks["off"]]) / args.steps
     return text, off_step
@@ -251,8 +282,13 @@ def bench_overhead(args: argparse.Namespace, corpus: Corpus, device: torch.devic
 
 
 def plain_block(
-    model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, cfg: TrainerConfig, epoch: int,
-    device: torch.device, bf16: bool | None = None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    cfg: TrainerConfig,
+    epoch: int,
+    device: torch.device,
+    bf16: bool | None = None,
 ) -> None:
     """The plain loop: same model, same batches as the trainer's epoch e, AdamW and clipping; the logits of the
     whole batch and F.cross_entropy, as everyone writes it. bf16 autocast on CUDA unless ``bf16`` says."""
@@ -286,24 +322,31 @@ def bench_throughput(args: argparse.Namespace, corpus: Corpus, device: torch.dev
     main_clock = 1 if device.type == "cpu" else 0
     tokens = args.steps * cfg.data.batch_size * cfg.data.seq_len
     rows = []
-    for name, label in (("trainer", "HybridKoopmanTrainer, Koopman off"),
-                        ("plain", "plain PyTorch loop (same model, batches, AdamW, clip)")):
+    for name, label in (
+        ("trainer", "HybridKoopmanTrainer, Koopman off"),
+        ("plain", "plain PyTorch loop (same model, batches, AdamW, clip)"),
+    ):
         mid, lo, hi = ratio_stats(clocks["plain"], clocks[name], main_clock)  # tokens/s ratio = time ratio inverted
         wall_mid, _, _ = ratio_stats(clocks["plain"], clocks[name], 0)
-        rows.append((
-            label,
-            f"{tokens / median([c for _, c in clocks[name]]):.0f}" if device.type == "cpu" else "n/a",
-            f"{tokens / median([w for w, _ in clocks[name]]):.0f}",
-            f"**{mid:.3f}**" if name == "trainer" else "1", f"{lo:.3f}–{hi:.3f}" if name == "trainer" else "-",
-            f"{wall_mid:.3f}" if name == "trainer" else "1",
-        ))
+        rows.append(
+            (
+                label,
+                f"{tokens / median([c for _, c in clocks[name]]):.0f}" if device.type == "cpu" else "n/a",
+                f"{tokens / median([w for w, _ in clocks[name]]):.0f}",
+                f"**{mid:.3f}**" if name == "trainer" else "1",
+                f"{lo:.3f}–{hi:.3f}" if name == "trainer" else "-",
+                f"{wall_mid:.3f}" if name == "trainer" else "1",
+            )
+        )
     clock = "CPU" if main_clock else "wall"
     return (
         f"Throughput, Koopman off: the trainer against a plain loop (goal ≥ {THROUGHPUT_GOAL:.2f}×), "
         f"{args.repeats} rounds × {args.steps} steps each after a warm-up round, alternating which runs first. "
         f"Ratio: median over rounds of the paired per-round ratio ({clock} time).\n\n"
-        + table(("loop", "tokens per CPU s", "tokens per wall s", f"ratio to plain ({clock})", "min–max",
-                 "ratio (wall)"), rows)
+        + table(
+            ("loop", "tokens per CPU s", "tokens per wall s", f"ratio to plain ({clock})", "min–max", "ratio (wall)"),
+            rows,
+        )
     )
 
 
@@ -337,8 +380,12 @@ def bench_components(args: argparse.Namespace, step_off: float, device: torch.de
             opt = torch.optim.AdamW(heads.parameters(), lr=1e-3)
             states = torch.randn(n_layers + 1, n or bt, d, generator=g).to(device).requires_grad_()
 
-            def koopman(heads: KoopmanHeads = heads, opt: torch.optim.Optimizer = opt,
-                        states: torch.Tensor = states, fit: str = fit) -> None:
+            def koopman(
+                heads: KoopmanHeads = heads,
+                opt: torch.optim.Optimizer = opt,
+                states: torch.Tensor = states,
+                fit: str = fit,
+            ) -> None:
                 loss, x_phi, y_phi = heads.objective(states)  # the default objective, the decoder form
                 loss.backward()
                 if fit == "lstsq":
@@ -358,8 +405,7 @@ def bench_components(args: argparse.Namespace, step_off: float, device: torch.de
     return (
         "Where the time goes: forward + backward of the pieces of one step at the user's shapes (median of "
         f"{args.repeats} interleaved runs, {clock} time), as a share of the median Koopman-off step "
-        f"({step_off:.3f} s).\n\n"
-        + table(("piece", "ms", "share of off step"), rows)
+        f"({step_off:.3f} s).\n\n" + table(("piece", "ms", "share of off step"), rows)
     )
 
 
@@ -379,8 +425,15 @@ def bench_profile(args: argparse.Namespace, corpus: Corpus, top: int = 12) -> st
     rows: list[tuple[Any, ...]] = []
     for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
         shapes = str(e.input_shapes).replace("|", "/")
-        rows.append((e.key, shapes, e.count, f"{getattr(e, key) / 1000 / args.steps:.1f}",
-                     f"{100 * getattr(e, key) / total:.1f}%"))
+        rows.append(
+            (
+                e.key,
+                shapes,
+                e.count,
+                f"{getattr(e, key) / 1000 / args.steps:.1f}",
+                f"{100 * getattr(e, key) / total:.1f}%",
+            )
+        )
     return (
         f"torch.profiler, one Koopman-on epoch of {args.steps} steps (gradient fit, tokens_per_batch "
         f"{cfg.koopman.tokens_per_batch}), top {top} operators by self time (the profiler's wall clock, so "
@@ -411,8 +464,9 @@ def bench_chunks(args: argparse.Namespace, device: torch.device) -> str:
     pieces: dict[str, Callable[[], object]] = {"F.cross_entropy(F.linear(h, W)) (the plain loop's)": reference}
     options = getattr(nn, "LinearCrossEntropyOptions", None)
     if options is not None:
-        pieces["torch F.linear_cross_entropy, chunked (options=LinearCrossEntropyOptions())"] = (
-            lambda: F.linear_cross_entropy(h, w, y, options=options()).backward())
+        pieces["torch F.linear_cross_entropy, chunked (options=LinearCrossEntropyOptions())"] = lambda: (
+            F.linear_cross_entropy(h, w, y, options=options()).backward()
+        )
     default = chunk_tokens(bt, vocab, device)
     for chunk in sorted({*args.chunks, default}):
         label = f"trainer.lm_loss, chunk {chunk} tokens ({chunk * vocab * 4 / 2**20:.0f} MiB buffer)"
@@ -429,8 +483,9 @@ def bench_chunks(args: argparse.Namespace, device: torch.device) -> str:
     rows = []
     for name, values in clocks.items():
         mid, lo, hi = ratio_stats(values, clocks[ref_name], main_clock)
-        rows.append((name, f"{1000 * median([v[main_clock] for v in values]):.0f}", f"**{mid:.3f}**",
-                     f"{lo:.3f}–{hi:.3f}"))
+        rows.append(
+            (name, f"{1000 * median([v[main_clock] for v in values]):.0f}", f"**{mid:.3f}**", f"{lo:.3f}–{hi:.3f}")
+        )
     clock = "CPU" if main_clock else "wall"
     return (
         f"The LM head + cross-entropy alone ({bt} × {d} → {vocab}), forward + backward, {args.repeats} interleaved "
@@ -479,12 +534,20 @@ def child_memory(args: argparse.Namespace) -> int:
     step()
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     n = args.steps
-    print(json.dumps({
-        "loop": args.child, "rss_before_mib": rss_before / 1024, "peak_rss_mib": _rss_kib("VmHWM") / 1024,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "minflt_per_step": (r1.ru_minflt - r0.ru_minflt) / n, "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / n,
-        "user_s_per_step": (r1.ru_utime - r0.ru_utime) / n, "wall_s_per_step": (t1 - t0) / n,
-    }))
+    print(
+        json.dumps(
+            {
+                "loop": args.child,
+                "rss_before_mib": rss_before / 1024,
+                "peak_rss_mib": _rss_kib("VmHWM") / 1024,
+                "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                "minflt_per_step": (r1.ru_minflt - r0.ru_minflt) / n,
+                "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / n,
+                "user_s_per_step": (r1.ru_utime - r0.ru_utime) / n,
+                "wall_s_per_step": (t1 - t0) / n,
+            }
+        )
+    )
     return 0
 
 
@@ -501,8 +564,20 @@ def bench_memory(args: argparse.Namespace) -> str:
         for alloc in names:
             for loop in ("trainer", "plain"):
                 env = allocator_env(alloc, dict(os.environ))
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", loop, "--data", args.data,
-                       "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    loop,
+                    "--data",
+                    args.data,
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    args.device,
+                    "--threads",
+                    str(args.threads),
+                ]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
                 results.setdefault((alloc, loop), []).append(json.loads(out.strip().splitlines()[-1]))
                 logger.info("memory round %d: %s %s %s", r, alloc, loop, results[(alloc, loop)][-1])
@@ -511,21 +586,40 @@ def bench_memory(args: argparse.Namespace) -> str:
         plain_peak = median([x["peak_rss_mib"] for x in results[(alloc, "plain")]])
         peak = median([x["peak_rss_mib"] for x in runs])
         before = median([x["rss_before_mib"] for x in runs])
-        rows.append((
-            alloc, loop, f"{before:.0f}", f"{peak:.0f}", f"{peak - before:.0f}",
-            f"**{peak / plain_peak:.2f}**" if loop == "trainer" else "1",
-            f"{median([x['minflt_per_step'] for x in runs]):.0f}",
-            f"{median([x['sys_s_per_step'] for x in runs]):.3f}", f"{median([x['user_s_per_step'] for x in runs]):.3f}",
-            f"{median([x['wall_s_per_step'] for x in runs]):.3f}",
-        ))
+        rows.append(
+            (
+                alloc,
+                loop,
+                f"{before:.0f}",
+                f"{peak:.0f}",
+                f"{peak - before:.0f}",
+                f"**{peak / plain_peak:.2f}**" if loop == "trainer" else "1",
+                f"{median([x['minflt_per_step'] for x in runs]):.0f}",
+                f"{median([x['sys_s_per_step'] for x in runs]):.3f}",
+                f"{median([x['user_s_per_step'] for x in runs]):.3f}",
+                f"{median([x['wall_s_per_step'] for x in runs]):.3f}",
+            )
+        )
     return (
         f"Memory and page faults of the training steps (Koopman off), each loop in its own process, one after "
         f"another, twice (medians of the 2): peak RSS (VmHWM, reset after set-up) over two epochs of {args.steps} "
         f"steps, and minor page faults, system and user CPU time per step over the second (goal: trainer peak "
         f"≤ {MEMORY_GOAL:.1f}× the plain loop's).\n\n"
-        + table(("allocator", "loop", "RSS after set-up MiB", "peak RSS MiB", "peak − set-up MiB",
-                 "peak ratio to plain", "minor faults / step", "system s / step", "user s / step",
-                 "wall s / step"), rows)
+        + table(
+            (
+                "allocator",
+                "loop",
+                "RSS after set-up MiB",
+                "peak RSS MiB",
+                "peak − set-up MiB",
+                "peak ratio to plain",
+                "minor faults / step",
+                "system s / step",
+                "user s / step",
+                "wall s / step",
+            ),
+            rows,
+        )
     )
 
 
@@ -539,11 +633,13 @@ def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
     cfg = user_config(args, epochs=rounds + 1).without_koopman()
     t = cfg.train
     variants: dict[str, HybridKoopmanTrainer] = {
-        "trainer as it is (AdamW for-loop, dropout 0.1)": timed_trainer(cfg, corpus)}
+        "trainer as it is (AdamW for-loop, dropout 0.1)": timed_trainer(cfg, corpus)
+    }
     for kind in ("foreach", "fused"):
         trainer = timed_trainer(cfg, corpus)
-        trainer.opt_lm = torch.optim.AdamW(trainer.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                           **{kind: True})
+        trainer.opt_lm = torch.optim.AdamW(
+            trainer.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, **{kind: True}
+        )
         variants[f"AdamW {kind}=True"] = trainer
     variants["dropout 0 (the cost of dropout)"] = timed_trainer(with_overrides(cfg, {"model.dropout": 0.0}), corpus)
     compile_note = ""
@@ -556,9 +652,11 @@ def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
             wall, cpu = time_block(one_epoch(trainer), device)  # compiles forward and backward
             variants["torch.compile of each block"] = trainer
             per_epoch = n_windows(trainer.train_tokens.numel(), cfg.data.seq_len) // cfg.data.batch_size
-            compile_note = (f"\n\ntorch.compile: the first epoch of {args.steps} steps with compiled blocks took "
-                            f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (compiling included); an epoch "
-                            f"of the whole train split is {per_epoch} steps.")
+            compile_note = (
+                f"\n\ntorch.compile: the first epoch of {args.steps} steps with compiled blocks took "
+                f"{wall:.1f} s wall, {cpu:.1f} s CPU in this process (compiling included); an epoch "
+                f"of the whole train split is {per_epoch} steps."
+            )
         except Exception as exc:  # a missing compiler is reported, not fatal to the benchmark
             compile_note = f"\n\ntorch.compile failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     blocks_ = {name: one_epoch(tr) for name, tr in variants.items()}
@@ -568,13 +666,20 @@ def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
     rows = []
     for name, values in clocks.items():
         mid, lo, hi = ratio_stats(values, clocks[ref], main_clock)
-        rows.append((name, f"{median([v[main_clock] for v in values]) / args.steps:.3f}", f"**{mid:.3f}**",
-                     f"{lo:.3f}–{hi:.3f}"))
+        rows.append(
+            (
+                name,
+                f"{median([v[main_clock] for v in values]) / args.steps:.3f}",
+                f"**{mid:.3f}**",
+                f"{lo:.3f}–{hi:.3f}",
+            )
+        )
     clock = "CPU" if main_clock else "wall"
     return (
         f"The next costs: trainer epochs of {args.steps} steps (Koopman off) with one change each, {args.repeats} "
         f"interleaved rounds after a warm-up round; ratio: step time ÷ the trainer's as it is ({clock} time).\n\n"
-        + table(("variant", f"median s/step ({clock})", "time ratio", "min–max"), rows) + compile_note
+        + table(("variant", f"median s/step ({clock})", "time ratio", "min–max"), rows)
+        + compile_note
     )
 
 
@@ -582,8 +687,14 @@ def bench_next(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
 
 # Dense peak rates in TFLOP/s (vendor data sheets, SXM parts): bf16 tensor cores, and fp32 without tensor cores
 # (torch's default matmul precision "highest" does not use TF32).
-PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
-               "A10": (125.0, 31.2), "V100": (125.0, 15.7)}
+PEAK_TFLOPS = {
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "A10": (125.0, 31.2),
+    "V100": (125.0, 15.7),
+}
 
 
 def lm_flops_per_token(cfg: TrainerConfig, vocab: int) -> float:
@@ -619,8 +730,13 @@ def bench_cuda(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
         epoch = iter(range(1, 10**9))
         tokens_dev = corpus.train.to(device)
 
-        def plain(model: nn.Module = model, opt: torch.optim.Optimizer = opt, bf16: bool = precision == "bf16",
-                  epoch: Iterator[int] = epoch, tokens_dev: torch.Tensor = tokens_dev) -> None:
+        def plain(
+            model: nn.Module = model,
+            opt: torch.optim.Optimizer = opt,
+            bf16: bool = precision == "bf16",
+            epoch: Iterator[int] = epoch,
+            tokens_dev: torch.Tensor = tokens_dev,
+        ) -> None:
             plain_block(model, opt, tokens_dev, cfg_on.without_koopman(), next(epoch), device, bf16=bf16)
 
         variants["plain loop (F.cross_entropy)"] = plain
@@ -637,10 +753,14 @@ def bench_cuda(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
             share = "n/a"
             if peak is not None:
                 share = f"{100 * rate * flops_tok / (1e12 * (peak[0] if precision == 'bf16' else peak[1])):.1f}%"
-            rows.append((precision, label, f"{rate:.0f}", f"{1000 * wall / args.steps:.1f}", f"{peaks[label]:.0f}",
-                         share))
-    peak_text = (f"peak {peak[0]:.0f} TFLOP/s bf16, {peak[1]:.1f} fp32" if peak is not None
-                 else "peak rate unknown for this GPU (pass --peak-tflops)")
+            rows.append(
+                (precision, label, f"{rate:.0f}", f"{1000 * wall / args.steps:.1f}", f"{peaks[label]:.0f}", share)
+            )
+    peak_text = (
+        f"peak {peak[0]:.0f} TFLOP/s bf16, {peak[1]:.1f} fp32"
+        if peak is not None
+        else "peak rate unknown for this GPU (pass --peak-tflops)"
+    )
     return (
         f"CUDA ({name}): {args.repeats} interleaved rounds × {args.steps} steps after a warm-up round, wall time "
         f"with synchronisation. LM FLOPs per token {flops_tok / 1e6:.2f} M (`lm_flops_per_token`), {peak_text}; "
@@ -654,7 +774,6 @@ def bench_cuda(args: argparse.Namespace, corpus: Corpus, device: torch.device) -
 SECTIONS = ("tokenize", "overhead", "throughput", "chunks", "memory", "next", "cuda", "components", "profile")
 
 
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA, help=f"corpus source (default {DEFAULT_DATA})")
@@ -663,18 +782,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", default="512,0",
-                   help="koopman.tokens_per_batch values, comma-separated; 0 = all tokens (default 512,0)")
-    p.add_argument("--only", default="tokenize,overhead,throughput,chunks,memory,components,profile",
-                   help="comma-separated subset of " + ", ".join(SECTIONS) + " (default: all but next and cuda; "
-                        "cuda needs --device cuda)")
-    p.add_argument("--chunks", default="64,128,256,512,1024,4096",
-                   help="tokens per chunk for the chunks section, comma-separated (default 64,...,4096)")
-    p.add_argument("--allocators", default="glibc,glibc-tuned,jemalloc",
-                   help="allocators for the memory section (trainer.alloc.ALLOCATORS; default all three)")
+    p.add_argument(
+        "--tokens",
+        default="512,0",
+        help="koopman.tokens_per_batch values, comma-separated; 0 = all tokens (default 512,0)",
+    )
+    p.add_argument(
+        "--only",
+        default="tokenize,overhead,throughput,chunks,memory,components,profile",
+        help="comma-separated subset of " + ", ".join(SECTIONS) + " (default: all but next and cuda; "
+        "cuda needs --device cuda)",
+    )
+    p.add_argument(
+        "--chunks",
+        default="64,128,256,512,1024,4096",
+        help="tokens per chunk for the chunks section, comma-separated (default 64,...,4096)",
+    )
+    p.add_argument(
+        "--allocators",
+        default="glibc,glibc-tuned,jemalloc",
+        help="allocators for the memory section (trainer.alloc.ALLOCATORS; default all three)",
+    )
     p.add_argument("--compile", action="store_true", help="next: also time torch.compile of the blocks")
-    p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="cuda: the GPU's peak TFLOP/s when this script does not know it")
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="cuda: the GPU's peak TFLOP/s when this script does not know it"
+    )
     p.add_argument("--child", choices=("trainer", "plain"), help=argparse.SUPPRESS)  # memory's own processes
     args = p.parse_args(argv)
     args.tokens = [int(v) for v in args.tokens.split(",")]

@@ -42,23 +42,52 @@ def run_trial(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     spec = load_spec(args.study)
     params = spec.enqueue[args.trial].params
-    cfg = with_overrides(spec.trial_config(params), {
-        "train.max_steps_per_epoch": args.steps, "train.max_eval_batches": args.eval_batches,
-        "train.device": args.device}, origin="bench_trial")
+    cfg = with_overrides(
+        spec.trial_config(params),
+        {
+            "train.max_steps_per_epoch": args.steps,
+            "train.max_eval_batches": args.eval_batches,
+            "train.device": args.device,
+        },
+        origin="bench_trial",
+    )
     wall, cpu = time.perf_counter(), time.process_time()
     trainer_ = HybridKoopmanTrainer(cfg)
     records = trainer_.fit()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(json.dumps({"trainer": str(Path(trainer.__file__).parent), "wall_s": wall, "cpu_s": cpu,
-                      "epochs": len(records), "final_val_ppl": records[-1].val_ppl,
-                      "final_lm_loss": records[-1].lm_loss}))
+    print(
+        json.dumps(
+            {
+                "trainer": str(Path(trainer.__file__).parent),
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "epochs": len(records),
+                "final_val_ppl": records[-1].val_ppl,
+                "final_lm_loss": records[-1].lm_loss,
+            }
+        )
+    )
     return 0
 
 
 def _child(args: argparse.Namespace, trainer_from: str) -> dict[str, float]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--study", args.study, "--steps", str(args.steps),
-           "--eval-batches", str(args.eval_batches), "--trial", str(args.trial), "--device", args.device,
-           "--threads", str(args.threads), "--child"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--study",
+        args.study,
+        "--steps",
+        str(args.steps),
+        "--eval-batches",
+        str(args.eval_batches),
+        "--trial",
+        str(args.trial),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--child",
+    ]
     if trainer_from:
         cmd += ["--trainer-from", trainer_from]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ)).stdout
@@ -77,17 +106,21 @@ def compare(args: argparse.Namespace) -> int:
         for name in order:
             runs[name].append(_child(args, versions[name]))
     print(f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
-    print(f"Trial {args.trial} of {args.study}, {args.steps} steps and {args.eval_batches} validation batches per "
-          f"epoch, {args.rounds} rounds (each version in its own process, alternating), load average at the end "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print(
+        f"Trial {args.trial} of {args.study}, {args.steps} steps and {args.eval_batches} validation batches per "
+        f"epoch, {args.rounds} rounds (each version in its own process, alternating), load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
+    )
     first = next(iter(versions))
     print("| trainer | epochs | median wall s | median CPU s | CPU ÷ first's (median, min–max) | final val_ppl |")
     print("|---|---|---|---|---|---|")
     for name, values in runs.items():
         ratios = [v["cpu_s"] / b["cpu_s"] for v, b in zip(values, runs[first], strict=True)]
-        print(f"| {name} | {int(values[0]['epochs'])} | {statistics.median(v['wall_s'] for v in values):.1f} | "
-              f"{statistics.median(v['cpu_s'] for v in values):.1f} | **{statistics.median(ratios):.3f}** "
-              f"({min(ratios):.3f}–{max(ratios):.3f}) | {values[-1]['final_val_ppl']:.2f} |")
+        print(
+            f"| {name} | {int(values[0]['epochs'])} | {statistics.median(v['wall_s'] for v in values):.1f} | "
+            f"{statistics.median(v['cpu_s'] for v in values):.1f} | **{statistics.median(ratios):.3f}** "
+            f"({min(ratios):.3f}–{max(ratios):.3f}) | {values[-1]['final_val_ppl']:.2f} |"
+        )
     return 0
 
 
@@ -105,8 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_batches < 1 or args.rounds < 1:
-        p.error(f"--steps, --eval-batches and --rounds must be >= 1, but got steps={args.steps}, "
-                f"eval_batches={args.eval_batches}, rounds={args.rounds}")
+        p.error(
+            f"--steps, --eval-batches and --rounds must be >= 1, but got steps={args.steps}, "
+            f"eval_batches={args.eval_batches}, rounds={args.rounds}"
+        )
     if args.before and not (Path(args.before) / "trainer" / "__init__.py").is_file():
         p.error(f"--before must be a folder holding a trainer package, but got before={args.before!r}")
     return args

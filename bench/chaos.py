@@ -72,7 +72,8 @@ def _own_epochs(trial: FrozenTrial, parent: FrozenTrial | None) -> int:
     """Epochs an attempt trained and checkpointed itself (0 when its checkpoint is its parent's)."""
     pointer = trial.user_attrs.get("checkpoint") or {}
     if parent is not None and pointer.get("artifact_id") == (parent.user_attrs.get("checkpoint") or {}).get(
-            "artifact_id"):
+        "artifact_id"
+    ):
         return 0
     start = int(trial.user_attrs.get("epochs_resumed") or trial.user_attrs.get("epochs_from_warmup") or 0)
     return max(0, int(pointer.get("epoch", start)) - start)
@@ -92,11 +93,17 @@ def summarize(trials: list[FrozenTrial], epochs: int) -> dict[str, int]:
             lost += 1
         trained = sum(_own_epochs(t, by_number.get(t.system_attrs.get("failed_trial", -1))) for t in chain)
         needed = (done[0].user_attrs["records"]["epoch"][-1] if done else 0) - int(
-            first.user_attrs.get("epochs_from_warmup", 0))
+            first.user_attrs.get("epochs_from_warmup", 0)
+        )
         retrained += max(0, trained - needed)
-    return {"trials issued": len(originals), "trials finished": finished, "trials lost": lost,
-            "retries": len(retries), "epochs checkpointed twice (re-trained)": retrained,
-            "unfinished (RUNNING or WAITING)": sum(1 for t in trials if not t.state.is_finished())}
+    return {
+        "trials issued": len(originals),
+        "trials finished": finished,
+        "trials lost": lost,
+        "retries": len(retries),
+        "epochs checkpointed twice (re-trained)": retrained,
+        "unfinished (RUNNING or WAITING)": sum(1 for t in trials if not t.state.is_finished()),
+    }
 
 
 def main() -> int:
@@ -112,21 +119,31 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ks-chaos-"))
     disk = Path(tempfile.mkdtemp(prefix="ks-chaos-disk-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
-    env = {**os.environ, "KOOPMAN_HEARTBEAT_INTERVAL": "1", "PYTHONPATH": str(REPO),
-           "KOOPMAN_TEST_STEP_SECONDS": "0.05", "KOOPMAN_OUTAGE_TIMEOUT": "60"}
+    env = {
+        **os.environ,
+        "KOOPMAN_HEARTBEAT_INTERVAL": "1",
+        "PYTHONPATH": str(REPO),
+        "KOOPMAN_TEST_STEP_SECONDS": "0.05",
+        "KOOPMAN_OUTAGE_TIMEOUT": "60",
+    }
     faults: Counter[str] = Counter()
     started = time.monotonic()
     try:
         with own_cluster() as pg:
-            study = write_worker_study(work, pg.url, n_trials=args.trials, epochs=args.epochs, start_epoch=1,
-                                       slow=True)
-            study.write_text(study.read_text().replace(f'artifacts = "{work / "artifacts"}"',
-                                                       f'artifacts = "{disk / "artifacts"}"'))
+            study = write_worker_study(work, pg.url, n_trials=args.trials, epochs=args.epochs, start_epoch=1, slow=True)
+            study.write_text(
+                study.read_text().replace(f'artifacts = "{work / "artifacts"}"', f'artifacts = "{disk / "artifacts"}"')
+            )
             cli = [sys.executable, "-m", "search.cli"]
             subprocess.run([*cli, "create", str(study)], check=True, env=env, cwd=REPO, capture_output=True)
             with (work / "worker.err").open("wb") as err:
-                worker = subprocess.Popen([*cli, "worker", str(study), "--workers", str(args.workers)], env=env,
-                                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+                worker = subprocess.Popen(
+                    [*cli, "worker", str(study), "--workers", str(args.workers)],
+                    env=env,
+                    cwd=REPO,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
             while worker.poll() is None and sum(faults.values()) < args.faults:
                 time.sleep(rng.uniform(3.0, 8.0))
                 if worker.poll() is not None:
@@ -154,8 +171,10 @@ def main() -> int:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
         shutil.rmtree(disk, ignore_errors=True)
     result = summarize(trials, args.epochs)
-    print(f"chaos: {args.trials} trials x {args.epochs} epochs, {args.workers} worker processes, seed {args.seed}, "
-          f"{time.monotonic() - started:.0f} s, worker exit status {code}")
+    print(
+        f"chaos: {args.trials} trials x {args.epochs} epochs, {args.workers} worker processes, seed {args.seed}, "
+        f"{time.monotonic() - started:.0f} s, worker exit status {code}"
+    )
     print("| what | count |")
     print("|---|---|")
     for kind in ("kill -9 of a worker", "database restart", "disk full"):

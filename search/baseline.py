@@ -106,8 +106,11 @@ def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
             study = optuna.load_study(storage=storage, study_name=name)
             if study.user_attrs.get(CONFIG_HASH_ATTR, digest) == digest:  # one made before hashes: the same
                 return study
-            logger.info("the trainer config of study %s changed since its baseline ran: a new baseline %s",
-                        spec.name, f"{baseline_study_name(spec)}-{digest}")
+            logger.info(
+                "the trainer config of study %s changed since its baseline ran: a new baseline %s",
+                spec.name,
+                f"{baseline_study_name(spec)}-{digest}",
+            )
             continue
         study.set_user_attr(CONFIG_HASH_ATTR, digest)
         study.set_user_attr(layout.ROLE_ATTR, f"baseline of study {spec.name}")
@@ -205,8 +208,12 @@ def _run(
         checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
         digests: dict[str, dict[str, Any]] = dict(job.frozen.user_attrs.get(layout.CHECKPOINT_DIGESTS, {}))
         last = job.frozen.user_attrs.get(layout.CHECKPOINT)
-        logger.info("baseline of study %s: %d epochs with the Koopman loss off%s", spec.name, spec.epochs,
-                    f", resuming after epoch {last['epoch']}" if last else "")
+        logger.info(
+            "baseline of study %s: %d epochs with the Koopman loss off%s",
+            spec.name,
+            spec.epochs,
+            f", resuming after epoch {last['epoch']}" if last else "",
+        )
         try:
             trainer = job.resume(cfg) or HybridKoopmanTrainer(cfg)
 
@@ -224,8 +231,13 @@ def _run(
                         trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
 
                     retrying(record_warmup, "record a warmup checkpoint")
-                logger.info("baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs,
-                            record.val_ppl, record.seconds)
+                logger.info(
+                    "baseline epoch %d/%d: val PPL %.2f (%.1f s)",
+                    record.epoch,
+                    record.epochs,
+                    record.val_ppl,
+                    record.seconds,
+                )
                 if on_epoch is not None:
                     on_epoch(record)
                 return stop.is_set()
@@ -235,15 +247,18 @@ def _run(
                 raise InterruptedError(f"stopped after epoch {trainer.epoch}")
             bad = [r.epoch for r in records if not math.isfinite(r.val_ppl)]
             if bad:  # a diverged baseline is no curve to compare with: it fails, and --rerun-baseline reruns it
-                raise FloatingPointError(f"the baseline diverged: val PPL {records[bad[0] - 1].val_ppl} at epoch "
-                                         f"{bad[0]} (non-finite at epochs {', '.join(map(str, bad))})")
+                raise FloatingPointError(
+                    f"the baseline diverged: val PPL {records[bad[0] - 1].val_ppl} at epoch "
+                    f"{bad[0]} (non-finite at epochs {', '.join(map(str, bad))})"
+                )
         except (Exception, KeyboardInterrupt) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             job.fail(study, reason)
             if isinstance(exc, (KeyboardInterrupt, InterruptedError)):
                 job.hand_back(study)  # the next worker resumes from its last checkpoint
-                logger.warning("baseline run of study %s interrupted; queued to resume from its last "
-                               "checkpoint", spec.name)
+                logger.warning(
+                    "baseline run of study %s interrupted; queued to resume from its last checkpoint", spec.name
+                )
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
@@ -254,6 +269,5 @@ def _run(
     retrying(lambda: study.tell(trial, final.val_ppl), "complete the baseline run")
     baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints, digests)
     _publish(main_study, spec, baseline.to_attr())
-    logger.info("baseline of study %s done: val PPL %s", spec.name,
-                ", ".join(f"{v:.1f}" for v in baseline.val_ppl))
+    logger.info("baseline of study %s done: val PPL %s", spec.name, ", ".join(f"{v:.1f}" for v in baseline.val_ppl))
     return baseline

@@ -46,8 +46,10 @@ def stored_spec(study: optuna.Study) -> StudySpec:
     """The study definition stored in the study by ``create``/``launch``."""
     meta = study.user_attrs.get(SPEC_ATTR)
     if not isinstance(meta, Mapping) or "spec" not in meta:
-        raise StorageError(f"study {study.study_name} holds no koopman-search definition "
-                           f"(user attr {SPEC_ATTR!r}); was it created by koopman-search?")
+        raise StorageError(
+            f"study {study.study_name} holds no koopman-search definition "
+            f"(user attr {SPEC_ATTR!r}); was it created by koopman-search?"
+        )
     values = dict(meta["spec"])
     values["study"] = {**values["study"], "name": study.study_name}
     return spec_from_dict(values, origin=f"study {study.study_name}")

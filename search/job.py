@@ -109,9 +109,12 @@ class TrainingJob:
         (its recorded size and sha256) when given. Raises :class:`CheckpointCorrupt`."""
         path = self._tmp / name
         try:
-            retrying(lambda: optuna.artifacts.download_artifact(
-                artifact_store=self._store, file_path=str(path), artifact_id=artifact_id),
-                "download a checkpoint")
+            retrying(
+                lambda: optuna.artifacts.download_artifact(
+                    artifact_store=self._store, file_path=str(path), artifact_id=artifact_id
+                ),
+                "download a checkpoint",
+            )
         except ArtifactNotFound:
             raise CheckpointCorrupt(f"checkpoint {artifact_id} is missing from the artifact store") from None
         if digest and {"size", "sha256"} <= digest.keys():
@@ -120,7 +123,8 @@ class TrainingJob:
                 path.unlink()
                 raise CheckpointCorrupt(
                     f"checkpoint {artifact_id} is corrupt: {found['size']} bytes, sha256 {found['sha256'][:12]}, "
-                    f"but {digest['size']} bytes, sha256 {str(digest['sha256'])[:12]} were written")
+                    f"but {digest['size']} bytes, sha256 {str(digest['sha256'])[:12]} were written"
+                )
         return path
 
     def resume(self, cfg: TrainerConfig) -> HybridKoopmanTrainer | None:
@@ -140,8 +144,9 @@ class TrainingJob:
                 trainer = HybridKoopmanTrainer.from_checkpoint(path, cfg)
             except (CheckpointCorrupt, CheckpointError) as exc:
                 problems.append(f"epoch {pointer['epoch']}: {exc}")
-                logger.warning("%s: cannot resume from its checkpoint of epoch %d: %s", self._what,
-                               pointer["epoch"], exc)
+                logger.warning(
+                    "%s: cannot resume from its checkpoint of epoch %d: %s", self._what, pointer["epoch"], exc
+                )
                 continue
             if problems:
                 self.fallback = f"resumed from epoch {pointer['epoch']}; " + "; ".join(problems)
@@ -152,8 +157,9 @@ class TrainingJob:
         return None
 
     # -- after every epoch -----------------------------------------------------------------------------------
-    def save_epoch(self, trainer: HybridKoopmanTrainer, record: EpochRecord,
-                   first_epoch: int | None = None) -> tuple[str, str | None]:
+    def save_epoch(
+        self, trainer: HybridKoopmanTrainer, record: EpochRecord, first_epoch: int | None = None
+    ) -> tuple[str, str | None]:
         """Checkpoint the trainer into the artifact store, read it back to check it, and record the epoch in
         the trial's user attrs (:func:`search.layout.epoch_attrs`; with ``first_epoch``, what the attempt
         spent too). The pointer keeps the checkpoint before it, for a retry to fall back to. Returns the new
@@ -161,14 +167,19 @@ class TrainingJob:
         it), or None."""
         path = trainer.save_checkpoint(self._tmp / f"epoch_{record.epoch}.pt")
         digest = file_digest(path)
-        artifact_id = retrying(lambda: optuna.artifacts.upload_artifact(
-            artifact_store=self._store, file_path=str(path), study_or_trial=self._trial),
-            f"upload a checkpoint of {self._what}")
+        artifact_id = retrying(
+            lambda: optuna.artifacts.upload_artifact(
+                artifact_store=self._store, file_path=str(path), study_or_trial=self._trial
+            ),
+            f"upload a checkpoint of {self._what}",
+        )
         path.unlink()
         stored = _stored_digest(self._store, artifact_id)
         if stored != digest:
-            raise CheckpointCorrupt(f"checkpoint of epoch {record.epoch} of {self._what} was stored as "
-                                    f"{stored['size']} of {digest['size']} bytes or with another digest")
+            raise CheckpointCorrupt(
+                f"checkpoint of epoch {record.epoch} of {self._what} was stored as "
+                f"{stored['size']} of {digest['size']} bytes or with another digest"
+            )
         attrs = layout.epoch_attrs(trainer.records, record.epoch, artifact_id, first_epoch)
         previous = self._newest
         attrs[layout.CHECKPOINT] = layout.checkpoint_pointer(record.epoch, artifact_id, digest, previous)
@@ -204,5 +215,4 @@ class TrainingJob:
 
     def hand_back(self, study: optuna.Study) -> None:
         """Queue the (finished) attempt again: the next worker resumes from its newest checkpoint."""
-        enqueue_retry(study, retrying(lambda: self._storage.get_trial(self._trial._trial_id),
-                                      f"read {self._what}"))
+        enqueue_retry(study, retrying(lambda: self._storage.get_trial(self._trial._trial_id), f"read {self._what}"))

@@ -118,8 +118,11 @@ _INT_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if f.typ
 # per-block fields: one list per epoch
 _LIST_FIELDS = frozenset(f.name for f in dataclasses.fields(EpochRecord) if str(f.type).startswith("list"))
 # fields added after a study was stored read back as their defaults
-_DEFAULTED = frozenset(f.name for f in dataclasses.fields(EpochRecord)
-                       if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+_DEFAULTED = frozenset(
+    f.name
+    for f in dataclasses.fields(EpochRecord)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+)
 
 
 def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float | None:
@@ -188,8 +191,9 @@ def baseline_key_seed(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def checkpoint_pointer(epoch: int, artifact_id: str, digest: Mapping[str, Any] | None = None,
-                       previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_pointer(
+    epoch: int, artifact_id: str, digest: Mapping[str, Any] | None = None, previous: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The value of a :data:`CHECKPOINT` attr; with ``digest`` its ``size`` and ``sha256``, with ``previous``
     the pointer before it (without its own previous), the checkpoint a retry falls back to."""
     pointer: dict[str, Any] = {"epoch": epoch, "artifact_id": artifact_id, **(digest or {})}
@@ -221,8 +225,9 @@ def spec_attr(spec: StudySpec) -> dict[str, Any]:
     }
 
 
-def epoch_attrs(records: Sequence[EpochRecord], epoch: int, artifact_id: str | None,
-                first_epoch: int | None = None) -> dict[str, Any]:
+def epoch_attrs(
+    records: Sequence[EpochRecord], epoch: int, artifact_id: str | None, first_epoch: int | None = None
+) -> dict[str, Any]:
     """The user attrs a run writes after ``epoch``: its records so far and its newest checkpoint; with
     ``first_epoch`` (the first epoch this attempt trained itself) also what the trial spent."""
     attrs: dict[str, Any] = {RECORDS: records_to_columns(records)}
@@ -265,8 +270,13 @@ def finished_trial(
         attrs[PRUNED_EPOCH] = records[-1].epoch
     if fail_reason:
         attrs[FAIL_REASON] = fail_reason
-    return optuna.trial.create_trial(state=state, params=dict(params), distributions=dict(distributions),
-                                     values=list(values) if values is not None else None, user_attrs=attrs)
+    return optuna.trial.create_trial(
+        state=state,
+        params=dict(params),
+        distributions=dict(distributions),
+        values=list(values) if values is not None else None,
+        user_attrs=attrs,
+    )
 
 
 # ---- the baseline
@@ -298,8 +308,13 @@ class MatchedBaseline:
     def from_trial(cls, trial: FrozenTrial) -> MatchedBaseline:
         """The baseline from its own COMPLETE trial (in the companion study)."""
         records = columns_to_records(trial.user_attrs[RECORDS])
-        return cls(tuple(r.val_ppl for r in records), "auto", tuple(records), warmup_checkpoints(trial.user_attrs),
-                   dict(trial.user_attrs.get(CHECKPOINT_DIGESTS, {})))
+        return cls(
+            tuple(r.val_ppl for r in records),
+            "auto",
+            tuple(records),
+            warmup_checkpoints(trial.user_attrs),
+            dict(trial.user_attrs.get(CHECKPOINT_DIGESTS, {})),
+        )
 
 
 def warmup_checkpoints(user_attrs: Mapping[str, Any]) -> dict[int, str]:

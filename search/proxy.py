@@ -78,8 +78,10 @@ def parse_proxy_url(url: str) -> tuple[str, int]:
     except ValueError:
         port = -1
     if parts.scheme != SCHEME or not parts.hostname or port < 1 or parts.path not in ("", "/") or parts.query:
-        raise SpecError(f"a storage proxy URL must look like grpc://HOST:PORT (e.g. grpc://koopman-proxy:"
-                        f"{DEFAULT_PORT}), but got storage={url!r}")
+        raise SpecError(
+            f"a storage proxy URL must look like grpc://HOST:PORT (e.g. grpc://koopman-proxy:"
+            f"{DEFAULT_PORT}), but got storage={url!r}"
+        )
     return parts.hostname, port
 
 
@@ -113,7 +115,8 @@ class _TransientStub:
                 code = exc.code() if callable(getattr(exc, "code", None)) else None
                 if code in self._codes:
                     raise optuna.exceptions.StorageInternalError(
-                        f"storage proxy {name}: {getattr(code, 'name', code)}: {exc.details()}") from exc
+                        f"storage proxy {name}: {getattr(code, 'name', code)}: {exc.details()}"
+                    ) from exc
                 raise
 
         return call
@@ -153,21 +156,24 @@ def _proxy_class() -> type:
     return _ProxyStorage
 
 
-def open_proxy_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None,
-                       timeout: float = 60.0) -> Any:
+def open_proxy_storage(
+    url: str, heartbeat: bool = True, heartbeat_interval: int | None = None, timeout: float = 60.0
+) -> Any:
     """The storage proxy at ``grpc://HOST:PORT``, once it answers (waits up to ``timeout`` s)."""
     host, port = parse_proxy_url(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = _proxy_class()(host=host, port=port,
-                                 heartbeat_interval=(heartbeat_interval or HEARTBEAT_INTERVAL) if heartbeat
-                                 else None)
+        storage = _proxy_class()(
+            host=host, port=port, heartbeat_interval=(heartbeat_interval or HEARTBEAT_INTERVAL) if heartbeat else None
+        )
     try:
         storage.wait_server_ready(timeout=timeout)
     except ConnectionError:
         storage.close()
-        raise StorageError(f"cannot reach the storage proxy {url} within {timeout:.0f} s; check that "
-                           "`koopman-search storage-proxy` runs there (see --storage / OPTUNA_STORAGE)") from None
+        raise StorageError(
+            f"cannot reach the storage proxy {url} within {timeout:.0f} s; check that "
+            "`koopman-search storage-proxy` runs there (see --storage / OPTUNA_STORAGE)"
+        ) from None
     return storage
 
 
@@ -214,9 +220,10 @@ def make_server(storage: BaseStorage, host: str, port: int, threads: int) -> tup
     grpc = _grpc()
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
-                         options=[("grpc.max_receive_message_length", -1),
-                                  ("grpc.max_send_message_length", -1)])
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+    )
     api_pb2_grpc.add_StorageServiceServicer_to_server(_servicer_class(grpc)(storage), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -237,13 +244,21 @@ def _sweep_stale_trials(storage: BaseStorage, stop: threading.Event, every: floa
             logger.warning("stale-trial check skipped: database unreachable (%s)", type(exc).__name__)
 
 
-def serve(database_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int = 16,
-          heartbeat_interval: int | None = None, ready: Callable[[int], None] | None = None,
-          stop: threading.Event | None = None) -> int:
+def serve(
+    database_url: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    threads: int = 16,
+    heartbeat_interval: int | None = None,
+    ready: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
     """Serve the database at ``database_url`` to workers until SIGTERM/SIGINT (or ``stop``). Returns 0."""
     if is_proxy_url(database_url):
-        raise SpecError(f"storage-proxy serves a database, not another proxy, but got storage={database_url!r}; "
-                        "give it the postgresql+psycopg:// URL")
+        raise SpecError(
+            f"storage-proxy serves a database, not another proxy, but got storage={database_url!r}; "
+            "give it the postgresql+psycopg:// URL"
+        )
     interval = heartbeat_interval or HEARTBEAT_INTERVAL
     rdb = open_storage(database_url, heartbeat=True, heartbeat_interval=interval)
     # Optuna's cache: finished trials are read once, so a claim reads only the unfinished ones
@@ -258,11 +273,19 @@ def serve(database_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
     server.start()
-    sweeper = threading.Thread(target=_sweep_stale_trials, args=(storage, stop, float(interval)),
-                               name="stale-trials", daemon=True)
+    sweeper = threading.Thread(
+        target=_sweep_stale_trials, args=(storage, stop, float(interval)), name="stale-trials", daemon=True
+    )
     sweeper.start()
-    logger.info("storage proxy for %s listening on %s:%d (%d threads, heartbeat %d s, stale after %d s)",
-                redact_url(database_url), host, port, threads, interval, GRACE_FACTOR * interval)
+    logger.info(
+        "storage proxy for %s listening on %s:%d (%d threads, heartbeat %d s, stale after %d s)",
+        redact_url(database_url),
+        host,
+        port,
+        threads,
+        interval,
+        GRACE_FACTOR * interval,
+    )
     if ready is not None:
         ready(port)
     try:

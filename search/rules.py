@@ -39,8 +39,17 @@ logger = logging.getLogger(__name__)
 
 # Metrics that only mean something once the Koopman loss is on (the record's koopman_weight > 0); before
 # that the trainer may leave them undefined, so NonFiniteRule skips them there.
-KOOPMAN_METRICS = frozenset({"koopman_loss", "val_koopman_nre", "val_koopman_gain", "phi_effective_rank",
-                             "state_effective_rank", "val_koopman_forward_ppl", "koopman_k_norm"})
+KOOPMAN_METRICS = frozenset(
+    {
+        "koopman_loss",
+        "val_koopman_nre",
+        "val_koopman_gain",
+        "phi_effective_rank",
+        "state_effective_rank",
+        "val_koopman_forward_ppl",
+        "koopman_k_norm",
+    }
+)
 # Checked for NaN/Inf after every epoch (plus the study's objective metrics).
 DEFAULT_FINITE_METRICS = ("lm_loss", "total_loss", "val_loss", "val_ppl", "koopman_loss", "val_koopman_nre")
 
@@ -146,8 +155,10 @@ class FloorRule:
     def __init__(self, metric: str, min_value: float) -> None:
         if metric not in RECORD_FIELDS:
             raise ConfigError(f"metric must be an EpochRecord field, but got metric={metric!r}")
-        if isinstance(min_value, bool) or not isinstance(min_value, (int, float)) or not (
-            math.isfinite(min_value) and min_value >= 0
+        if (
+            isinstance(min_value, bool)
+            or not isinstance(min_value, (int, float))
+            or not (math.isfinite(min_value) and min_value >= 0)
         ):
             raise ConfigError(f"the {metric} floor must be a finite number >= 0, but got {min_value!r}")
         self._metric = metric
@@ -223,8 +234,9 @@ class PruneRules:
         self._rules = tuple(rules)
 
     @classmethod
-    def from_spec(cls, settings: RuleSettings, baseline_curve: Sequence[float],
-                  baseline_total_loss: Sequence[float | None] = ()) -> PruneRules:
+    def from_spec(
+        cls, settings: RuleSettings, baseline_curve: Sequence[float], baseline_total_loss: Sequence[float | None] = ()
+    ) -> PruneRules:
         """The study's rules; ``baseline_curve[e - 1]`` is the baseline's val perplexity at epoch e and
         ``baseline_total_loss[e - 1]`` its total loss (unknown for a fixed curve)."""
         return cls(

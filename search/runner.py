@@ -59,7 +59,8 @@ def is_environment_fault(exc: BaseException) -> bool:
         if isinstance(seen, (OSError, StorageError, ArtifactNotFound, *TRANSIENT)):
             return True
         if isinstance(seen, RuntimeError) and any(
-                mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -199,9 +200,12 @@ class TrialRunner:
             base.fit(callback=lambda record: record.epoch >= s)
             path = base.save_checkpoint(job.scratch / f"warmup-rebuilt-{s}.pt")
             digest = file_digest(path)
-            new = retrying(lambda: optuna.artifacts.upload_artifact(
-                artifact_store=self._store, file_path=str(path), study_or_trial=study),
-                "upload the rebuilt warmup checkpoint")
+            new = retrying(
+                lambda: optuna.artifacts.upload_artifact(
+                    artifact_store=self._store, file_path=str(path), study_or_trial=study
+                ),
+                "upload the rebuilt warmup checkpoint",
+            )
             checkpoints[str(s)], digests[new], rebuilt[str(s)] = new, digest, True
             stored.update(checkpoints=checkpoints, digests=digests, rebuilt=rebuilt)
             retrying(lambda: study.set_user_attr(key, stored), "publish the rebuilt warmup checkpoint")
@@ -226,8 +230,11 @@ class TrialRunner:
             retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
             trainer, warm, resumed = self._start(job, cfg)
             first_epoch = trainer.epoch + 1
-            start_attrs = {layout.EPOCHS_FROM_WARMUP: warm, **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
-                           **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {})}
+            start_attrs = {
+                layout.EPOCHS_FROM_WARMUP: warm,
+                **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
+                **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {}),
+            }
 
             def record_start() -> None:
                 for key, value in start_attrs.items():
@@ -275,14 +282,25 @@ class TrialRunner:
             reason = f"{type(exc).__name__}: {exc}".strip()
             if is_environment_fault(exc):
                 env, lost = self._environment_failed(trial, job, reason)
-            logger.warning("trial %d failed: %s", trial.number, reason,
-                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            logger.warning("trial %d failed: %s", trial.number, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
         requeue = interrupted or (env and not lost)
         stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=requeue)
-        return TrialOutcome(trial.number, "FAIL" if interrupted else state, _clean(params), values, reason,
-                            epochs_run, warm, resumed, label, trial._trial_id, stored,
-                            requeued=env and not lost and stored, lost=lost)
+        return TrialOutcome(
+            trial.number,
+            "FAIL" if interrupted else state,
+            _clean(params),
+            values,
+            reason,
+            epochs_run,
+            warm,
+            resumed,
+            label,
+            trial._trial_id,
+            stored,
+            requeued=env and not lost and stored,
+            lost=lost,
+        )
 
     def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
         """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
@@ -293,15 +311,27 @@ class TrialRunner:
             logger.warning("trial %d: its environment failure could not be counted", trial.number)
         lost = failures > ENV_RETRY_MAX
         if lost:
-            logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures,
-                         reason)
+            logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures, reason)
         else:
-            logger.warning("trial %d failed by its environment (%d of %d allowed); queued again with its "
-                           "parameters and checkpoint", trial.number, failures, ENV_RETRY_MAX)
+            logger.warning(
+                "trial %d failed by its environment (%d of %d allowed); queued again with its "
+                "parameters and checkpoint",
+                trial.number,
+                failures,
+                ENV_RETRY_MAX,
+            )
         return True, lost
 
-    def _finish(self, trial: optuna.Trial, job: TrainingJob, state: str, values: tuple[float, ...] | None,
-                reason: str | None, pruned_epoch: int | None, interrupted: bool) -> bool:
+    def _finish(
+        self,
+        trial: optuna.Trial,
+        job: TrainingJob,
+        state: str,
+        values: tuple[float, ...] | None,
+        reason: str | None,
+        pruned_epoch: int | None,
+        interrupted: bool,
+    ) -> bool:
         """Tell the study how the attempt ended; False when it was failed elsewhere meanwhile."""
         study = self._study
 
@@ -321,8 +351,11 @@ class TrialRunner:
         except optuna.exceptions.UpdateFinishedTrialError:
             # its heartbeat went stale (the database was out of reach longer than the grace period), so
             # another worker failed it and queued a retry, which carries on from its last checkpoint
-            logger.warning("trial %d was failed elsewhere while it ran here (heartbeat stale); this "
-                           "attempt's result is dropped and its retry continues", trial.number)
+            logger.warning(
+                "trial %d was failed elsewhere while it ran here (heartbeat stale); this "
+                "attempt's result is dropped and its retry continues",
+                trial.number,
+            )
             return False
         if interrupted:
             job.hand_back(study)

@@ -98,9 +98,7 @@ _DOMAINS: Mapping[str, _Domain] = MappingProxyType(
         "koopman_weight_max": _Domain("float", lambda v: None if v > 0 else "must be > 0"),
         "koopman_start_epoch": _Domain("int", lambda v: None if v >= 0 else "must be >= 0"),
         "fallback_threshold": _Domain("float", lambda v: None if v > 0 else "must be > 0"),
-        "schedule": _Domain(
-            "str", lambda v: None if v in SCHEDULES else f"must be one of {', '.join(SCHEDULES)}"
-        ),
+        "schedule": _Domain("str", lambda v: None if v in SCHEDULES else f"must be one of {', '.join(SCHEDULES)}"),
         "koopman_dim": _Domain("int", lambda v: None if v >= 1 else "must be >= 1"),
         "koopman_loss": _Domain("str", lambda v: None if v in LOSSES else f"must be one of {', '.join(LOSSES)}"),
         "koopman_fit": _Domain("str", lambda v: None if v in FIT_MODES else f"must be one of {', '.join(FIT_MODES)}"),
@@ -202,8 +200,7 @@ class IntParam:
             raise ConfigError(f"step cannot be combined with log, but got step={self.step}, log=true")
         if (self.high - self.low) % self.step:
             raise ConfigError(
-                f"high - low must be a multiple of step, but got low={self.low}, high={self.high}, "
-                f"step={self.step}"
+                f"high - low must be a multiple of step, but got low={self.low}, high={self.high}, step={self.step}"
             )
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> int:
@@ -284,9 +281,7 @@ class SearchSpace:
     def __init__(self, params: Mapping[str, Param]) -> None:
         unknown = [name for name in params if name not in PARAM_TO_PATH]
         if unknown:
-            raise ConfigError(
-                f"unknown search parameter {unknown[0]}; known parameters: {', '.join(PARAM_NAMES)}"
-            )
+            raise ConfigError(f"unknown search parameter {unknown[0]}; known parameters: {', '.join(PARAM_NAMES)}")
         for name, param in params.items():
             if param.name != name:
                 raise ConfigError(f"parameter {name} is declared as {param.name}")
@@ -331,9 +326,7 @@ class SearchSpace:
                     key,
                 )
             if not isinstance(table, Mapping):
-                raise SpecError.at(
-                    f"[{key}] must be a table with a type, but got {name}={_show(table)}", origin, key
-                )
+                raise SpecError.at(f"[{key}] must be a table with a type, but got {name}={_show(table)}", origin, key)
             try:
                 params[name] = _parse_param(name, table, epochs)
             except ConfigError as exc:
@@ -410,9 +403,7 @@ class SearchSpace:
         for name, value in params.items():
             if name not in PARAM_TO_PATH:
                 known = ", ".join(PARAM_NAMES)
-                raise ConfigError(
-                    f"unknown search parameter {name}={_show(value)}; known parameters: {known}"
-                )
+                raise ConfigError(f"unknown search parameter {name}={_show(value)}; known parameters: {known}")
             overrides[PARAM_TO_PATH[name]] = value
         for name, param in self._params.items():
             if name in params:

@@ -246,8 +246,9 @@ def load_spec(path: str | Path) -> StudySpec:
         if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
             raise SpecError(f"study file must be a regular file, but got a special file: {origin}")
         if info.st_size > MAX_STUDY_FILE_BYTES:
-            raise SpecError(f"study file must be at most {MAX_STUDY_FILE_BYTES} bytes, but got "
-                            f"{info.st_size} bytes: {origin}")
+            raise SpecError(
+                f"study file must be at most {MAX_STUDY_FILE_BYTES} bytes, but got {info.st_size} bytes: {origin}"
+            )
         with path.open("rb") as fh:
             values = tomllib.load(fh)
     except FileNotFoundError:
@@ -288,8 +289,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
     if n_trials < 1:
         raise SpecError.at(f"n_trials must be >= 1, but got n_trials={n_trials}", origin, "study.n_trials")
     if n_trials > MAX_TRIALS:
-        raise SpecError.at(f"n_trials must be <= {MAX_TRIALS}, but got n_trials={n_trials}", origin,
-                           "study.n_trials")
+        raise SpecError.at(f"n_trials must be <= {MAX_TRIALS}, but got n_trials={n_trials}", origin, "study.n_trials")
     sampler = _choice(study, "sampler", SAMPLERS, origin, "study")
     seed = _get(study, "seed", int, origin, "study", default=0)
     if not 0 <= seed < MAX_SEED:
@@ -356,9 +356,7 @@ def _table(values: Mapping[str, Any], key: str, origin: str) -> None:
         raise SpecError.at(f"[{key}] must be a table, but got {key}={_show(values[key])}", origin, key)
 
 
-def _known_keys(
-    table: Mapping[str, Any], known: tuple[str, ...], origin: str, prefix: str, what: str = "key"
-) -> None:
+def _known_keys(table: Mapping[str, Any], known: tuple[str, ...], origin: str, prefix: str, what: str = "key") -> None:
     for key, value in table.items():
         if key not in known:
             dotted = f"{prefix}.{key}" if prefix else key
@@ -414,9 +412,7 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
         relative = expand_env(source.removeprefix("files:"), origin, "trainer.data.source")
         directory = resolve_path(base_dir, relative)
         data["source"] = f"files:{directory}"
-        if not Path(
-            directory
-        ).is_dir():  # workers may mount it elsewhere; the trainer says so if it is missing
+        if not Path(directory).is_dir():  # workers may mount it elsewhere; the trainer says so if it is missing
             logger.warning("%s: data directory %s does not exist on this machine", origin, directory)
     cache_dir = data.get("cache_dir")
     if isinstance(cache_dir, str) and cache_dir:
@@ -429,8 +425,7 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
         raise SpecError(str(exc).replace(f"({origin}, [", f"({origin}, [trainer.")) from None
     if not cfg.koopman.enabled:
         raise SpecError.at(
-            "koopman.enabled must be true in a study (the baseline turns it off by itself), "
-            "but got enabled=false",
+            "koopman.enabled must be true in a study (the baseline turns it off by itself), but got enabled=false",
             origin,
             "trainer.koopman.enabled",
         )
@@ -481,21 +476,25 @@ def _objectives(study: Mapping[str, Any], trainer: TrainerConfig, origin: str) -
     return tuple(objectives)
 
 
-def _check_decoder_objectives(objectives: tuple[Objective, ...], trainer: TrainerConfig, space: SearchSpace,
-                              origin: str) -> None:
+def _check_decoder_objectives(
+    objectives: tuple[Objective, ...], trainer: TrainerConfig, space: SearchSpace, origin: str
+) -> None:
     """A Koopman-forward objective needs a decoder in every trial: every loss the study can run must be
     ``decoder``, or every trial without one would be pruned for a NaN objective."""
     needs = [o.metric for o in objectives if o.metric in DECODER_METRICS]
     if not needs:
         return
     param = space.params.get("koopman_loss")
-    losses = param.choices if isinstance(param, CategoricalParam) else (
-        (param.value,) if isinstance(param, FixedParam) else (trainer.koopman.loss,))
+    losses = (
+        param.choices
+        if isinstance(param, CategoricalParam)
+        else ((param.value,) if isinstance(param, FixedParam) else (trainer.koopman.loss,))
+    )
     other = [loss for loss in losses if loss != "decoder"]
     if other:
         where = "search.koopman_loss" if param is not None else "trainer.koopman.loss"
         raise SpecError.at(
-            f"objective {needs[0]} needs koopman.loss = \"decoder\" (the other forms have no decoder ψ), but "
+            f'objective {needs[0]} needs koopman.loss = "decoder" (the other forms have no decoder ψ), but '
             f"got loss={other[0]!r}; use val_koopman_nre or val_koopman_gain as the objective instead",
             origin,
             where,
@@ -526,8 +525,9 @@ def _rules(table: Mapping[str, Any], objectives: tuple[Objective, ...], origin: 
 def _non_negative(table: Mapping[str, Any], key: str, origin: str, prefix: str) -> float:
     value: float = _get(table, key, float, origin, prefix, default=0.0)
     if not (math.isfinite(value) and value >= 0):
-        raise SpecError.at(f"{key} must be a finite number >= 0 (0 = off), but got {key}={value!r}", origin,
-                           f"{prefix}.{key}")
+        raise SpecError.at(
+            f"{key} must be a finite number >= 0 (0 = off), but got {key}={value!r}", origin, f"{prefix}.{key}"
+        )
     return value
 
 
@@ -549,9 +549,7 @@ def _baseline(table: Mapping[str, Any], epochs: int, origin: str) -> BaselineSet
     elif not isinstance(value, list):
         raise SpecError.at(f"{hint}, but got val_ppl={_show(value)}", origin, key)
     if len(value) != epochs:
-        raise SpecError.at(
-            f"{hint}, but got a list of {len(value)} for trainer.train.epochs={epochs}", origin, key
-        )
+        raise SpecError.at(f"{hint}, but got a list of {len(value)} for trainer.train.epochs={epochs}", origin, key)
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise SpecError.at(f"val_ppl values must be finite numbers > 0, but got {_show(v)}", origin, key)

@@ -91,8 +91,11 @@ def _create_rdb_storage(url: str, kwargs: dict[str, Any]) -> RDBStorage:
         except sqlalchemy.exc.DBAPIError as exc:
             if attempt >= SCHEMA_RACE_ATTEMPTS or not _lost_schema_race(exc):
                 raise
-            logger.debug("creating the tables of %s raced with another worker (%s); trying again",
-                         redact_url(url), type(exc).__name__)
+            logger.debug(
+                "creating the tables of %s raced with another worker (%s); trying again",
+                redact_url(url),
+                type(exc).__name__,
+            )
             time.sleep(0.2 * attempt)
             attempt += 1
 
@@ -130,8 +133,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                 )
             storage = _create_rdb_storage(url, kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
-            ValueError) as exc:
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
         detail = redact_text(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], url)
         raise StorageError(
             f"cannot open storage {redact_url(url)}: {detail}; check that the database server is up and "
@@ -149,16 +151,15 @@ def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactSto
         try:
             import boto3
         except ImportError:
-            raise StorageError(
-                f"artifact store {location} needs boto3: pip install 'koopman-search[s3]'"
-            ) from None
-        bucket, _, prefix = location[len("s3://"):].partition("/")
+            raise StorageError(f"artifact store {location} needs boto3: pip install 'koopman-search[s3]'") from None
+        bucket, _, prefix = location[len("s3://") :].partition("/")
         from optuna.artifacts import Boto3ArtifactStore
 
         store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
         if prefix:
-            logger.warning("artifact store %s: the prefix %r is ignored by Optuna's Boto3ArtifactStore",
-                           location, prefix)
+            logger.warning(
+                "artifact store %s: the prefix %r is ignored by Optuna's Boto3ArtifactStore", location, prefix
+            )
         return store
     path = Path(location)
     path.mkdir(parents=True, exist_ok=True)
@@ -166,8 +167,7 @@ def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactSto
 
 
 # Errors a database restart or a network blip produces; anything else is a real error.
-TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-             optuna.exceptions.StorageInternalError)
+TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
 
 
 # How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
@@ -177,8 +177,9 @@ OUTAGE_TIMEOUT = float(os.environ.get("KOOPMAN_OUTAGE_TIMEOUT", "1800"))
 RETRY_DELAY_MAX = 30.0
 
 
-def retrying(fn: Callable[[], T], what: str, timeout: float | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> T:
+def retrying(
+    fn: Callable[[], T], what: str, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
+) -> T:
     """Call ``fn`` until it stops raising a transient database error, backing off (1 s doubling, at most
     :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default :data:`OUTAGE_TIMEOUT`), with one status line per
     attempt that says since when the database is unreachable."""
@@ -191,8 +192,14 @@ def retrying(fn: Callable[[], T], what: str, timeout: float | None = None,
             if waited >= limit:
                 raise StorageError(f"{what}: the database stayed unreachable for {waited:.0f} s") from exc
             since = since or time.strftime("%H:%M:%S")
-            logger.warning("%s: database unreachable since %s (%s), retrying in %.0f s (gives up after %.0f s)",
-                           what, since, type(exc).__name__, delay, limit)
+            logger.warning(
+                "%s: database unreachable since %s (%s), retrying in %.0f s (gives up after %.0f s)",
+                what,
+                since,
+                type(exc).__name__,
+                delay,
+                limit,
+            )
             sleep(delay)
             waited += delay
             delay = min(delay * 2, RETRY_DELAY_MAX)

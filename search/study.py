@@ -47,15 +47,22 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
     sampler = spec.make_sampler(seed_offset)
     pruner = spec.make_pruner()
     try:
-        study = retrying(lambda: optuna.create_study(
-            storage=storage, study_name=spec.name, directions=list(spec.directions),  # type: ignore[arg-type]
-            sampler=sampler, pruner=pruner
-        ), f"create study {spec.name}")
+        study = retrying(
+            lambda: optuna.create_study(
+                storage=storage,
+                study_name=spec.name,
+                directions=list(spec.directions),  # type: ignore[arg-type]
+                sampler=sampler,
+                pruner=pruner,
+            ),
+            f"create study {spec.name}",
+        )
         created = True
     except optuna.exceptions.DuplicatedStudyError:
-        study = retrying(lambda: optuna.load_study(
-            storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner
-        ), f"load study {spec.name}")
+        study = retrying(
+            lambda: optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner),
+            f"load study {spec.name}",
+        )
         created = False
         directions = [d.name.lower() for d in study.directions]
         if directions != spec.directions:
@@ -155,13 +162,20 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
 def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue ``trial`` again with the same parameters and user attrs (its last checkpoint among them),
     marked the way Optuna's RetryHeartbeatStaleTrialCallback marks a retry."""
-    system_attrs: dict[str, Any] = {layout.FAILED_TRIAL: trial.number, layout.RETRY_HISTORY: [],
-                                    **trial.system_attrs}
+    system_attrs: dict[str, Any] = {layout.FAILED_TRIAL: trial.number, layout.RETRY_HISTORY: [], **trial.system_attrs}
     system_attrs[layout.RETRY_HISTORY] = [*system_attrs[layout.RETRY_HISTORY], trial.number]
     system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:")}
     # the attempt's outcome stays with the attempt: a retry that completes must not show the old reason
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in OUTCOME_ATTRS}
-    retrying(lambda: study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs=user_attrs, system_attrs=system_attrs,
-    )), f"queue trial {trial.number} again")
+    retrying(
+        lambda: study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs=user_attrs,
+                system_attrs=system_attrs,
+            )
+        ),
+        f"queue trial {trial.number} again",
+    )

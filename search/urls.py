@@ -47,7 +47,7 @@ def redact_url(url: str) -> str:
     netloc = rest.split("/", 1)[0] if sep else ""
     if netloc.count("@") > 1:  # an unencoded '@' in the password: everything before the last '@' is userinfo
         user = netloc.rsplit("@", 1)[0].split(":", 1)[0]
-        return f"{scheme}://{user}:***@{rest[len(netloc.rsplit('@', 1)[0]) + 1:]}"
+        return f"{scheme}://{user}:***@{rest[len(netloc.rsplit('@', 1)[0]) + 1 :]}"
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
@@ -100,8 +100,7 @@ def expand_env(template: str, origin: str, key: str, in_url: bool = False) -> st
     if "${" in leftover:
         shown = redact_url(template) if in_url else template
         raise SpecError.at(
-            f"${{...}} must name a variable like ${{POSTGRES_PASSWORD}}, but got {key.rsplit('.', 1)[-1]}="
-            f"{shown!r}",
+            f"${{...}} must name a variable like ${{POSTGRES_PASSWORD}}, but got {key.rsplit('.', 1)[-1]}={shown!r}",
             origin,
             key,
         )
@@ -114,9 +113,7 @@ def resolve_storage_url(template: str, name: str, origin: str, base_dir: Path) -
 
     key = "study.storage"
     if not template:
-        return URL.create("sqlite", database=resolve_path(base_dir, f"{name}.db")).render_as_string(
-            hide_password=False
-        )
+        return URL.create("sqlite", database=resolve_path(base_dir, f"{name}.db")).render_as_string(hide_password=False)
     raw = expand_env(template, origin, key, in_url=True)
     shown = redact_url(raw)
     try:

@@ -62,8 +62,10 @@ def postgres_admin_url() -> Iterator[str]:
     try:
         server = ThrowawayPostgres.start()
     except PostgresStartError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({error}) and no throwaway server "
-                    f"could be started: {exc}")
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({error}) and no throwaway server "
+            f"could be started: {exc}"
+        )
     try:
         yield server.url
     finally:

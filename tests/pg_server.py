@@ -56,25 +56,40 @@ class ThrowawayPostgres:
         dirs = _bin_dirs() if bin_dirs is None else list(bin_dirs)
         found = [Path(d) for d in dirs if (Path(d) / "initdb").is_file() and (Path(d) / "pg_ctl").is_file()]
         if not found:
-            raise PostgresStartError(f"no initdb and pg_ctl found under {BIN_GLOB}; install PostgreSQL "
-                                     "(Debian: apt-get install postgresql) or start a server")
+            raise PostgresStartError(
+                f"no initdb and pg_ctl found under {BIN_GLOB}; install PostgreSQL "
+                "(Debian: apt-get install postgresql) or start a server"
+            )
         user = None
         if os.geteuid() == 0:
             try:
                 pwd.getpwnam("postgres")
             except KeyError:
-                raise PostgresStartError("running as root, and initdb refuses root, but there is no postgres "
-                                         "user to run the server as") from None
+                raise PostgresStartError(
+                    "running as root, and initdb refuses root, but there is no postgres user to run the server as"
+                ) from None
             user = "postgres"
         data_dir = Path(tempfile.mkdtemp(prefix="koopman-test-pg-"))
         if user is not None:
             shutil.chown(data_dir, user)
         server = cls(data_dir, _free_port(), found[0], user)
         try:
-            server._run("initdb", "-D", str(data_dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                        "--no-sync")
-            server._run("pg_ctl", "-D", str(data_dir / "data"), "-l", str(data_dir / "log"), "-w", "-t",
-                        str(START_TIMEOUT_S), "-o", f"-p {server.port} -h 127.0.0.1 -k {data_dir} -F", "start")
+            server._run(
+                "initdb", "-D", str(data_dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+            )
+            server._run(
+                "pg_ctl",
+                "-D",
+                str(data_dir / "data"),
+                "-l",
+                str(data_dir / "log"),
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "-o",
+                f"-p {server.port} -h 127.0.0.1 -k {data_dir} -F",
+                "start",
+            )
         except PostgresStartError:
             server.stop()
             raise
@@ -82,8 +97,14 @@ class ThrowawayPostgres:
 
     def _run(self, tool: str, *args: str) -> None:
         try:
-            done = subprocess.run([str(self.bin_dir / tool), *args], capture_output=True, text=True,
-                                  user=self.user, timeout=START_TIMEOUT_S + 30, check=False)
+            done = subprocess.run(
+                [str(self.bin_dir / tool), *args],
+                capture_output=True,
+                text=True,
+                user=self.user,
+                timeout=START_TIMEOUT_S + 30,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             raise PostgresStartError(f"{tool} failed: {exc}") from exc
         if done.returncode != 0:
@@ -93,6 +114,11 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         if (self.data_dir / "data" / "postmaster.pid").exists():
-            subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "data"), "-m", "immediate",
-                            "-w", "stop"], capture_output=True, user=self.user, timeout=60, check=False)
+            subprocess.run(
+                [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "data"), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                user=self.user,
+                timeout=60,
+                check=False,
+            )
         shutil.rmtree(self.data_dir, ignore_errors=True)

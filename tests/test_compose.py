@@ -390,9 +390,7 @@ def test_dockerfile_entrypoint_is_the_koopman_search_script() -> None:
 
 
 def test_dockerfile_installs_torch_from_its_index_in_the_pyproject_range() -> None:
-    installs = [
-        args for instruction, args in _dockerfile_instructions() if instruction == "RUN" and "torch" in args
-    ]
+    installs = [args for instruction, args in _dockerfile_instructions() if instruction == "RUN" and "torch" in args]
     assert len(installs) == 1
     assert '--index-url "${TORCH_INDEX}"' in installs[0]
     spec = re.search(r'"(torch[^"]*)"', installs[0])

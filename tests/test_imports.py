@@ -27,8 +27,7 @@ def test_importing_search_loads_neither_torch_optuna_nor_sqlalchemy() -> None:
 
 
 def test_the_trial_engine_does_not_load_the_review() -> None:
-    loaded = _loaded("import search.runner, search.baseline, search.study, search.job",
-                     ("search.review", "plotly"))
+    loaded = _loaded("import search.runner, search.baseline, search.study, search.job", ("search.review", "plotly"))
     assert loaded == []
 
 

@@ -79,19 +79,20 @@ def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
 
 def _matches(obj: dict[str, Any], target: dict[str, Any]) -> bool:
     group, _, version = obj["apiVersion"].rpartition("/")
-    return all([
-        target.get("kind", obj["kind"]) == obj["kind"],
-        target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"],
-        target.get("group", group) == group,
-        target.get("version", version) == version,
-    ])
+    return all(
+        [
+            target.get("kind", obj["kind"]) == obj["kind"],
+            target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"],
+            target.get("group", group) == group,
+            target.get("version", version) == version,
+        ]
+    )
 
 
 def render(directory: Path, secrets_file: Path = SECRETS_EXAMPLE) -> list[dict[str, Any]]:
     """What ``kubectl kustomize DIRECTORY`` prints, as objects, with the Secret from ``secrets_file``."""
     k = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
-    known = {"apiVersion", "kind", "namespace", "resources", "secretGenerator", "generatorOptions", "images",
-             "patches"}
+    known = {"apiVersion", "kind", "namespace", "resources", "secretGenerator", "generatorOptions", "images", "patches"}
     assert set(k) <= known, f"{directory}: this test's kustomize does not know {set(k) - known}"
     objects: list[dict[str, Any]] = []
     for entry in k.get("resources", []):
@@ -105,9 +106,15 @@ def render(directory: Path, secrets_file: Path = SECRETS_EXAMPLE) -> list[dict[s
         data: dict[str, str] = {}
         for _ in generator.get("envs", []):
             data.update(_env_file(secrets_file))
-        objects.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                        "metadata": {"name": generator["name"]},
-                        "data": {key: base64.b64encode(v.encode()).decode() for key, v in data.items()}})
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": generator["name"]},
+                "data": {key: base64.b64encode(v.encode()).decode() for key, v in data.items()},
+            }
+        )
     for image in k.get("images", []):
         for container in (c for o in objects for c in containers(o)):
             if container["image"].split(":")[0] == image["name"]:
@@ -165,8 +172,12 @@ def with_proxy() -> list[dict[str, Any]]:
 
 
 def _koopman_containers(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{o['kind']}/{o['metadata']['name']}", c) for o in objects for c in containers(o)
-            if c["image"].split(":")[0].rsplit("/", 1)[-1] == IMAGE]
+    return [
+        (f"{o['kind']}/{o['metadata']['name']}", c)
+        for o in objects
+        for c in containers(o)
+        if c["image"].split(":")[0].rsplit("/", 1)[-1] == IMAGE
+    ]
 
 
 # --- schemas ----------------------------------------------------------------------------------------------
@@ -177,8 +188,15 @@ def test_every_object_is_valid_against_the_kubernetes_schemas(
     rendered: tuple[str, list[dict[str, Any]]], version: str
 ) -> None:
     _, objects = rendered
-    assert {o["kind"] for o in objects} >= {"Namespace", "StatefulSet", "Job", "Deployment", "Service",
-                                             "PersistentVolumeClaim", "Secret"}
+    assert {o["kind"] for o in objects} >= {
+        "Namespace",
+        "StatefulSet",
+        "Job",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Secret",
+    }
     for obj in objects:
         kubernetes_validate.validate(obj, version, strict=True)
 
@@ -192,10 +210,14 @@ def test_data_loader_pod_is_valid_too() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda job: job["spec"]["template"]["spec"].update(terminationGracePeriodSeconds="150"),
-         r"'150' is not of type 'integer'"),
-        (lambda job: job["spec"]["template"]["spec"].update(restartpolicy="OnFailure"),
-         r"Additional properties are not allowed \('restartpolicy' was unexpected\)"),
+        (
+            lambda job: job["spec"]["template"]["spec"].update(terminationGracePeriodSeconds="150"),
+            r"'150' is not of type 'integer'",
+        ),
+        (
+            lambda job: job["spec"]["template"]["spec"].update(restartpolicy="OnFailure"),
+            r"Additional properties are not allowed \('restartpolicy' was unexpected\)",
+        ),
         (lambda job: job["spec"].pop("template"), r"'template' is a required property"),
     ],
     ids=["grace-as-string", "misspelled-key", "no-template"],
@@ -213,8 +235,9 @@ def test_this_kustomize_renders_what_kubectl_kustomize_renders(directory: str, t
     copied = tmp_path / "k8s"
     shutil.copytree(K8S, copied)
     shutil.copy(SECRETS_EXAMPLE, copied / "base" / "secrets.env")
-    done = subprocess.run(["kubectl", "kustomize", str(copied / directory)], capture_output=True, text=True,
-                          check=False, timeout=60)
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(copied / directory)], capture_output=True, text=True, check=False, timeout=60
+    )
     assert done.returncode == 0, done.stderr
 
     def key(o: dict[str, Any]) -> tuple[str, str]:
@@ -266,7 +289,7 @@ def test_the_study_file_exists_and_its_data_is_mounted_where_it_resolves(base: l
     text = (REPO / "studies" / "wikitext2.toml").read_text(encoding="utf-8")
     source = tomllib.loads(text)["trainer"]["data"]["source"]
     assert source.startswith("files:")
-    data_dir = posixpath.normpath(posixpath.join(WORKDIR, "studies", source[len("files:"):]))
+    data_dir = posixpath.normpath(posixpath.join(WORKDIR, "studies", source[len("files:") :]))
     worker = find(base, "Job", "worker")["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m for m in worker["containers"][0]["volumeMounts"]}
     data = [m for path, m in mounts.items() if data_dir.startswith(path.rstrip("/") + "/")]
@@ -282,7 +305,7 @@ def test_workers_are_an_indexed_job_of_one_gpu_per_pod(base: list[dict[str, Any]
     job = find(base, "Job", "worker")
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["parallelism"] == job["spec"]["completions"] >= 1
-    container, = job["spec"]["template"]["spec"]["containers"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
     args = container["args"]
     assert args[args.index("--gpus") + 1] == "all"  # the one GPU the device plugin gives the pod
@@ -301,9 +324,10 @@ def test_create_worker_and_dashboard_share_the_artifact_volume(base: list[dict[s
         spec = pod_spec(find(base, kind, name))
         assert spec is not None
         container = spec["containers"][0]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
-                  if "persistentVolumeClaim" in v}
-        mount, = [m for m in container["volumeMounts"] if claims.get(m["name"]) == "artifacts"]
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+        }
+        (mount,) = [m for m in container["volumeMounts"] if claims.get(m["name"]) == "artifacts"]
         assert container["args"][container["args"].index("--artifacts") + 1] == mount["mountPath"], name
         assert not mount.get("readOnly"), name
 
@@ -350,7 +374,7 @@ def test_secrets_file_is_ignored_by_git_and_docker() -> None:
 
 
 def test_storage_url_of_the_example_names_the_postgres_service_user_database_and_password(
-    base: list[dict[str, Any]]
+    base: list[dict[str, Any]],
 ) -> None:
     example = _env_file(SECRETS_EXAMPLE)
     url = make_url(example["OPTUNA_STORAGE"])
@@ -368,8 +392,8 @@ def test_storage_url_of_the_example_names_the_postgres_service_user_database_and
 def test_postgres_keeps_its_data_on_its_own_volume_and_is_checked_with_pg_isready(base: list[dict[str, Any]]) -> None:
     postgres = find(base, "StatefulSet", "postgres")
     container = postgres["spec"]["template"]["spec"]["containers"][0]
-    claim, = postgres["spec"]["volumeClaimTemplates"]
-    mount, = container["volumeMounts"]
+    (claim,) = postgres["spec"]["volumeClaimTemplates"]
+    (mount,) = container["volumeMounts"]
     assert mount["name"] == claim["metadata"]["name"] and mount["mountPath"] == "/var/lib/postgresql/data"
     assert env_of(container)["PGDATA"]["value"].startswith(mount["mountPath"] + "/")
     assert container["readinessProbe"]["exec"]["command"][0] == "pg_isready"
@@ -379,11 +403,14 @@ def test_postgres_keeps_its_data_on_its_own_volume_and_is_checked_with_pg_isread
 
 
 def test_every_selector_matches_its_pods_and_nothing_is_exposed_outside_the_cluster(
-    rendered: tuple[str, list[dict[str, Any]]]
+    rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
     _, objects = rendered
-    pods = {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["metadata"]["labels"]
-            for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+    pods = {
+        f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["metadata"]["labels"]
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
     for obj in objects:
         if obj["kind"] in ("Deployment", "StatefulSet"):
             selector = obj["spec"]["selector"]["matchLabels"]
@@ -397,7 +424,7 @@ def test_every_selector_matches_its_pods_and_nothing_is_exposed_outside_the_clus
 def test_dashboard_service_reaches_the_dashboard_port(base: list[dict[str, Any]]) -> None:
     dashboard = find(base, "Deployment", "dashboard")["spec"]["template"]["spec"]["containers"][0]
     service = find(base, "Service", "dashboard")
-    port, = service["spec"]["ports"]
+    (port,) = service["spec"]["ports"]
     named = {p["name"]: p["containerPort"] for p in dashboard["ports"]}
     args = dashboard["args"]
     assert named[port["targetPort"]] == int(args[args.index("--port") + 1]) == port["port"]
@@ -414,7 +441,7 @@ def test_everything_namespaced_lives_in_the_one_namespace(rendered: tuple[str, l
 
 
 def test_with_proxy_the_workers_use_the_proxy_and_everything_else_the_database(
-    with_proxy: list[dict[str, Any]]
+    with_proxy: list[dict[str, Any]],
 ) -> None:
     from search.proxy import parse_proxy_url
 

@@ -60,14 +60,21 @@ def _slurm_env(tmp_path: Path, submit_dir: Path, **extra: str) -> dict[str, str]
     scontrol.write_text(SCONTROL_STUB)
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({
-        "PATH": f"{bin_dir}:{env['PATH']}",
-        "SCONTROL_RECORD": str(tmp_path / "scontrol.log"),
-        "SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
-        "SLURM_SUBMIT_DIR": str(submit_dir), "SLURM_RESTART_COUNT": "0", "CUDA_VISIBLE_DEVICES": "0",
-        "KOOPMAN_HEARTBEAT_INTERVAL": "1", "PYTHONPATH": str(REPO),
-        **extra,
-    })
+    env.update(
+        {
+            "PATH": f"{bin_dir}:{env['PATH']}",
+            "SCONTROL_RECORD": str(tmp_path / "scontrol.log"),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_ARRAY_JOB_ID": "4240",
+            "SLURM_ARRAY_TASK_ID": "2",
+            "SLURM_SUBMIT_DIR": str(submit_dir),
+            "SLURM_RESTART_COUNT": "0",
+            "CUDA_VISIBLE_DEVICES": "0",
+            "KOOPMAN_HEARTBEAT_INTERVAL": "1",
+            "PYTHONPATH": str(REPO),
+            **extra,
+        }
+    )
     return env
 
 
@@ -101,11 +108,17 @@ def test_script_runs_the_worker_command_in_the_submit_directory_with_the_default
     stub = tmp_path / "koopman-search"
     stub.write_text(PARSE_STUB.format(python=sys.executable, repo=str(REPO)))
     stub.chmod(0o755)
-    env = _slurm_env(tmp_path, REPO, KOOPMAN_SEARCH=str(stub), STUB_RECORD=str(tmp_path / "call.json"),
-                     OPTUNA_STORAGE="postgresql+psycopg://koopman:pw@db:5432/koopman",
-                     KOOPMAN_ARTIFACTS="/shared/artifacts")
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          check=False, timeout=60)
+    env = _slurm_env(
+        tmp_path,
+        REPO,
+        KOOPMAN_SEARCH=str(stub),
+        STUB_RECORD=str(tmp_path / "call.json"),
+        OPTUNA_STORAGE="postgresql+psycopg://koopman:pw@db:5432/koopman",
+        KOOPMAN_ARTIFACTS="/shared/artifacts",
+    )
+    done = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     call = json.loads((tmp_path / "call.json").read_text())
     assert call["argv"] == ["worker", "studies/wikitext2.toml", "--gpus", "all"]
@@ -123,9 +136,14 @@ def _tiny_study(tmp_path: Path, slow: bool) -> tuple[Path, str]:
     if slow:  # a pause in every training step, so that a signal lands in the middle of a trial
         factory = 'factory = "tests.search.slow_model:build"\n'
         study.write_text(study.read_text().replace("[trainer.model]\n", "[trainer.model]\n" + factory))
-    created = subprocess.run([KOOPMAN_SEARCH, "-q", "create", str(study), "--artifacts", str(tmp_path / "a")],
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                             check=False, timeout=120)
+    created = subprocess.run(
+        [KOOPMAN_SEARCH, "-q", "create", str(study), "--artifacts", str(tmp_path / "a")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stderr
     return study, url
 
@@ -133,8 +151,15 @@ def _tiny_study(tmp_path: Path, slow: bool) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_script_runs_the_real_worker_until_the_queue_is_empty(tmp_path: Path) -> None:
     study, url = _tiny_study(tmp_path, slow=False)
-    env = _slurm_env(tmp_path, REPO, KOOPMAN_SEARCH=KOOPMAN_SEARCH, STUDY_FILE=str(study), WORKER_ARGS="--workers 1",
-                     OPTUNA_STORAGE=url, KOOPMAN_ARTIFACTS=str(tmp_path / "a"))
+    env = _slurm_env(
+        tmp_path,
+        REPO,
+        KOOPMAN_SEARCH=KOOPMAN_SEARCH,
+        STUDY_FILE=str(study),
+        WORKER_ARGS="--workers 1",
+        OPTUNA_STORAGE=url,
+        KOOPMAN_ARTIFACTS=str(tmp_path / "a"),
+    )
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(storage=url, study_name="tiny").get_trials()
@@ -145,10 +170,17 @@ def test_script_runs_the_real_worker_until_the_queue_is_empty(tmp_path: Path) ->
 @pytest.mark.slow
 def test_sigterm_hands_the_trial_back_and_requeues_the_task(tmp_path: Path) -> None:
     study, url = _tiny_study(tmp_path, slow=True)
-    env = _slurm_env(tmp_path, REPO, KOOPMAN_SEARCH=KOOPMAN_SEARCH, STUDY_FILE=str(study), WORKER_ARGS="--workers 1",
-                     OPTUNA_STORAGE=url, KOOPMAN_ARTIFACTS=str(tmp_path / "a"), KOOPMAN_TEST_STEP_SECONDS="0.3")
-    script = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    env = _slurm_env(
+        tmp_path,
+        REPO,
+        KOOPMAN_SEARCH=KOOPMAN_SEARCH,
+        STUDY_FILE=str(study),
+        WORKER_ARGS="--workers 1",
+        OPTUNA_STORAGE=url,
+        KOOPMAN_ARTIFACTS=str(tmp_path / "a"),
+        KOOPMAN_TEST_STEP_SECONDS="0.3",
+    )
+    script = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # until a trial has checkpointed an epoch

@@ -33,8 +33,12 @@ DEFAULT = "glibc"
 # mmap threshold at glibc's maximum on 64-bit (32 MiB): allocations up to it come from the heap; trim threshold
 # 512 MiB and top pad 64 MiB: freed memory stays in the heap for the next step instead of going back to the kernel.
 GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912:glibc.malloc.top_pad=67108864"
-_JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                   "/usr/lib/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2")
+_JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+)
 
 
 def jemalloc_path() -> str | None:
@@ -65,8 +69,10 @@ def allocator_env(name: str, env: Mapping[str, str]) -> dict[str, str]:
     for tunable in GLIBC_TUNED.split(":"):
         tunables = _without(tunables, tunable, ":")
     if name == "jemalloc" and jemalloc is None:
-        logger.warning("%s=jemalloc but libjemalloc.so.2 is not installed (apt-get install libjemalloc2); "
-                       "using glibc-tuned", ENV_VAR)
+        logger.warning(
+            "%s=jemalloc but libjemalloc.so.2 is not installed (apt-get install libjemalloc2); using glibc-tuned",
+            ENV_VAR,
+        )
         name = "glibc-tuned"
     if name == "jemalloc" and jemalloc is not None:
         preload = ":".join(p for p in (jemalloc, preload) if p)

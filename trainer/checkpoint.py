@@ -40,8 +40,19 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEYS = ("config", "epoch", "step", "since_refit", "vocab_size", "model", "opt_lm", "koopman",
-                   "opt_koopman", "rng", "records")
+CHECKPOINT_KEYS = (
+    "config",
+    "epoch",
+    "step",
+    "since_refit",
+    "vocab_size",
+    "model",
+    "opt_lm",
+    "koopman",
+    "opt_koopman",
+    "rng",
+    "records",
+)
 # Keys that may differ between a checkpoint and the config that resumes it: where it runs, not what it computes.
 # data.source is among them because the same corpus may sit at another path on another machine (a retry
 # resuming elsewhere); what the corpus IS is compared through its fingerprint instead (corpus_fingerprint).
@@ -49,12 +60,19 @@ RUNTIME_KEYS = {("train", "device"), ("train", "progress"), ("data", "cache_dir"
 
 # What torch.load raises on a truncated, garbled or foreign file (a non-tensor pickle is an UnpicklingError;
 # a foreign zip may fail inside torch's reader with a KeyError or TypeError).
-UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
-              zipfile.BadZipFile)
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644,
-                 parents: bool = True) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644, parents: bool = True) -> Path:
     """Write ``path`` through ``write(file)`` atomically: a temporary file in the same directory, flushed
     to disk, given ``mode``, then renamed over ``path``. Missing parent directories are made when
     ``parents``. On any error the temporary file is removed and the error raised; an existing ``path`` is

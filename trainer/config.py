@@ -229,15 +229,11 @@ def _build_section(cls: type, values: Mapping[str, Any], section: str, origin: s
     for key, value in values.items():
         where = f"({origin}, [{section}.{key}])" if origin else f"([{section}.{key}])"
         if key not in known:
-            raise ConfigError(
-                f"unknown key {section}.{key}={value!r}; known keys: {', '.join(known)} {where}"
-            )
+            raise ConfigError(f"unknown key {section}.{key}={value!r}; known keys: {', '.join(known)} {where}")
         f = known[key]
         expected = _TYPES[f.type] if isinstance(f.type, str) else f.type
         if not _type_ok(expected, value):
-            raise ConfigError(
-                f"{key} must be {_TYPE_NAMES[expected]}, but got {key}={value!r} {where}"
-            )
+            raise ConfigError(f"{key} must be {_TYPE_NAMES[expected]}, but got {key}={value!r} {where}")
         if expected is float:
             value = float(value)
             if not math.isfinite(value):
@@ -256,9 +252,7 @@ def config_from_dict(values: Mapping[str, Any], origin: str = "") -> TrainerConf
     for section, body in values.items():
         if section not in SECTIONS:
             where = f" ({origin})" if origin else ""
-            raise ConfigError(
-                f"unknown section [{section}]; known sections: {', '.join(SECTIONS)}{where}"
-            )
+            raise ConfigError(f"unknown section [{section}]; known sections: {', '.join(SECTIONS)}{where}")
         if not isinstance(body, Mapping):
             where = f" ({origin}, [{section}])" if origin else ""
             raise ConfigError(f"[{section}] must be a table, but got {section}={body!r}{where}")

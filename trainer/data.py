@@ -161,8 +161,7 @@ def _tokenize_splits(source: str, texts: dict[str, str], where: dict[str, str], 
     for split in SPLITS:
         if len(words[split]) == words[split].count(EOS):
             raise DataError(
-                f"the {split} split must hold at least one word, but got 0 words in {where[split]} "
-                f"(source={source})"
+                f"the {split} split must hold at least one word, but got 0 words in {where[split]} (source={source})"
             )
     vocab = _build_vocab(words["train"], vocab_size)
     stoi = {word: i for i, word in enumerate(vocab)}
@@ -272,9 +271,7 @@ def _hf_dataset(src: _Source) -> dict[str, Any]:
     try:
         loaded = datasets.load_dataset(name, config)
     except (OSError, ValueError) as exc:  # offline, unknown dataset or config, hub errors
-        raise DataError(
-            f"cannot load Hugging Face dataset {name!r} config {config!r}: {exc}; {hint}"
-        ) from exc
+        raise DataError(f"cannot load Hugging Face dataset {name!r} config {config!r}: {exc}; {hint}") from exc
     chosen: dict[str, Any] = {}
     for split, names in HF_SPLITS.items():
         found = [n for n in names if n in loaded]
@@ -294,9 +291,7 @@ def _hf_dataset(src: _Source) -> dict[str, Any]:
 
 def _hf_texts(chosen: dict[str, Any]) -> dict[str, str]:
     # One row is one line (wikitext rows keep their "\n"); an empty row is an empty line and gets its <eos>.
-    return {
-        split: "".join(_as_lines(row) if row else "\n" for row in chosen[split]["text"]) for split in SPLITS
-    }
+    return {split: "".join(_as_lines(row) if row else "\n" for row in chosen[split]["text"]) for split in SPLITS}
 
 
 def _hf_identity(chosen: dict[str, Any]) -> dict[str, str]:
@@ -353,9 +348,7 @@ def _read_cache(path: Path, key: str, source: str) -> Corpus | None:
     except FileNotFoundError:
         return None
     except UNREADABLE as exc:
-        logger.warning(
-            "discarding unreadable token cache %s (%s: %s); rebuilding it", path, type(exc).__name__, exc
-        )
+        logger.warning("discarding unreadable token cache %s (%s: %s); rebuilding it", path, type(exc).__name__, exc)
         return None
     problem = _cache_problem(payload, key)
     if problem:
@@ -413,8 +406,7 @@ def load_corpus(source: str, vocab_size: int, cache_dir: str = "") -> Corpus:
     """
     if vocab_size < len(SPECIALS):
         raise ConfigError(
-            f"vocab_size must be >= {len(SPECIALS)} (room for {UNK} and {EOS}), "
-            f"but got vocab_size={vocab_size}"
+            f"vocab_size must be >= {len(SPECIALS)} (room for {UNK} and {EOS}), but got vocab_size={vocab_size}"
         )
     start = time.perf_counter()
     src = _parse_source(source)

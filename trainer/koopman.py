@@ -49,8 +49,9 @@ def _uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch
         return t.uniform_(-bound, bound, generator=generator)
 
 
-def ridge_solve(cxx: torch.Tensor, cyx: torch.Tensor, lam: float | torch.Tensor,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+def ridge_solve(
+    cxx: torch.Tensor, cyx: torch.Tensor, lam: float | torch.Tensor, prior: torch.Tensor | None = None
+) -> torch.Tensor:
     """K minimising Σ‖y − K x‖² + lam‖K − P‖²_F from second moments, batched over blocks.
 
     cxx = Σ x xᵀ (L, k, k), cyx = Σ y xᵀ (L, k, k), prior P (k, k) or (L, k, k), default 0; returns
@@ -272,8 +273,8 @@ class KoopmanHeads(nn.Module):
         n = x.shape[1]
         # ψ of φ(h_in), φ(h_out) and K φ(h_in) + c in one batched pass over 3N tokens
         back = self.decode(torch.cat((x, y, pred), dim=1))  # (L, 3N, d)
-        rec = 0.5 * (_energy_ratio(back[:, :n] - h_in, h_in) + _energy_ratio(back[:, n:2 * n] - h_out, h_out))
-        prd = _energy_ratio(back[:, 2 * n:] - h_out, h_out)
+        rec = 0.5 * (_energy_ratio(back[:, :n] - h_in, h_in) + _energy_ratio(back[:, n : 2 * n] - h_out, h_out))
+        prd = _energy_ratio(back[:, 2 * n :] - h_out, h_out)
         return ((rec + prd + lat) / 3).mean(), x, y
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -322,8 +323,7 @@ class KoopmanHeads(nn.Module):
             k_new = ridge_solve(cxx, cyx, lam, prior=eye)
         except torch.linalg.LinAlgError as exc:
             self.refit_errors += 1
-            logger.warning("Koopman lstsq refit failed (%d so far), keeping the previous K: %s",
-                           self.refit_errors, exc)
+            logger.warning("Koopman lstsq refit failed (%d so far), keeping the previous K: %s", self.refit_errors, exc)
             ok = False
         else:
             c_new = my - mx @ k_new.transpose(-1, -2)  # c = ȳ − K x̄ (L, 1, k)
@@ -333,8 +333,9 @@ class KoopmanHeads(nn.Module):
                 ok = True
             else:
                 self.refit_errors += 1
-                logger.warning("Koopman lstsq refit gave a non-finite K (%d so far), keeping the previous K",
-                               self.refit_errors)
+                logger.warning(
+                    "Koopman lstsq refit gave a non-finite K (%d so far), keeping the previous K", self.refit_errors
+                )
                 ok = False
         for t in (self.cxx, self.cyx, self.sx, self.sy, self.count):
             t.zero_()
@@ -361,8 +362,7 @@ class KoopmanHeads(nn.Module):
             k_new, rank = dmd_operator(self.dmd_x, self.dmd_y, self.cfg.dmd_rcond)
         except torch.linalg.LinAlgError as exc:
             self.refit_errors += 1
-            logger.warning("Koopman DMD refit failed (%d so far), keeping the previous K: %s",
-                           self.refit_errors, exc)
+            logger.warning("Koopman DMD refit failed (%d so far), keeping the previous K: %s", self.refit_errors, exc)
             return False
         self.last_dmd_rank = rank
         a = self.cfg.dmd_alpha
@@ -397,9 +397,16 @@ class KoopmanMetrics:
         """x = φ(h_in), y = φ(h_out), pred = K x + c: (L, N, k); h_out: the block outputs (L, N, d)."""
         x, y, pred, h = x.double(), y.double(), pred.double(), h_out.double()
         rk, ri = pred - y, x - y
-        sums = [rk.sum(1), rk.pow(2).sum((1, 2)), ri.sum(1), ri.pow(2).sum((1, 2)),
-                y.sum(1), torch.bmm(y.transpose(1, 2), y),  # Σy (L, k), Σ y yᵀ (L, k, k)
-                h.sum(1), torch.bmm(h.transpose(1, 2), h)]  # Σh (L, d), Σ h hᵀ (L, d, d)
+        sums = [
+            rk.sum(1),
+            rk.pow(2).sum((1, 2)),
+            ri.sum(1),
+            ri.pow(2).sum((1, 2)),
+            y.sum(1),
+            torch.bmm(y.transpose(1, 2), y),  # Σy (L, k), Σ y yᵀ (L, k, k)
+            h.sum(1),
+            torch.bmm(h.transpose(1, 2), h),
+        ]  # Σh (L, d), Σ h hᵀ (L, d, d)
         if self._sums:
             for acc, s in zip(self._sums, sums, strict=True):
                 acc += s

@@ -72,7 +72,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mean: bool, chunk: int,
+        ctx: Any,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        y: torch.Tensor,
+        mean: bool,
+        chunk: int,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
         n, vocab = h.size(0), w.size(0)
@@ -118,7 +123,10 @@ def _loss_only(
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
     chunk: int | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(h @ weight.T, target, reduction=reduction)`` without the logits of the whole batch.
@@ -144,8 +152,7 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(h2.device.type):
         compute_dtype = torch.get_autocast_dtype(h2.device.type)
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
-        return cast(torch.Tensor, _LinearCrossEntropy.apply(h2, weight, y, reduction == "mean", chunk,
-                                                            compute_dtype))
+        return cast(torch.Tensor, _LinearCrossEntropy.apply(h2, weight, y, reduction == "mean", chunk, compute_dtype))
     total = _loss_only(h2, weight, y, chunk, compute_dtype)
     return total / y.numel() if reduction == "mean" else total
 

@@ -55,8 +55,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} was asked for but CUDA is not available, but got device={name!r}; "
-                          "use device=auto or cpu")
+        raise ConfigError(
+            f"device {name} was asked for but CUDA is not available, but got device={name!r}; use device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -70,8 +71,9 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def _koopman_block_hook(heads: KoopmanHeads, layer: int, module: nn.Module, inputs: tuple[Any, ...],
-                        output: Any) -> Any:
+def _koopman_block_hook(
+    heads: KoopmanHeads, layer: int, module: nn.Module, inputs: tuple[Any, ...], output: Any
+) -> Any:
     """A forward hook that replaces block ``layer``'s output by ψ(K φ(input) + c)."""
     return heads.block_step(layer, inputs[0])
 
@@ -116,9 +118,7 @@ class HybridKoopmanTrainer:
         self.stopped = False
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def fit(
-        self, callback: EpochCallback | None = None, checkpoint_dir: str | Path | None = None
-    ) -> list[EpochRecord]:
+    def fit(self, callback: EpochCallback | None = None, checkpoint_dir: str | Path | None = None) -> list[EpochRecord]:
         """Train the remaining epochs. After each one, save ``epoch_{e}.pt`` and ``last.pt`` under
         ``checkpoint_dir`` (if given) and call ``callback(record)``; a true return value stops training."""
         self.stopped = False
@@ -192,14 +192,24 @@ class HybridKoopmanTrainer:
                 if kc.fit == "lstsq":
                     koop.accumulate(x_phi, y_phi, keep=finite)
                 reported = lm_loss.detach() + w_eff * torch.where(finite, k_loss.detach(), 0.0)
-                batch = torch.stack((lm_loss.detach().double(),
-                                     torch.where(finite, k_loss.detach(), 0.0).double(),
-                                     reported.double(), w_eff.double()))
+                batch = torch.stack(
+                    (
+                        lm_loss.detach().double(),
+                        torch.where(finite, k_loss.detach(), 0.0).double(),
+                        reported.double(),
+                        w_eff.double(),
+                    )
+                )
             else:
                 loss = lm_loss
-                batch = torch.stack((lm_loss.detach().double(), torch.zeros((), dtype=torch.float64,
-                                     device=self.device), lm_loss.detach().double(),
-                                     torch.zeros((), dtype=torch.float64, device=self.device)))
+                batch = torch.stack(
+                    (
+                        lm_loss.detach().double(),
+                        torch.zeros((), dtype=torch.float64, device=self.device),
+                        lm_loss.detach().double(),
+                        torch.zeros((), dtype=torch.float64, device=self.device),
+                    )
+                )
             loss.backward()
             nn.utils.clip_grad_norm_(lm_params, cfg.train.grad_clip)  # the notebook's 0.5
             self.opt_lm.step()
@@ -241,9 +251,13 @@ class HybridKoopmanTrainer:
             # one warning per epoch at most; the counts also go into the record
             logger.warning(
                 "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g)%s",
-                epoch, cut, steps, kc.fallback_threshold,
+                epoch,
+                cut,
+                steps,
+                kc.fallback_threshold,
                 f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
-                if nonfinite else "",
+                if nonfinite
+                else "",
             )
         val = self.evaluate(koopman=koop is not None)
         val_loss = val["val_loss"]
@@ -294,21 +308,30 @@ class HybridKoopmanTrainer:
         metrics = KoopmanMetrics() if heads is not None else None
         val_loss = self._val_loss(metrics)
         out: dict[str, Any] = {
-            "val_loss": val_loss, "val_koopman_nre": math.nan, "val_koopman_gain": math.nan,
-            "val_koopman_gain_blocks": [], "phi_effective_rank": math.nan, "state_effective_rank": math.nan,
+            "val_loss": val_loss,
+            "val_koopman_nre": math.nan,
+            "val_koopman_gain": math.nan,
+            "val_koopman_gain_blocks": [],
+            "phi_effective_rank": math.nan,
+            "state_effective_rank": math.nan,
             "val_koopman_forward_ppl": math.nan,
         }
         if metrics is not None:
             means = metrics.values()
-            out.update(val_koopman_nre=means["nre"], val_koopman_gain=means["gain"],
-                       val_koopman_gain_blocks=metrics.per_block()["gain"],
-                       phi_effective_rank=means["effective_rank"],
-                       state_effective_rank=means["state_effective_rank"])
+            out.update(
+                val_koopman_nre=means["nre"],
+                val_koopman_gain=means["gain"],
+                val_koopman_gain_blocks=metrics.per_block()["gain"],
+                phi_effective_rank=means["effective_rank"],
+                state_effective_rank=means["state_effective_rank"],
+            )
         if heads is not None and heads.has_decoder:
             blocks = model_blocks(self.model)
             if blocks is not None:
-                handles = [b.register_forward_hook(functools.partial(_koopman_block_hook, heads, i))
-                           for i, b in enumerate(blocks)]
+                handles = [
+                    b.register_forward_hook(functools.partial(_koopman_block_hook, heads, i))
+                    for i, b in enumerate(blocks)
+                ]
                 try:
                     out["val_koopman_forward_ppl"] = _ppl(self._val_loss(None))
                 finally:
@@ -322,8 +345,7 @@ class HybridKoopmanTrainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         n_tokens = 0
         limit = self.cfg.train.max_eval_batches
-        for i, (x, y) in enumerate(window_batches(self.valid_tokens, d.seq_len, d.batch_size, None,
-                                                  drop_last=False)):
+        for i, (x, y) in enumerate(window_batches(self.valid_tokens, d.seq_len, d.batch_size, None, drop_last=False)):
             if limit and i >= limit:
                 break
             with self._autocast():
@@ -414,8 +436,9 @@ class HybridKoopmanTrainer:
         state = self.read_checkpoint(path)
         saved = config_from_dict(state["config"], origin=str(path))
         if saved.koopman.enabled:
-            raise CheckpointError(f"warm start needs a Koopman-off (baseline) checkpoint, but {path} has "
-                                  "koopman.enabled = true")
+            raise CheckpointError(
+                f"warm start needs a Koopman-off (baseline) checkpoint, but {path} has koopman.enabled = true"
+            )
         diff = config_diff(saved, self.cfg, ("data", "model", "train"))
         if diff:
             raise CheckpointError(f"baseline checkpoint {path} was made with another config: {'; '.join(diff)}")

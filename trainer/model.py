@@ -36,8 +36,15 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.errors import ConfigError
 
-__all__ = ["Block", "CausalSelfAttention", "HiddenStateModel", "HookedBlocks", "TransformerLM", "build_model",
-           "model_blocks"]
+__all__ = [
+    "Block",
+    "CausalSelfAttention",
+    "HiddenStateModel",
+    "HookedBlocks",
+    "TransformerLM",
+    "build_model",
+    "model_blocks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +71,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, C/H)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -166,8 +171,10 @@ class HookedBlocks(nn.Module):
         logits = out[0] if isinstance(out, (tuple, list)) else out
         hidden, self._seen = self._seen, []
         if len(hidden) != self.n_layers + 1:
-            raise RuntimeError(f"the model's forward ran {len(hidden) - 1} of its {self.n_layers} blocks "
-                               "(model.blocks_attr must name blocks that forward calls once each, in order)")
+            raise RuntimeError(
+                f"the model's forward ran {len(hidden) - 1} of its {self.n_layers} blocks "
+                "(model.blocks_attr must name blocks that forward calls once each, in order)"
+            )
         return logits, hidden
 
 
@@ -206,8 +213,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
     model = factory(cfg, vocab_size, seq_len)
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"model.factory must return a torch.nn.Module, but got {type(model).__name__} "
-            f"from factory={cfg.factory!r}"
+            f"model.factory must return a torch.nn.Module, but got {type(model).__name__} from factory={cfg.factory!r}"
         )
     if cfg.blocks_attr:
         return _hooked(model, cfg)
@@ -232,6 +238,8 @@ def _hooked(model: nn.Module, cfg: ModelConfig) -> HookedBlocks:
         )
     d_model = getattr(model, "d_model", cfg.d_model)
     if not isinstance(d_model, int) or d_model <= 0:
-        raise ConfigError(f"a model from model.factory must have a positive int attribute d_model, but got "
-                          f"d_model={d_model!r} from factory={cfg.factory!r}")
+        raise ConfigError(
+            f"a model from model.factory must have a positive int attribute d_model, but got "
+            f"d_model={d_model!r} from factory={cfg.factory!r}"
+        )
     return HookedBlocks(model, obj, d_model)

@@ -59,8 +59,9 @@ def _measure(trainer: HybridKoopmanTrainer, batches: list[torch.Tensor]) -> tupl
     return v["effective_rank"], scale, id_loss / len(batches), v["nre"], v["gain"]
 
 
-def frozen_backbone_probe(trainer: HybridKoopmanTrainer, steps: int, every: int, probe_batches: int = 2,
-                          lr: float | None = None) -> list[ProbePoint]:
+def frozen_backbone_probe(
+    trainer: HybridKoopmanTrainer, steps: int, every: int, probe_batches: int = 2, lr: float | None = None
+) -> list[ProbePoint]:
     """Train ``trainer``'s Koopman heads alone for ``steps`` steps on its training batches (the backbone in
     eval mode, no gradient to it) and measure every ``every`` steps on the first ``probe_batches`` batches of
     the validation split. K is trained by gradient (``koopman.fit`` must be ``"gradient"``)."""
@@ -70,13 +71,14 @@ def frozen_backbone_probe(trainer: HybridKoopmanTrainer, steps: int, every: int,
     trainer.model.eval()
     for p in trainer.model.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr or trainer.cfg.train.lr,
-                            weight_decay=trainer.cfg.train.weight_decay)
+    opt = torch.optim.AdamW(
+        heads.parameters(), lr=lr or trainer.cfg.train.lr, weight_decay=trainer.cfg.train.weight_decay
+    )
     d = trainer.cfg.data
     valid = trainer.valid_tokens
     n_val = (valid.numel() - 1) // d.seq_len
-    probe = [valid[i * d.seq_len:(i + 1) * d.seq_len].view(1, -1) for i in range(min(n_val, probe_batches * 4))]
-    probe_x = [torch.cat(probe[i:i + 4]) for i in range(0, len(probe), 4)]
+    probe = [valid[i * d.seq_len : (i + 1) * d.seq_len].view(1, -1) for i in range(min(n_val, probe_batches * 4))]
+    probe_x = [torch.cat(probe[i : i + 4]) for i in range(0, len(probe), 4)]
     points: list[ProbePoint] = []
     step = 0
     loss = math.nan

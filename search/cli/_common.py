@@ -37,14 +37,20 @@ ARTIFACTS_ENV = "KOOPMAN_ARTIFACTS"
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", metavar="URL",
-                   help=f"storage URL, e.g. postgresql+psycopg://user@host/db (default: ${STORAGE_ENV}, else the "
-                        f"file named by ${STORAGE_FILE_ENV}, else the study file's); give a URL with a password "
-                        f"through ${STORAGE_ENV} or ${STORAGE_FILE_ENV}, never here: arguments are visible to "
-                        "every user of the machine")
-    p.add_argument("--artifacts", metavar="DIR",
-                   help=f"artifact store for checkpoints: a shared directory or s3://bucket "
-                        f"(default: ${ARTIFACTS_ENV}, else the study file's)")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"storage URL, e.g. postgresql+psycopg://user@host/db (default: ${STORAGE_ENV}, else the "
+        f"file named by ${STORAGE_FILE_ENV}, else the study file's); give a URL with a password "
+        f"through ${STORAGE_ENV} or ${STORAGE_FILE_ENV}, never here: arguments are visible to "
+        "every user of the machine",
+    )
+    p.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help=f"artifact store for checkpoints: a shared directory or s3://bucket "
+        f"(default: ${ARTIFACTS_ENV}, else the study file's)",
+    )
 
 
 def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> None:
@@ -59,13 +65,20 @@ def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> No
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """The options that say which worker processes run here: ``--gpus``, ``--trials-per-gpu``, ``--workers``
     (``launch`` and ``worker`` share them; :func:`search.workers.build_supervisor` reads them)."""
-    p.add_argument("--gpus", metavar="LIST",
-                   help="GPUs to use: indices like 0,1,3 (as CUDA numbers them), or all; one worker process "
-                        "per GPU slot (default: none, run on CPU)")
-    p.add_argument("--trials-per-gpu", type=int, metavar="K", default=1,
-                   help="processes, so concurrent trials, per GPU (default 1)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="CPU processes when --gpus is left out (default 1)")
+    p.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="GPUs to use: indices like 0,1,3 (as CUDA numbers them), or all; one worker process "
+        "per GPU slot (default: none, run on CPU)",
+    )
+    p.add_argument(
+        "--trials-per-gpu",
+        type=int,
+        metavar="K",
+        default=1,
+        help="processes, so concurrent trials, per GPU (default 1)",
+    )
+    p.add_argument("--workers", type=int, metavar="N", help="CPU processes when --gpus is left out (default 1)")
 
 
 def storage_from_file() -> str | None:
@@ -77,8 +90,10 @@ def storage_from_file() -> str | None:
         with open(name, encoding="utf-8") as fh:
             url = fh.readline().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"${STORAGE_FILE_ENV} must name a readable UTF-8 file holding the storage URL, but got "
-                        f"{STORAGE_FILE_ENV}={name!r} ({getattr(exc, 'strerror', None) or exc})") from None
+        raise SpecError(
+            f"${STORAGE_FILE_ENV} must name a readable UTF-8 file holding the storage URL, but got "
+            f"{STORAGE_FILE_ENV}={name!r} ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
     if not url:
         raise SpecError(f"${STORAGE_FILE_ENV} names an empty file, but got {STORAGE_FILE_ENV}={name!r}")
     return url
@@ -91,14 +106,18 @@ def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     # a flag or variable is checked like the file's own key: an in-memory SQLite, a storage or artifact
     # store of an unknown kind is refused here, before anything is written
     storage, artifacts = spec.storage_url, spec.artifacts_dir
-    for value, origin in ((getattr(args, "storage", None), "--storage"),
-                          (os.environ.get(STORAGE_ENV), f"${STORAGE_ENV}"),
-                          (storage_from_file(), f"${STORAGE_FILE_ENV}")):
+    for value, origin in (
+        (getattr(args, "storage", None), "--storage"),
+        (os.environ.get(STORAGE_ENV), f"${STORAGE_ENV}"),
+        (storage_from_file(), f"${STORAGE_FILE_ENV}"),
+    ):
         if value:
             storage = resolve_storage_url(value, spec.name, origin, Path.cwd())
             break
-    for value, origin in ((getattr(args, "artifacts", None), "--artifacts"),
-                          (os.environ.get(ARTIFACTS_ENV), f"${ARTIFACTS_ENV}")):
+    for value, origin in (
+        (getattr(args, "artifacts", None), "--artifacts"),
+        (os.environ.get(ARTIFACTS_ENV), f"${ARTIFACTS_ENV}"),
+    ):
         if value:
             artifacts = resolve_artifacts(value, spec.name, origin, Path.cwd())
             break

@@ -17,16 +17,27 @@ __all__ = ["DATA_FORMATS", "add_format_args", "dump", "flat_rows", "param_header
 DATA_FORMATS = ("table", "json", "csv", "yaml")
 
 # the table's short headers; --full-names (and json, csv, yaml) use the parameter names themselves
-SHORT_NAMES = {"koopman_weight_max": "w_max", "koopman_start_epoch": "start", "fallback_threshold": "thresh",
-               "schedule": "schedule", "koopman_dim": "dim", "koopman_loss": "loss", "koopman_fit": "fit"}
+SHORT_NAMES = {
+    "koopman_weight_max": "w_max",
+    "koopman_start_epoch": "start",
+    "fallback_threshold": "thresh",
+    "schedule": "schedule",
+    "koopman_dim": "dim",
+    "koopman_loss": "loss",
+    "koopman_fit": "fit",
+}
 
 
 def add_format_args(p: argparse.ArgumentParser, extra: Sequence[str] = ()) -> None:
     formats = (*DATA_FORMATS, *extra)
-    p.add_argument("-f", "--format", choices=formats, default="table",
-                   help=f"output format: {', '.join(formats)} (default table)")
-    p.add_argument("--full-names", action="store_true",
-                   help="table headers with the parameters' full names (json, csv and yaml always use them)")
+    p.add_argument(
+        "-f", "--format", choices=formats, default="table", help=f"output format: {', '.join(formats)} (default table)"
+    )
+    p.add_argument(
+        "--full-names",
+        action="store_true",
+        help="table headers with the parameters' full names (json, csv and yaml always use them)",
+    )
 
 
 def param_order(names: Iterable[str]) -> list[str]:
@@ -66,7 +77,7 @@ def flat_rows(trials: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    params = [f"params.{p}" for p in param_order(c[len("params."):] for c in columns if c.startswith("params."))]
+    params = [f"params.{p}" for p in param_order(c[len("params.") :] for c in columns if c.startswith("params."))]
     rest = [c for c in columns if not c.startswith("params.")]
     at = rest.index("label") + 1 if "label" in rest else len(rest)
     return rest[:at] + params + rest[at:], rows

@@ -28,16 +28,23 @@ EXAMPLE = """examples:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "best", help="show the best trial or the Pareto front; export it as a trainer config",
+        "best",
+        help="show the best trial or the Pareto front; export it as a trainer config",
         description="The best trial (one objective) or the Pareto front (several), and which of them "
-                    "--format toml exports and why. With --format toml, a trainer config of that trial (or "
-                    "--trial N) for `koopman-search train --config`.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "--format toml exports and why. With --format toml, a trainer config of that trial (or "
+        "--trial N) for `koopman-search train --config`.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_args(p, file_required=False)
     add_format_args(p, extra=("toml",))
-    p.add_argument("--trial", type=int, metavar="N",
-                   help="show (or with --format toml export) trial N instead (default: the best, or the "
-                        "Pareto trial with the best first objective)")
+    p.add_argument(
+        "--trial",
+        type=int,
+        metavar="N",
+        help="show (or with --format toml export) trial N instead (default: the best, or the "
+        "Pareto trial with the best first objective)",
+    )
     return p
 
 
@@ -51,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_best(study: optuna.Study, output: str = "table", trial: int | None = None,
-               full_names: bool = False) -> None:
+def print_best(study: optuna.Study, output: str = "table", trial: int | None = None, full_names: bool = False) -> None:
     """Print the best trial or the Pareto front of ``study`` (or trial ``trial``) as ``output`` (table,
     json, csv, yaml), or as ``toml`` the trainer config of that trial; say which trial is chosen and why."""
     from search.export import trial_config_toml
@@ -68,8 +74,10 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
         if trial not in by_number:
             raise StudyNotFoundError(
                 f"study {study.study_name} has no trial {trial}, but got --trial {trial}; "
-                f"its trials are numbered 0..{len(by_number) - 1}" if by_number else
-                f"study {study.study_name} has no trial yet, but got --trial {trial}")
+                f"its trials are numbered 0..{len(by_number) - 1}"
+                if by_number
+                else f"study {study.study_name} has no trial yet, but got --trial {trial}"
+            )
         chosen: int | None = trial
         why = f"trial {trial}, as asked with --trial {trial}"
         shown = [by_number[trial]]
@@ -87,20 +95,31 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
         return
     kind = "trials" if trial is not None else "pareto_front" if multi else "best"
     if output != "table":
-        result = {"study": study.study_name, "objectives": names, kind: shown,
-                  "chosen": None if chosen is None else {"number": chosen, "why": why}}
+        result = {
+            "study": study.study_name,
+            "objectives": names,
+            kind: shown,
+            "chosen": None if chosen is None else {"number": chosen, "why": why},
+        }
         print(dump(result, output, shown))
         return
     if not shown:
         print(f"study {study.study_name}: no complete trial yet")
         return
-    title = (f"trial {trial}" if trial is not None else "Pareto front" if multi else "best trial")
+    title = f"trial {trial}" if trial is not None else "Pareto front" if multi else "best trial"
     params = param_order(k for r in shown for k in r["params"])
     table = render_table(
         ["#", *[param_header(p, full_names) for p in params], *names, "label"],
-        [[("*" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
-          *[_cell(r["params"].get(p)) for p in params],
-          *[_cell((r["values"] or {}).get(n)) for n in names], r["label"] or ""] for r in shown])
+        [
+            [
+                ("*" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
+                *[_cell(r["params"].get(p)) for p in params],
+                *[_cell((r["values"] or {}).get(n)) for n in names],
+                r["label"] or "",
+            ]
+            for r in shown
+        ],
+    )
     lines = [f"{title} of study {study.study_name}:", table]
     legend = param_legend(params, full_names)
     if legend:
@@ -118,8 +137,10 @@ def _why(study: optuna.Study, names: list[str], front: list[int]) -> str:
     if len(study.directions) == 1:
         return f"trial {front[0]}, the best trial (the {lowest} {names[0]})"
     others = ", ".join(f"#{n}" for n in front)
-    return (f"trial {front[0]}: of the {len(front)} trial(s) on the Pareto front ({others}) the one with the "
-            f"{lowest} {names[0]}, the first objective; export another with --trial N")
+    return (
+        f"trial {front[0]}: of the {len(front)} trial(s) on the Pareto front ({others}) the one with the "
+        f"{lowest} {names[0]}, the first objective; export another with --trial N"
+    )
 
 
 def _cell(v: Any) -> str:

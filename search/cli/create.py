@@ -24,10 +24,13 @@ Then start workers on every machine: koopman-search worker studies/wikitext2.tom
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "create", help="create a study and queue its trials (no training)",
+        "create",
+        help="create a study and queue its trials (no training)",
         description="Create the study if it does not exist, store its definition, and queue the listed "
-                    "trials and the rest of the budget. Running it again changes nothing.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "trials and the rest of the budget. Running it again changes nothing.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_args(p)
     p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
     return p
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     storage = open_storage(spec.storage_url, heartbeat=False)
     study, created = create_or_load_study(spec, storage)
     added = ensure_budget(study, spec, args.n_trials)
-    print(f"study {spec.name} {'created' if created else 'exists'} in {redact_url(spec.storage_url)}; "
-          f"{added} trial(s) queued")
+    print(
+        f"study {spec.name} {'created' if created else 'exists'} in {redact_url(spec.storage_url)}; "
+        f"{added} trial(s) queued"
+    )
     return 0

@@ -34,11 +34,14 @@ same command runs again.
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "launch", help="create a study (if needed) and run its trials here",
+        "launch",
+        help="create a study (if needed) and run its trials here",
         description="Create the study if absent (idempotent), queue the listed trials once, make sure the "
-                    "baseline exists, then run trials until the study's budget is used. Ends with the "
-                    "table of trials and the best result.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "baseline exists, then run trials until the study's budget is used. Ends with the "
+        "table of trials and the best result.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_args(p)
     p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
     add_worker_args(p)
@@ -62,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
         from search.workers import build_supervisor
 
-        supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
-                                      workers=args.workers)
+        supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
     storage = open_storage(spec.storage_url)
     study, created = create_or_load_study(spec, storage)
     ensure_budget(study, spec, args.n_trials)
@@ -84,27 +86,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         from search.workers.progress import LiveProgress
 
-        progress = LiveProgress(waiting_trials(study),
-                                format_outcome=lambda o: format_outcome(o, spec.metrics))
+        progress = LiveProgress(waiting_trials(study), format_outcome=lambda o: format_outcome(o, spec.metrics))
         with progress.session():
-            interrupted = _run_here(spec, progress.on_outcome, lost, on_trial_start=progress.on_trial_start,
-                                    on_epoch=progress.on_epoch, on_baseline_epoch=progress.on_baseline_epoch)
+            interrupted = _run_here(
+                spec,
+                progress.on_outcome,
+                lost,
+                on_trial_start=progress.on_trial_start,
+                on_epoch=progress.on_epoch,
+                on_baseline_epoch=progress.on_baseline_epoch,
+            )
     _annotate(study)
     print()
     print(status_text(status_data(study)))
     if lost:
-        print(f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
-              f"{', '.join(map(str, lost))}); see the errors above", file=sys.stderr)
+        print(
+            f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
+            f"{', '.join(map(str, lost))}); see the errors above",
+            file=sys.stderr,
+        )
         return 1
     if failed:
-        print("koopman-search launch: error: a worker process stopped for good or a trial was lost; see the "
-              "errors above", file=sys.stderr)
+        print(
+            "koopman-search launch: error: a worker process stopped for good or a trial was lost; see the errors above",
+            file=sys.stderr,
+        )
         return 1
     if not interrupted:
         print_best(study, "table")
         return 0
-    print(f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to "
-          "continue", file=sys.stderr)
+    print(
+        f"interrupted: unfinished trials are queued; run `koopman-search launch {args.study}` again to continue",
+        file=sys.stderr,
+    )
     return 130
 
 
@@ -132,8 +146,9 @@ def _run_here(spec: Any, on_outcome: Any, lost: list[int], **callbacks: Any) -> 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         # a fresh sampler seed per launch: a relaunch, or launches side by side, must not repeat proposals
-        summary = run_worker(spec, seed_offset=secrets.randbelow(SEED_OFFSET_RANGE), stop=stop,
-                             on_outcome=on_outcome, **callbacks)
+        summary = run_worker(
+            spec, seed_offset=secrets.randbelow(SEED_OFFSET_RANGE), stop=stop, on_outcome=on_outcome, **callbacks
+        )
         lost[:] = [o.number for o in summary.lost]
         return summary.interrupted
     except KeyboardInterrupt:
@@ -157,6 +172,12 @@ def _annotate(study: Any) -> None:
 
     try:
         annotate_study(study)
-    except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KoopmanError, ValueError,
-            TypeError, KeyError):  # the review is a side product: it must not fail a finished search
+    except (
+        optuna.exceptions.OptunaError,
+        sqlalchemy.exc.SQLAlchemyError,
+        KoopmanError,
+        ValueError,
+        TypeError,
+        KeyError,
+    ):  # the review is a side product: it must not fail a finished search
         logger.warning("could not write the study's dashboard note and figures", exc_info=True)

@@ -54,8 +54,9 @@ def _check_out(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".report-", suffix=".probe"):
             pass
     except OSError as exc:
-        raise ConfigError(f"--out must be in a directory this process can write to, but got out={str(out)!r} "
-                          f"({exc.strerror or exc})") from None
+        raise ConfigError(
+            f"--out must be in a directory this process can write to, but got out={str(out)!r} ({exc.strerror or exc})"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,10 +22,13 @@ EXAMPLE = """examples:
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "status", help="list a study's trials and totals",
+        "status",
+        help="list a study's trials and totals",
         description="Every trial with state, parameters, epochs run, final metrics and prune reason; then "
-                    "the study's totals (complete / pruned / failed, epochs spent and saved).",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "the study's totals (complete / pruned / failed, epochs spent and saved).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_args(p, file_required=False)
     add_format_args(p)
     return p
@@ -55,8 +58,16 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
             note = "; ".join(filter(None, [note, f"retried as #{t['retried_as']}"]))
         if t["retry_of"] is not None:
             note = f"retry of #{t['retry_of']}" + (f"; {note}" if note else "")
-        rows.append([str(t["number"]), t["state"], *[_cell(t["params"].get(n)) for n in names], epochs,
-                     *[_cell(t["final"][m]) for m in SHOWN_METRICS], note])
+        rows.append(
+            [
+                str(t["number"]),
+                t["state"],
+                *[_cell(t["params"].get(n)) for n in names],
+                epochs,
+                *[_cell(t["final"][m]) for m in SHOWN_METRICS],
+                note,
+            ]
+        )
     lines = [f"study {data['study']} (objectives: {', '.join(data['objectives'])})", render_table(headers, rows)]
     legend = param_legend(names, full_names)
     if legend:
@@ -66,8 +77,10 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
         lines.append(f"baseline ({data['baseline']['state']}) val PPL per epoch: {curve or '-'}")
         unjudged = data["baseline"].get("total_loss_unjudged_epochs")
         if unjudged:
-            lines.append(f"total-loss rule: epoch(s) {', '.join(map(str, unjudged))} not judged, the baseline's "
-                         "own total loss is above total_loss_max there")
+            lines.append(
+                f"total-loss rule: epoch(s) {', '.join(map(str, unjudged))} not judged, the baseline's "
+                "own total loss is above total_loss_max there"
+            )
     lines.append("epochs: N trained by the trial itself, +Nw taken from the baseline's shared warmup")
     lines.append(data["summary"])
     return "\n".join(lines)

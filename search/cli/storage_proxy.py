@@ -37,13 +37,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--storage", metavar="URL",
-                        help=f"the database, e.g. postgresql+psycopg://user:pass@host/db (default: ${STORAGE_ENV})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every one)")
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"the database, e.g. postgresql+psycopg://user:pass@host/db (default: ${STORAGE_ENV})",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every one)",
+    )
     parser.add_argument("--port", type=int, default=13000, help="port (default: 13000; 0 picks a free one)")
-    parser.add_argument("--threads", type=int, default=16,
-                        help="requests served at a time, so database connections in use (default: 16)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=16,
+        help="requests served at a time, so database connections in use (default: 16)",
+    )
     return parser
 
 
@@ -59,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if not url:
         raise ConfigError(f"storage-proxy needs the database: give --storage URL or set ${STORAGE_ENV}")
     if is_proxy_url(url):
-        raise ConfigError(f"storage-proxy serves a database, not another proxy, but got storage={redact_url(url)!r}; "
-                          "give it the postgresql+psycopg:// URL")
+        raise ConfigError(
+            f"storage-proxy serves a database, not another proxy, but got storage={redact_url(url)!r}; "
+            "give it the postgresql+psycopg:// URL"
+        )
     if url.startswith("sqlite"):
         logger.warning("serving SQLite through the proxy: fine for a try, but use PostgreSQL for many workers")
 

@@ -59,8 +59,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="trainer config ([data] [model] [koopman] [train])")
     for dest, (key, kind, help_text) in FLAG_KEYS.items():
         flag = "--" + dest.replace("_", "-")
-        p.add_argument(flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
-                       help=f"{help_text} [{key}]")
+        p.add_argument(
+            flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=f"{help_text} [{key}]"
+        )
     p.add_argument("--checkpoint-dir", metavar="DIR", help="save epoch_E.pt and last.pt here after each epoch")
     p.add_argument("--resume", action="store_true", help="continue from DIR/last.pt of --checkpoint-dir")
     p.add_argument("--json", action="store_true", help="one JSON object per epoch on stdout")
@@ -93,14 +94,15 @@ def _check_checkpoint_dir(path: str) -> None:
         with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"--checkpoint-dir must be a directory this process can write to, but got "
-                          f"checkpoint_dir={path!r} ({exc.strerror or exc})") from None
+        raise ConfigError(
+            f"--checkpoint-dir must be a directory this process can write to, but got "
+            f"checkpoint_dir={path!r} ({exc.strerror or exc})"
+        ) from None
 
 
 def build_config(args: argparse.Namespace) -> TrainerConfig:
     cfg = _load(args.config) if args.config else TrainerConfig()
-    overrides = {key: getattr(args, dest) for dest, (key, _, _) in FLAG_KEYS.items()
-                 if getattr(args, dest) is not None}
+    overrides = {key: getattr(args, dest) for dest, (key, _, _) in FLAG_KEYS.items() if getattr(args, dest) is not None}
     overrides["train.progress"] = not args.no_progress and sys.stderr.isatty()
     cfg = with_overrides(cfg, overrides, origin="command line")
     _check_koopman_epochs(cfg, args)
@@ -113,10 +115,18 @@ def _check_koopman_epochs(cfg: TrainerConfig, args: argparse.Namespace) -> None:
     s, epochs = cfg.koopman.start_epoch, cfg.train.epochs
     if not cfg.koopman.enabled or s < epochs:
         return
-    where = ", ".join(filter(None, [
-        "command line" if args.koopman_start_epoch is not None or args.epochs is not None else "",
-        str(args.config) if args.config else "",
-    ])) or "defaults"
+    where = (
+        ", ".join(
+            filter(
+                None,
+                [
+                    "command line" if args.koopman_start_epoch is not None or args.epochs is not None else "",
+                    str(args.config) if args.config else "",
+                ],
+            )
+        )
+        or "defaults"
+    )
     raise ConfigError(
         f"koopman.start_epoch must be < train.epochs (epochs 1..s are pure LM training, the Koopman loss is "
         f"on from s+1), but got koopman.start_epoch={s}, train.epochs={epochs} ({where}, "
@@ -161,8 +171,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and last is not None and last.exists():
         trainer = HybridKoopmanTrainer.from_checkpoint(last, cfg)
         if trainer.epoch >= cfg.train.epochs:
-            logger.info("the run in %s already finished its %d epochs: nothing to train (its records are in "
-                        "%s; a run of more epochs is another run)", args.checkpoint_dir, cfg.train.epochs, last)
+            logger.info(
+                "the run in %s already finished its %d epochs: nothing to train (its records are in "
+                "%s; a run of more epochs is another run)",
+                args.checkpoint_dir,
+                cfg.train.epochs,
+                last,
+            )
             return 0
         logger.info("resuming from %s after epoch %d", last, trainer.epoch)
     else:

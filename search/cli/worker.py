@@ -37,16 +37,23 @@ started again; its trial is queued again at once and resumes from its last check
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "worker", help="run a study's trials here, one process per GPU slot",
+        "worker",
+        help="run a study's trials here, one process per GPU slot",
         description="Pull trials from an existing study (made by `create` or `launch`) until its queue is "
-                    "empty. Starts one process per GPU slot (each GPU x --trials-per-gpu, pinned with "
-                    "CUDA_VISIBLE_DEVICES), or --workers processes on CPU when --gpus is left out.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "empty. Starts one process per GPU slot (each GPU x --trials-per-gpu, pinned with "
+        "CUDA_VISIBLE_DEVICES), or --workers processes on CPU when --gpus is left out.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_args(p)
     add_worker_args(p)
-    p.add_argument("--n-trials", type=int, metavar="N",
-                   help="run at most N trials from this command, split over its processes (default: until "
-                        "the study's queue is empty); the study's own budget is set by create/launch")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        metavar="N",
+        help="run at most N trials from this command, split over its processes (default: until "
+        "the study's queue is empty); the study's own budget is set by create/launch",
+    )
     return p
 
 
@@ -57,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
-    supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu,
-                                  workers=args.workers, max_trials=args.n_trials)
+    supervisor = build_supervisor(
+        spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers, max_trials=args.n_trials
+    )
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
         supervisor.expect_trials(waiting_trials(load_study(storage, spec.name), args.n_trials))

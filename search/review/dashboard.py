@@ -244,7 +244,6 @@ def _mark_baseline_companions(study: optuna.Study, counts: AnnotationCounts) -> 
         _write_note(companion, None, body, counts)
 
 
-
 def study_figures(
     study: optuna.Study,
     facts: Sequence[TrialFacts],

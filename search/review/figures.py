@@ -142,8 +142,13 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
                 marker={"size": 11},
                 opacity=0.45,
             ),
-            go.Scatter(**data[1], name="LM loss", mode="lines+markers",
-                       line={"color": COLORS["lm"], "width": 2}, marker={"size": 6}),
+            go.Scatter(
+                **data[1],
+                name="LM loss",
+                mode="lines+markers",
+                line={"color": COLORS["lm"], "width": 2},
+                marker={"size": 6},
+            ),
             go.Scatter(
                 **data[2],
                 name="Koopman loss, raw (right axis)",
@@ -262,8 +267,9 @@ def _fixed_traces(
     return traces
 
 
-def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = False,
-            limit: float | None = None) -> dict[str, Any]:
+def _layout(
+    kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = False, limit: float | None = None
+) -> dict[str, Any]:
     """Sized for optuna-dashboard's 450 px cards: title top left, the trial menu under it, legend below."""
     y_titles = {
         "losses": "loss (mean over the epoch's batches)",
@@ -299,8 +305,13 @@ def _layout(kind: str, title: str, trials: Sequence[TrialFacts], menu: bool = Fa
             "tickformat": ".2~g",  # 0.003, not 0.002882
             "nticks": 6,
         }
-        left = [v for t in trials for m in ("total_loss", "lm_loss") for v in t.metric(m)
-                if v is not None and math.isfinite(v)]
+        left = [
+            v
+            for t in trials
+            for m in ("total_loss", "lm_loss")
+            for v in t.metric(m)
+            if v is not None and math.isfinite(v)
+        ]
         peak_height = 0.5  # of the plot's height, where the highest Koopman loss is drawn
         if left and limit is not None:
             lo, hi = min(left), max(max(left), limit)

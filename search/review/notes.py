@@ -83,8 +83,10 @@ def _comparison(trial: TrialFacts, baseline: StoredBaseline | None, rules: Store
         lines.append(f"| val Koopman NRE (1 − R²) | {fmt(nre, 4)} | | |")
     forward = _at(trial.metric("val_koopman_forward_ppl"), i)
     if forward is not None:
-        lines.append(f"| Koopman-forward perplexity (blocks → ψ ∘ K ∘ φ) | {fmt(forward)} | {fmt(base_ppl)} | "
-                     f"{_ratio_text(forward, base_ppl, None)} |")
+        lines.append(
+            f"| Koopman-forward perplexity (blocks → ψ ∘ K ∘ φ) | {fmt(forward)} | {fmt(base_ppl)} | "
+            f"{_ratio_text(forward, base_ppl, None)} |"
+        )
     gain = _at(trial.metric("val_koopman_gain"), i)
     if gain is not None:
         lines.append(f"| K's gain over the identity | {fmt(gain, 3)}× | | |")

@@ -261,8 +261,10 @@ def _importances_section(ctx: _Context) -> str:
     params = _searched_params(ctx)
     if not params:
         return _note("Not enough variety: every complete trial has the same parameters.")
-    caveat = (f"Fitted (fANOVA) on the {complete} complete trials alone; pruned and failed trials are left "
-              "out, so settings that get pruned look unimportant. ")
+    caveat = (
+        f"Fitted (fANOVA) on the {complete} complete trials alone; pruned and failed trials are left "
+        "out, so settings that get pruned look unimportant. "
+    )
     if complete < ROUGH_IMPORTANCE_BELOW:
         caveat += f"Below about {ROUGH_IMPORTANCE_BELOW} trials read them as a rough ranking, not as shares."
     parts = [f'<p class="lead">{_esc(caveat)}</p>', '<div class="grid">']

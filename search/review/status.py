@@ -44,29 +44,36 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     trials = []
     for f in facts:
         last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
-        trials.append({
-            "number": f.number,
-            "state": f.state,
-            "label": f.label,
-            # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
-            "params": f.params or dict(queued.get(f.number, {})),
-            # keyed by metric name, as in `best` (one shape for a trial in every command)
-            "values": dict(zip(names, (_num(v) for v in f.values), strict=False)) if f.values is not None else None,
-            "epochs_run": f.epochs_run,
-            "epochs_from_warmup": f.epochs_from_warmup,
-            "last_epoch": f.last_epoch,
-            "final": {k: _num(v) for k, v in last.items()},
-            "prune_reason": f.prune_reason,
-            "fail_reason": f.fail_reason,
-            "retry_of": retry_of.get(f.number),
-            "retried_as": retried_as.get(f.number),
-        })
+        trials.append(
+            {
+                "number": f.number,
+                "state": f.state,
+                "label": f.label,
+                # a queued trial's parameters are its fixed ones until it runs (empty: the sampler's choice)
+                "params": f.params or dict(queued.get(f.number, {})),
+                # keyed by metric name, as in `best` (one shape for a trial in every command)
+                "values": dict(zip(names, (_num(v) for v in f.values), strict=False)) if f.values is not None else None,
+                "epochs_run": f.epochs_run,
+                "epochs_from_warmup": f.epochs_from_warmup,
+                "last_epoch": f.last_epoch,
+                "final": {k: _num(v) for k, v in last.items()},
+                "prune_reason": f.prune_reason,
+                "fail_reason": f.fail_reason,
+                "retry_of": retry_of.get(f.number),
+                "retried_as": retried_as.get(f.number),
+            }
+        )
     return {
         "study": study.study_name,
         "objectives": names,
-        "baseline": {"state": baseline.state, "val_ppl": list(baseline.val_ppl),
-                     # epochs the total-loss rule does not judge: the baseline itself is over the limit
-                     "total_loss_unjudged_epochs": _unjudged(study.user_attrs, baseline)} if baseline else None,
+        "baseline": {
+            "state": baseline.state,
+            "val_ppl": list(baseline.val_ppl),
+            # epochs the total-loss rule does not judge: the baseline itself is over the limit
+            "total_loss_unjudged_epochs": _unjudged(study.user_attrs, baseline),
+        }
+        if baseline
+        else None,
         "trials": trials,
         "totals": {
             **{s.lower(): n for s, n in summary.states.items()},

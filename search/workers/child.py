@@ -56,8 +56,7 @@ def child_main() -> int:
     other error."""
     line = sys.stdin.readline()
     if not line.strip():
-        print("search.workers: expects a job on stdin; start workers with `koopman-search worker`",
-              file=sys.stderr)
+        print("search.workers: expects a job on stdin; start workers with `koopman-search worker`", file=sys.stderr)
         return EXIT_FATAL
     job = json.loads(line)
     from optuna.exceptions import ExperimentalWarning
@@ -79,8 +78,7 @@ def child_main() -> int:
 
     stop = threading.Event()
     _stop_on_signals(stop)
-    threading.Thread(target=_watch_supervisor, args=(sys.stdin, stop), daemon=True,
-                     name="supervisor-watch").start()
+    threading.Thread(target=_watch_supervisor, args=(sys.stdin, stop), daemon=True, name="supervisor-watch").start()
     writer.emit(events.READY, pid=os.getpid(), device=job["device"])
 
     from search.runner import TrialOutcome, format_outcome
@@ -89,15 +87,26 @@ def child_main() -> int:
 
     try:
         spec = spec_from_dict(job["spec"], origin=job.get("path") or "study")
-        spec = dataclasses.replace(spec, path=Path(job["path"]) if job.get("path") else None,
-                                   storage_url=job["storage_url"]).with_device(job["device"])
+        spec = dataclasses.replace(
+            spec, path=Path(job["path"]) if job.get("path") else None, storage_url=job["storage_url"]
+        ).with_device(job["device"])
 
         def on_outcome(o: TrialOutcome) -> None:
-            writer.emit(events.OUTCOME, number=o.number, state=o.state, reason=o.reason,
-                        line=format_outcome(o, spec.metrics), requeued=o.requeued, lost=o.lost)
+            writer.emit(
+                events.OUTCOME,
+                number=o.number,
+                state=o.state,
+                reason=o.reason,
+                line=format_outcome(o, spec.metrics),
+                requeued=o.requeued,
+                lost=o.lost,
+            )
 
         summary = run_worker(
-            spec, seed_offset=int(job.get("seed_offset", 0)), max_trials=job.get("max_trials"), stop=stop,
+            spec,
+            seed_offset=int(job.get("seed_offset", 0)),
+            max_trials=job.get("max_trials"),
+            stop=stop,
             on_outcome=on_outcome,
             on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
             on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, **epoch_fields(r)),
@@ -124,4 +133,3 @@ def child_main() -> int:
         reason = f"queue empty, {n} trial(s) run"
     writer.emit(events.EXIT, reason=reason)
     return 0
-

@@ -87,8 +87,9 @@ def run_worker(
         fail_stale_trials(study)
         trial = claim_waiting_trial(study)
         if trial is None:
-            running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                               "read running trials")
+            running = retrying(
+                lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "read running trials"
+            )
             if not running:
                 break
             # another worker's trial is running: if that worker dies, its trial is queued again
@@ -124,7 +125,11 @@ def _warn_baseline_over_limit(spec: StudySpec, baseline: MatchedBaseline) -> Non
         logger.warning(
             "the baseline's own total loss is above total_loss_max %g at epoch(s) %s (%s): the total-loss "
             "rule does not judge trials there (the language model, not the Koopman term, is over the limit); "
-            "raise total_loss_max in [rules] to judge them", limit, ", ".join(map(str, epochs)), values)
+            "raise total_loss_max in [rules] to judge them",
+            limit,
+            ", ".join(map(str, epochs)),
+            values,
+        )
 
 
 def check_machine(spec: StudySpec) -> None:
@@ -142,14 +147,16 @@ def check_machine(spec: StudySpec) -> None:
     try:
         torch.zeros(1, device=device)
     except (RuntimeError, AssertionError) as exc:
-        raise ConfigError(f"device {name} cannot be used on this machine ({str(exc).splitlines()[0]}), "
-                          f"but got device={name!r}") from None
+        raise ConfigError(
+            f"device {name} cannot be used on this machine ({str(exc).splitlines()[0]}), but got device={name!r}"
+        ) from None
     if spec.trainer.model.factory:
         _load_factory(spec.trainer.model.factory)
 
 
-def _annotate(study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int,
-              values: tuple[float, ...] | None) -> None:
+def _annotate(
+    study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int, values: tuple[float, ...] | None
+) -> None:
     """The finished trial's optuna-dashboard note (a side product: it never fails the worker)."""
     from search.review.dashboard import annotate_trial
 

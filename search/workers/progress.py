@@ -31,8 +31,7 @@ __all__ = [
 ]
 
 # the record's numbers an epoch line shows, in this order (the shipped objectives first; docs/design.md)
-EPOCH_FIELDS = ("val_ppl", "val_koopman_forward_ppl", "total_loss", "lm_loss", "koopman_loss",
-                "effective_weight")
+EPOCH_FIELDS = ("val_ppl", "val_koopman_forward_ppl", "total_loss", "lm_loss", "koopman_loss", "effective_weight")
 
 
 def is_live(stream: TextIO) -> bool:
@@ -169,9 +168,17 @@ class LiveProgress:
     and each trial's start, every epoch, the n/N line after each trial) and each finished trial's line on
     stdout."""
 
-    def __init__(self, total: int | None, *, out: TextIO | None = None, err: TextIO | None = None,
-                 live: bool | None = None, clock: Callable[[], float] = time.monotonic,
-                 format_outcome: Callable[[Any], str] = str, ncols: int | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        live: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        format_outcome: Callable[[Any], str] = str,
+        ncols: int | None = None,
+    ) -> None:
         self._out = out or sys.stdout
         self._err = err or sys.stderr
         self.live = is_live(self._err) if live is None else live
@@ -195,10 +202,18 @@ class LiveProgress:
             from tqdm import tqdm
 
             ncols = self._ncols or shutil.get_terminal_size().columns
-            overall = tqdm(total=self.trials.total, desc=self.trials.line(), file=self._err, position=0,
-                           leave=True, ncols=ncols, bar_format="|{bar:20}| {desc}")
-            epochs = tqdm(total=1, desc="", file=self._err, position=1, leave=False, ncols=ncols,
-                          bar_format="|{bar:20}| {desc}")
+            overall = tqdm(
+                total=self.trials.total,
+                desc=self.trials.line(),
+                file=self._err,
+                position=0,
+                leave=True,
+                ncols=ncols,
+                bar_format="|{bar:20}| {desc}",
+            )
+            epochs = tqdm(
+                total=1, desc="", file=self._err, position=1, leave=False, ncols=ncols, bar_format="|{bar:20}| {desc}"
+            )
             self._bars = (overall, epochs)
         return self._bars
 

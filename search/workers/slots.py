@@ -61,8 +61,7 @@ def parse_gpus(spec: str | None, available: int) -> list[int]:
             raise SpecError(f"--gpus must name each GPU once, but got GPU {gpu} twice in gpus={spec!r}")
         if gpu >= available:
             hint = "leave --gpus out to run on CPU" if available == 0 else f"use 0..{available - 1}"
-            raise SpecError(f"--gpus must name GPUs that exist, but got GPU {gpu} in gpus={spec!r} and {seen}; "
-                            f"{hint}")
+            raise SpecError(f"--gpus must name GPUs that exist, but got GPU {gpu} in gpus={spec!r} and {seen}; {hint}")
         gpus.append(gpu)
     return gpus
 
@@ -92,8 +91,9 @@ def plan_slots(
     slots: list[Slot] = []
     for gpu in gpus:
         if names is not None and gpu >= len(names):
-            raise SpecError(f"--gpus must name GPUs listed in CUDA_VISIBLE_DEVICES={visible_devices!r}, "
-                            f"but got GPU {gpu}")
+            raise SpecError(
+                f"--gpus must name GPUs listed in CUDA_VISIBLE_DEVICES={visible_devices!r}, but got GPU {gpu}"
+            )
         pinned = names[gpu] if names is not None else str(gpu)
         for _ in range(trials_per_gpu):
             slots.append(Slot(len(slots), gpu, {"CUDA_VISIBLE_DEVICES": pinned}, "cuda"))

@@ -62,8 +62,9 @@ class Supervisor:
         self._spec = spec
         self._command = list(command)
         # the slots' memory allocator, KOOPMAN_MALLOC (trainer/alloc.py); a bad value stops here, before any slot
-        self._env = allocator_env(chosen_allocator(env if env is not None else os.environ),
-                                  os.environ if env is None else env)
+        self._env = allocator_env(
+            chosen_allocator(env if env is not None else os.environ), os.environ if env is None else env
+        )
         self._clock = clock
         shares = split_trials(len(slots), max_trials)
         self._runs = [SlotRun(slot, share) for slot, share in zip(slots, shares, strict=True) if share != 0]
@@ -122,8 +123,11 @@ class Supervisor:
                 for run in self._runs:
                     if run.proc is not None and run.proc.poll() is not None:
                         self._reap(run, run.proc)
-                    elif run.proc is None and run.restart_at is not None and (
-                            self.stop_requested or self._clock() >= run.restart_at):
+                    elif (
+                        run.proc is None
+                        and run.restart_at is not None
+                        and (self.stop_requested or self._clock() >= run.restart_at)
+                    ):
                         run.restart_at = None
                         if self.stop_requested:
                             self._finish(run, "stopped")
@@ -140,8 +144,11 @@ class Supervisor:
             logger.error("%s stopped for good; see the errors above", ", ".join(failed))
             return 1
         if self._lost:
-            logger.error("%d trial(s) lost to environment faults (trial %s); see the errors above",
-                         len(self._lost), ", ".join(map(str, sorted(self._lost))))
+            logger.error(
+                "%d trial(s) lost to environment faults (trial %s); see the errors above",
+                len(self._lost),
+                ", ".join(map(str, sorted(self._lost))),
+            )
             return 1
         return 0
 
@@ -150,8 +157,9 @@ class Supervisor:
         """On a terminal, the supervisor's own log records go through the board (a handler that writes to
         the same stream directly would tear the status lines); elsewhere nothing changes."""
         root = logging.getLogger()
-        mine = [h for h in root.handlers
-                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is self._err]
+        mine = [
+            h for h in root.handlers if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is self._err
+        ]
         if not self._board.live or not mine:
             yield
             return
@@ -188,8 +196,16 @@ class Supervisor:
             cpu_slots = sum(1 for r in self._runs if r.slot.gpu is None)
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))
         proc = subprocess.Popen(
-            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            text=True, encoding="utf-8", errors="replace", bufsize=1, start_new_session=True,
+            self._command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
         )
         run.proc, run.signalled = proc, 0
         stdin, stdout, stderr = (cast(IO[str], pipe) for pipe in (proc.stdin, proc.stdout, proc.stderr))
@@ -199,10 +215,12 @@ class Supervisor:
         except OSError:  # it died at once; _reap says so
             pass
         run.readers = [
-            threading.Thread(target=self._read, args=(run, proc, stdout, "event"), daemon=True,
-                             name=f"slot-{slot.index}-events"),
-            threading.Thread(target=self._read, args=(run, proc, stderr, "log"), daemon=True,
-                             name=f"slot-{slot.index}-log"),
+            threading.Thread(
+                target=self._read, args=(run, proc, stdout, "event"), daemon=True, name=f"slot-{slot.index}-events"
+            ),
+            threading.Thread(
+                target=self._read, args=(run, proc, stderr, "log"), daemon=True, name=f"slot-{slot.index}-log"
+            ),
         ]
         for reader in run.readers:
             reader.start()
@@ -264,8 +282,10 @@ class Supervisor:
         if self._signals > self._announced:
             self._announced = self._signals
             if self._signals == 1:
-                logger.warning("stopping: each slot finishes its epoch, checkpoints and hands its trial back "
-                               "(again to stop at once)")
+                logger.warning(
+                    "stopping: each slot finishes its epoch, checkpoints and hands its trial back "
+                    "(again to stop at once)"
+                )
             else:
                 logger.warning("stopping at once: each trial is handed back from its previous checkpoint")
         for run in self._runs:
@@ -337,8 +357,11 @@ class Supervisor:
             if self._storage is None:
                 self._storage = open_storage(self._spec.storage_url, heartbeat=False)
             study = load_study(self._storage, self._spec.name)
-            running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                               "read running trials", timeout=10.0)
+            running = retrying(
+                lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
+                "read running trials",
+                timeout=10.0,
+            )
             frozen = next((t for t in running if t.number == number), None)
             if frozen is None:
                 return False
@@ -352,8 +375,7 @@ class Supervisor:
                 return False
             enqueue_retry(study, retrying(lambda: self._storage.get_trial(frozen._trial_id), f"read trial {number}"))
         except (optuna.exceptions.OptunaError, KoopmanError, ValueError) as exc:
-            logger.warning("trial %d of a dead process not queued again here (%s); its heartbeat will be",
-                           number, exc)
+            logger.warning("trial %d of a dead process not queued again here (%s); its heartbeat will be", number, exc)
             return False
         logger.warning("trial %d: %s", number, reason)
         return True
@@ -395,9 +417,14 @@ def build_supervisor(
     if gpus is None and workers is None:
         visible = available_gpus()
         if visible:
-            logger.warning("no --gpus given: running 1 worker on CPU although %d GPU(s) are visible; "
-                           "add --gpus all to use them", visible)
+            logger.warning(
+                "no --gpus given: running 1 worker on CPU although %d GPU(s) are visible; add --gpus all to use them",
+                visible,
+            )
     slots = plan_slots(gpu_list, trials_per_gpu, workers, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    logger.info("%d worker process(es): %s", len(slots), ", ".join(
-        f"{s.label} CUDA_VISIBLE_DEVICES={s.env['CUDA_VISIBLE_DEVICES']!r}" for s in slots))
+    logger.info(
+        "%d worker process(es): %s",
+        len(slots),
+        ", ".join(f"{s.label} CUDA_VISIBLE_DEVICES={s.env['CUDA_VISIBLE_DEVICES']!r}" for s in slots),
+    )
     return Supervisor(spec, slots, max_trials)

@@ -226,8 +226,11 @@ def write_worker_study(
     """A tiny study for the worker tests (8 steps an epoch, its own artifact folder, searched start epoch 1..2
     unless ``start_epoch`` is given, the slow model with ``slow``), written to ``<directory>/<name>.toml``.
     The rules are loose, so only a NaN prunes."""
-    start = ('type = "fixed"\nvalue = ' + str(start_epoch)) if start_epoch is not None else \
-        'type = "int"\nlow = 1\nhigh = 2'
+    start = (
+        ('type = "fixed"\nvalue = ' + str(start_epoch))
+        if start_epoch is not None
+        else 'type = "int"\nlow = 1\nhigh = 2'
+    )
     factory = 'factory = "tests.search.slow_model:build"' if slow else ""
     text = f"""
         [study]

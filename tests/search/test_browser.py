@@ -229,8 +229,13 @@ def test_report_trial_menu_switches_all_three_curve_figures_together(tmp_path: P
     out = write_report(study, tmp_path / "report.html")
     chrome.get(out.as_uri())
     ids = ["curves-losses", "curves-val_ppl", "curves-weight"]
-    _wait(chrome, "the curve figures to render", lambda d: all(
-        d.execute_script("var g = document.getElementById(arguments[0]); return !!(g && g.data)", i) for i in ids))
+    _wait(
+        chrome,
+        "the curve figures to render",
+        lambda d: all(
+            d.execute_script("var g = document.getElementById(arguments[0]); return !!(g && g.data)", i) for i in ids
+        ),
+    )
     menus = json.loads(chrome.find_element(By.ID, "curves-menus").get_attribute("textContent"))
     shown = """
         var menus = arguments[1], out = {};

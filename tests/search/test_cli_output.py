@@ -97,13 +97,13 @@ def test_status_and_best_tables_share_the_readme_parameter_order_and_full_names_
         code, out, err = cli(capsys, command, str(study))
         assert code == 0, err
         header = next(line for line in out.splitlines() if line.startswith("#"))
-        assert header.split()[header.split().index("w_max"):][:5] == short
+        assert header.split()[header.split().index("w_max") :][:5] == short
         assert "parameters: w_max = koopman_weight_max, start = koopman_start_epoch" in out
         code, out, err = cli(capsys, command, str(study), "--full-names")
         assert code == 0, err
         header = next(line for line in out.splitlines() if line.startswith("#"))
         first = header.split().index("koopman_weight_max")
-        assert header.split()[first:first + 5] == list(PARAM_NAMES[:5])
+        assert header.split()[first : first + 5] == list(PARAM_NAMES[:5])
 
 
 def test_best_says_which_trial_of_the_front_it_exports_and_why(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,6 +171,7 @@ def test_optunas_own_log_lines_come_in_the_same_format_as_ours(
 ) -> None:
     code, _, err = cli(capsys, "create", str(write_study(tmp_path)))
     assert code == 0, err
-    assert re.search(r"^\d\d:\d\d:\d\d INFO optuna\.[\w.]+: A new study created in RDB with name: tiny$",
-                     err, re.MULTILINE)
+    assert re.search(
+        r"^\d\d:\d\d:\d\d INFO optuna\.[\w.]+: A new study created in RDB with name: tiny$", err, re.MULTILINE
+    )
     assert "[I 20" not in err

@@ -143,8 +143,9 @@ def test_resume_after_an_interrupted_run_continues_at_the_next_epoch(
 
 
 def test_resume_without_a_checkpoint_yet_starts_at_epoch_one(train: Runner, tmp_path: Path) -> None:
-    code, lines, err = train(*TINY_FLAGS, "--epochs", "1", "--koopman-start-epoch", "0",
-                             "--checkpoint-dir", str(tmp_path / "c"), "--resume")
+    code, lines, err = train(
+        *TINY_FLAGS, "--epochs", "1", "--koopman-start-epoch", "0", "--checkpoint-dir", str(tmp_path / "c"), "--resume"
+    )
     assert code == 0 and len(lines) == 1 and lines[0].startswith("Epoch 1/1:")
     assert "starting from epoch 1" in err
     assert (tmp_path / "c" / "last.pt").exists()
@@ -155,8 +156,9 @@ def test_resume_with_other_flags_is_refused_naming_the_key(train: Runner, tmp_pa
     ckpt = str(tmp_path / "c")
     code, _, _ = train(*TINY_FLAGS, "--epochs", "2", "--koopman-start-epoch", "1", "--checkpoint-dir", ckpt)
     assert code == 0
-    code, lines, err = train(*TINY_FLAGS, "--epochs", "3", "--koopman-start-epoch", "1", "--checkpoint-dir", ckpt,
-                             "--resume")
+    code, lines, err = train(
+        *TINY_FLAGS, "--epochs", "3", "--koopman-start-epoch", "1", "--checkpoint-dir", ckpt, "--resume"
+    )
     assert code == 1 and lines == []
     assert "was made with another config: train.epochs: 2 != 3" in err
     assert len(err.strip().splitlines()) == 1

@@ -87,16 +87,23 @@ def test_a_database_outage_as_a_trial_draws_its_parameters_does_not_fail_it(
         trials = trials_of(pg.url, "w")
         assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
         assert all(len(t.params) == 5 for t in trials)
-        assert any("draw the parameters of trial 0: database unreachable since" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "draw the parameters of trial 0: database unreachable since" in r.getMessage() for r in caplog.records
+        )
 
 
 # ---- launch in one process: signals, the baseline, the sampler seed ------------------------------------------
 
 
 def _launch(study: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "search.cli", "launch", str(study)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "launch", str(study)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def _wait_until(predicate: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 120) -> None:
@@ -139,8 +146,11 @@ def test_ctrl_c_in_launchs_baseline_exits_130_without_a_traceback_and_the_dashbo
     url = f"sqlite:///{tmp_path / 'w.db'}"
     study = write_study(tmp_path, url, n_trials=2, epochs=4, start_epoch=1, slow=True)
     proc = _launch(study, slow_env)
-    _wait_until(lambda: any(t.state == TrialState.RUNNING and "checkpoint" in t.user_attrs
-                            for t in _baseline_trials(url)), proc, "the baseline's first epoch")
+    _wait_until(
+        lambda: any(t.state == TrialState.RUNNING and "checkpoint" in t.user_attrs for t in _baseline_trials(url)),
+        proc,
+        "the baseline's first epoch",
+    )
     proc.send_signal(signal.SIGINT)
     code, _out, err = _finish(proc)
     assert code == 130, err
@@ -164,8 +174,10 @@ def test_sigterm_stops_a_single_process_launch_after_its_epoch_and_hands_the_tri
     def trial_checkpointed() -> bool:
         if "w" not in study_names(url):
             return False
-        return any(t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint", {}).get("epoch") == 2
-                   for t in trials_of(url, "w"))
+        return any(
+            t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint", {}).get("epoch") == 2
+            for t in trials_of(url, "w")
+        )
 
     _wait_until(trial_checkpointed, proc, "a trial's epoch 2")
     proc.send_signal(signal.SIGTERM)
@@ -199,8 +211,9 @@ def test_each_launch_draws_other_first_parameters(tmp_path: Path, capsys: pytest
 def small_disk(size: str = "8m") -> Iterator[Path]:
     """A real tmpfs of ``size``, mounted for the test (the tests run as root, as CI does)."""
     where = Path(tempfile.mkdtemp(prefix="ks-disk-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True, timeout=30
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs for the full-disk test: {done.stderr.strip()}")
     try:
@@ -245,8 +258,9 @@ def test_a_full_artifact_disk_fails_the_attempt_queues_it_again_and_the_budget_i
             if outcome.requeued and ballast and ballast[0].exists():
                 ballast[0].unlink()  # the operator frees the disk
 
-        summary = run_worker(spec, on_trial_start=on_trial_start, on_outcome=on_outcome,
-                             on_baseline_epoch=on_baseline_epoch)
+        summary = run_worker(
+            spec, on_trial_start=on_trial_start, on_outcome=on_outcome, on_baseline_epoch=on_baseline_epoch
+        )
     assert baseline_done.is_set() and ballast
     first = summary.outcomes[0]
     assert first.requeued and not first.lost and "No space left on device" in (first.reason or "")
@@ -381,8 +395,8 @@ def test_an_edited_trainer_config_gets_a_baseline_of_its_own(tmp_path: Path) -> 
         assert main(["launch", str(path), "--n-trials", "2"]) == 0
     names = study_names(url)
     assert names == ["w", "w.baseline-seed0", f"w.baseline-seed0-{baseline_config_hash(second)}"]
-    old, = trials_of(url, "w.baseline-seed0")
-    new, = trials_of(url, names[2])
+    (old,) = trials_of(url, "w.baseline-seed0")
+    (new,) = trials_of(url, names[2])
     assert old.state == new.state == TrialState.COMPLETE and old.value != new.value
     stored = optuna.load_study(study_name="w", storage=url).user_attrs["baseline:seed=0"]
     assert stored["config_hash"] == baseline_config_hash(second)
@@ -417,27 +431,33 @@ def test_a_machine_that_cannot_run_the_study_stops_before_the_baseline_or_any_tr
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_killed_slots_trial_is_queued_again_at_once_and_the_command_ends_with_nothing_running(
-    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    tmp_path: Path,
+    postgres_url: str,
+    worker_env: dict[str, str],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],  # noqa: F811
 ) -> None:
     worker_env["KOOPMAN_HEARTBEAT_INTERVAL"] = "30"  # no stale heartbeat within the test: the supervisor acts
     study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
     with logging_restored():
         assert main(["create", str(study)]) == 0
     supervisor = Worker(study, ["--workers", "2", "--n-trials", "4"], worker_env, "supervisor", processes)
-    victim = wait_for(running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume",
-                      alive=[supervisor])
+    victim = wait_for(
+        running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume", alive=[supervisor]
+    )
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
 
     assert supervisor.wait(timeout=240) == 0, supervisor.err[-3000:]
-    assert (f"trial {victim.number}: its worker process was killed by SIGKILL; queued to resume from its last "
-            "checkpoint") in supervisor.err
+    assert (
+        f"trial {victim.number}: its worker process was killed by SIGKILL; queued to resume from its last checkpoint"
+    ) in supervisor.err
     trials = open_study(postgres_url).get_trials()
     assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
     assert trials[victim.number].state == TrialState.FAIL
-    retry, = retries_of(trials, victim.number)
+    (retry,) = retries_of(trials, victim.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["epochs_resumed"] >= 2
     assert sorted(t.number for t in trials if t.state == TrialState.COMPLETE) == sorted(
-        [t.number for t in originals(trials) if t.number != victim.number] + [retry.number])
+        [t.number for t in originals(trials) if t.number != victim.number] + [retry.number]
+    )
 
 
 # ---- hostile input: one line, exit 2, nothing written -----------------------------------------------------------
@@ -484,8 +504,20 @@ def _hostile(tmp_path: Path, case: str) -> tuple[list[str], str]:
     return [str(path), *extra], expect
 
 
-@pytest.mark.parametrize("case", ["deep nesting", "symlink loop", "fifo", "not utf-8", "control character",
-                                  "huge seed", "huge budget", "in-memory storage", "ftp artifacts"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "deep nesting",
+        "symlink loop",
+        "fifo",
+        "not utf-8",
+        "control character",
+        "huge seed",
+        "huge budget",
+        "in-memory storage",
+        "ftp artifacts",
+    ],
+)
 def test_hostile_input_ends_in_one_line_and_exit_2_with_nothing_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
@@ -553,7 +585,9 @@ def _cmdlines() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_output(
-    tmp_path: Path, postgres_url: str, worker_env: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+    postgres_url: str,
+    worker_env: dict[str, str],  # noqa: F811
     processes: list[subprocess.Popen[bytes]],  # noqa: F811
 ) -> None:
     password = "s3cr3t-pa55"
@@ -562,8 +596,14 @@ def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_ou
     url_file.write_text(secret + "\n")
     worker_env["KOOPMAN_STORAGE_FILE"] = str(url_file)
     study = write_study(tmp_path, "", n_trials=2, epochs=2, start_epoch=1, slow=True)
-    create = subprocess.run([sys.executable, "-m", "search.cli", "create", str(study)], capture_output=True,
-                            text=True, env=worker_env, cwd=REPO, timeout=120)
+    create = subprocess.run(
+        [sys.executable, "-m", "search.cli", "create", str(study)],
+        capture_output=True,
+        text=True,
+        env=worker_env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert create.returncode == 0, create.stderr
     supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
     seen: list[str] = []
@@ -580,7 +620,9 @@ def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_ou
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_database_outage_longer_than_a_workers_patience_never_gives_its_slot_up(
-    tmp_path: Path, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    tmp_path: Path,
+    worker_env: dict[str, str],  # noqa: F811
+    processes: list[subprocess.Popen[bytes]],  # noqa: F811
 ) -> None:
     worker_env["KOOPMAN_OUTAGE_TIMEOUT"] = "3"  # each worker process gives up on the database after 3 s
     with own_cluster() as pg:

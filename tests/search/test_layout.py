@@ -92,8 +92,15 @@ def test_epoch_attrs_count_only_the_epochs_this_attempt_trained() -> None:
 
 def test_finished_trial_stores_a_pruned_attempt_with_its_epoch_and_warmup() -> None:
     records = baseline_records()[:6]
-    frozen = layout.finished_trial(TrialState.PRUNED, {}, {}, records, epochs_from_warmup=3, label="x",
-                                   prune_reason="total_loss 7.2 > 7.0 at epoch 6")
+    frozen = layout.finished_trial(
+        TrialState.PRUNED,
+        {},
+        {},
+        records,
+        epochs_from_warmup=3,
+        label="x",
+        prune_reason="total_loss 7.2 > 7.0 at epoch 6",
+    )
     attrs = frozen.user_attrs
     assert attrs[layout.PRUNED_EPOCH] == 6
     assert (attrs[layout.EPOCHS_FROM_WARMUP], attrs[layout.EPOCHS_RUN]) == (3, 3)
@@ -104,8 +111,7 @@ def test_finished_trial_stores_a_pruned_attempt_with_its_epoch_and_warmup() -> N
 def test_matched_baseline_round_trips_through_its_trial() -> None:
     records = baseline_records()
     study = optuna.create_study()
-    attrs = {**layout.epoch_attrs(records, len(records), "last"),
-             layout.WARMUP_CHECKPOINTS: {"2": "a2", "5": "a5"}}
+    attrs = {**layout.epoch_attrs(records, len(records), "last"), layout.WARMUP_CHECKPOINTS: {"2": "a2", "5": "a5"}}
     study.add_trial(optuna.trial.create_trial(value=477.2, user_attrs=attrs))
     baseline = layout.MatchedBaseline.from_trial(study.get_trials()[0])
     assert baseline.checkpoints == {2: "a2", 5: "a5"}

@@ -24,10 +24,24 @@ from trainer.records import EpochRecord
 
 
 def record(epoch: int, epochs: int = 4, seconds: float = 10.0, forward: float = 640.06) -> EpochRecord:
-    return EpochRecord(epoch=epoch, epochs=epochs, lm_loss=6.2, koopman_loss=0.41, total_loss=6.25,
-                       koopman_weight=0.1, effective_weight=0.1, fallback_batches=0, nonfinite_batches=0,
-                       val_loss=6.24, val_ppl=512.34, val_koopman_nre=0.3, seconds=seconds,
-                       tokens_per_s=1000.0, steps=5, val_koopman_forward_ppl=forward)
+    return EpochRecord(
+        epoch=epoch,
+        epochs=epochs,
+        lm_loss=6.2,
+        koopman_loss=0.41,
+        total_loss=6.25,
+        koopman_weight=0.1,
+        effective_weight=0.1,
+        fallback_batches=0,
+        nonfinite_batches=0,
+        val_loss=6.24,
+        val_ppl=512.34,
+        val_koopman_nre=0.3,
+        seconds=seconds,
+        tokens_per_s=1000.0,
+        steps=5,
+        val_koopman_forward_ppl=forward,
+    )
 
 
 class Clock:
@@ -52,8 +66,13 @@ def test_epoch_line_shows_both_objectives_and_leaves_out_the_koopman_numbers_whi
 
 
 def test_durations_read_as_seconds_minutes_and_hours() -> None:
-    assert [format_duration(s) for s in (None, math.nan, 42, 185, 3720)] == \
-        ["?", "?", "42 s", "3 min 05 s", "1 h 02 min"]
+    assert [format_duration(s) for s in (None, math.nan, 42, 185, 3720)] == [
+        "?",
+        "?",
+        "42 s",
+        "3 min 05 s",
+        "1 h 02 min",
+    ]
 
 
 def test_run_eta_is_the_running_trial_left_plus_the_waiting_trials_at_the_mean_duration() -> None:
@@ -82,8 +101,9 @@ def test_a_retry_queued_meanwhile_raises_the_total_instead_of_showing_more_done_
 
 def test_in_a_log_every_event_is_one_timestamped_line_and_finished_trials_go_to_stdout() -> None:
     out, err, clock = io.StringIO(), io.StringIO(), Clock()
-    progress = LiveProgress(2, out=out, err=err, live=False, clock=clock,
-                            format_outcome=lambda o: f"trial {o.number} | done")
+    progress = LiveProgress(
+        2, out=out, err=err, live=False, clock=clock, format_outcome=lambda o: f"trial {o.number} | done"
+    )
     progress.on_baseline_epoch(record(1, forward=math.nan))
     progress.on_trial_start(0)
     progress.on_epoch(0, record(3))
@@ -104,8 +124,9 @@ def test_in_a_log_every_event_is_one_timestamped_line_and_finished_trials_go_to_
 
 def test_on_a_terminal_the_bars_are_redrawn_in_place_and_results_print_above_them() -> None:
     out, err = io.StringIO(), io.StringIO()
-    progress = LiveProgress(2, out=out, err=err, live=True, clock=Clock(),
-                            format_outcome=lambda o: f"trial {o.number} | done", ncols=300)
+    progress = LiveProgress(
+        2, out=out, err=err, live=True, clock=Clock(), format_outcome=lambda o: f"trial {o.number} | done", ncols=300
+    )
     with progress.session():
         progress.on_trial_start(0)
         progress.on_epoch(0, record(2))

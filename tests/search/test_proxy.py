@@ -38,7 +38,10 @@ class Proxy:
     def __init__(self, database_url: str, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [KOOPMAN_SEARCH, "storage-proxy", "--storage", database_url, "--port", "0", "--threads", "4"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "listening on grpc://127.0.0.1:PORT" once it serves
@@ -99,8 +102,16 @@ def test_three_processes_through_the_proxy_claim_every_trial_exactly_once(
     postgres_url: str, proxy: Proxy, env: dict[str, str]
 ) -> None:
     _direct_study(postgres_url, "s", 24)
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_LOOP, proxy.url], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM_LOOP, proxy.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
     claims = {p.pid: json.loads(out) for p, (out, _) in zip(procs, results, strict=True)}
@@ -118,7 +129,11 @@ def test_heartbeats_reach_the_database_and_the_proxy_retries_a_trial_whose_worke
     postgres_url: str, proxy: Proxy, env: dict[str, str]
 ) -> None:
     _direct_study(postgres_url, "s", 1)
-    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import sys, time, optuna
         from search.storage import Heartbeat, open_storage
         from search.study import claim_waiting_trial
@@ -127,11 +142,19 @@ def test_heartbeats_reach_the_database_and_the_proxy_retries_a_trial_whose_worke
         with Heartbeat(storage, trial._trial_id):
             print(trial.number, flush=True)
             time.sleep(600)
-    """), proxy.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    """),
+            proxy.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert worker.stdout is not None
     assert worker.stdout.readline().strip() == "0", worker.stderr.read() if worker.stderr else ""
     engine = sa.create_engine(postgres_url)
     try:
+
         def beats() -> list[float]:
             with engine.connect() as conn:
                 rows = conn.execute(sa.text("SELECT heartbeat FROM trial_heartbeats")).all()
@@ -216,11 +239,17 @@ def test_worker_command_runs_a_tiny_study_through_the_proxy(
 ) -> None:
     study = write_study(tmp_path, n_trials=3, epochs=2, storage=postgres_url, baseline=[2000.0, 2000.0])
     artifacts = ["--artifacts", str(tmp_path / "artifacts")]
-    create = subprocess.run([KOOPMAN_SEARCH, "-q", "create", str(study), *artifacts], env=env,
-                            capture_output=True, text=True, timeout=120)
+    create = subprocess.run(
+        [KOOPMAN_SEARCH, "-q", "create", str(study), *artifacts], env=env, capture_output=True, text=True, timeout=120
+    )
     assert create.returncode == 0, create.stderr
-    worker = subprocess.run([KOOPMAN_SEARCH, "-q", "worker", str(study), "--storage", proxy.url, "--workers", "2",
-                             *artifacts], env=env, capture_output=True, text=True, timeout=300)
+    worker = subprocess.run(
+        [KOOPMAN_SEARCH, "-q", "worker", str(study), "--storage", proxy.url, "--workers", "2", *artifacts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert worker.returncode == 0, worker.stderr[-3000:]
     trials = optuna.load_study(storage=postgres_url, study_name="tiny").get_trials()
     assert len(trials) == 3 and {t.state for t in trials} == {TrialState.COMPLETE}

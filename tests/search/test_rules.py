@@ -53,22 +53,15 @@ def test_total_loss_rule_keeps_exactly_the_limit() -> None:
 
 
 def test_total_loss_rule_prunes_just_above_limit() -> None:
-    assert (
-        TotalLossRule(7.0).check(record(epoch=7, total_loss=7.0001)) == "total_loss 7.0001 > 7.0 at epoch 7"
-    )
+    assert TotalLossRule(7.0).check(record(epoch=7, total_loss=7.0001)) == "total_loss 7.0001 > 7.0 at epoch 7"
 
 
 def test_total_loss_reason_matches_the_users_table() -> None:
-    assert (
-        TotalLossRule(7.0).check(record(epoch=7, total_loss=7.1401)) == "total_loss 7.1401 > 7.0 at epoch 7"
-    )
+    assert TotalLossRule(7.0).check(record(epoch=7, total_loss=7.1401)) == "total_loss 7.1401 > 7.0 at epoch 7"
 
 
 def test_total_loss_reason_shows_enough_digits_to_differ_from_the_limit() -> None:
-    assert (
-        TotalLossRule(7.0).check(record(epoch=2, total_loss=7.000001))
-        == "total_loss 7.000001 > 7.0 at epoch 2"
-    )
+    assert TotalLossRule(7.0).check(record(epoch=2, total_loss=7.000001)) == "total_loss 7.000001 > 7.0 at epoch 2"
 
 
 def test_total_loss_rule_ignores_epochs_before_the_koopman_loss_is_on() -> None:
@@ -96,9 +89,7 @@ def test_ratio_rule_compares_early_epochs_with_the_early_baseline_not_the_final_
 
 def test_ratio_rule_prunes_the_same_value_at_a_later_epoch() -> None:
     rule = ValPplRatioRule(1.3, [900.0, 600.0, 480.0])
-    assert rule.check(record(epoch=3, val_ppl=1000.0)) == (
-        "val_ppl 1000.0 > 1.3 × baseline 480.0 = 624.0 at epoch 3"
-    )
+    assert rule.check(record(epoch=3, val_ppl=1000.0)) == ("val_ppl 1000.0 > 1.3 × baseline 480.0 = 624.0 at epoch 3")
 
 
 def test_ratio_rule_keeps_exactly_the_limit_and_prunes_just_above() -> None:
@@ -112,10 +103,7 @@ def test_ratio_rule_keeps_exactly_the_limit_and_prunes_just_above() -> None:
 
 def test_ratio_reason_matches_the_users_numbers() -> None:
     rule = ValPplRatioRule(1.3, [477.0] * 10)
-    assert (
-        rule.check(record(epoch=5, val_ppl=640.2))
-        == "val_ppl 640.2 > 1.3 × baseline 477.0 = 620.1 at epoch 5"
-    )
+    assert rule.check(record(epoch=5, val_ppl=640.2)) == "val_ppl 640.2 > 1.3 × baseline 477.0 = 620.1 at epoch 5"
 
 
 def test_ratio_rule_raises_when_the_baseline_has_no_entry_for_the_epoch() -> None:
@@ -147,9 +135,7 @@ def test_nan_metric_prunes_with_its_name_and_epoch() -> None:
 
 
 def test_infinite_metric_prunes() -> None:
-    assert NonFiniteRule(["total_loss"]).check(record(epoch=2, total_loss=math.inf)) == (
-        "total_loss is inf at epoch 2"
-    )
+    assert NonFiniteRule(["total_loss"]).check(record(epoch=2, total_loss=math.inf)) == ("total_loss is inf at epoch 2")
 
 
 def test_koopman_metrics_are_not_checked_while_the_koopman_loss_is_off() -> None:
@@ -164,9 +150,7 @@ def test_lm_metrics_are_checked_while_the_koopman_loss_is_off() -> None:
 
 
 def test_non_finite_rule_rejects_unknown_metrics() -> None:
-    with pytest.raises(
-        ConfigError, match=r"metrics must be EpochRecord fields .* but got metric='val_perplexity'"
-    ):
+    with pytest.raises(ConfigError, match=r"metrics must be EpochRecord fields .* but got metric='val_perplexity'"):
         NonFiniteRule(["val_perplexity"])
 
 

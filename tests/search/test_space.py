@@ -185,8 +185,10 @@ def test_space_round_trips_through_to_dict(space: SearchSpace) -> None:
 
 
 def test_the_objective_and_the_fit_of_k_can_be_searched_beside_the_five() -> None:
-    tables = {"koopman_loss": {"type": "categorical", "choices": ["decoder", "smooth_l1"]},
-              "koopman_fit": {"type": "categorical", "choices": ["gradient", "dmd"]}}
+    tables = {
+        "koopman_loss": {"type": "categorical", "choices": ["decoder", "smooth_l1"]},
+        "koopman_fit": {"type": "categorical", "choices": ["gradient", "dmd"]},
+    }
     space = SearchSpace.from_dict(tables, BASE)
     assert set(space.searched) == {"koopman_loss", "koopman_fit"}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -199,5 +201,6 @@ def test_the_objective_and_the_fit_of_k_can_be_searched_beside_the_five() -> Non
 
 def test_a_searched_objective_outside_the_trainers_choices_names_the_value() -> None:
     with pytest.raises(SpecError, match="koopman_loss must be one of decoder, smooth_l1, mse"):
-        SearchSpace.from_dict({"koopman_loss": {"type": "categorical", "choices": ["decoder", "l1"]}}, BASE,
-                              origin="x.toml")
+        SearchSpace.from_dict(
+            {"koopman_loss": {"type": "categorical", "choices": ["decoder", "l1"]}}, BASE, origin="x.toml"
+        )

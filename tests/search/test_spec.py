@@ -159,14 +159,10 @@ def test_absolute_and_non_file_sources_are_kept(tmp_path: Path) -> None:
     assert spec.trainer.data.source == "hf:wikitext/wikitext-2-raw-v1"
 
 
-def test_env_vars_expand_and_passwords_are_percent_encoded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_env_vars_expand_and_passwords_are_percent_encoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KS_TEST_PASSWORD", "p@ss/w:rd")
     monkeypatch.setenv("KS_TEST_HOST", "db.example")
-    path = write(
-        tmp_path, study='storage = "postgresql+psycopg://koopman:${KS_TEST_PASSWORD}@${KS_TEST_HOST}:5432/ks"'
-    )
+    path = write(tmp_path, study='storage = "postgresql+psycopg://koopman:${KS_TEST_PASSWORD}@${KS_TEST_HOST}:5432/ks"')
     url = make_url(load_spec(path).storage_url)
     assert (url.username, url.password, url.host, url.port, url.database) == (
         "koopman",
@@ -179,10 +175,7 @@ def test_env_vars_expand_and_passwords_are_percent_encoded(
 
 def test_env_var_may_hold_the_whole_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KS_TEST_URL", "postgresql+psycopg://koopman:secret@127.0.0.1:5432/ks")
-    assert (
-        load_spec(write(tmp_path, study='storage = "${KS_TEST_URL}"')).storage_url
-        == os.environ["KS_TEST_URL"]
-    )
+    assert load_spec(write(tmp_path, study='storage = "${KS_TEST_URL}"')).storage_url == os.environ["KS_TEST_URL"]
 
 
 def test_a_missing_env_var_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,10 +187,7 @@ def test_a_missing_env_var_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_a_set_env_var_expands_in_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KS_TEST_SHARED", "/mnt/shared")
-    assert (
-        load_spec(write(tmp_path, study='artifacts = "${KS_TEST_SHARED}/ckpt"')).artifacts_dir
-        == "/mnt/shared/ckpt"
-    )
+    assert load_spec(write(tmp_path, study='artifacts = "${KS_TEST_SHARED}/ckpt"')).artifacts_dir == "/mnt/shared/ckpt"
 
 
 # ---- passwords ---------------------------------------------------------------------------------------------
@@ -266,16 +256,12 @@ def test_a_per_epoch_baseline_list_is_kept(tmp_path: Path) -> None:
 
 
 def test_objective_metrics_join_the_metrics_that_must_stay_finite(tmp_path: Path) -> None:
-    spec = load_spec(
-        write(tmp_path, study='objectives = [{ metric = "tokens_per_s", direction = "maximize" }]')
-    )
+    spec = load_spec(write(tmp_path, study='objectives = [{ metric = "tokens_per_s", direction = "maximize" }]'))
     assert spec.directions == ["maximize"]
     assert "tokens_per_s" in spec.rules.finite_metrics and "val_ppl" in spec.rules.finite_metrics
 
 
-def test_to_dict_is_plain_json_without_the_storage_url(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_to_dict_is_plain_json_without_the_storage_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KS_TEST_PASSWORD", "s3cret")
     path = write(tmp_path, study='storage = "postgresql+psycopg://koopman:${KS_TEST_PASSWORD}@127.0.0.1/ks"')
     data = load_spec(path).to_dict()
@@ -291,9 +277,7 @@ def test_to_dict_reads_back_into_the_same_spec() -> None:
 
 
 def test_spec_from_dict_names_its_origin() -> None:
-    with pytest.raises(
-        SpecError, match=r"n_trials must be >= 1, but got n_trials=0 \(stored, \[study.n_trials\]\)"
-    ):
+    with pytest.raises(SpecError, match=r"n_trials must be >= 1, but got n_trials=0 \(stored, \[study.n_trials\]\)"):
         spec_from_dict({"study": {"name": "x", "n_trials": 0}}, origin="stored")
 
 
@@ -346,21 +330,15 @@ def test_samplers_with_the_same_seed_agree_and_offsets_differ(tmp_path: Path) ->
 def test_make_pruner(tmp_path: Path) -> None:
     single = 'objectives = [{ metric = "val_ppl", direction = "minimize" }]'
     assert isinstance(_spec(tmp_path, single).make_pruner(), optuna.pruners.NopPruner)
-    assert isinstance(
-        _spec(tmp_path, single + '\npruner = "median"').make_pruner(), optuna.pruners.MedianPruner
-    )
-    assert isinstance(
-        _spec(tmp_path, single + '\npruner = "hyperband"').make_pruner(), optuna.pruners.HyperbandPruner
-    )
+    assert isinstance(_spec(tmp_path, single + '\npruner = "median"').make_pruner(), optuna.pruners.MedianPruner)
+    assert isinstance(_spec(tmp_path, single + '\npruner = "hyperband"').make_pruner(), optuna.pruners.HyperbandPruner)
 
 
 def test_import_search_loads_neither_torch_nor_optuna_nor_sqlalchemy() -> None:
     import subprocess
     import sys
 
-    code = (
-        "import sys, search; print(sorted(m for m in ('optuna', 'sqlalchemy', 'torch') if m in sys.modules))"
-    )
+    code = "import sys, search; print(sorted(m for m in ('optuna', 'sqlalchemy', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -368,8 +346,11 @@ def test_import_search_loads_neither_torch_nor_optuna_nor_sqlalchemy() -> None:
 def test_an_objective_that_needs_a_decoder_is_refused_for_the_notebooks_loss(tmp_path: Path) -> None:
     path = tmp_path / "nb.toml"
     path.write_text('[study]\nname = "nb"\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8")
-    with pytest.raises(SpecError, match=r"val_koopman_forward_ppl needs koopman.loss = \"decoder\".*"
-                                        r"loss='smooth_l1'.*\[trainer.koopman.loss\]"):
+    with pytest.raises(
+        SpecError,
+        match=r"val_koopman_forward_ppl needs koopman.loss = \"decoder\".*"
+        r"loss='smooth_l1'.*\[trainer.koopman.loss\]",
+    ):
         load_spec(path)
 
 

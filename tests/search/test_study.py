@@ -29,8 +29,9 @@ def test_a_trial_claimed_by_a_worker_that_dies_before_its_first_heartbeat_is_ret
 
     study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
     assert main(["create", str(study_file)]) == 0
-    study = optuna.load_study(study_name="w", storage=open_storage(load_spec(study_file).storage_url,
-                                                                   heartbeat_interval=1))
+    study = optuna.load_study(
+        study_name="w", storage=open_storage(load_spec(study_file).storage_url, heartbeat_interval=1)
+    )
     claimed = claim_waiting_trial(study)  # ... and its worker dies here, before any Heartbeat thread
     assert claimed is not None
     time.sleep(GRACE_FACTOR * 1 + 1.5)
@@ -68,10 +69,16 @@ def test_the_budget_is_topped_up_once_and_retries_do_not_count(tmp_path: Path) -
 def test_a_retry_keeps_params_and_checkpoint_but_not_the_outcome_of_its_attempt() -> None:
     study = optuna.create_study()
     attempt = optuna.trial.create_trial(
-        state=TrialState.FAIL, params={"koopman_weight_max": 0.1},
+        state=TrialState.FAIL,
+        params={"koopman_weight_max": 0.1},
         distributions={"koopman_weight_max": FloatDistribution(0.01, 0.5)},
-        user_attrs={layout.CHECKPOINT: layout.checkpoint_pointer(2, "a1"), layout.LABEL: "hand-tuned 1",
-                    layout.FAIL_REASON: "interrupted", layout.PRUNE_REASON: "x", layout.PRUNED_EPOCH: 2},
+        user_attrs={
+            layout.CHECKPOINT: layout.checkpoint_pointer(2, "a1"),
+            layout.LABEL: "hand-tuned 1",
+            layout.FAIL_REASON: "interrupted",
+            layout.PRUNE_REASON: "x",
+            layout.PRUNED_EPOCH: 2,
+        },
         system_attrs={"artifacts:a1": "{}"},
     )
     study.add_trial(attempt)

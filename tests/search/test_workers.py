@@ -70,13 +70,19 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 class Worker:
     """``koopman-search worker STUDY ARGS...`` in a process of its own, output in files."""
 
-    def __init__(self, study: Path, args: Sequence[str], env: dict[str, str], tag: str,
-                 processes: list[subprocess.Popen[bytes]]) -> None:
+    def __init__(
+        self, study: Path, args: Sequence[str], env: dict[str, str], tag: str, processes: list[subprocess.Popen[bytes]]
+    ) -> None:
         self.out_path = study.parent / f"{tag}.out"
         self.err_path = study.parent / f"{tag}.err"
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "worker", str(study), *args],
-                                         stdout=out, stderr=err, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "search.cli", "worker", str(study), *args],
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=REPO,
+            )
         processes.append(self.proc)
 
     def wait(self, timeout: float = 180) -> int:
@@ -94,8 +100,7 @@ class Worker:
         return self.err_path.read_text()
 
 
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 120,
-             alive: Sequence[Worker] = ()) -> T:
+def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 120, alive: Sequence[Worker] = ()) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -201,7 +206,10 @@ def test_plan_slots_without_gpus_makes_cpu_processes_that_see_no_gpu() -> None:
     assert plan_slots([], 1, workers=None) == [Slot(0, None, {"CUDA_VISIBLE_DEVICES": ""}, "cpu")]
     slots = plan_slots([], 1, workers=3)
     assert [(s.index, s.gpu, s.device, s.env["CUDA_VISIBLE_DEVICES"]) for s in slots] == [
-        (0, None, "cpu", ""), (1, None, "cpu", ""), (2, None, "cpu", "")]
+        (0, None, "cpu", ""),
+        (1, None, "cpu", ""),
+        (2, None, "cpu", ""),
+    ]
 
 
 def test_plan_slots_rejects_bad_counts() -> None:
@@ -209,8 +217,11 @@ def test_plan_slots_rejects_bad_counts() -> None:
         plan_slots([0], 0)
     with pytest.raises(SpecError, match=r"--workers must be >= 1, but got workers=0"):
         plan_slots([], 1, workers=0)
-    with pytest.raises(SpecError, match=r"GPUs x --trials-per-gpu = 2 x 2 = 4\) when --gpus is given, but got "
-                                        r"workers=3"):
+    with pytest.raises(
+        SpecError,
+        match=r"GPUs x --trials-per-gpu = 2 x 2 = 4\) when --gpus is given, but got "
+        r"workers=3",
+    ):
         plan_slots([0, 1], 2, workers=3)
     assert len(plan_slots([0, 1], 2, workers=4)) == 4
 
@@ -233,7 +244,8 @@ def fake_worker(tmp_path: Path, body: str) -> list[str]:
     """A stand-in for ``python -m search.workers``: reads the job, then runs ``body``. ``emit(event,
     **fields)`` writes an event; ``mark(text)`` appends a line to ``marks.txt``."""
     script = tmp_path / "fake_worker.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json, os, signal, sys, time
         job = json.loads(sys.stdin.readline())
         def emit(event, **fields):
@@ -241,7 +253,9 @@ def fake_worker(tmp_path: Path, body: str) -> list[str]:
         def mark(text):
             with open(os.path.join(os.path.dirname(__file__), "marks.txt"), "a") as fh:
                 fh.write(text + "\\n")
-    """) + textwrap.dedent(body))
+    """)
+        + textwrap.dedent(body)
+    )
     return [sys.executable, str(script)]
 
 
@@ -251,7 +265,9 @@ def marks(tmp_path: Path) -> list[str]:
 
 
 def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_change(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         mark(f"slot {job['slot']} device {job['device']} cuda {os.environ['CUDA_VISIBLE_DEVICES']!r}")
         emit("trial", number=7 + job["slot"])
         emit("epoch", number=7 + job["slot"], epoch=1, epochs=3, val_ppl=123.456)
@@ -259,7 +275,8 @@ def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_cha
         print("a log line", file=sys.stderr, flush=True)
         emit("outcome", number=7 + job["slot"], state="COMPLETE", line=f"trial {7 + job['slot']} | COMPLETE")
         emit("exit", reason="queue empty")
-    """)
+    """,
+    )
     out, err = io.StringIO(), io.StringIO()
     slots = [Slot(0, 0, {"CUDA_VISIBLE_DEVICES": "0"}, "cuda"), Slot(1, 1, {"CUDA_VISIBLE_DEVICES": "1"}, "cuda")]
     code = Supervisor(tiny_spec(tmp_path), slots, out=out, err=err, live=False, command=command).run()
@@ -275,12 +292,15 @@ def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_cha
 
 
 def test_live_board_keeps_the_status_lines_below_the_log_and_results(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         emit("trial", number=job["slot"])
         print("a log line", file=sys.stderr, flush=True)
         emit("outcome", number=job["slot"], state="PRUNED", reason="total_loss 7.1 > 7.0 at epoch 2",
              line="trial 0 | PRUNED")
-    """)
+    """,
+    )
     out, err = io.StringIO(), io.StringIO()
     code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=out, err=err, live=True, command=command).run()
     assert code == 0
@@ -294,14 +314,24 @@ def test_live_board_keeps_the_status_lines_below_the_log_and_results(tmp_path: P
 
 
 def test_supervisor_restarts_a_crashing_slot_a_bounded_number_of_times(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         mark("start")
         sys.exit(1)
-    """)
+    """,
+    )
     err = io.StringIO()
     clock = count(0.0, 1000.0)  # every look at the clock is past any restart delay
-    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=False,
-                      command=command, clock=lambda: float(next(clock))).run()
+    code = Supervisor(
+        tiny_spec(tmp_path),
+        plan_slots([], 1),
+        out=io.StringIO(),
+        err=err,
+        live=False,
+        command=command,
+        clock=lambda: float(next(clock)),
+    ).run()
     assert code == 1
     assert marks(tmp_path) == ["start"] * (1 + MAX_RESTARTS)
     assert f"exited with status 1; gave up after {1 + MAX_RESTARTS} crashes in a row" in err.getvalue()
@@ -309,14 +339,18 @@ def test_supervisor_restarts_a_crashing_slot_a_bounded_number_of_times(tmp_path:
 
 
 def test_supervisor_does_not_restart_a_slot_that_failed_for_good(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         mark("start")
         print("baseline failed: fix the study", file=sys.stderr)
         sys.exit(3)
-    """)
+    """,
+    )
     err = io.StringIO()
-    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=False,
-                      command=command).run()
+    code = Supervisor(
+        tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=False, command=command
+    ).run()
     assert code == 1
     assert marks(tmp_path) == ["start"]
     assert "slot 0 (CPU): failed (exited with status 3); not started again" in err.getvalue()
@@ -325,21 +359,34 @@ def test_supervisor_does_not_restart_a_slot_that_failed_for_good(tmp_path: Path)
 def test_supervisor_restart_gets_the_rest_of_the_slots_trial_cap(tmp_path: Path) -> None:
     # each process finishes one trial, then crashes: finishing a trial resets the crash count, and the slot
     # ends once it has started its share of --n-trials
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         mark(f"max_trials={job['max_trials']}")
         emit("trial", number=len(open(os.path.join(os.path.dirname(__file__), "marks.txt")).readlines()))
         emit("outcome", number=0, state="COMPLETE", line="done")
         sys.exit(1)
-    """)
+    """,
+    )
     clock = count(0.0, 1000.0)
-    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), max_trials=MAX_RESTARTS + 3, out=io.StringIO(),
-                      err=io.StringIO(), live=False, command=command, clock=lambda: float(next(clock))).run()
+    code = Supervisor(
+        tiny_spec(tmp_path),
+        plan_slots([], 1),
+        max_trials=MAX_RESTARTS + 3,
+        out=io.StringIO(),
+        err=io.StringIO(),
+        live=False,
+        command=command,
+        clock=lambda: float(next(clock)),
+    ).run()
     assert code == 0
     assert marks(tmp_path) == [f"max_trials={n}" for n in range(MAX_RESTARTS + 3, 0, -1)]
 
 
 def test_supervisor_passes_a_stop_request_on_to_every_slot(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         def on_term(signum, frame):
             mark(f"slot {job['slot']} got SIGTERM")
             emit("exit", reason="stopped")
@@ -348,10 +395,12 @@ def test_supervisor_passes_a_stop_request_on_to_every_slot(tmp_path: Path) -> No
         mark(f"slot {job['slot']} ready")
         time.sleep(60)
         mark("never stopped")
-    """)
+    """,
+    )
     err = io.StringIO()
-    supervisor = Supervisor(tiny_spec(tmp_path), plan_slots([], 1, workers=2), out=io.StringIO(), err=err,
-                            live=False, command=command)
+    supervisor = Supervisor(
+        tiny_spec(tmp_path), plan_slots([], 1, workers=2), out=io.StringIO(), err=err, live=False, command=command
+    )
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(supervisor.run(handle_signals=False)))
     thread.start()
@@ -373,8 +422,7 @@ def test_worker_process_stops_when_its_supervisor_goes_away() -> None:
 # ---- the worker command ------------------------------------------------------------------------------------
 
 
-def test_worker_command_says_how_to_create_a_missing_study(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_worker_command_says_how_to_create_a_missing_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
     assert main(["worker", str(study), "--workers", "1"]) == 1
     err = capsys.readouterr().err
@@ -385,15 +433,15 @@ def test_worker_command_says_how_to_create_a_missing_study(tmp_path: Path,
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--gpus", "0;1"], "--gpus must be GPU indices separated by commas, like 0,1,3, or all, but got "
-                            "gpus='0;1'"),
+        (["--gpus", "0;1"], "--gpus must be GPU indices separated by commas, like 0,1,3, or all, but got gpus='0;1'"),
         (["--workers", "0"], "--workers must be >= 1, but got workers=0"),
         (["--n-trials", "0"], "--n-trials must be >= 1, but got n_trials=0"),
         (["--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1, but got trials_per_gpu=0"),
     ],
 )
-def test_worker_command_rejects_bad_options_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                        args: list[str], match: str) -> None:
+def test_worker_command_rejects_bad_options_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
     study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
     assert main(["worker", str(study), *args]) == 2
     assert match in capsys.readouterr().err
@@ -420,8 +468,9 @@ def test_a_trial_that_raises_fails_with_its_reason_and_a_nan_prunes_while_the_wo
     import trainer.loop
 
     base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 2, "fallback_threshold": 8.0, "schedule": "linear"}
-    study = write_study(tmp_path, postgres_url, n_trials=3, dims=(8, 16, 32),
-                        enqueue=[{**base, "koopman_dim": d} for d in (8, 16, 32)])
+    study = write_study(
+        tmp_path, postgres_url, n_trials=3, dims=(8, 16, 32), enqueue=[{**base, "koopman_dim": d} for d in (8, 16, 32)]
+    )
     real_heads = trainer.loop.KoopmanHeads
     real_evaluate = trainer.loop.HybridKoopmanTrainer.evaluate
 
@@ -451,8 +500,9 @@ def test_a_trial_failed_elsewhere_while_it_runs_is_dropped_and_the_worker_goes_o
     # what happens when the database is out of reach for longer than the grace period: another worker finds
     # the trial stale, fails it and queues a retry, while the worker running it carries on
     base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 1, "fallback_threshold": 8.0, "schedule": "linear"}
-    study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=2,
-                             enqueue=[{**base, "koopman_dim": d} for d in (8, 16)])
+    study_file = write_study(
+        tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=2, enqueue=[{**base, "koopman_dim": d} for d in (8, 16)]
+    )
     assert main(["create", str(study_file)]) == 0
     storage = open_storage(load_spec(study_file).storage_url, heartbeat=False)
     study = optuna.load_study(study_name="w", storage=storage)
@@ -478,27 +528,32 @@ def test_a_trial_failed_elsewhere_while_it_runs_is_dropped_and_the_worker_goes_o
 def test_shared_warmup_gives_the_records_of_training_from_scratch_and_status_counts_the_saved_epochs(
     tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = {"koopman_weight_max": 0.2, "koopman_start_epoch": 2, "fallback_threshold": 8.0,
-              "schedule": "linear", "koopman_dim": 16}
+    params = {
+        "koopman_weight_max": 0.2,
+        "koopman_start_epoch": 2,
+        "fallback_threshold": 8.0,
+        "schedule": "linear",
+        "koopman_dim": 16,
+    }
     records: dict[bool, dict[str, list[Any]]] = {}
     saved: dict[bool, int] = {}
     for shared in (True, False):
         name = "warm" if shared else "cold"
-        study = write_study(tmp_path, postgres_url, name=name, n_trials=1, shared_warmup=shared,
-                            enqueue=[params])
+        study = write_study(tmp_path, postgres_url, name=name, n_trials=1, shared_warmup=shared, enqueue=[params])
         assert main(["create", str(study)]) == 0
-        outcome, = run_worker(load_spec(study)).outcomes
+        (outcome,) = run_worker(load_spec(study)).outcomes
         assert outcome.state == "COMPLETE"
         assert (outcome.epochs_run, outcome.epochs_from_warmup) == ((1, 2) if shared else (3, 0))
-        trial, = open_study(postgres_url, name).get_trials()
+        (trial,) = open_study(postgres_url, name).get_trials()
         records[shared] = trial.user_attrs["records"]
         capsys.readouterr()
         assert main(["status", str(study), "--format", "json"]) == 0
         saved[shared] = json.loads(capsys.readouterr().out)["totals"]["epochs_saved_by_warmup"]
     timing = {"seconds", "tokens_per_s"}
     assert records[True]["epoch"] == [1, 2, 3]
-    assert {k: v for k, v in records[True].items() if k not in timing} == \
-        {k: v for k, v in records[False].items() if k not in timing}
+    assert {k: v for k, v in records[True].items() if k not in timing} == {
+        k: v for k, v in records[False].items() if k not in timing
+    }
     assert saved == {True: 2, False: 0}
 
 
@@ -508,8 +563,11 @@ def test_shared_warmup_gives_the_records_of_training_from_scratch_and_status_cou
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_three_worker_processes_on_two_supervisors_run_exactly_the_budget(
-    tmp_path: Path, postgres_url: str, worker_env: dict[str, str], processes: list[subprocess.Popen[bytes]],
-    capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    postgres_url: str,
+    worker_env: dict[str, str],
+    processes: list[subprocess.Popen[bytes]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     study = write_study(tmp_path, postgres_url, n_trials=6, slow=True)
     assert main(["create", str(study)]) == 0
@@ -536,8 +594,9 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint_and_nothing_fi
     study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
     assert main(["create", str(study)]) == 0
     supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
-    victim = wait_for(running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume",
-                      alive=[supervisor])
+    victim = wait_for(
+        running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume", alive=[supervisor]
+    )
     before = {t.number: (t.state, t.values) for t in open_study(postgres_url).get_trials() if t.state.is_finished()}
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
 
@@ -545,7 +604,7 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint_and_nothing_fi
     trials = open_study(postgres_url).get_trials()
     assert_study_done(trials, 4)
     assert trials[victim.number].state == TrialState.FAIL
-    retry, = retries_of(trials, victim.number)
+    (retry,) = retries_of(trials, victim.number)
     assert retry.state == TrialState.COMPLETE
     assert retry.params == victim.params
     assert retry.user_attrs["epochs_resumed"] >= victim.user_attrs["checkpoint"]["epoch"] >= 2
@@ -565,8 +624,7 @@ def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_tr
     study = write_study(tmp_path, postgres_url, n_trials=3, epochs=5, start_epoch=1, slow=True)
     assert main(["create", str(study)]) == 0
     supervisor = Worker(study, ["--workers", "2"], worker_env, "supervisor", processes)
-    wait_for(running_with_checkpoint(postgres_url, (2,)), "a trial in the middle of its epochs",
-             alive=[supervisor])
+    wait_for(running_with_checkpoint(postgres_url, (2,)), "a trial in the middle of its epochs", alive=[supervisor])
     supervisor.proc.send_signal(signal.SIGTERM)
 
     assert supervisor.wait(timeout=60) == 0, supervisor.err[-3000:]
@@ -581,7 +639,7 @@ def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_tr
     for t in stopped:
         epoch = int(t.user_attrs["fail_reason"].split("after epoch ")[1].split(";")[0])
         assert t.user_attrs["checkpoint"]["epoch"] == epoch == t.user_attrs["records"]["epoch"][-1]
-        retry, = retries_of(trials, t.number)
+        (retry,) = retries_of(trials, t.number)
         assert retry.state == TrialState.WAITING and retry.user_attrs["checkpoint"]["epoch"] == epoch
         assert "fail_reason" not in retry.user_attrs  # the reason stays with the stopped attempt
 
@@ -589,7 +647,7 @@ def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_tr
     trials = open_study(postgres_url).get_trials()
     assert_study_done(trials, 3)
     for t in stopped:
-        retry, = retries_of(trials, t.number)
+        (retry,) = retries_of(trials, t.number)
         assert retry.state == TrialState.COMPLETE
         assert retry.user_attrs["epochs_resumed"] == t.user_attrs["checkpoint"]["epoch"] >= 2
         assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4, 5]
@@ -610,9 +668,15 @@ def test_a_worker_survives_its_database_connections_being_killed(
     try:
         for _ in range(3):
             with admin.connect() as conn:
-                killed += len(conn.execute(sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).all())
+                killed += len(
+                    conn.execute(
+                        sqlalchemy.text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :db AND pid <> pg_backend_pid()"
+                        ),
+                        {"db": database},
+                    ).all()
+                )
             time.sleep(0.7)
     finally:
         admin.dispose()
@@ -626,18 +690,31 @@ def test_a_worker_survives_its_database_connections_being_killed(
 
 
 def test_slots_get_the_allocator_koopman_malloc_asks_for(tmp_path: Path) -> None:
-    command = fake_worker(tmp_path, """
+    command = fake_worker(
+        tmp_path,
+        """
         mark(f"{os.environ.get('KOOPMAN_MALLOC')} {os.environ.get('GLIBC_TUNABLES', '-')}")
         emit("exit", reason="queue empty")
-    """)
+    """,
+    )
     env = {**os.environ, "KOOPMAN_MALLOC": "glibc-tuned"}
-    code = Supervisor(tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=io.StringIO(), live=False,
-                      command=command, env=env).run()
+    code = Supervisor(
+        tiny_spec(tmp_path),
+        plan_slots([], 1),
+        out=io.StringIO(),
+        err=io.StringIO(),
+        live=False,
+        command=command,
+        env=env,
+    ).run()
     assert code == 0
     assert marks(tmp_path) == [f"glibc-tuned {GLIBC_TUNED}"]
 
 
 def test_an_unknown_allocator_stops_the_supervisor_before_any_slot(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"KOOPMAN_MALLOC must be one of glibc, glibc-tuned, jemalloc, but got "
-                                          r"KOOPMAN_MALLOC='tcmalloc'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"KOOPMAN_MALLOC must be one of glibc, glibc-tuned, jemalloc, but got "
+        r"KOOPMAN_MALLOC='tcmalloc'",
+    ):
         Supervisor(tiny_spec(tmp_path), plan_slots([], 1), env={"KOOPMAN_MALLOC": "tcmalloc"})

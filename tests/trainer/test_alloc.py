@@ -45,4 +45,3 @@ def test_the_choice_comes_from_koopman_malloc_and_defaults_to_glibc() -> None:
     assert chosen_allocator({"KOOPMAN_MALLOC": "jemalloc"}) == "jemalloc"
     with pytest.raises(ConfigError, match=r"KOOPMAN_MALLOC must be one of .*, but got KOOPMAN_MALLOC='tcmalloc'"):
         chosen_allocator({"KOOPMAN_MALLOC": "tcmalloc"})
-

@@ -128,9 +128,7 @@ def test_wrong_type_names_key_value_and_origin(section: str, key: str, value: An
         ("train", "max_steps_per_epoch", -1, "max_steps_per_epoch must be >= 0"),
     ],
 )
-def test_out_of_range_value_names_rule_key_value_and_origin(
-    section: str, key: str, value: Any, rule: str
-) -> None:
+def test_out_of_range_value_names_rule_key_value_and_origin(section: str, key: str, value: Any, rule: str) -> None:
     shown = repr(float(value) if isinstance(value, int) and key in _FLOAT_KEYS else value)
     pattern = rf"^{rule}, but got {key}={re.escape(shown)} \(run\.toml, \[{section}\.{key}\]\)$"
     with pytest.raises(ConfigError, match=pattern):

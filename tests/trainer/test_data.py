@@ -96,9 +96,7 @@ def test_vocab_is_most_frequent_first_ties_broken_by_first_occurrence(tmp_path: 
         (7, (UNK, EOS, "z", "y", "x", "w")),  # fewer words than the cap
     ],
 )
-def test_vocab_cap_counts_the_special_tokens(
-    tmp_path: Path, vocab_size: int, expected: tuple[str, ...]
-) -> None:
+def test_vocab_cap_counts_the_special_tokens(tmp_path: Path, vocab_size: int, expected: tuple[str, ...]) -> None:
     source = write_corpus(tmp_path / "c", train="x w y y z z\nz\n")
     corpus = load_corpus(source, vocab_size, cache_dir=str(tmp_path / "cache"))
     assert corpus.vocab == expected
@@ -212,9 +210,7 @@ def test_cache_hit_returns_identical_tensors_without_tokenizing(
         assert second.split(split).dtype == torch.int64
 
 
-def test_cache_goes_to_cache_dir_argument_else_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_goes_to_cache_dir_argument_else_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = write_corpus(tmp_path / "c", train="a\n")
     monkeypatch.setenv("KOOPMAN_CACHE_DIR", str(tmp_path / "from-env"))
     load_corpus(source, 100, cache_dir=str(tmp_path / "from-arg"))
@@ -224,9 +220,7 @@ def test_cache_goes_to_cache_dir_argument_else_environment(
     assert len(cache_files(tmp_path / "from-env")) == 1
 
 
-def test_default_cache_dir_is_under_home_without_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_cache_dir_is_under_home_without_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KOOPMAN_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / ".cache" / "koopman-search"
@@ -321,8 +315,7 @@ def test_concurrent_loads_agree_and_leave_only_the_cache_file(tmp_path: Path) ->
     cache = tmp_path / "cache"
     results: list[Corpus] = []
     threads = [
-        threading.Thread(target=lambda: results.append(load_corpus(source, 50, cache_dir=str(cache))))
-        for _ in range(6)
+        threading.Thread(target=lambda: results.append(load_corpus(source, 50, cache_dir=str(cache)))) for _ in range(6)
     ]
     for thread in threads:
         thread.start()
@@ -379,9 +372,7 @@ def test_wikitext2_uncapped_vocab_matches_pytorch_examples(wikitext2_dir: Path, 
     assert corpus.vocab_size == WIKITEXT2_FULL_VOCAB
 
 
-def test_hf_without_datasets_package_says_to_use_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hf_without_datasets_package_says_to_use_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DataError, match=r"needs the Hugging Face 'datasets' package.*use source=files:DIR"):
         load_corpus("hf:wikitext/wikitext-2-raw-v1", 30000, cache_dir=str(tmp_path))
@@ -423,8 +414,7 @@ def test_hf_dataset_rows_are_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert words(corpus, corpus.valid) == ["a", UNK, EOS]
     assert words(corpus, corpus.test) == ["b", EOS]
     forbid_tokenizing(monkeypatch)  # the same fingerprints hit the cache
-    assert torch.equal(load_corpus("hf:Salesforce/wikitext/wikitext-2-raw-v1", 100, str(tmp_path)).train,
-                       corpus.train)
+    assert torch.equal(load_corpus("hf:Salesforce/wikitext/wikitext-2-raw-v1", 100, str(tmp_path)).train, corpus.train)
 
 
 def test_hf_unreachable_says_to_use_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,9 +426,7 @@ def test_hf_unreachable_says_to_use_files(tmp_path: Path, monkeypatch: pytest.Mo
         load_corpus("hf:wikitext/wikitext-2-raw-v1", 100, cache_dir=str(tmp_path))
 
 
-def test_hf_dataset_without_a_validation_split_is_rejected(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hf_dataset_without_a_validation_split_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_datasets(monkeypatch, lambda: {"train": _FakeSplit(["a"], "f"), "test": _FakeSplit(["a"], "g")})
     with pytest.raises(DataError, match=r"must have a validation or valid split, but got splits train, test"):
         load_corpus("hf:some/config", 100, cache_dir=str(tmp_path))

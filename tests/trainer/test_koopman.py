@@ -392,8 +392,7 @@ def test_dmd_operator_matches_the_pseudo_inverse_and_reports_the_rank() -> None:
 
 
 def test_dmd_update_fills_a_circular_buffer_of_batch_means_then_pulls_k_with_alpha() -> None:
-    heads = make_heads(fit="dmd", loss="smooth_l1", dim=6, n_layers=2, d_model=4, dmd_buffer=3,
-                       dmd_alpha=0.1).double()
+    heads = make_heads(fit="dmd", loss="smooth_l1", dim=6, n_layers=2, d_model=4, dmd_buffer=3, dmd_alpha=0.1).double()
     g = torch.Generator().manual_seed(20)
     batches = [torch.randn(3, 10, 4, generator=g, dtype=F64) for _ in range(5)]
     k0 = heads.kt.detach().clone()

@@ -71,8 +71,9 @@ def test_records_show_warmup_then_the_koopman_epochs(corpus: Corpus) -> None:
 
 def test_total_loss_is_lm_loss_plus_weighted_koopman_loss(corpus: Corpus) -> None:
     # a large weight, so that the Koopman share (≈ 1e-5 at initialisation) shows in float32 sums
-    cfg = tiny_config({"koopman.weight_max": 1000.0, "koopman.schedule": "step", "koopman.start_epoch": 0,
-                       "train.epochs": 1})
+    cfg = tiny_config(
+        {"koopman.weight_max": 1000.0, "koopman.schedule": "step", "koopman.start_epoch": 0, "train.epochs": 1}
+    )
     (record,) = run(cfg, corpus).records
     assert record.koopman_weight == record.effective_weight == 1000.0
     assert record.total_loss - record.lm_loss == pytest.approx(1000.0 * record.koopman_loss, rel=1e-3)
@@ -120,9 +121,7 @@ def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epo
     ]
 
 
-def nan_on_call(
-    monkeypatch: pytest.MonkeyPatch, call: int, how: str
-) -> None:
+def nan_on_call(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:
     """Make KoopmanHeads.objective non-finite on its ``call``-th call (1-based)."""
     original = KoopmanHeads.objective
     calls = [0]
@@ -344,9 +343,7 @@ CORRUPTIONS: dict[str, Callable[[Path, Path], object]] = {
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
-def test_corrupt_checkpoint_is_a_checkpoint_error_naming_the_file(
-    corpus: Corpus, tmp_path: Path, kind: str
-) -> None:
+def test_corrupt_checkpoint_is_a_checkpoint_error_naming_the_file(corpus: Corpus, tmp_path: Path, kind: str) -> None:
     good = HybridKoopmanTrainer(tiny_config(), corpus).save_checkpoint(tmp_path / "good.pt")
     bad = tmp_path / "bad.pt"
     CORRUPTIONS[kind](bad, good)
@@ -447,8 +444,10 @@ def test_checkpoints_are_written_atomically_without_leftovers(corpus: Corpus, tm
 def test_koopman_epochs_record_rank_gain_and_forward_ppl(corpus: Corpus) -> None:
     trainer = run(tiny_config(), corpus)
     first, *koopman = trainer.records
-    assert all(math.isnan(v) for v in (first.phi_effective_rank, first.val_koopman_forward_ppl,
-                                       first.val_koopman_gain, first.koopman_k_norm))
+    assert all(
+        math.isnan(v)
+        for v in (first.phi_effective_rank, first.val_koopman_forward_ppl, first.val_koopman_gain, first.koopman_k_norm)
+    )
     for r in koopman:
         assert 1.0 <= r.phi_effective_rank <= 8.0  # between one direction and all k = 8
         assert 1.0 <= r.state_effective_rank <= 16.0
@@ -508,10 +507,11 @@ def test_heads_learn_at_their_own_pace_whatever_the_weight(corpus: Corpus) -> No
 
 
 def test_dmd_refit_grows_k_while_the_other_fits_keep_it_near_the_identity(corpus: Corpus) -> None:
-    common = {"koopman.loss": "smooth_l1", "train.epochs": 3, "train.max_steps_per_epoch": 12,
-              "koopman.dmd_buffer": 8}
-    norms = {fit: run(tiny_config({**common, "koopman.fit": fit}), corpus).records[-1].koopman_k_norm
-             for fit in ("dmd", "gradient", "lstsq")}
+    common = {"koopman.loss": "smooth_l1", "train.epochs": 3, "train.max_steps_per_epoch": 12, "koopman.dmd_buffer": 8}
+    norms = {
+        fit: run(tiny_config({**common, "koopman.fit": fit}), corpus).records[-1].koopman_k_norm
+        for fit in ("dmd", "gradient", "lstsq")
+    }
     assert norms["dmd"] > 1.5 * max(norms["gradient"], norms["lstsq"]), norms
 
 
@@ -533,8 +533,9 @@ def test_hooks_capture_the_same_states_as_the_protocol(corpus: Corpus) -> None:
 
 
 def test_a_notebook_style_model_plugs_in_unchanged_and_resumes_exactly(corpus: Corpus, tmp_path: Path) -> None:
-    cfg = tiny_config({"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": "blocks",
-                       "train.epochs": 2})
+    cfg = tiny_config(
+        {"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": "blocks", "train.epochs": 2}
+    )
     trainer = run(cfg, corpus, checkpoint_dir=tmp_path)
     first, second = trainer.records
     assert math.isnan(first.val_koopman_nre)
@@ -545,8 +546,10 @@ def test_a_notebook_style_model_plugs_in_unchanged_and_resumes_exactly(corpus: C
     assert comparable(resumed.records) == comparable(trainer.records)
 
 
-@pytest.mark.parametrize(("attr", "match"), [("layers", "must name a non-empty torch.nn.ModuleList"),
-                                              ("lm_head", "must name a non-empty torch.nn.ModuleList")])
+@pytest.mark.parametrize(
+    ("attr", "match"),
+    [("layers", "must name a non-empty torch.nn.ModuleList"), ("lm_head", "must name a non-empty torch.nn.ModuleList")],
+)
 def test_a_wrong_blocks_attr_names_the_key_and_value(corpus: Corpus, attr: str, match: str) -> None:
     from trainer.errors import ConfigError
 

@@ -140,4 +140,3 @@ def test_non_finite_loss_during_a_cut_counts_both() -> None:
     applied, state = run_fallback([2.0, math.nan, math.nan, 0.5])
     assert applied == [f32(0.05), 0.0, 0.0, 0.0]
     assert (int(state.cut_count), int(state.nonfinite_count)) == (1, 2)
-

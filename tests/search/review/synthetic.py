@@ -182,14 +182,24 @@ def study_file_values(name: str = STUDY_NAME, objectives: list[str] | None = Non
 
 
 def store_trial(
-    study: optuna.Study, plan: Plan, rules: PruneRules,
+    study: optuna.Study,
+    plan: Plan,
+    rules: PruneRules,
     metrics: tuple[str, ...] = ("val_ppl", "val_koopman_forward_ppl"),
 ) -> None:
     """One trial as a worker stores it: run the prune rules over its epochs, keep what it trained."""
     if plan.fail:
-        study.add_trial(layout.finished_trial(TrialState.FAIL, plan.params, DISTRIBUTIONS, [],
-                                              epochs_from_warmup=plan.start, label=plan.label,
-                                              fail_reason=plan.fail))
+        study.add_trial(
+            layout.finished_trial(
+                TrialState.FAIL,
+                plan.params,
+                DISTRIBUTIONS,
+                [],
+                epochs_from_warmup=plan.start,
+                label=plan.label,
+                fail_reason=plan.fail,
+            )
+        )
         return
     kept: list[EpochRecord] = []
     reason = None
@@ -200,11 +210,18 @@ def store_trial(
             if reason:
                 break
     last = kept[-1]
-    study.add_trial(layout.finished_trial(
-        TrialState.PRUNED if reason else TrialState.COMPLETE, plan.params, DISTRIBUTIONS, kept,
-        epochs_from_warmup=plan.start, label=plan.label, prune_reason=reason,
-        values=None if reason else [float(f"{getattr(last, m):.6g}") for m in metrics],
-    ))
+    study.add_trial(
+        layout.finished_trial(
+            TrialState.PRUNED if reason else TrialState.COMPLETE,
+            plan.params,
+            DISTRIBUTIONS,
+            kept,
+            epochs_from_warmup=plan.start,
+            label=plan.label,
+            prune_reason=reason,
+            values=None if reason else [float(f"{getattr(last, m):.6g}") for m in metrics],
+        )
+    )
 
 
 def make_review_study(
