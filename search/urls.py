@@ -116,6 +116,13 @@ def resolve_storage_url(template: str, name: str, origin: str, base_dir: Path) -
         return URL.create("sqlite", database=resolve_path(base_dir, f"{name}.db")).render_as_string(hide_password=False)
     raw = expand_env(template, origin, key, in_url=True)
     shown = redact_url(raw)
+    if raw.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/proxy.py)
+        host, _, port = raw.removeprefix("grpc://").rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise SpecError.at(
+                f"a storage proxy URL must look like grpc://HOST:PORT, but got storage={shown!r}", origin, key
+            )
+        return raw
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):

@@ -554,7 +554,7 @@ def test_bad_paths_of_train_and_report_end_in_one_line_and_exit_2_before_any_wor
         command, args = "train", ["--config", str(tmp_path / "fifo.toml")]
         expect = "--config must be a regular file"
     elif case == "checkpoint dir in /proc":
-        command, args = "train", ["--epochs", "1", "--checkpoint-dir", "/proc/koopman-x"]
+        command, args = "train", ["--epochs", "1", "--koopman-start-epoch", "0", "--checkpoint-dir", "/proc/koopman-x"]
         expect = "--checkpoint-dir must be a directory this process can write to, but got checkpoint_dir='/proc/"
     else:
         study = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)

@@ -3,7 +3,7 @@
 The backbone is frozen at its initialisation, so the states h are fixed and only the heads learn. Measured
 with this same setting over 400 steps (`bench/bench_koopman_objective.py --probe`): the notebook's smooth-L1 falls to
 ~1e-8, the same as K = I gives, while φ's centred scale shrinks; the normalised latent loss collapses φ to one
-direction (participation ratio 8.9 → 1.5 in 400 steps); the decoder objective keeps φ spread (7.4) and its
+direction (participation ratio 8.9 → 1.5 in 400 steps); the decoder objective keeps φ spread (7.5) and its
 loss bounded away from zero.
 """
 
