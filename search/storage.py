@@ -109,7 +109,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
     """
     interval = heartbeat_interval or HEARTBEAT_INTERVAL
     if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/proxy.py)
-        from search.proxy import open_proxy_storage
+        from search.proxy_client import open_proxy_storage
 
         return open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval)
     is_sqlite = url.startswith("sqlite")
