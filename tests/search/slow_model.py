@@ -21,10 +21,11 @@ STEP_SECONDS_ENV = "KOOPMAN_TEST_STEP_SECONDS"
 
 
 class SlowLM(TransformerLM):
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    # the trainer's fused LM loss calls lm_head_inputs, not forward (trainer/lm_loss.py); forward calls it too
+    def lm_head_inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         if self.training:
             time.sleep(float(os.environ.get(STEP_SECONDS_ENV, "0.05")))
-        return super().forward(idx)
+        return super().lm_head_inputs(idx)
 
 
 def build(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
