@@ -35,24 +35,10 @@ import torch  # noqa: E402
 
 from trainer.config import TrainerConfig, with_overrides  # noqa: E402
 from trainer.loop import HybridKoopmanTrainer  # noqa: E402
-from trainer.probe import frozen_backbone_probe  # noqa: E402
+from trainer.probe import PROBE, frozen_backbone_probe  # noqa: E402
 from trainer.records import EpochRecord  # noqa: E402
 
 DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
-PROBE = {
-    "data.source": "builtin",
-    "data.vocab_size": 2000,
-    "data.seq_len": 32,
-    "data.batch_size": 8,
-    "model.d_model": 32,
-    "model.n_layers": 2,
-    "train.epochs": 2,
-    "koopman.start_epoch": 1,
-    "train.max_steps_per_epoch": 30,
-    "train.device": "cpu",
-    "koopman.dim": 32,
-    "koopman.tokens_per_batch": 0,
-}
 PROBE_LOSSES = ("smooth_l1", "mse", "normalized", "vicreg", "decoder")
 LIVE_VARIANTS = ("decoder/gradient", "decoder/lstsq", "smooth_l1/gradient", "smooth_l1/lstsq", "smooth_l1/dmd")
 

@@ -17,7 +17,24 @@ from torch import nn
 from trainer.koopman import KoopmanMetrics
 from trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["ProbePoint", "frozen_backbone_probe", "state_effective_rank"]
+__all__ = ["PROBE", "ProbePoint", "frozen_backbone_probe", "state_effective_rank"]
+
+# The probe's setting, shared by tests/trainer/test_probe.py and bench/bench_koopman_objective.py: a small
+# freshly initialised backbone on the builtin corpus, every token of each 8 × 32 batch seen by the heads.
+PROBE = {
+    "data.source": "builtin",
+    "data.vocab_size": 2000,
+    "data.seq_len": 32,
+    "data.batch_size": 8,
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "train.epochs": 2,
+    "koopman.start_epoch": 1,
+    "train.max_steps_per_epoch": 30,
+    "train.device": "cpu",
+    "koopman.dim": 32,
+    "koopman.tokens_per_batch": 0,
+}
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,8 @@ import pytest
 
 from trainer.config import TrainerConfig, with_overrides
 from trainer.loop import HybridKoopmanTrainer
-from trainer.probe import ProbePoint, frozen_backbone_probe
+from trainer.probe import PROBE, ProbePoint, frozen_backbone_probe
 
-PROBE = {
-    "data.source": "builtin",
-    "data.vocab_size": 2000,
-    "data.seq_len": 32,
-    "data.batch_size": 8,
-    "model.d_model": 32,
-    "model.n_layers": 2,
-    "train.epochs": 2,
-    "koopman.start_epoch": 1,
-    "train.max_steps_per_epoch": 30,
-    "train.device": "cpu",
-    "koopman.dim": 32,
-    "koopman.tokens_per_batch": 0,
-}
 STEPS = 200
 
 
