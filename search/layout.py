@@ -11,7 +11,8 @@ trial user attrs
     ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
     ``checkpoint``              ``{"epoch", "artifact_id"}`` of the attempt's newest checkpoint
     ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
-    ``fail_reason`` / ``prune_reason`` / ``pruned_epoch``   how the attempt ended (:data:`OUTCOME_ATTRS`)
+    ``fail_reason`` / ``prune_reason`` / ``pruned_epoch`` / ``pruned_by``   how the attempt ended
+    ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/asha.py)
 the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
     ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
 trial system attrs (Optuna's retry marks)
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from search.spec import StudySpec
 
 __all__ = [
+    "ASHA_RUNGS",
     "CHECKPOINT",
     "EPOCHS_FROM_WARMUP",
     "EPOCHS_RESUMED",
@@ -53,6 +55,7 @@ __all__ = [
     "FAIL_REASON",
     "FIXED_PARAMS",
     "LABEL",
+    "PRUNED_BY",
     "PRUNED_EPOCH",
     "PRUNE_REASON",
     "RECORDS",
@@ -98,6 +101,8 @@ LABEL = "label"
 FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
 PRUNED_EPOCH = "pruned_epoch"
+PRUNED_BY = "pruned_by"  # what pruned it: "rules", or the pruner ("asha", "median", "hyperband")
+ASHA_RUNGS = "asha_rungs"  # the asha pruner's decisions: [{"rung", "koopman_epoch", "epoch", "rank", "of", "keep"}]
 ROLE = "role"
 ENV_FAILURES = "env_failures"  # attempts of this trial failed by its environment (disk, artifact store, database)
 RESUME_FALLBACK = "resume_fallback"  # why an attempt did not start from its newest checkpoint

@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
+from search.asha import AshaPruner
 from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
@@ -124,6 +125,19 @@ class TrialRunner:
         self._stop = stop or threading.Event()
         self._on_epoch = on_epoch
         self._rules = PruneRules.from_spec(spec.rules, baseline.val_ppl, [r.total_loss for r in baseline.records])
+        self._asha = (
+            AshaPruner(
+                spec.asha,
+                spec.metrics,
+                spec.directions,
+                spec.epochs,
+                spec.trainer.koopman.start_epoch,
+                baseline.val_ppl,
+                spec.name,
+            )
+            if spec.asha is not None
+            else None
+        )
 
     def run(self, trial: optuna.Trial) -> TrialOutcome:
         with TrainingJob(self._storage, self._store, trial, f"trial {trial.number}") as job:
@@ -217,7 +231,7 @@ class TrialRunner:
         spec = self._spec
         label = job.frozen.user_attrs.get(layout.LABEL)
         params: dict[str, Any] = {}
-        state, reason, values, pruned_epoch = "FAIL", None, None, None
+        state, reason, values, pruned_epoch, pruned_by = "FAIL", None, None, None, None
         epochs_run = warm = resumed = 0
         interrupted = env = lost = False
         try:
@@ -241,7 +255,8 @@ class TrialRunner:
                     trial.set_user_attr(key, value)
 
             retrying(record_start, f"record how trial {trial.number} starts")
-            prune: list[tuple[str, int]] = []
+            prune: list[tuple[str, int, str]] = []
+            rungs: list[dict[str, Any]] = list(job.frozen.user_attrs.get(layout.ASHA_RUNGS) or [])
 
             def on_epoch(record: EpochRecord) -> bool:
                 nonlocal epochs_run
@@ -251,22 +266,30 @@ class TrialRunner:
                     job.remove(dropped)
                 if self._on_epoch is not None:
                     self._on_epoch(trial.number, record)
-                why = self._rules.check(record)
+                why, by = self._rules.check(record), "rules"
+                if why is None and self._asha is not None:
+                    why, decision = self._asha.check(
+                        self._storage, self._study._study_id, trial._trial_id, params, record.epoch
+                    )
+                    by = self._asha.name
+                    if decision is not None:
+                        rungs.append(decision)
+                        retrying(lambda: trial.set_user_attr(layout.ASHA_RUNGS, rungs), "record the rung's decision")
                 if why is None and not spec.is_multi_objective:
                     value = getattr(record, spec.metrics[0])
                     if math.isfinite(value):
                         retrying(lambda: trial.report(value, record.epoch), "report")
                         if retrying(trial.should_prune, "ask the pruner"):
-                            why = f"{spec.pruner} pruner at epoch {record.epoch}"
+                            why, by = f"{spec.pruner} pruner at epoch {record.epoch}", spec.pruner
                 if why is not None:
-                    prune.append((why, record.epoch))
+                    prune.append((why, record.epoch, by))
                     return True
                 return self._stop.is_set()
 
             trainer.fit(callback=on_epoch)
             last = trainer.records[-1] if trainer.records else None
             if prune:
-                state, (reason, pruned_epoch) = "PRUNED", prune[0]
+                state, (reason, pruned_epoch, pruned_by) = "PRUNED", prune[0]
             elif trainer.epoch < spec.epochs:
                 interrupted = True
                 reason = f"interrupted after epoch {trainer.epoch}; queued to resume from its checkpoint"
@@ -276,7 +299,7 @@ class TrialRunner:
         except KeyboardInterrupt:
             interrupted = True
             reason = "interrupted (Ctrl-C); queued to resume from its last checkpoint"
-            self._finish(trial, job, "FAIL", None, reason, None, interrupted=True)
+            self._finish(trial, job, "FAIL", None, reason, (None, None), interrupted=True)
             raise
         except Exception as exc:  # a failing trial never takes its worker down
             reason = f"{type(exc).__name__}: {exc}".strip()
@@ -285,7 +308,7 @@ class TrialRunner:
             logger.warning("trial %d failed: %s", trial.number, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
         requeue = interrupted or (env and not lost)
-        stored = self._finish(trial, job, state, values, reason, pruned_epoch, interrupted=requeue)
+        stored = self._finish(trial, job, state, values, reason, (pruned_epoch, pruned_by), interrupted=requeue)
         return TrialOutcome(
             trial.number,
             "FAIL" if interrupted else state,
@@ -329,7 +352,7 @@ class TrialRunner:
         state: str,
         values: tuple[float, ...] | None,
         reason: str | None,
-        pruned_epoch: int | None,
+        pruned: tuple[int | None, str | None],
         interrupted: bool,
     ) -> bool:
         """Tell the study how the attempt ended; False when it was failed elsewhere meanwhile."""
@@ -338,7 +361,8 @@ class TrialRunner:
         def tell() -> None:
             if state == "PRUNED":
                 trial.set_user_attr(layout.PRUNE_REASON, reason)
-                trial.set_user_attr(layout.PRUNED_EPOCH, pruned_epoch)
+                trial.set_user_attr(layout.PRUNED_EPOCH, pruned[0])
+                trial.set_user_attr(layout.PRUNED_BY, pruned[1])
                 study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             elif state == "COMPLETE" and values is not None:
                 study.tell(trial, list(values), skip_if_finished=True)

@@ -14,7 +14,9 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     n_trials = 30                     # 1..100000 and >= the number of [[enqueue]] trials
     sampler = "tpe"                   # tpe | random | nsgaii
     seed = 0                          # the sampler's seed, 0..2**31-1
-    pruner = "none"                   # none | median | hyperband (single-objective studies only)
+    pruner = "none"                   # none | asha | median | hyperband (median, hyperband: one objective only)
+    asha_reduction_factor = 3         # asha's η: a rung keeps the top 1/η (integer >= 2)
+    asha_min_epochs = 1               # asha's first rung, in Koopman epochs (< trainer.train.epochs)
     shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
     objectives = [{ metric = "val_ppl", direction = "minimize" },
                   { metric = "val_koopman_nre", direction = "minimize" }]   # the default
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search.asha import ASHA_KEYS, AshaSettings
 from search.errors import SpecError
 from search.rules import DEFAULT_FINITE_METRICS, RuleSettings
 from search.space import PARAM_NAMES, CategoricalParam, FixedParam, SearchSpace
@@ -73,7 +76,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "nsgaii")
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "asha", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
 DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "minimize"))
@@ -91,6 +94,7 @@ STUDY_KEYS = (
     "pruner",
     "shared_warmup",
     "objectives",
+    *ASHA_KEYS,
 )
 RULE_KEYS = ("total_loss_max", "val_ppl_ratio_max", "phi_rank_min", "koopman_gain_min")
 BASELINE_KEYS = ("val_ppl",)
@@ -149,6 +153,7 @@ class StudySpec:
     rules: RuleSettings
     baseline: BaselineSetting
     enqueue: tuple[EnqueuedTrial, ...] = field(default=())
+    asha: AshaSettings | None = None  # pruner = "asha" only
 
     @property
     def directions(self) -> list[str]:
@@ -193,6 +198,7 @@ class StudySpec:
                 "sampler": self.sampler,
                 "seed": self.sampler_seed,
                 "pruner": self.pruner,
+                **(self.asha.to_dict() if self.asha is not None else {}),
                 "shared_warmup": self.shared_warmup,
                 "objectives": [o.to_dict() for o in self.objectives],
             },
@@ -216,8 +222,9 @@ class StudySpec:
         return optuna.samplers.TPESampler(seed=seed)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        """Optuna's pruner for single-objective studies; ``NopPruner`` for "none" (``create_study`` would
-        otherwise default to a median pruner). The prune rules apply either way."""
+        """Optuna's pruner for single-objective studies; ``NopPruner`` for "none" and for "asha", which the
+        search applies itself (search/asha.py; ``create_study`` would otherwise default to a median pruner).
+        The prune rules apply either way."""
         import optuna
 
         if self.pruner == "median":
@@ -299,10 +306,12 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
 
     trainer = _trainer(values.get("trainer", {}), origin, base)
     objectives = _objectives(study, trainer, origin)
-    if pruner != "none" and len(objectives) > 1:
+    asha = AshaSettings.from_study(study, pruner, trainer.train.epochs, origin)
+    if pruner in ("median", "hyperband") and len(objectives) > 1:
         raise SpecError.at(
             f"pruner works only with one objective, but got pruner={pruner!r} with {len(objectives)} "
-            'objectives; set pruner = "none" (the prune rules still apply) or keep one objective',
+            'objectives; set pruner = "asha" (successive halving on several objectives) or "none" (the prune '
+            "rules still apply), or keep one objective",
             origin,
             "study.pruner",
         )
@@ -337,6 +346,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
         rules=rules,
         baseline=baseline,
         enqueue=enqueue,
+        asha=asha,
     )
 
 

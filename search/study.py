@@ -38,7 +38,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # user attrs that describe how an attempt ended: they stay with the attempt, never with its retry
-OUTCOME_ATTRS = (layout.FAIL_REASON, layout.PRUNE_REASON, layout.PRUNED_EPOCH)
+OUTCOME_ATTRS = (layout.FAIL_REASON, layout.PRUNE_REASON, layout.PRUNED_EPOCH, layout.PRUNED_BY)
 
 
 def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int = 0) -> tuple[optuna.Study, bool]:

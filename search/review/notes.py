@@ -106,7 +106,8 @@ def _epochs_line(trial: TrialFacts) -> str:
     if trial.epochs_from_warmup:
         parts.append(f"{trial.epochs_from_warmup} taken from the baseline's shared warmup")
     if trial.state == TrialState.PRUNED.name:
-        parts.append(f"{trial.epochs_saved_by_pruning} saved by pruning")
+        by = "the prune rules" if trial.pruned_by == "rules" else f"the {trial.pruned_by} pruner"
+        parts.append(f"{trial.epochs_saved_by_pruning} saved by {by}")
     head = f"**Epochs:** {total} in a full run: " if total else "**Epochs:** "
     line = head + ", ".join(parts)
     if trial.train_seconds:
@@ -138,6 +139,13 @@ def trial_note(
         lines.append(f"**State:** {state_word(trial.state)}, no result stored")
     lines += ["", *_comparison(trial, baseline, rules), ""]
     lines.append(_epochs_line(trial))
+    if trial.asha_rungs:
+        rungs = "; ".join(
+            f"rung {d.get('rung')} (epoch {d.get('epoch')}): rank {d.get('rank')} of {d.get('of')}, "
+            f"{'kept' if (d.get('rank') or 0) <= (d.get('keep') or 0) else 'pruned'} (top {d.get('keep')} continue)"
+            for d in trial.asha_rungs
+        )
+        lines += ["", f"**asha rungs:** {_escape(rungs)}."]
     if trial.params:  # one row: five columns fit a dashboard card where a sentence would overflow it
         lines += [
             "",

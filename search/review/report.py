@@ -168,7 +168,8 @@ def _summary_section(ctx: _Context) -> str:
         (s.states_text(), "trials"),
         (f"{s.epochs_spent} epochs", f"trained in {fmt_seconds(s.seconds_spent)} (baseline included)"),
         (f"{s.epochs_from_warmup} epochs", "saved by the shared warmup"),
-        (f"{s.epochs_saved_by_pruning} epochs", "saved by pruning"),
+        (f"{s.epochs_saved_by_rules} epochs", "saved by the prune rules"),
+        (f"{s.epochs_saved_by_pruner} epochs", "saved by the pruner"),
     ]
     if ctx.best and ctx.best[0].values:
         best, name = ctx.best[0], ctx.names[0]

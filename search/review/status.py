@@ -81,6 +81,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
             "epochs_by_baseline": summary.baseline_epochs,
             "epochs_saved_by_warmup": summary.epochs_from_warmup,
             "epochs_saved_by_pruning": summary.epochs_saved_by_pruning,
+            "epochs_saved_by_rules": summary.epochs_saved_by_rules,
+            "epochs_saved_by_pruner": summary.epochs_saved_by_pruner,
             "seconds_spent": round(summary.seconds_spent, 1),
         },
         "summary": f"{summary.states_text()}; {summary.compute_text()}",

@@ -138,6 +138,37 @@ class TrialFacts:
         return max(0, self.epochs_total - self.epochs_run - self.epochs_from_warmup)
 
     @property
+    def pruned_by(self) -> str | None:
+        """What pruned the trial: "rules", or the pruner ("asha", "median", "hyperband"); None if not pruned.
+        Read from the stored ``pruned_by``, else (studies stored before it) from the reason's wording."""
+        if self.state != TrialState.PRUNED.name:
+            return None
+        stored = self.user_attrs.get(layout.PRUNED_BY)
+        if isinstance(stored, str) and stored:
+            return stored
+        reason = self.prune_reason or ""
+        if reason.startswith("asha:"):
+            return "asha"
+        for pruner in ("median", "hyperband"):
+            if reason.startswith(f"{pruner} pruner"):
+                return pruner
+        return "rules"
+
+    @property
+    def epochs_saved_by_rules(self) -> int:
+        return self.epochs_saved_by_pruning if self.pruned_by == "rules" else 0
+
+    @property
+    def epochs_saved_by_pruner(self) -> int:
+        return self.epochs_saved_by_pruning if self.pruned_by not in (None, "rules") else 0
+
+    @property
+    def asha_rungs(self) -> list[dict[str, Any]]:
+        """The asha pruner's decisions at the rungs the trial reached (search/asha.py), oldest first."""
+        stored = self.user_attrs.get(layout.ASHA_RUNGS)
+        return [dict(d) for d in stored if isinstance(d, Mapping)] if isinstance(stored, list) else []
+
+    @property
     def train_seconds(self) -> float:
         stored = self.user_attrs.get(layout.TRAIN_SECONDS)
         if isinstance(stored, (int, float)) and math.isfinite(stored):

@@ -71,6 +71,8 @@ class StudySummary:
     baseline_seconds: float
     epochs_from_warmup: int  # epochs trials took from the baseline's shared warmup instead of training
     epochs_saved_by_pruning: int  # epochs pruned trials did not train
+    epochs_saved_by_rules: int = 0  # of those, by the prune rules
+    epochs_saved_by_pruner: int = 0  # of those, by the study's pruner (asha, median, hyperband)
 
     @property
     def epochs_spent(self) -> int:
@@ -103,7 +105,8 @@ class StudySummary:
         if self.baseline_epochs:
             spent += f", {self.baseline_epochs} of them by the baseline"
         saved = (
-            f"{self.epochs_from_warmup} epochs saved by the shared warmup and {self.epochs_saved_by_pruning} by pruning"
+            f"{self.epochs_from_warmup} epochs saved by the shared warmup, {self.epochs_saved_by_rules} by the "
+            f"prune rules and {self.epochs_saved_by_pruner} by the pruner"
         )
         per_epoch = self.seconds_per_epoch
         if per_epoch and self.epochs_saved:
@@ -126,6 +129,8 @@ def summarize(trials: Sequence[TrialFacts], baseline: StoredBaseline | None) -> 
         baseline_seconds=baseline.seconds if baseline is not None else 0.0,
         epochs_from_warmup=sum(t.epochs_from_warmup for t in trials),
         epochs_saved_by_pruning=sum(t.epochs_saved_by_pruning for t in trials),
+        epochs_saved_by_rules=sum(t.epochs_saved_by_rules for t in trials),
+        epochs_saved_by_pruner=sum(t.epochs_saved_by_pruner for t in trials),
     )
 
 

@@ -35,7 +35,7 @@ def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optun
     ratio = ppl / BASELINE_VAL_PPL[epoch - 1]
     plain = note.replace(CELL_PAD, "")  # the cells' padding (see test_note_tables_pad_every_cell_but_the_first)
     assert f"| val perplexity | {ppl:.5g} | {BASELINE_VAL_PPL[epoch - 1]:.5g} | {ratio:.3f}× (limit 1.3×) |" in plain
-    assert f"{facts.epochs_saved_by_pruning} saved by pruning" in note
+    assert f"{facts.epochs_saved_by_pruning} saved by the prune rules" in note
     assert "3 taken from the baseline's shared warmup" in note
 
 
@@ -49,7 +49,7 @@ def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.
     header = "| koopman\\_weight\\_max | koopman\\_start\\_epoch | fallback\\_threshold | schedule | koopman\\_dim |"
     plain = note.replace(CELL_PAD, "")
     assert f"{header}\n|---|---|---|---|---|\n| 0.1 | 5 | 7.0 | exponential | 128 |" in plain
-    assert "| at epoch 10 |" in plain and "saved by pruning" not in note
+    assert "| at epoch 10 |" in plain and "saved by the" not in note
 
 
 def test_note_tables_pad_every_cell_but_the_first(study: optuna.Study) -> None:

@@ -62,13 +62,16 @@ def test_report_summary_counts_compute_spent_and_saved(study: optuna.Study) -> N
     facts = [trial_facts(t) for t in study.get_trials()]
     spent = sum(f.epochs_run for f in facts) + EPOCHS
     warmup = sum(f.epochs_from_warmup for f in facts)
-    pruned = sum(f.epochs_saved_by_pruning for f in facts)
+    by_rules = sum(f.epochs_saved_by_rules for f in facts)
+    assert by_rules == sum(f.epochs_saved_by_pruning for f in facts) > 0  # the demo's prunes are the rules'
+    assert all(f.epochs_saved_by_pruner == 0 for f in facts)
     text = build_report(study)
     section = text.split('<section id="summary">', 1)[1].split("</section>", 1)[0]
     assert "6 complete, 2 pruned, 1 failed" in section
     assert f"<b>{spent} epochs</b>" in section
     assert f"<b>{warmup} epochs</b><span>saved by the shared warmup" in section
-    assert f"<b>{pruned} epochs</b><span>saved by pruning" in section
+    assert f"<b>{by_rules} epochs</b><span>saved by the prune rules" in section
+    assert "<b>0 epochs</b><span>saved by the pruner" in section
     best = min(study.best_trials, key=lambda t: t.values[0])
     ratio = best.values[0] / BASELINE_VAL_PPL[-1]
     kpi = f"best val_ppl (trial {best.number}): {ratio:.2f} × the baseline's 477.2"

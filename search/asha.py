@@ -1,0 +1,274 @@
+"""Asynchronous successive halving for one objective or several: ``pruner = "asha"`` (docs/asha.md).
+
+Rungs are counted in **Koopman epochs**, the epochs a trial trains after its start epoch s (with shared
+warmup, epochs 1..s come from the baseline's checkpoint, so these are the epochs a trial pays for). A trial
+reaches rung j after ``asha_min_epochs · η^j`` Koopman epochs, i.e. at epoch ``s + min · η^j``, as long as
+that is before its last epoch. There it continues only if it is among the top ``max(1, n // η)`` of the n
+trials that have a record at the same rung, itself included (the first trials of a rung are kept, as in
+Optuna's successive halving: no worker ever waits for a rung to fill).
+
+A rung's values are the study's objectives at that epoch, perplexities (fields ending in ``_ppl``) divided
+by the Koopman-off baseline's val perplexity at the same epoch: trials that start at different epochs have
+had different amounts of LM training when they reach one rung, and the ratio takes that out. For several
+objectives "top" is the order of non-dominated sorting, ties within a front broken by crowding distance
+(NSGA-II's), so that a front's extremes go first; equal points share a place.
+
+The decision reads what the storage holds when the trial reaches its rung (every worker writes its epoch's
+record before it decides), under a storage-wide lock, so two workers at one rung decide one after the other.
+
+    pruner = AshaPruner(spec.asha, spec, baseline_val_ppl)
+    reason = pruner.check(storage, study_id, trial_id, params, record)
+    # "asha: rung 1 (Koopman epoch 3, epoch 5): rank 5 of 9 on (val_ppl, val_koopman_forward_ppl), keeps top 3"
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from search.errors import SpecError
+
+__all__ = [
+    "ASHA_KEYS",
+    "AshaPruner",
+    "AshaSettings",
+    "RungDecision",
+    "decide",
+    "order_keys",
+    "rung_values",
+]
+
+logger = logging.getLogger(__name__)
+
+ASHA_KEYS = ("asha_reduction_factor", "asha_min_epochs")
+PRUNED_BY = "asha"
+
+
+@dataclass(frozen=True)
+class AshaSettings:
+    """The ``asha_*`` keys of ``[study]``: η (``asha_reduction_factor``) and the first rung's Koopman epochs."""
+
+    reduction_factor: int = 3
+    min_epochs: int = 1
+
+    def rungs(self, koopman_epochs: int) -> list[int]:
+        """The Koopman epochs at which a trial with ``koopman_epochs`` of them is judged (its last is not a
+        rung: it ends the trial)."""
+        out, k = [], self.min_epochs
+        while k < koopman_epochs:
+            out.append(k)
+            k *= self.reduction_factor
+        return out
+
+    def to_dict(self) -> dict[str, int]:
+        return {"asha_reduction_factor": self.reduction_factor, "asha_min_epochs": self.min_epochs}
+
+    @classmethod
+    def from_study(cls, study: Mapping[str, Any], pruner: str, epochs: int, origin: str) -> AshaSettings | None:
+        """The settings of a ``[study]`` table; None when the pruner is not "asha". Raises SpecError."""
+        given = [k for k in ASHA_KEYS if k in study]
+        if pruner != "asha":
+            if given:
+                raise SpecError.at(
+                    f'{given[0]} applies only with pruner = "asha", but got pruner={pruner!r}',
+                    origin,
+                    f"study.{given[0]}",
+                )
+            return None
+        values: dict[str, int] = {}
+        for key, default, low in (
+            ("asha_reduction_factor", cls.reduction_factor, 2),
+            ("asha_min_epochs", cls.min_epochs, 1),
+        ):
+            value = study.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SpecError.at(
+                    f"{key} must be an integer >= {low}, but got {key}={value!r}", origin, f"study.{key}"
+                )
+            values[key] = value
+        if values["asha_min_epochs"] >= epochs:
+            raise SpecError.at(
+                f"asha_min_epochs must be < trainer.train.epochs ({epochs}), but got "
+                f"asha_min_epochs={values['asha_min_epochs']}: no trial would reach a rung",
+                origin,
+                "study.asha_min_epochs",
+            )
+        return cls(values["asha_reduction_factor"], values["asha_min_epochs"])
+
+
+# ---- the decision, on plain numbers ------------------------------------------------------------------------
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def _crowding(points: list[tuple[float, ...]]) -> list[float]:
+    """NSGA-II's crowding distance of distinct points of one front (extremes infinite)."""
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    distance = [0.0] * n
+    for m in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][m])
+        low, high = points[order[0]][m], points[order[-1]][m]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if not (math.isfinite(low) and math.isfinite(high)) or high == low:
+            continue
+        for a, i, b in zip(order, order[1:], order[2:], strict=False):
+            distance[i] += (points[b][m] - points[a][m]) / (high - low)
+    return distance
+
+
+def order_keys(points: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
+    """A sort key per point, all minimised: (non-dominated front, −crowding distance). Equal points get
+    equal keys. A point with a NaN counts as +∞ in every objective (behind every point without one)."""
+    clean = [tuple(math.inf for _ in p) if any(math.isnan(v) for v in p) else tuple(p) for p in points]
+    distinct = list(dict.fromkeys(clean))
+    front = [-1] * len(distinct)
+    remaining, level = set(range(len(distinct))), 0
+    while remaining:
+        current = {i for i in remaining if not any(_dominates(distinct[j], distinct[i]) for j in remaining if j != i)}
+        for i in current:
+            front[i] = level
+        remaining -= current
+        level += 1
+    keys: dict[tuple[float, ...], tuple[int, float]] = {}
+    for level in range(max(front, default=-1) + 1):
+        members = [i for i in range(len(distinct)) if front[i] == level]
+        for i, d in zip(members, _crowding([distinct[i] for i in members]), strict=True):
+            keys[distinct[i]] = (level, -d)
+    return [keys[p] for p in clean]
+
+
+@dataclass(frozen=True)
+class RungDecision:
+    rank: int  # 1 + the number of trials strictly ahead of this one
+    of: int  # trials with a record at this rung, this one included
+    keep: int  # how many continue: max(1, of // η)
+
+    @property
+    def kept(self) -> bool:
+        return self.rank <= self.keep
+
+
+def decide(mine: Sequence[float], others: Sequence[Sequence[float]], reduction_factor: int) -> RungDecision:
+    """Where ``mine`` stands among ``others`` (values already signed so that lower is better)."""
+    keys = order_keys([mine, *others])
+    ahead = sum(1 for k in keys[1:] if k < keys[0])
+    n = len(keys)
+    return RungDecision(rank=ahead + 1, of=n, keep=max(1, n // reduction_factor))
+
+
+# ---- reading a rung from the storage -----------------------------------------------------------------------
+
+
+def rung_values(
+    columns: Mapping[str, Sequence[Any]] | None,
+    epoch: int,
+    metrics: Sequence[str],
+    signs: Sequence[float],
+    baseline_val_ppl: Sequence[float],
+) -> tuple[float, ...] | None:
+    """A trial's values at ``epoch`` from its stored record columns (None when it has no record there):
+    each metric times its sign (−1 for maximised), perplexities divided by the baseline's val_ppl there."""
+    if not columns or epoch not in (columns.get("epoch") or []):
+        return None
+    i = list(columns["epoch"]).index(epoch)
+    out = []
+    for metric, sign in zip(metrics, signs, strict=True):
+        column = columns.get(metric) or []
+        value = column[i] if i < len(column) else None
+        value = math.nan if value is None else float(value)
+        if metric.endswith("_ppl") and 1 <= epoch <= len(baseline_val_ppl):
+            value /= baseline_val_ppl[epoch - 1]
+        out.append(sign * value)
+    return tuple(out)
+
+
+class AshaPruner:
+    """Decides at each rung of a trial, from what the storage holds (see the module's docstring)."""
+
+    def __init__(
+        self,
+        settings: AshaSettings,
+        metrics: Sequence[str],
+        directions: Sequence[str],
+        epochs: int,
+        default_start: int,
+        baseline_val_ppl: Sequence[float],
+        study_name: str,
+    ) -> None:
+        self.settings = settings
+        self._metrics = tuple(metrics)
+        self._signs = tuple(-1.0 if d == "maximize" else 1.0 for d in directions)
+        self._epochs = epochs
+        self._default_start = default_start
+        self._baseline = tuple(baseline_val_ppl)
+        self._lock = f"koopman-search asha {study_name}"
+        self.name = PRUNED_BY
+
+    def start_epoch(self, params: Mapping[str, Any]) -> int:
+        return int(params.get("koopman_start_epoch", self._default_start))
+
+    def rung_of(self, start: int, epoch: int) -> int | None:
+        """The rung (0-based) that ``epoch`` is for a trial that starts its Koopman loss after ``start``."""
+        rungs = self.settings.rungs(self._epochs - start)
+        k = epoch - start
+        return rungs.index(k) if k in rungs else None
+
+    def check(
+        self, storage: Any, study_id: int, trial_id: int, params: Mapping[str, Any], epoch: int
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """(prune reason or None, the decision to record) for the trial at ``epoch``; (None, None) off a rung.
+        The trial's own record at ``epoch`` must already be stored."""
+        from optuna.trial import TrialState
+
+        from search import layout
+        from search.storage import exclusive, retrying
+
+        start = self.start_epoch(params)
+        rung = self.rung_of(start, epoch)
+        if rung is None:
+            return None, None
+        k = epoch - start
+        states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        with exclusive(storage, self._lock):
+            trials = retrying(
+                lambda: storage.get_all_trials(study_id, deepcopy=False, states=states), "read the rung's trials"
+            )
+            mine, others = None, []
+            for t in trials:
+                other_start = self.start_epoch(t.params)
+                values = rung_values(
+                    t.user_attrs.get(layout.RECORDS), other_start + k, self._metrics, self._signs, self._baseline
+                )
+                if values is None:
+                    continue
+                if t._trial_id == trial_id:
+                    mine = values
+                else:
+                    others.append(values)
+            if mine is None:
+                logger.warning("asha: trial %d has no stored record at epoch %d; not judged", trial_id, epoch)
+                return None, None
+            d = decide(mine, others, self.settings.reduction_factor)
+            decision = {
+                "rung": rung + 1,
+                "koopman_epoch": k,
+                "epoch": epoch,
+                "rank": d.rank,
+                "of": d.of,
+                "keep": d.keep,
+            }
+            if d.kept:
+                return None, decision
+            on = ", ".join(self._metrics)
+            reason = (
+                f"asha: rung {rung + 1} (Koopman epoch {k}, epoch {epoch}): rank {d.rank} of {d.of} on ({on}), "
+                f"keeps top {d.keep}"
+            )
+            return reason, decision
