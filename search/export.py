@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from search.errors import StorageError
-from search.layout import SPEC_ATTR
+from search.layout import SPEC_DEFINITION_ATTR, stored_definition
 from search.spec import StudySpec, spec_from_dict
 from trainer.config import TrainerConfig, config_to_dict
 
@@ -44,13 +44,13 @@ def dump_toml(sections: Mapping[str, Mapping[str, Any]], header: str = "") -> st
 
 def stored_spec(study: optuna.Study) -> StudySpec:
     """The study definition stored in the study by ``create``/``launch``."""
-    meta = study.user_attrs.get(SPEC_ATTR)
-    if not isinstance(meta, Mapping) or "spec" not in meta:
+    system = study._storage.get_study_system_attrs(study._study_id)
+    values = stored_definition(system, study.user_attrs)
+    if values is None:
         raise StorageError(
             f"study {study.study_name} holds no koopman-search definition "
-            f"(user attr {SPEC_ATTR!r}); was it created by koopman-search?"
+            f"(study system attr {SPEC_DEFINITION_ATTR!r}); was it created by koopman-search?"
         )
-    values = dict(meta["spec"])
     values["study"] = {**values["study"], "name": study.study_name}
     return spec_from_dict(values, origin=f"study {study.study_name}")
 

@@ -5,7 +5,7 @@ holding the storage URL can read: ``koopman-search status``/``report``/``dashboa
 a notebook. This module is the one place that names them (docs/design.md, "The stored layout"):
 
 study user attrs
-    ``koopman_search``          the study file as stored at creation (:data:`SPEC_ATTR`)
+    ``koopman_search``          a summary of the study file: objectives, rules, pruner, trainer seed (:data:`SPEC_ATTR`)
     ``baseline:seed=<N>``       the matched baseline of trainer seed N (:func:`baseline_key`)
 trial user attrs
     ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
@@ -13,6 +13,8 @@ trial user attrs
     ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
     ``fail_reason`` / ``prune_reason`` / ``pruned_epoch`` / ``pruned_by``   how the attempt ended
     ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/asha.py)
+study system attrs
+    ``koopman_search:definition``   the whole study file as stored at creation (:data:`SPEC_DEFINITION_ATTR`)
 the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
     ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
 trial system attrs (Optuna's retry marks)
@@ -64,6 +66,7 @@ __all__ = [
     "ROLE_ATTR",
     "SIGNIFICANT_DIGITS",
     "SPEC_ATTR",
+    "SPEC_DEFINITION_ATTR",
     "SPEC_VERSION",
     "TRAIN_SECONDS",
     "WARMUP_CHECKPOINTS",
@@ -81,12 +84,17 @@ __all__ = [
     "retry_of",
     "round_significant",
     "spec_attr",
+    "store_definition",
+    "stored_definition",
     "warmup_checkpoints",
 ]
 
 # ---- study user attrs
 SPEC_ATTR = "koopman_search"
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 1: the whole definition in SPEC_ATTR; 2: a summary there, the definition in a system attr
+# study system attr: the whole study definition (StudySpec.to_dict()), out of the way of the dashboard's
+# "Study User Attributes" and of `optuna studies`, which show every user attr as raw JSON
+SPEC_DEFINITION_ATTR = "koopman_search:definition"
 ROLE_ATTR = "koopman_search_role"  # on a companion study: what it is for ("baseline of study X")
 
 # ---- trial user attrs
@@ -221,13 +229,34 @@ def retry_of(trial: Any) -> int | None:
 
 
 def spec_attr(spec: StudySpec) -> dict[str, Any]:
-    """The value of the :data:`SPEC_ATTR` study attr: the study file, its objectives and its rules."""
+    """The value of the :data:`SPEC_ATTR` study user attr: what a reader of the study needs at a glance (its
+    objectives, rules, pruner and trainer seed); the whole definition is :data:`SPEC_DEFINITION_ATTR`."""
     return {
         "version": SPEC_VERSION,
-        "spec": spec.to_dict(),
+        "definition": f"study system attr {SPEC_DEFINITION_ATTR}",
+        "pruner": spec.pruner,
+        "trainer_seed": spec.trainer.train.seed,
         "objectives": [o.to_dict() for o in spec.objectives],
         "rules": spec.rules.to_dict(),
     }
+
+
+def store_definition(study: Any, spec: StudySpec) -> None:
+    """Write the study's definition (:data:`SPEC_DEFINITION_ATTR`) and its summary (:data:`SPEC_ATTR`)."""
+    study._storage.set_study_system_attr(study._study_id, SPEC_DEFINITION_ATTR, spec.to_dict())
+    study.set_user_attr(SPEC_ATTR, spec_attr(spec))
+
+
+def stored_definition(system_attrs: Mapping[str, Any], user_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The study definition stored with a study (:meth:`StudySpec.to_dict`): the system attr, or, for a study
+    stored before it (version 1), the ``spec`` of the :data:`SPEC_ATTR` user attr; None when there is none."""
+    definition = system_attrs.get(SPEC_DEFINITION_ATTR)
+    if isinstance(definition, Mapping):
+        return dict(definition)
+    meta = user_attrs.get(SPEC_ATTR)
+    if isinstance(meta, Mapping) and isinstance(meta.get("spec"), Mapping):
+        return dict(meta["spec"])
+    return None
 
 
 def epoch_attrs(

@@ -307,6 +307,12 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
     trainer = _trainer(values.get("trainer", {}), origin, base)
     objectives = _objectives(study, trainer, origin)
     asha = AshaSettings.from_study(study, pruner, trainer.train.epochs, origin)
+    if asha is not None and sampler == "nsgaii":
+        logger.warning(
+            "%s: NSGA-II learns from complete trials only, so the trials asha prunes do not inform it and its "
+            'generations fill slowly (docs/asha.md); sampler = "tpe" learns from them',
+            origin,
+        )
     if pruner in ("median", "hyperband") and len(objectives) > 1:
         raise SpecError.at(
             f"pruner works only with one objective, but got pruner={pruner!r} with {len(objectives)} "

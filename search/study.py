@@ -72,7 +72,7 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
                 + (f" ({spec.path}, [study.name])" if spec.path else "")
             ) from None
     if created or SPEC_ATTR not in study.user_attrs:
-        study.set_user_attr(SPEC_ATTR, layout.spec_attr(spec))
+        layout.store_definition(study, spec)
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -233,9 +233,12 @@ def read_columns(value: Any, where: str) -> Columns | None:
 
 def _spec_seed(user_attrs: Mapping[str, Any]) -> int | None:
     """The trainer seed of the stored study file (``[trainer.train] seed``): the baseline the study uses."""
-    spec = search_meta(user_attrs).get("spec")
-    train = spec.get("trainer", {}).get("train", {}) if isinstance(spec, Mapping) else {}
-    seed = train.get("seed") if isinstance(train, Mapping) else None
+    meta = search_meta(user_attrs)
+    seed = meta.get("trainer_seed")
+    if seed is None:  # a study stored before version 2 kept the whole definition here
+        spec = meta.get("spec")
+        train = spec.get("trainer", {}).get("train", {}) if isinstance(spec, Mapping) else {}
+        seed = train.get("seed") if isinstance(train, Mapping) else None
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 

@@ -92,3 +92,31 @@ def test_a_retry_keeps_params_and_checkpoint_but_not_the_outcome_of_its_attempt(
     assert not any(k.startswith("artifacts:") for k in retry.system_attrs)
     enqueue_retry(study, study.get_trials()[1])
     assert study.get_trials()[2].system_attrs[layout.RETRY_HISTORY] == [0, 1]
+
+
+def test_the_study_definition_is_a_system_attr_and_the_user_attr_a_short_summary(tmp_path: Path) -> None:
+    """The dashboard's "Study User Attributes" and `optuna studies` show user attrs as raw JSON: the whole
+    definition lives in a system attr, and the user attr says what a reader needs at a glance."""
+    from search.export import stored_spec
+
+    spec = load_spec(write_tiny_study(tmp_path))
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study, created = create_or_load_study(spec, storage)
+    assert created
+    meta = study.user_attrs[layout.SPEC_ATTR]
+    assert set(meta) == {"version", "definition", "pruner", "trainer_seed", "objectives", "rules"}
+    assert meta["version"] == 2 and meta["trainer_seed"] == spec.trainer.train.seed
+    assert len(str(meta)) < 400
+    system = storage.get_study_system_attrs(study._study_id)
+    assert system[layout.SPEC_DEFINITION_ATTR] == spec.to_dict()
+    assert stored_spec(study).to_dict() == spec.to_dict()
+
+
+def test_a_study_stored_with_the_whole_definition_in_its_user_attr_still_reads(tmp_path: Path) -> None:
+    from search.export import stored_spec
+
+    spec = load_spec(write_tiny_study(tmp_path))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'old.db'}", study_name=spec.name)
+    old = {"version": 1, "spec": spec.to_dict(), "objectives": [o.to_dict() for o in spec.objectives]}
+    study.set_user_attr(layout.SPEC_ATTR, old)
+    assert stored_spec(study).to_dict() == spec.to_dict()

@@ -234,7 +234,7 @@ def make_review_study(
     spec = spec_from_dict(study_file_values(name, objectives), origin="review.toml")
     directions = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
     study = optuna.create_study(study_name=name, storage=storage_url, directions=directions)
-    study.set_user_attr(layout.SPEC_ATTR, layout.spec_attr(spec))
+    layout.store_definition(study, spec)
     base = baseline_records()
     study.set_user_attr(
         layout.baseline_key(0),

@@ -51,8 +51,11 @@ def test_epochs_saved_by_pruning_is_epochs_minus_run_minus_warmup(study: optuna.
 def test_read_baseline_prefers_the_baseline_of_the_study_files_trainer_seed(study: optuna.Study) -> None:
     attrs = dict(study.user_attrs)
     attrs["baseline:seed=1"] = {**attrs["baseline:seed=0"], "val_ppl": [1.0] * EPOCHS}
-    attrs["koopman_search"]["spec"]["trainer"]["train"]["seed"] = 1
+    attrs["koopman_search"] = {**attrs["koopman_search"], "trainer_seed": 1}
     baseline = read_baseline(attrs)
     assert baseline is not None and baseline.seed == 1 and baseline.at(10) == 1.0
+    # a study stored before version 2 names the seed inside its whole definition
+    old = {**attrs, "koopman_search": {"version": 1, "spec": {"trainer": {"train": {"seed": 1}}}}}
+    assert read_baseline(old).seed == 1  # type: ignore[union-attr]
     assert read_baseline(attrs, seed=0).at(10) == 477.2  # type: ignore[union-attr]
     assert read_baseline(attrs, seed=7) is None
