@@ -9,6 +9,7 @@ Passwords never reach logs or errors: every message shows URLs through :func:`re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -163,7 +164,30 @@ def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactSto
         return store
     path = Path(location)
     path.mkdir(parents=True, exist_ok=True)
-    return optuna.artifacts.FileSystemArtifactStore(str(path))
+    return AtomicFileSystemArtifactStore(str(path))
+
+
+class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
+    """Optuna's directory store, writing each artifact to a temporary name beside it and renaming it into
+    place once it is whole and on disk: a write that fails (a full disk, a killed worker) leaves no partial
+    file under the artifact's name, and the temporary one is removed when the failure is an exception."""
+
+    def write(self, artifact_id: str, content_body: Any) -> None:
+        import shutil
+        import tempfile
+
+        target = Path(self._get_filepath(artifact_id))
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                shutil.copyfileobj(content_body, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 # Errors a database restart or a network blip produces; anything else is a real error.

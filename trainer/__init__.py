@@ -11,7 +11,7 @@ from trainer.config import (
     load_config,
     with_overrides,
 )
-from trainer.errors import CheckpointError, ConfigError, DataError, KoopmanError
+from trainer.errors import CheckpointError, ConfigError, DataError, DataUnavailable, KoopmanError
 from trainer.records import RECORD_FIELDS, EpochRecord
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "DataUnavailable",
     "EpochRecord",
     "HybridKoopmanTrainer",
     "KoopmanConfig",

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import UNREADABLE, atomic_write
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, DataUnavailable
 
 __all__ = [
     "EOS",
@@ -270,8 +270,10 @@ def _hf_dataset(src: _Source) -> dict[str, Any]:
         ) from exc
     try:
         loaded = datasets.load_dataset(name, config)
-    except (OSError, ValueError) as exc:  # offline, unknown dataset or config, hub errors
+    except ValueError as exc:  # an unknown dataset or config
         raise DataError(f"cannot load Hugging Face dataset {name!r} config {config!r}: {exc}; {hint}") from exc
+    except OSError as exc:  # offline, hub errors
+        raise DataUnavailable(f"cannot load Hugging Face dataset {name!r} config {config!r}: {exc}; {hint}") from exc
     chosen: dict[str, Any] = {}
     for split, names in HF_SPLITS.items():
         found = [n for n in names if n in loaded]

@@ -6,7 +6,7 @@ Library code raises these; only command-line entry points turn them into message
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "KoopmanError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DataUnavailable", "KoopmanError"]
 
 
 class KoopmanError(Exception):
@@ -18,7 +18,12 @@ class ConfigError(KoopmanError, ValueError):
 
 
 class DataError(KoopmanError):
-    """A corpus source cannot be read or is unusable (missing split, empty split, no network)."""
+    """A corpus source is wrong or unusable (a missing directory or split, an unreadable or empty file, an
+    unknown dataset): bad input, exit code 2 on the command line."""
+
+
+class DataUnavailable(KoopmanError):
+    """A corpus source cannot be had right now (the Hugging Face hub out of reach): a runtime error."""
 
 
 class CheckpointError(KoopmanError):

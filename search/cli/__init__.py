@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from trainer.errors import ConfigError, KoopmanError
+from trainer.errors import ConfigError, DataError, KoopmanError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.debug, args.quiet, args._name)
     try:
         return int(args._run(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:  # bad input: a value, a file, a corpus
         if args.debug:
             raise
         print(f"koopman-search {args._name}: error: {exc}", file=sys.stderr)

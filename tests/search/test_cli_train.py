@@ -232,10 +232,23 @@ def test_bad_value_in_the_config_file_names_the_file(train: Runner, tmp_path: Pa
     assert f"fallback_threshold=-1.0 ({config}, [koopman.fallback_threshold])" in err
 
 
-def test_missing_corpus_directory_is_a_runtime_error_naming_it(train: Runner, tmp_path: Path) -> None:
+def test_missing_corpus_directory_is_bad_input_naming_it(train: Runner, tmp_path: Path) -> None:
     code, _, err = train(*TINY_FLAGS, "--data", f"files:{tmp_path / 'absent'}")
-    assert code == 1
+    assert code == 2
     assert f"the corpus directory must exist, but got {tmp_path / 'absent'}" in err
+
+
+def test_an_unreadable_split_file_is_bad_input_naming_it(train: Runner, tmp_path: Path) -> None:
+    """A split that is not a regular file (here a directory where train.txt should be) cannot be read."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name in ("valid.txt", "test.txt"):
+        (data / name).write_text("a few words here\n", encoding="utf-8")
+    (data / "train.txt").mkdir()
+    code, _, err = train(*TINY_FLAGS, "--data", f"files:{data}")
+    assert code == 2
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "train split file must exist" in lines[0] and str(data / "train.txt") in lines[0]
 
 
 def test_non_numeric_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

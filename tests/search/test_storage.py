@@ -115,3 +115,35 @@ def test_an_unreachable_storage_is_one_error_without_the_password() -> None:
     with pytest.raises(StorageError, match=r"cannot open storage postgresql\+psycopg://koopman:\*\*\*@") as info:
         open_storage(url, heartbeat=False)
     assert "s3cret" not in str(info.value)
+
+
+class _FailsMidway:
+    """A file body that gives some bytes, then fails as a full disk does."""
+
+    def __init__(self) -> None:
+        self._sent = False
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return b"x" * 4096
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_checkpoint_upload_leaves_no_partial_file_in_the_artifact_directory(tmp_path: Path) -> None:
+    import errno
+    import io
+
+    from search.storage import open_artifact_store
+
+    store = open_artifact_store(str(tmp_path / "artifacts"))
+    store.write("good", io.BytesIO(b"whole checkpoint"))
+    with pytest.raises(OSError) as err:
+        store.write("bad", _FailsMidway())
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["good"]
+    with store.open_reader("good") as fh:
+        assert fh.read() == b"whole checkpoint"
+    store.write("good", io.BytesIO(b"replaced"))  # a rewrite replaces the file whole
+    with store.open_reader("good") as fh:
+        assert fh.read() == b"replaced"

@@ -26,7 +26,7 @@ from trainer.data import (
     n_windows,
     window_batches,
 )
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, DataUnavailable
 
 # WikiText-2 counts from its README (tokens include one <eos> per line) and pytorch/examples' vocabulary.
 WIKITEXT2_TOKENS = {"train": 2088628, "valid": 217646, "test": 245569}
@@ -422,7 +422,8 @@ def test_hf_unreachable_says_to_use_files(tmp_path: Path, monkeypatch: pytest.Mo
         raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
 
     _fake_datasets(monkeypatch, offline)
-    with pytest.raises(DataError, match=r"cannot load Hugging Face dataset 'wikitext'.*Hub.*files:DIR"):
+    # out of reach is a runtime condition (exit 1), not bad input (DataError, exit 2)
+    with pytest.raises(DataUnavailable, match=r"cannot load Hugging Face dataset 'wikitext'.*Hub.*files:DIR"):
         load_corpus("hf:wikitext/wikitext-2-raw-v1", 100, cache_dir=str(tmp_path))
 
 
