@@ -79,3 +79,27 @@ def test_note_of_failed_trial_gives_the_error(study: optuna.Study) -> None:
     note = trial_note(facts, ["val_ppl", "val_koopman_nre"], None, read_rules(study.user_attrs))
     assert "**Failed:** CUDA out of memory at epoch 5" in note
     assert "No epoch records were stored for this trial." in note
+
+
+def test_note_of_a_trial_the_asha_pruner_stopped_names_its_rungs_and_ranks(study: optuna.Study) -> None:
+    from dataclasses import replace
+
+    facts = _facts(study, TrialState.PRUNED, "original settings")
+    reason = "asha: rung 2 (Koopman epoch 3, epoch 6): rank 4 of 7 on (val_ppl, val_koopman_nre), keeps top 2"
+    rungs = [
+        {"rung": 1, "koopman_epoch": 1, "epoch": 4, "rank": 2, "of": 5, "keep": 2},
+        {"rung": 2, "koopman_epoch": 3, "epoch": 6, "rank": 4, "of": 7, "keep": 2},
+    ]
+    attrs = {**facts.user_attrs, "prune_reason": reason, "pruned_by": "asha", "asha_rungs": rungs}
+    facts = replace(facts, user_attrs=attrs)
+    assert facts.pruned_by == "asha" and facts.epochs_saved_by_rules == 0
+    assert facts.epochs_saved_by_pruner == facts.epochs_saved_by_pruning > 0
+    note = trial_note(
+        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+    )
+    assert "**Pruned:** asha: rung 2 (Koopman epoch 3, epoch 6): rank 4 of 7" in note
+    assert (
+        "**asha rungs:** rung 1 (epoch 4): rank 2 of 5, kept (top 2 continue); "
+        "rung 2 (epoch 6): rank 4 of 7, pruned (top 2 continue)." in note
+    )
+    assert f"{facts.epochs_saved_by_pruning} saved by the asha pruner" in note
