@@ -172,7 +172,7 @@ def run_product(args: argparse.Namespace, variant: str, seed: int, tmp: Path) ->
             final = _finals_of(t.user_attrs.get(layout.RECORDS))
             if final is not None:
                 finals.append(final)
-    attr = study.user_attrs.get(layout.baseline_key(spec.trainer.train.seed)) or {}
+    attr = layout.study_attrs(study).get(layout.baseline_key(spec.trainer.train.seed)) or {}
     records = attr.get("records") or {}
     baseline_epochs = len(records.get("epoch", [])) if attr.get("state") == "complete" else 0
     curve = records.get("val_ppl") or []

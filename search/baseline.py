@@ -92,7 +92,7 @@ def warmup_epochs(spec: StudySpec) -> set[int]:
 
 def _publish(study: optuna.Study, spec: StudySpec, value: dict[str, Any]) -> None:
     value = {**value, CONFIG_HASH_ATTR: baseline_config_hash(spec)}
-    retrying(lambda: study.set_user_attr(baseline_attr(spec), value), "store the baseline in the study")
+    retrying(lambda: layout.set_study_attr(study, baseline_attr(spec), value), "store the baseline in the study")
 
 
 def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
@@ -149,7 +149,7 @@ def ensure_baseline(
     if spec.baseline.mode == "fixed":
         values = tuple(spec.baseline.values or ())
         baseline = MatchedBaseline(values, "fixed")
-        if main_study.user_attrs.get(baseline_attr(spec)) is None:
+        if layout.study_attrs(main_study).get(baseline_attr(spec)) is None:
             _publish(main_study, spec, baseline.to_attr())
         return baseline
     stop = stop or threading.Event()
@@ -167,7 +167,7 @@ def ensure_baseline(
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             baseline = MatchedBaseline.from_trial(done[-1])
-            stored = main_study.user_attrs.get(baseline_attr(spec), {})
+            stored = retrying(lambda: layout.study_attrs(main_study), "read the baseline").get(baseline_attr(spec), {})
             if stored.get("state") != "complete" or stored.get(CONFIG_HASH_ATTR) != baseline_config_hash(spec):
                 _publish(main_study, spec, baseline.to_attr())
             return baseline

@@ -6,14 +6,15 @@ a notebook. This module is the one place that names them (docs/design.md, "The s
 
 study user attrs
     ``koopman_search``          a summary of the study file: objectives, rules, pruner, trainer seed (:data:`SPEC_ATTR`)
-    ``baseline:seed=<N>``       the matched baseline of trainer seed N (:func:`baseline_key`)
+study system attrs (:data:`SEARCH_ATTR_PREFIX`; :func:`study_attrs` reads them with the user attrs)
+    ``koopman_search:baseline:seed=<N>``   the matched baseline of trainer seed N (:func:`baseline_key`;
+                                studies stored before it keep it as the user attr ``baseline:seed=<N>``)
 trial user attrs
     ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
     ``checkpoint``              ``{"epoch", "artifact_id"}`` of the attempt's newest checkpoint
     ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
     ``fail_reason`` / ``prune_reason`` / ``pruned_epoch`` / ``pruned_by``   how the attempt ended
     ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/asha.py)
-study system attrs
     ``koopman_search:definition``   the whole study file as stored at creation (:data:`SPEC_DEFINITION_ATTR`)
 the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
     ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
@@ -64,6 +65,7 @@ __all__ = [
     "RETRY_HISTORY",
     "ROLE",
     "ROLE_ATTR",
+    "SEARCH_ATTR_PREFIX",
     "SIGNIFICANT_DIGITS",
     "SPEC_ATTR",
     "SPEC_DEFINITION_ATTR",
@@ -83,18 +85,22 @@ __all__ = [
     "records_to_columns",
     "retry_of",
     "round_significant",
+    "set_study_attr",
     "spec_attr",
     "store_definition",
     "stored_definition",
+    "study_attrs",
     "warmup_checkpoints",
 ]
 
 # ---- study user attrs
 SPEC_ATTR = "koopman_search"
 SPEC_VERSION = 2  # 1: the whole definition in SPEC_ATTR; 2: a summary there, the definition in a system attr
-# study system attr: the whole study definition (StudySpec.to_dict()), out of the way of the dashboard's
-# "Study User Attributes" and of `optuna studies`, which show every user attr as raw JSON
-SPEC_DEFINITION_ATTR = "koopman_search:definition"
+# Study system attrs of the search carry this prefix: the bulky ones (the whole study definition, the
+# baseline's records), out of the way of the dashboard's "Study User Attributes" and of `optuna studies`,
+# which show every user attr as raw JSON. study_attrs() reads them with the user attrs, prefix stripped.
+SEARCH_ATTR_PREFIX = "koopman_search:"
+SPEC_DEFINITION_ATTR = SEARCH_ATTR_PREFIX + "definition"  # the whole study definition (StudySpec.to_dict())
 ROLE_ATTR = "koopman_search_role"  # on a companion study: what it is for ("baseline of study X")
 
 # ---- trial user attrs
@@ -239,6 +245,22 @@ def spec_attr(spec: StudySpec) -> dict[str, Any]:
         "objectives": [o.to_dict() for o in spec.objectives],
         "rules": spec.rules.to_dict(),
     }
+
+
+def study_attrs(study: Any) -> dict[str, Any]:
+    """The study's attrs as the search reads them: its user attrs, with the search's own system attrs
+    (prefix stripped, the definition left out) over them."""
+    storage, study_id = study._storage, study._study_id
+    attrs = dict(storage.get_study_user_attrs(study_id))
+    for key, value in storage.get_study_system_attrs(study_id).items():
+        if key.startswith(SEARCH_ATTR_PREFIX) and key != SPEC_DEFINITION_ATTR:
+            attrs[key[len(SEARCH_ATTR_PREFIX) :]] = value
+    return attrs
+
+
+def set_study_attr(study: Any, key: str, value: Any) -> None:
+    """Store one of the search's bulky study attrs (as a system attr; :func:`study_attrs` reads it)."""
+    study._storage.set_study_system_attr(study._study_id, SEARCH_ATTR_PREFIX + key, value)
 
 
 def store_definition(study: Any, spec: StudySpec) -> None:

@@ -192,7 +192,7 @@ class TrialRunner:
         key = layout.baseline_key(self._spec.trainer.train.seed)
         study = self._study
         with exclusive(study._storage, f"koopman-search warmup {self._spec.name} {key} epoch {s}"):
-            attrs = retrying(lambda: self._storage.get_study_user_attrs(study._study_id), "read the baseline")
+            attrs = retrying(lambda: layout.study_attrs(study), "read the baseline")
             stored = dict(attrs.get(key) or {})
             checkpoints = dict(stored.get("checkpoints") or {})
             digests = dict(stored.get("digests") or {})
@@ -222,7 +222,7 @@ class TrialRunner:
             )
             checkpoints[str(s)], digests[new], rebuilt[str(s)] = new, digest, True
             stored.update(checkpoints=checkpoints, digests=digests, rebuilt=rebuilt)
-            retrying(lambda: study.set_user_attr(key, stored), "publish the rebuilt warmup checkpoint")
+            retrying(lambda: layout.set_study_attr(study, key, stored), "publish the rebuilt warmup checkpoint")
             self._baseline.checkpoints[s] = new
             self._baseline.digests[new] = digest
             return path

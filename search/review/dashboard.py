@@ -32,7 +32,7 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
-from search.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed
+from search.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
 from search.review import figures
 from search.review.notes import study_note, trial_note
 from search.review.stored import (
@@ -146,13 +146,13 @@ def _rules_from(rules: StoredRules | RuleSettings | Mapping[str, Any] | None, st
     if isinstance(rules, StoredRules):
         return rules
     if rules is None:
-        return read_rules(study.user_attrs)
+        return read_rules(study_attrs(study))
     limits = rules.to_dict() if isinstance(rules, RuleSettings) else dict(rules)
     return read_rules({SPEC_ATTR: {"rules": limits}})
 
 
 def _baseline_from(curve: Sequence[float | None] | None, study: optuna.Study) -> StoredBaseline | None:
-    stored = read_baseline(study.user_attrs)
+    stored = read_baseline(study_attrs(study))
     if curve is None:
         return stored
     return StoredBaseline(
@@ -203,8 +203,9 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
-    rules = read_rules(study.user_attrs)
-    baseline = read_baseline(study.user_attrs)
+    attrs = study_attrs(study)
+    rules = read_rules(attrs)
+    baseline = read_baseline(attrs)
     finished = study.get_trials(deepcopy=False, states=FINISHED)
     facts = [trial_facts(t) for t in finished]
     for fact in facts:
@@ -224,7 +225,7 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
 def _mark_baseline_companions(study: optuna.Study, counts: AnnotationCounts) -> None:
     """A note on each baseline companion study (``<study>.baseline-seed<N>``, docs/design.md "Baseline"),
     which optuna-dashboard lists beside the real one: what it is, and which study to look at instead."""
-    for key in study.user_attrs:
+    for key in study_attrs(study):
         seed = baseline_key_seed(key)
         if seed is None:
             continue

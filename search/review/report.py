@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import StorageError
 from search.export import dump_toml, trial_config_toml
+from search.layout import study_attrs
 from search.review import figures
 from search.review.stored import (
     StoredBaseline,
@@ -456,13 +457,14 @@ def _config_section(ctx: _Context, best_config: BestConfig | None) -> str:
 def _context(study: optuna.Study) -> _Context:
     trials = study.get_trials(deepcopy=False)
     facts = [trial_facts(t) for t in trials]
-    baseline = read_baseline(study.user_attrs)
+    attrs = study_attrs(study)
+    baseline = read_baseline(attrs)
     finished_states = {TrialState.COMPLETE.name, TrialState.PRUNED.name, TrialState.FAIL.name}
     return _Context(
         study=study,
         names=objective_names(study),
         directions=objective_directions(study),
-        rules=read_rules(study.user_attrs),
+        rules=read_rules(attrs),
         baseline=baseline,
         facts=facts,
         finished=[f for f in facts if f.state in finished_states],

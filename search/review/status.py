@@ -38,7 +38,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     retry_of = {t.number: layout.retry_of(t) for t in frozen if layout.is_retry(t)}
     retried_as = {was: now for now, was in retry_of.items()}
     queued = {t.number: t.system_attrs.get(layout.FIXED_PARAMS) or {} for t in frozen if not t.params}
-    baseline = read_baseline(study.user_attrs)
+    attrs = layout.study_attrs(study)
+    baseline = read_baseline(attrs)
     summary = summarize(facts, baseline)
     names = objective_names(study)
     trials = []
@@ -70,7 +71,7 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
             "state": baseline.state,
             "val_ppl": list(baseline.val_ppl),
             # epochs the total-loss rule does not judge: the baseline itself is over the limit
-            "total_loss_unjudged_epochs": _unjudged(study.user_attrs, baseline),
+            "total_loss_unjudged_epochs": _unjudged(attrs, baseline),
         }
         if baseline
         else None,

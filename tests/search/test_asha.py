@@ -87,6 +87,7 @@ def test_rung_values_divide_perplexities_by_the_baseline_at_that_epoch_and_sign_
 
 def _study_dict(**study: Any) -> dict[str, Any]:
     d = tomllib.loads((REPO / "studies" / "quickstart.toml").read_text())
+    d["study"] = {k: v for k, v in d["study"].items() if not k.startswith("asha_")}  # the shipped values
     d["study"].update(study)
     return d
 
@@ -117,7 +118,8 @@ def test_bad_asha_setting_in_a_file_exits_2_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = (REPO / "studies" / "quickstart.toml").read_text()
-    text = text.replace('pruner = "none"', 'pruner = "asha"\nasha_reduction_factor = 1', 1)
+    assert "asha_reduction_factor = 3" in text
+    text = text.replace("asha_reduction_factor = 3", "asha_reduction_factor = 1", 1)
     path = tmp_path / "bad.toml"
     path.write_text(text)
     code, _out, err = cli(capsys, "launch", str(path))
@@ -223,9 +225,10 @@ def test_only_trials_with_a_record_at_the_same_koopman_epoch_compete(tmp_path: P
 def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The quickstart study, reduced to 6 trials of 5 steps, with pruner = "asha" and η = 2."""
+    """The quickstart study (pruner = "asha" as shipped), reduced to 6 trials of 5 steps, with η = 2."""
     text = (REPO / "studies" / "quickstart.toml").read_text()
-    text = text.replace('pruner = "none"', 'pruner = "asha"\nasha_reduction_factor = 2', 1)
+    assert 'pruner = "asha"' in text  # the shipped setting
+    text = text.replace("asha_reduction_factor = 3", "asha_reduction_factor = 2", 1)
     text = text.replace("n_trials = 8 ", "n_trials = 6 ", 1).replace(
         "max_steps_per_epoch = 60", "max_steps_per_epoch = 5", 1
     )

@@ -30,7 +30,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search import runner
+from search import layout, runner
 from search.baseline import baseline_config_hash, rerun_baseline
 from search.cli import main
 from search.errors import BaselineError
@@ -337,7 +337,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
         # rebuilt once, by rerunning the baseline's first epoch: the same computation, the same checkpoint
         assert "warmup checkpoint of epoch 1 cannot be used" in note and note.endswith("started from it rebuilt")
         assert retry.user_attrs["epochs_from_warmup"] == 1
-        stored = optuna.load_study(study_name="w", storage=spec.storage_url).user_attrs["baseline:seed=0"]
+        stored = layout.study_attrs(optuna.load_study(study_name="w", storage=spec.storage_url))["baseline:seed=0"]
         original = baseline.user_attrs["checkpoints"]["1"]
         rebuilt = stored["checkpoints"]["1"]
         assert rebuilt != original and stored["rebuilt"] == {"1": True}
@@ -372,7 +372,7 @@ def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
         run_worker(load_spec(path))
     assert [t.state for t in trials_of(url, "w.baseline-seed0")] == [TrialState.FAIL]
     main_study = optuna.load_study(study_name="w", storage=url)
-    assert main_study.user_attrs["baseline:seed=0"]["state"] == "failed"
+    assert layout.study_attrs(main_study)["baseline:seed=0"]["state"] == "failed"
     assert [t.state for t in main_study.get_trials()] == [TrialState.WAITING]  # no trial touched
 
     monkeypatch.undo()
@@ -398,7 +398,7 @@ def test_an_edited_trainer_config_gets_a_baseline_of_its_own(tmp_path: Path) -> 
     (old,) = trials_of(url, "w.baseline-seed0")
     (new,) = trials_of(url, names[2])
     assert old.state == new.state == TrialState.COMPLETE and old.value != new.value
-    stored = optuna.load_study(study_name="w", storage=url).user_attrs["baseline:seed=0"]
+    stored = layout.study_attrs(optuna.load_study(study_name="w", storage=url))["baseline:seed=0"]
     assert stored["config_hash"] == baseline_config_hash(second)
     assert stored["val_ppl"][-1] == pytest.approx(new.value, rel=1e-5)
 

@@ -236,7 +236,8 @@ def make_review_study(
     study = optuna.create_study(study_name=name, storage=storage_url, directions=directions)
     layout.store_definition(study, spec)
     base = baseline_records()
-    study.set_user_attr(
+    layout.set_study_attr(
+        study,
         layout.baseline_key(0),
         {
             "state": "complete",

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from search import layout
 from search.review import (
     loss_figure,
     pareto_front_figure,
@@ -38,7 +39,7 @@ def _trace(fig: Any, name_part: str) -> Any:
 
 def test_loss_figure_draws_lm_koopman_total_and_the_7_limit(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.PRUNED, "original settings")
-    fig = loss_figure(facts, read_rules(study.user_attrs))
+    fig = loss_figure(facts, read_rules(layout.study_attrs(study)))
     limit = _trace(fig, "total loss limit 7")
     assert list(limit.y) == [7.0, 7.0] and list(limit.x) == [1, EPOCHS]
     assert list(_trace(fig, "LM loss").y) == facts.metric("lm_loss")
@@ -54,7 +55,7 @@ def test_loss_figure_draws_lm_koopman_total_and_the_7_limit(study: optuna.Study)
 
 def test_val_ppl_figure_draws_baseline_curve_and_the_ratio_band(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.COMPLETE, "hand-tuned 1")
-    fig = val_ppl_figure(facts, read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    fig = val_ppl_figure(facts, read_baseline(layout.study_attrs(study)), read_rules(layout.study_attrs(study)))
     baseline = _trace(fig, "baseline (Koopman off")
     assert list(baseline.y) == BASELINE_VAL_PPL
     band = _trace(fig, "limit 1.3 × baseline")
@@ -81,7 +82,7 @@ def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: op
     facts = [trial_facts(t) for t in study.get_trials()]
     with_records = sorted(f.number for f in facts if f.epoch_numbers)
     selected = with_records[2]
-    fig = trial_curves_figure("losses", facts, None, read_rules(study.user_attrs), selected=selected)
+    fig = trial_curves_figure("losses", facts, None, read_rules(layout.study_attrs(study)), selected=selected)
     menu = fig.layout.updatemenus[0]
     assert [b.label.split(" · ")[0] for b in menu.buttons] == [f"Trial {n}" for n in with_records]
     assert menu.active == 2
@@ -111,14 +112,16 @@ def test_trial_curves_menu_keeps_the_latest_trials_and_the_selected_one(
 
 
 def test_trial_curves_figure_without_trials_still_shows_the_baseline(study: optuna.Study) -> None:
-    fig = trial_curves_figure("val_ppl", [], read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    fig = trial_curves_figure(
+        "val_ppl", [], read_baseline(layout.study_attrs(study)), read_rules(layout.study_attrs(study))
+    )
     assert "no finished trial yet" in fig.layout.title.text
     assert list(_trace(fig, "baseline (Koopman off").y) == BASELINE_VAL_PPL
 
 
 def test_pareto_front_figure_stars_the_hand_tuned_trials(study: optuna.Study) -> None:
     facts = [trial_facts(t) for t in study.get_trials()]
-    fig = pareto_front_figure(study, ["val_ppl", "val_koopman_nre"], facts, read_baseline(study.user_attrs))
+    fig = pareto_front_figure(study, ["val_ppl", "val_koopman_nre"], facts, read_baseline(layout.study_attrs(study)))
     for label in ("hand-tuned 1", "hand-tuned 2", "hand-tuned 3"):
         trial = next(f for f in facts if f.label == label)
         star = _trace(fig, f"★ {label} (trial {trial.number})")
@@ -148,7 +151,7 @@ def test_loss_figure_keeps_the_first_koopman_point_off_the_limits_level_and_the_
     study: optuna.Study,
 ) -> None:
     facts = _facts(study, TrialState.PRUNED, "original settings")
-    fig = loss_figure(facts, read_rules(study.user_attrs))
+    fig = loss_figure(facts, read_rules(layout.study_attrs(study)))
     koopman = [v for v in _trace(fig, "Koopman loss").y if v is not None]
     lo, hi = fig.layout.yaxis.range
     top = fig.layout.yaxis2.range[1]

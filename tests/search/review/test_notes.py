@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from search import layout
 from search.review import (
     read_baseline,
     read_rules,
@@ -26,7 +27,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.PRUNED, "original settings")
     note = trial_note(
-        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+        facts,
+        ["val_ppl", "val_koopman_nre"],
+        read_baseline(layout.study_attrs(study)),
+        read_rules(layout.study_attrs(study)),
     )
     epoch = facts.pruned_epoch
     assert f"### Trial {facts.number}: pruned at epoch {epoch}" in note
@@ -42,7 +46,10 @@ def test_note_of_pruned_trial_gives_reason_epoch_and_baseline_ratio(study: optun
 def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.COMPLETE, "hand-tuned 2")
     note = trial_note(
-        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+        facts,
+        ["val_ppl", "val_koopman_nre"],
+        read_baseline(layout.study_attrs(study)),
+        read_rules(layout.study_attrs(study)),
     )
     assert "hand-tuned 2" in note
     assert f"**Result:** val\\_ppl = {facts.values[0]:.5g}, val\\_koopman\\_nre = {facts.values[1]:.5g}" in note
@@ -54,7 +61,9 @@ def test_note_of_complete_trial_gives_objective_values_and_params(study: optuna.
 
 def test_note_tables_pad_every_cell_but_the_first(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.COMPLETE, "hand-tuned 2")
-    note = trial_note(facts, ["val_ppl"], read_baseline(study.user_attrs), read_rules(study.user_attrs))
+    note = trial_note(
+        facts, ["val_ppl"], read_baseline(layout.study_attrs(study)), read_rules(layout.study_attrs(study))
+    )
     rows = [line for line in note.splitlines() if line.startswith("| ")]
     assert len(rows) >= 6
     for row in rows:
@@ -68,15 +77,15 @@ def test_note_of_val_ppl_pruned_trial_says_the_ratio_is_over(study: optuna.Study
     note = trial_note(
         trial_facts(pruned[0]),
         ["val_ppl", "val_koopman_nre"],
-        read_baseline(study.user_attrs),
-        read_rules(study.user_attrs),
+        read_baseline(layout.study_attrs(study)),
+        read_rules(layout.study_attrs(study)),
     )
     assert "(limit 1.3×, over)" in note
 
 
 def test_note_of_failed_trial_gives_the_error(study: optuna.Study) -> None:
     facts = _facts(study, TrialState.FAIL)
-    note = trial_note(facts, ["val_ppl", "val_koopman_nre"], None, read_rules(study.user_attrs))
+    note = trial_note(facts, ["val_ppl", "val_koopman_nre"], None, read_rules(layout.study_attrs(study)))
     assert "**Failed:** CUDA out of memory at epoch 5" in note
     assert "No epoch records were stored for this trial." in note
 
@@ -95,7 +104,10 @@ def test_note_of_a_trial_the_asha_pruner_stopped_names_its_rungs_and_ranks(study
     assert facts.pruned_by == "asha" and facts.epochs_saved_by_rules == 0
     assert facts.epochs_saved_by_pruner == facts.epochs_saved_by_pruning > 0
     note = trial_note(
-        facts, ["val_ppl", "val_koopman_nre"], read_baseline(study.user_attrs), read_rules(study.user_attrs)
+        facts,
+        ["val_ppl", "val_koopman_nre"],
+        read_baseline(layout.study_attrs(study)),
+        read_rules(layout.study_attrs(study)),
     )
     assert "**Pruned:** asha: rung 2 (Koopman epoch 3, epoch 6): rank 4 of 7" in note
     assert (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from search import layout
 from search.review import (
     read_baseline,
     read_rules,
@@ -32,9 +33,9 @@ def test_synthetic_study_has_the_trial_states_the_review_must_show(study: optuna
 
 
 def test_read_rules_and_baseline_from_study_attrs(study: optuna.Study) -> None:
-    rules = read_rules(study.user_attrs)
+    rules = read_rules(layout.study_attrs(study))
     assert (rules.total_loss_max, rules.val_ppl_ratio_max) == (7.0, 1.3)
-    baseline = read_baseline(study.user_attrs)
+    baseline = read_baseline(layout.study_attrs(study))
     assert baseline is not None and baseline.seed == 0 and baseline.state == "complete"
     assert baseline.at(10) == 477.2 and baseline.at(11) is None and baseline.at(0) is None
 
@@ -49,7 +50,7 @@ def test_epochs_saved_by_pruning_is_epochs_minus_run_minus_warmup(study: optuna.
 
 
 def test_read_baseline_prefers_the_baseline_of_the_study_files_trainer_seed(study: optuna.Study) -> None:
-    attrs = dict(study.user_attrs)
+    attrs = layout.study_attrs(study)
     attrs["baseline:seed=1"] = {**attrs["baseline:seed=0"], "val_ppl": [1.0] * EPOCHS}
     attrs["koopman_search"] = {**attrs["koopman_search"], "trainer_seed": 1}
     baseline = read_baseline(attrs)
