@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from search.errors import StorageError
-from search.layout import SPEC_DEFINITION_ATTR, stored_definition
+from search.layout import SPEC_DEFINITION_ATTR, WORKER, stored_definition
 from search.spec import StudySpec, spec_from_dict
 from trainer.config import TrainerConfig, config_to_dict
 
@@ -68,4 +68,9 @@ def trial_config_toml(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> s
         f"{', '.join(names)} = {values}\n"
         f"run it: koopman-search train --config THIS_FILE.toml"
     )
+    worker = trial.user_attrs.get(WORKER)
+    threads = worker.get("torch_threads") if isinstance(worker, Mapping) else None
+    if isinstance(threads, int) and not isinstance(threads, bool):
+        # CPU results depend on the thread count (another reduction order): name the trial's
+        header += f"\ntrained with {threads} torch thread(s); on CPU, OMP_NUM_THREADS={threads} reproduces it exactly"
     return dump_toml(config_to_dict(cfg), header)

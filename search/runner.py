@@ -240,7 +240,13 @@ class TrialRunner:
             params = retrying(lambda: spec.space.suggest(trial), f"draw the parameters of trial {trial.number}")
             cfg = spec.trial_config(params)
             # which process runs it: the one to look at when the trial goes quiet
-            worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": cfg.train.device}
+            # and its torch thread count: CPU results depend on it, so an exported trial names it
+            worker = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "device": cfg.train.device,
+                "torch_threads": _torch_threads(),
+            }
             retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
             trainer, warm, resumed = self._start(job, cfg)
             first_epoch = trainer.epoch + 1
@@ -384,6 +390,12 @@ class TrialRunner:
         if interrupted:
             job.hand_back(study)
         return True
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _free_device() -> None:

@@ -148,6 +148,10 @@ def test_launch_status_best_round_trip_ends_in_a_config_that_trains(
     assert code == 0, err
     chosen = front[0]  # the Pareto trial with the best first objective
     assert f"trial {chosen['number']} of study tiny" in out
+    import torch
+
+    threads = torch.get_num_threads()  # launch ran in this process: the trials used its thread count
+    assert f"# trained with {threads} torch thread(s); on CPU, OMP_NUM_THREADS={threads} reproduces it" in out
     config_file = tmp_path / "best.toml"
     config_file.write_text(out)
     cfg = load_config(config_file)
