@@ -13,17 +13,15 @@ had different amounts of LM training when they reach one rung, and the ratio tak
 objectives "top" is the order of non-dominated sorting, ties within a front broken by crowding distance
 (NSGA-II's), so that a front's extremes go first; equal points share a place.
 
-The decision reads what the storage holds when the trial reaches its rung (every worker writes its epoch's
-record before it decides), under a storage-wide lock, so two workers at one rung decide one after the other.
+This module holds the settings and the decision on plain numbers; :class:`search.rungs.AshaPruner` reads a
+rung from the storage and decides with them.
 
-    pruner = AshaPruner(spec.asha, spec, baseline_val_ppl)
-    reason = pruner.check(storage, study_id, trial_id, params, record)
-    # "asha: rung 1 (Koopman epoch 3, epoch 5): rank 5 of 9 on (val_ppl, val_koopman_forward_ppl), keeps top 3"
+    decide((1.2, 1.4), [(1.1, 1.6), (1.3, 1.3), (1.5, 1.5)], reduction_factor=3)
+    # RungDecision(rank=3, of=4, keep=1): on the first front, but between its two extremes, which go first
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,15 +31,13 @@ from search.errors import SpecError
 
 __all__ = [
     "ASHA_KEYS",
-    "AshaPruner",
+    "PRUNED_BY",
     "AshaSettings",
     "RungDecision",
     "decide",
     "order_keys",
     "rung_values",
 ]
-
-logger = logging.getLogger(__name__)
 
 ASHA_KEYS = ("asha_reduction_factor", "asha_min_epochs")
 PRUNED_BY = "asha"
@@ -187,88 +183,3 @@ def rung_values(
             value /= baseline_val_ppl[epoch - 1]
         out.append(sign * value)
     return tuple(out)
-
-
-class AshaPruner:
-    """Decides at each rung of a trial, from what the storage holds (see the module's docstring)."""
-
-    def __init__(
-        self,
-        settings: AshaSettings,
-        metrics: Sequence[str],
-        directions: Sequence[str],
-        epochs: int,
-        default_start: int,
-        baseline_val_ppl: Sequence[float],
-        study_name: str,
-    ) -> None:
-        self.settings = settings
-        self._metrics = tuple(metrics)
-        self._signs = tuple(-1.0 if d == "maximize" else 1.0 for d in directions)
-        self._epochs = epochs
-        self._default_start = default_start
-        self._baseline = tuple(baseline_val_ppl)
-        self._lock = f"koopman-search asha {study_name}"
-        self.name = PRUNED_BY
-
-    def start_epoch(self, params: Mapping[str, Any]) -> int:
-        return int(params.get("koopman_start_epoch", self._default_start))
-
-    def rung_of(self, start: int, epoch: int) -> int | None:
-        """The rung (0-based) that ``epoch`` is for a trial that starts its Koopman loss after ``start``."""
-        rungs = self.settings.rungs(self._epochs - start)
-        k = epoch - start
-        return rungs.index(k) if k in rungs else None
-
-    def check(
-        self, storage: Any, study_id: int, trial_id: int, params: Mapping[str, Any], epoch: int
-    ) -> tuple[str | None, dict[str, Any] | None]:
-        """(prune reason or None, the decision to record) for the trial at ``epoch``; (None, None) off a rung.
-        The trial's own record at ``epoch`` must already be stored."""
-        from optuna.trial import TrialState
-
-        from search import layout
-        from search.storage import exclusive, retrying
-
-        start = self.start_epoch(params)
-        rung = self.rung_of(start, epoch)
-        if rung is None:
-            return None, None
-        k = epoch - start
-        states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-        with exclusive(storage, self._lock):
-            trials = retrying(
-                lambda: storage.get_all_trials(study_id, deepcopy=False, states=states), "read the rung's trials"
-            )
-            mine, others = None, []
-            for t in trials:
-                other_start = self.start_epoch(t.params)
-                values = rung_values(
-                    t.user_attrs.get(layout.RECORDS), other_start + k, self._metrics, self._signs, self._baseline
-                )
-                if values is None:
-                    continue
-                if t._trial_id == trial_id:
-                    mine = values
-                else:
-                    others.append(values)
-            if mine is None:
-                logger.warning("asha: trial %d has no stored record at epoch %d; not judged", trial_id, epoch)
-                return None, None
-            d = decide(mine, others, self.settings.reduction_factor)
-            decision = {
-                "rung": rung + 1,
-                "koopman_epoch": k,
-                "epoch": epoch,
-                "rank": d.rank,
-                "of": d.of,
-                "keep": d.keep,
-            }
-            if d.kept:
-                return None, decision
-            on = ", ".join(self._metrics)
-            reason = (
-                f"asha: rung {rung + 1} (Koopman epoch {k}, epoch {epoch}): rank {d.rank} of {d.of} on ({on}), "
-                f"keeps top {d.keep}"
-            )
-            return reason, decision

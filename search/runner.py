@@ -24,10 +24,10 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
-from search.asha import AshaPruner
 from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
+from search.rungs import AshaPruner
 from search.spec import StudySpec
 from search.storage import exclusive, retrying
 from trainer.errors import CheckpointError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
@@ -148,6 +149,13 @@ def write_study(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a command a test stops with SIGINT, as a terminal's Ctrl-C does: a shell that runs
+    the tests in the background (``nohup ... &``) leaves SIGINT ignored, its children inherit that, and
+    Python then raises no KeyboardInterrupt at all. The child starts with SIGINT at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -15,8 +15,9 @@ import tomllib
 from optuna.trial import TrialState
 
 from search import layout
-from search.asha import AshaPruner, AshaSettings, decide, order_keys, rung_values
+from search.asha import AshaSettings, decide, order_keys, rung_values
 from search.errors import SpecError
+from search.rungs import AshaPruner
 from search.spec import spec_from_dict
 from tests.search.study_files import cli, status_json, trials_of
 

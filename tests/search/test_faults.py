@@ -42,7 +42,7 @@ from search.study import ensure_budget
 from search.workers import run_worker
 from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
-from tests.search.study_files import logging_restored, study_names, trials_of
+from tests.search.study_files import interruptible, logging_restored, study_names, trials_of
 from tests.search.study_files import write_worker_study as write_study
 from tests.search.test_workers import (  # noqa: F401 - worker_env and processes are fixtures
     Worker,
@@ -103,6 +103,7 @@ def _launch(study: Path, env: dict[str, str]) -> subprocess.Popen[str]:
         text=True,
         env=env,
         cwd=REPO,
+        preexec_fn=interruptible,
     )
 
 

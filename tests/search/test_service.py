@@ -30,6 +30,7 @@ from tests.search.study_files import (
     PARAMS,
     cli,
     error_lines,
+    interruptible,
     logging_restored,
     progress_lines,
     status_json,
@@ -451,6 +452,7 @@ def test_ctrl_c_leaves_no_trial_running_and_the_next_launch_resumes_the_trial(
         stderr=subprocess.PIPE,
         text=True,
         env=_subprocess_env(),
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 120

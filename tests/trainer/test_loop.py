@@ -493,17 +493,23 @@ def test_heads_learn_at_their_own_pace_whatever_the_weight(corpus: Corpus) -> No
     # The weight scales the Koopman gradient into the backbone only. At weights of 1e-4 and 1e-8 the backbone
     # is practically the baseline's in both runs, and the heads train alike; had the heads learnt from the
     # weighted loss, their gradients at 1e-8 would sit far below AdamW's eps = 1e-8 and they would stall.
-    def run_at(w: float) -> list[EpochRecord]:
-        return run(tiny_config({"koopman.weight_max": w, "koopman.schedule": "step"}), corpus).records
+    def moved(trainer: HybridKoopmanTrainer) -> float:
+        """The largest change of a head parameter from its initial value (the same seed's fresh heads)."""
+        fresh = HybridKoopmanTrainer(tiny_config(), corpus)
+        assert trainer.koopman is not None and fresh.koopman is not None
+        now, then = trainer.koopman.state_dict(), fresh.koopman.state_dict()
+        return max((now[k].float() - then[k].float()).abs().max().item() for k in now if now[k].is_floating_point())
+
+    def run_at(w: float) -> HybridKoopmanTrainer:
+        return run(tiny_config({"koopman.weight_max": w, "koopman.schedule": "step"}), corpus)
 
     small, tiny = run_at(1e-4), run_at(1e-8)
     baseline = run(tiny_config().without_koopman(), corpus).records
-    assert tiny[-1].koopman_loss == pytest.approx(small[-1].koopman_loss, rel=1e-2)
-    assert tiny[-1].val_loss == pytest.approx(baseline[-1].val_loss, rel=1e-6)
-    # and the heads did move: the loss is not the one of fresh heads on the same states
-    fresh = HybridKoopmanTrainer(tiny_config(), corpus)
-    assert fresh.koopman is not None
-    assert tiny[-1].val_koopman_gain != pytest.approx(fresh.evaluate()["val_koopman_gain"], rel=1e-2)
+    assert tiny.records[-1].koopman_loss == pytest.approx(small.records[-1].koopman_loss, rel=1e-2)
+    assert tiny.records[-1].val_loss == pytest.approx(baseline[-1].val_loss, rel=1e-6)
+    # and the heads did move, as far at 1e-8 as at 1e-4 (AdamW steps of about lr each)
+    assert moved(tiny) > 1e-2
+    assert moved(tiny) == pytest.approx(moved(small), rel=5e-2)
 
 
 def test_dmd_refit_grows_k_while_the_other_fits_keep_it_near_the_identity(corpus: Corpus) -> None:

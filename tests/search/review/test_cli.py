@@ -22,6 +22,7 @@ from tests.search.review.synthetic import (
     STUDY_NAME,
     wait_for,
 )
+from tests.search.study_files import interruptible
 
 REPO = Path(__file__).resolve().parents[3]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,6 +134,7 @@ def test_dashboard_command_serves_the_api_until_stopped(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=interruptible,
     )
     studies: list[Any] = []
 
