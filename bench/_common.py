@@ -6,6 +6,7 @@ The scripts are entry points: they configure logging (progress on stderr) and pr
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -29,6 +30,8 @@ __all__ = [
     "DEFAULT_POSTGRES",
     "REPO",
     "STUDY_FILE",
+    "WIKITEXT2",
+    "doc_parser",
     "hypervolume_2d",
     "machine_line",
     "markdown_table",
@@ -42,7 +45,18 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY_FILE = REPO / "studies" / "wikitext2.toml"
+WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"  # the corpus beside the checkout (never committed)
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's argument parser from its docstring: the first paragraph as the description, the rest (the
+    method) as the epilog of ``--help``, laid out as written."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import study_file_dict  # noqa: E402
+from bench._common import WIKITEXT2, study_file_dict  # noqa: E402
 
 OFF_LIMIT = 1e9
 
@@ -97,7 +97,7 @@ def complete_trials(path: Path) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials-per-gpu", default="1,2,4,8", help="values of K, comma-separated (default 1,2,4,8)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"))
+    p.add_argument("--data", default=str(WIKITEXT2))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=100, help="training steps per epoch (default 100)")
     p.add_argument("--eval-batches", type=int, default=10)

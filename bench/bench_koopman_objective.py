@@ -30,15 +30,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
-
 import torch  # noqa: E402
 
+from bench._common import WIKITEXT2  # noqa: E402
 from trainer.config import TrainerConfig, with_overrides  # noqa: E402
 from trainer.loop import HybridKoopmanTrainer  # noqa: E402
 from trainer.probe import PROBE, frozen_backbone_probe  # noqa: E402
 from trainer.records import EpochRecord  # noqa: E402
 
-DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
+DEFAULT_DATA = "files:" + os.path.relpath(WIKITEXT2)
 PROBE_LOSSES = ("smooth_l1", "mse", "normalized", "vicreg", "decoder")
 LIVE_VARIANTS = ("decoder/gradient", "decoder/lstsq", "smooth_l1/gradient", "smooth_l1/lstsq", "smooth_l1/dmd")
 

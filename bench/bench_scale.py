@@ -44,6 +44,7 @@ from typing import Any
 from _common import (
     DEFAULT_POSTGRES,
     REPO,
+    doc_parser,
     machine_line,
     markdown_table,
     postgres_scratch_db,
@@ -340,11 +341,7 @@ def run_backend(args: argparse.Namespace, backend: str, tmp: Path) -> tuple[list
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--trials", type=int, default=1000, help="trials in the study (default: %(default)s)")
     p.add_argument("--backends", default="sqlite,postgresql", help="storages to test (default: %(default)s)")
     p.add_argument(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import (
     DEFAULT_POSTGRES,
     REPO,
+    doc_parser,
     machine_line,
     markdown_table,
     postgres_scratch_db,
@@ -367,11 +368,7 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--workers", default="16,32,64", help="worker processes per run (default: %(default)s)")
     p.add_argument("--storages", default="direct,proxy", help="direct, proxy or both (default: %(default)s)")
     p.add_argument("--trials-per-worker", type=int, default=3, help="budget = workers x this (default: %(default)s)")

@@ -57,7 +57,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, hypervolume_2d, machine_line, markdown_table, setup_logging, study_file_dict
+from _common import (
+    REPO,
+    WIKITEXT2,
+    doc_parser,
+    hypervolume_2d,
+    machine_line,
+    markdown_table,
+    setup_logging,
+    study_file_dict,
+)
 
 logger = logging.getLogger("bench.search_cost")
 
@@ -417,14 +426,10 @@ def report(summary: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--data",
-        default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
+        default=str(WIKITEXT2),
         help="WikiText-2 directory with train.txt / valid.txt / test.txt (default: %(default)s)",
     )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")

@@ -48,6 +48,8 @@ from typing import Any
 from _common import (
     DEFAULT_POSTGRES,
     REPO,
+    WIKITEXT2,
+    doc_parser,
     machine_line,
     markdown_table,
     postgres_scratch_db,
@@ -387,14 +389,10 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--data",
-        default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
+        default=str(WIKITEXT2),
         help="WikiText-2 directory (default: %(default)s)",
     )
     p.add_argument("--backends", default="sqlite,postgresql", help="storages to test (default: %(default)s)")

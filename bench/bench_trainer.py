@@ -49,7 +49,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
-
+from bench._common import WIKITEXT2  # noqa: E402
 from trainer.config import TrainerConfig, config_from_dict, with_overrides  # noqa: E402
 from trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
 from trainer.koopman import KoopmanHeads  # noqa: E402
@@ -59,7 +59,7 @@ from trainer.model import TransformerLM  # noqa: E402
 
 logger = logging.getLogger("bench_trainer")
 
-DEFAULT_DATA = "files:" + os.path.relpath(REPO.parent / "shared" / "data" / "wikitext-2")
+DEFAULT_DATA = "files:" + os.path.relpath(WIKITEXT2)
 OVERHEAD_GOAL = 1.10
 # the fits the overhead goal is about; "dmd" (the notebook's refit, opt-in) lifts every token of every batch
 TIMED_FITS = ("gradient", "lstsq")

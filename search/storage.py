@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 import warnings
@@ -173,9 +175,6 @@ class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
     file under the artifact's name, and the temporary one is removed when the failure is an exception."""
 
     def write(self, artifact_id: str, content_body: Any) -> None:
-        import shutil
-        import tempfile
-
         target = Path(self._get_filepath(artifact_id))
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:
