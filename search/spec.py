@@ -82,6 +82,8 @@ OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs
 DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "minimize"))
 # Objectives that exist only for a Koopman objective with a decoder ψ (NaN otherwise: docs/koopman-objective.md)
 DECODER_METRICS = frozenset({"val_koopman_forward_ppl"})
+# Objectives of the closed-form linear replacement (trainer/linearity.py): NaN when it is off
+LINEAR_METRICS = frozenset({"val_linear_nre", "val_linear_ppl"})
 
 TABLES = ("study", "trainer", "search", "rules", "baseline", "enqueue")
 STUDY_KEYS = (
@@ -326,6 +328,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
 
     space = SearchSpace.from_dict(values.get("search", {}), trainer, origin)
     _check_decoder_objectives(objectives, trainer, space, origin)
+    _check_linear_objectives(objectives, trainer, origin)
     rules = _rules(values.get("rules", {}), objectives, origin)
     baseline = _baseline(values.get("baseline", {}), trainer.train.epochs, origin)
     enqueue = _enqueue(values.get("enqueue", []), space, origin)
@@ -514,6 +517,18 @@ def _check_decoder_objectives(
             f"got loss={other[0]!r}; use val_koopman_nre or val_koopman_gain as the objective instead",
             origin,
             where,
+        )
+
+
+def _check_linear_objectives(objectives: tuple[Objective, ...], trainer: TrainerConfig, origin: str) -> None:
+    """A linear-replacement objective needs the measure on: ``train.linear_fit_tokens`` > 0."""
+    needs = [o.metric for o in objectives if o.metric in LINEAR_METRICS]
+    if needs and trainer.train.linear_fit_tokens == 0:
+        raise SpecError.at(
+            f"objective {needs[0]} needs the linear replacement measured (train.linear_fit_tokens > 0), but got "
+            "linear_fit_tokens=0; set it (default 4096) or choose another objective",
+            origin,
+            "trainer.train.linear_fit_tokens",
         )
 
 

@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "FALLBACK_MODES",
     "FIT_MODES",
     "LIFTINGS",
     "LOSSES",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "exponential", "step", "cosine")
+FALLBACK_MODES = ("relative", "absolute")  # trainer/schedule.py, FallbackState
 FIT_MODES = ("gradient", "lstsq", "dmd")
 # "decoder" is the well-posed default (docs/koopman-objective.md); "smooth_l1" and "mse" are the notebook's
 # latent-only forms, kept to reproduce it: they can be driven to zero by shrinking φ. "normalized" (the latent
@@ -145,6 +147,11 @@ class KoopmanConfig:
     enabled: bool = True  # False = the baseline: same trainer, Koopman loss off
     dim: int = field(default=256, metadata=_check(_positive))
     lifting: str = field(default="mlp", metadata=_check(_one_of(*LIFTINGS)))
+    # Weight of the isotropy term on φ inside the decoder objective (trainer/koopman.py, _isotropy_gap):
+    # without it φ carries the states' information in a few large directions (effective rank 0.45-0.76 × the
+    # states' own on a live run); at 1 it stays more spread than the states (docs/koopman-objective.md,
+    # "Collapse"). 0 = the plain three-term decoder objective.
+    spread: float = field(default=1.0, metadata=_check(_non_negative))
     loss: str = field(default="decoder", metadata=_check(_one_of(*LOSSES)))
     fit: str = field(default="gradient", metadata=_check(_one_of(*FIT_MODES)))
     update_interval: int = field(default=10, metadata=_check(_positive))  # lstsq refit period, in steps
@@ -162,7 +169,11 @@ class KoopmanConfig:
     weight_max: float = field(default=0.5, metadata=_check(_non_negative))
     start_epoch: int = field(default=3, metadata=_check(_non_negative))
     schedule: str = field(default="linear", metadata=_check(_one_of(*SCHEDULES)))
-    fallback_threshold: float = field(default=10.0, metadata=_check(_positive))
+    # fallback_mode "relative": a batch whose Koopman loss is above fallback_threshold × the running mean of
+    # the epoch's earlier batches cuts the weight; "absolute": above fallback_threshold itself (the notebook's
+    # form, for its raw losses). trainer/schedule.py, docs/koopman-objective.md "The fallback".
+    fallback_mode: str = field(default="relative", metadata=_check(_one_of(*FALLBACK_MODES)))
+    fallback_threshold: float = field(default=1.5, metadata=_check(_positive))
     fallback_factor: float = field(default=0.01, metadata=_check(_unit_interval))
     fallback_batches: int = field(default=10, metadata=_check(_non_negative))
 
@@ -179,6 +190,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_check(_device))
     max_steps_per_epoch: int = field(default=0, metadata=_check(_non_negative))  # 0 = the whole split
     max_eval_batches: int = field(default=0, metadata=_check(_non_negative))  # 0 = the whole split
+    # Training tokens the closed-form linear replacement of every block is fitted on at each evaluation
+    # (trainer/linearity.py; fixed windows spread over the train split); 0 = the measure is off.
+    linear_fit_tokens: int = field(default=4096, metadata=_check(_non_negative))
     progress: bool = False  # a progress bar per epoch on stderr
 
 

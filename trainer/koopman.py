@@ -11,7 +11,9 @@ The objectives (``koopman.loss``, docs/koopman-objective.md):
   prediction K φ(h_in) + c ≈ φ(h_out), each a residual energy divided by the centred energy of its own
   target (Lusch, Kutz & Brunton 2018, normalised). Every term is invariant to the scale of φ and of h, and a
   φ collapsed to a constant or to one direction cannot reconstruct h, so the loss cannot be driven to zero
-  by shrinking or collapsing φ.
+  by shrinking or collapsing φ. Plus ``koopman.spread`` × φ's isotropy gap (how far its covariance is from
+  an even spread over uncorrelated directions, scale-free): the three terms alone let φ carry the states'
+  information in a few large directions (its effective rank well below the states'), which the gap prevents.
 * ``"smooth_l1"``, ``"mse"``: the notebook's latent-only forms between K φ(h_in) and φ(h_out); minimised by
   shrinking φ toward a constant (kept to reproduce the notebook, not to search with).
 
@@ -96,6 +98,19 @@ def _variance_covariance_floor(z: torch.Tensor) -> torch.Tensor:
     std = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1) + 1e-4)
     off = cov - torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
     return F.relu(1.0 - std).mean(-1) + off.pow(2).sum((1, 2)) / z.shape[-1]
+
+
+def _isotropy_gap(z: torch.Tensor) -> torch.Tensor:
+    """How far φ (L, N, k) → (L,) is from spreading its variance evenly over uncorrelated directions:
+    ‖C / (tr C / k) − I‖²_F / k² for its covariance C. 0 when white, about 1 when all variance lies in one
+    direction; blind to φ's scale, so the decoder objective stays blind to it too."""
+    zc = z - z.mean(1, keepdim=True)
+    k = z.shape[-1]
+    cov = zc.transpose(1, 2) @ zc  # (L, k, k), the 1/N cancels below
+    mean_var = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) / k  # (L,)
+    normalised = cov / mean_var.clamp_min(_TINY).reshape(-1, 1, 1)
+    eye = torch.eye(k, dtype=z.dtype, device=z.device)
+    return (normalised - eye).pow(2).sum((1, 2)) / (k * k)
 
 
 class KoopmanHeads(nn.Module):
@@ -275,7 +290,11 @@ class KoopmanHeads(nn.Module):
         back = self.decode(torch.cat((x, y, pred), dim=1))  # (L, 3N, d)
         rec = 0.5 * (_energy_ratio(back[:, :n] - h_in, h_in) + _energy_ratio(back[:, n : 2 * n] - h_out, h_out))
         prd = _energy_ratio(back[:, 2 * n :] - h_out, h_out)
-        return ((rec + prd + lat) / 3).mean(), x, y
+        loss = ((rec + prd + lat) / 3).mean()
+        if self.cfg.spread:
+            # φ of inputs and outputs together, pulled toward an even spread over uncorrelated directions
+            loss = loss + self.cfg.spread * _isotropy_gap(torch.cat((x, y), dim=1)).mean()
+        return loss, x, y
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The notebook's latent loss between K φ(h_in) and φ(h_out), averaged over blocks. x, y: (L, N, k)."""
@@ -384,7 +403,10 @@ class KoopmanMetrics:
     * ``effective_rank`` = (tr C)² / ‖C‖²_F of the covariance C of φ(h_out) (its participation ratio: k for
       a spread φ, 1 for a φ whose variance lies in one direction);
     * ``state_effective_rank``: the same of the block outputs h_out themselves, the scale to read the
-      former against (a trained residual stream is itself far from isotropic).
+      former against (a trained residual stream is itself far from isotropic);
+    * ``rank_ratio``: the participation ratio of φ(h_out)'s correlation matrix over that of h_out's: both
+      read on standardised coordinates, so a few large residual directions do not dominate; below 1 φ is
+      less spread than the states it encodes.
 
     With r a residual, Σ‖r̃‖² = Σ‖r‖² − n‖r̄‖², so one pass of sums gives the centred values.
     """
@@ -422,19 +444,35 @@ class KoopmanMetrics:
         var = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)  # tr C = Σ‖ỹ‖²
         return var.pow(2) / cov.pow(2).sum((1, 2)).clamp_min(_TINY), var
 
+    def _entropy_rank(self, s: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+        """Effective rank of the centred data (Roy & Vetterli 2007): exp of the entropy of its normalised
+        singular values. 1 when all variance lies in one direction, the dimension when it is spread evenly;
+        unlike the participation ratio it counts a long tail of small directions, so a residual stream
+        dominated by a few large directions still reads its tail (docs/koopman-objective.md, "Collapse")."""
+        cov = ss - torch.einsum("li,lj->lij", s, s) / self.n  # (L, m, m)
+        sv = torch.linalg.eigvalsh(cov).clamp_min(0.0).sqrt()  # singular values of the centred data (L, m)
+        p = sv / sv.sum(-1, keepdim=True).clamp_min(_TINY)
+        return torch.exp(-(p * torch.log(p.clamp_min(_TINY))).sum(-1))
+
     def per_block(self) -> dict[str, list[float]]:
         """nre, gain and effective_rank of every block (NaN lists when nothing was seen)."""
+        names = ("nre", "gain", "effective_rank", "state_effective_rank", "rank_ratio")
         if not self._sums or self.n == 0:
-            return {"nre": [], "gain": [], "effective_rank": [], "state_effective_rank": []}
+            return {name: [] for name in names}
         srk, srk2, sri, sri2, sy, syy, sh, shh = self._sums
         err_k, err_i = self._centred(srk, srk2), self._centred(sri, sri2)
         rank, var = self._participation(sy, syy)
         state_rank, _ = self._participation(sh, shh)
+        # Collapse read on standardised coordinates, relative to the states φ encodes: a raw participation
+        # ratio of a residual stream dominated by a few large directions reads ~1 for the states too
+        # (docs/koopman-objective.md, "Collapse").
+        ratio = self._entropy_rank(sy, syy) / self._entropy_rank(sh, shh)
         return {
             "nre": (err_k / var.clamp_min(_TINY)).tolist(),
             "gain": (err_i / err_k.clamp_min(_TINY)).tolist(),
             "effective_rank": rank.tolist(),
             "state_effective_rank": state_rank.tolist(),
+            "rank_ratio": ratio.tolist(),
         }
 
     def values(self) -> dict[str, float]:

@@ -39,6 +39,7 @@ from trainer.config import TrainerConfig, config_from_dict, config_to_dict
 from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
 from trainer.errors import CheckpointError, ConfigError
 from trainer.koopman import KoopmanHeads, KoopmanMetrics
+from trainer.linearity import LinearBlockModels, LinearScore, fit_linear
 from trainer.lm_loss import lm_loss_and_hidden
 from trainer.model import build_model, model_blocks
 from trainer.records import EpochRecord
@@ -76,6 +77,13 @@ def _koopman_block_hook(
 ) -> Any:
     """A forward hook that replaces block ``layer``'s output by ψ(K φ(input) + c)."""
     return heads.block_step(layer, inputs[0])
+
+
+def _linear_block_hook(
+    models: LinearBlockModels, layer: int, module: nn.Module, inputs: tuple[Any, ...], output: Any
+) -> Any:
+    """A forward hook that replaces block ``layer``'s output by its fitted linear model."""
+    return models.block_step(layer, inputs[0])
 
 
 class HybridKoopmanTrainer:
@@ -158,7 +166,9 @@ class HybridKoopmanTrainer:
         started = time.perf_counter()
         weight = koopman_weight(epoch, kc, cfg.train.epochs)
         koop = self.koopman if weight > 0 else None
-        fallback = FallbackState(kc.fallback_threshold, kc.fallback_factor, kc.fallback_batches, self.device)
+        fallback = FallbackState(
+            kc.fallback_threshold, kc.fallback_factor, kc.fallback_batches, self.device, kc.fallback_mode
+        )
         lm_params = list(self.model.parameters())
         head_params = list(self.koopman.parameters()) if self.koopman is not None else []
         self.model.train()
@@ -250,11 +260,12 @@ class HybridKoopmanTrainer:
         if cut or nonfinite:
             # one warning per epoch at most; the counts also go into the record
             logger.warning(
-                "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g)%s",
+                "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g%s)%s",
                 epoch,
                 cut,
                 steps,
                 kc.fallback_threshold,
+                " x the running mean" if kc.fallback_mode == "relative" else "",
                 f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
                 if nonfinite
                 else "",
@@ -279,6 +290,10 @@ class HybridKoopmanTrainer:
             phi_effective_rank=val["phi_effective_rank"],
             state_effective_rank=val["state_effective_rank"],
             val_koopman_forward_ppl=val["val_koopman_forward_ppl"],
+            phi_rank_ratio=val["phi_rank_ratio"],
+            val_linear_nre=val["val_linear_nre"],
+            val_linear_nre_blocks=val["val_linear_nre_blocks"],
+            val_linear_ppl=val["val_linear_ppl"],
             koopman_k_norm=self.koopman.k_norm() if koop is not None and self.koopman is not None else math.nan,
             seconds=time.perf_counter() - started,
             tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,
@@ -306,7 +321,9 @@ class HybridKoopmanTrainer:
         self.model.eval()
         heads = self.koopman if koopman else None
         metrics = KoopmanMetrics() if heads is not None else None
-        val_loss = self._val_loss(metrics)
+        linear = self._fit_linear() if self.cfg.train.linear_fit_tokens else None
+        score = LinearScore(linear) if linear is not None else None
+        val_loss = self._val_loss(metrics, score)
         out: dict[str, Any] = {
             "val_loss": val_loss,
             "val_koopman_nre": math.nan,
@@ -315,7 +332,15 @@ class HybridKoopmanTrainer:
             "phi_effective_rank": math.nan,
             "state_effective_rank": math.nan,
             "val_koopman_forward_ppl": math.nan,
+            "phi_rank_ratio": math.nan,
+            "val_linear_nre": math.nan,
+            "val_linear_nre_blocks": [],
+            "val_linear_ppl": math.nan,
         }
+        if score is not None and linear is not None:
+            out["val_linear_nre_blocks"] = score.per_block()
+            out["val_linear_nre"] = score.value()
+            out["val_linear_ppl"] = self._replaced_ppl(functools.partial(_linear_block_hook, linear))
         if metrics is not None:
             means = metrics.values()
             out.update(
@@ -324,22 +349,47 @@ class HybridKoopmanTrainer:
                 val_koopman_gain_blocks=metrics.per_block()["gain"],
                 phi_effective_rank=means["effective_rank"],
                 state_effective_rank=means["state_effective_rank"],
+                phi_rank_ratio=means["rank_ratio"],
             )
         if heads is not None and heads.has_decoder:
-            blocks = model_blocks(self.model)
-            if blocks is not None:
-                handles = [
-                    b.register_forward_hook(functools.partial(_koopman_block_hook, heads, i))
-                    for i, b in enumerate(blocks)
-                ]
-                try:
-                    out["val_koopman_forward_ppl"] = _ppl(self._val_loss(None))
-                finally:
-                    for handle in handles:
-                        handle.remove()
+            out["val_koopman_forward_ppl"] = self._replaced_ppl(functools.partial(_koopman_block_hook, heads))
         return out
 
-    def _val_loss(self, metrics: KoopmanMetrics | None) -> float:
+    def _replaced_ppl(self, hook: Callable[..., Any]) -> float:
+        """Val perplexity with every block's output replaced by ``hook(layer, module, inputs, output)``; NaN
+        for a model whose blocks cannot be found."""
+        blocks = model_blocks(self.model)
+        if blocks is None:
+            return math.nan
+        handles = [b.register_forward_hook(functools.partial(hook, i)) for i, b in enumerate(blocks)]
+        try:
+            return _ppl(self._val_loss(None))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hidden(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The model's hidden states on a batch, without building its logits where the model allows."""
+        head_inputs = getattr(self.model, "lm_head_inputs", None)
+        with self._autocast():
+            if callable(head_inputs):
+                return list(head_inputs(x)[1])
+            return list(self.model(x)[1])
+
+    def _fit_linear(self) -> LinearBlockModels:
+        """Fit the linear replacement of every block (trainer/linearity.py) on ``train.linear_fit_tokens``
+        training tokens: windows spread evenly over the train split, the same in every epoch and trial."""
+        d = self.cfg.data
+        total = n_windows(self.train_tokens.numel(), d.seq_len)
+        n = max(1, min(total, math.ceil(self.cfg.train.linear_fit_tokens / d.seq_len)))
+        order = torch.linspace(0, total - 1, n, device=self.device).round().long()
+        chunks = []
+        for x, _ in window_batches(self.train_tokens, d.seq_len, d.batch_size, order, drop_last=False):
+            chunks.append(torch.stack(self._hidden(x)).flatten(1, 2).float())  # (L+1, B*T, d)
+        states = torch.cat(chunks, dim=1)
+        return fit_linear(states[:-1], states[1:])
+
+    def _val_loss(self, metrics: KoopmanMetrics | None, linear: LinearScore | None = None) -> float:
         """Token-weighted validation cross-entropy; feeds ``metrics`` with the heads' view of every token."""
         d = self.cfg.data
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -356,6 +406,9 @@ class HybridKoopmanTrainer:
                 states = self.koopman.gather(hidden, None)  # (L+1, N, d)
                 x_phi, y_phi = self.koopman.lift_pairs(states)
                 metrics.update(x_phi, y_phi, self.koopman.advance(x_phi), states[1:])
+            if linear is not None:
+                states = torch.stack(hidden).flatten(1, 2).float()  # (L+1, N, d)
+                linear.update(states[:-1], states[1:])
         return float(total) / n_tokens
 
     # ---- checkpoints ---------------------------------------------------------------------------------------

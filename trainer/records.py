@@ -36,6 +36,12 @@ class EpochRecord:
     state_effective_rank: float = math.nan  # the same of the block outputs h_out: what φ's is read against
     val_koopman_forward_ppl: float = math.nan  # val PPL with every block replaced by ψ ∘ K ∘ φ (decoder only)
     koopman_k_norm: float = math.nan  # ‖K‖₂ at the end of the epoch, mean over blocks
+    # The closed-form linear replacement of every block, fitted afresh on the frozen backbone at each evaluation
+    # (trainer/linearity.py): it does not depend on the trial's heads, so the baseline has it too.
+    val_linear_nre: float = math.nan  # share of a block's update its linear model misses, mean over blocks
+    val_linear_nre_blocks: list[float] = field(default_factory=list)  # the same, per block
+    val_linear_ppl: float = math.nan  # val PPL with every block replaced by its linear model (chained)
+    phi_rank_ratio: float = math.nan  # phi_effective_rank ÷ the standardised states' own (1 = as spread)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

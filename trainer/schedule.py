@@ -19,12 +19,15 @@ import math
 
 import torch
 
-from trainer.config import KoopmanConfig
+from trainer.config import FALLBACK_MODES, KoopmanConfig
 
-__all__ = ["EXP_RANGE", "FallbackState", "koopman_weight"]
+__all__ = ["EXP_RANGE", "FALLBACK_MODES", "RUNNING_DECAY", "FallbackState", "koopman_weight"]
 
 # The exponential schedule's weight at p = 0 is w_max / EXP_RANGE: a hundredfold rise over the ramp.
 EXP_RANGE = 100.0
+# The relative fallback's running mean forgets with this factor per batch: about the last 10 batches, the
+# length of a cut (fallback_batches = 10).
+RUNNING_DECAY = 0.9
 
 
 def koopman_weight(epoch: int, cfg: KoopmanConfig, epochs: int) -> float:
@@ -48,19 +51,39 @@ def koopman_weight(epoch: int, cfg: KoopmanConfig, epochs: int) -> float:
 class FallbackState:
     """Per-epoch fallback, kept on the device so that a step needs no host sync.
 
-    When a batch's Koopman loss exceeds ``threshold``, the weight is multiplied by ``factor`` for that batch
-    and the next ``n_batches`` batches, whatever their own loss (the notebook only ever cut batches that were
-    over the threshold anyway). A NaN/Inf Koopman loss switches the term off for the rest of the epoch.
+    When a batch's Koopman loss exceeds its limit, the weight is multiplied by ``factor`` for that batch and
+    the next ``n_batches`` batches, whatever their own loss (the notebook only ever cut batches that were over
+    the threshold anyway). A NaN/Inf Koopman loss switches the term off for the rest of the epoch.
+
+    The limit (``mode``, docs/koopman-objective.md, "The fallback"):
+
+    * ``"relative"``: ``threshold`` × the running mean of the epoch's earlier finite Koopman losses (an
+      exponential mean over about ``1 / (1 − RUNNING_DECAY)`` batches; the epoch's first batch is never cut).
+      A spike detector whatever the objective's scale: the normalised decoder loss sits at 0.05–1.2, where
+      the notebook's absolute thresholds (4–12) can never fire.
+    * ``"absolute"``: ``threshold`` itself, the notebook's form (kept for its raw smooth-L1/DMD losses).
     """
 
-    def __init__(self, threshold: float, factor: float, n_batches: int, device: torch.device) -> None:
+    def __init__(
+        self, threshold: float, factor: float, n_batches: int, device: torch.device, mode: str = "absolute"
+    ) -> None:
+        if mode not in FALLBACK_MODES:
+            raise ValueError(f"mode must be one of {FALLBACK_MODES}, but got mode={mode!r}")
         self.threshold = threshold
         self.factor = factor
         self.n_batches = n_batches
+        self.relative = mode == "relative"
         self.remaining = torch.zeros((), dtype=torch.int64, device=device)
         self.off = torch.zeros((), dtype=torch.bool, device=device)
         self.cut_count = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.running = torch.full((), math.nan, dtype=torch.float32, device=device)  # NaN until a finite batch
+
+    def limit(self) -> torch.Tensor:
+        """The Koopman loss above which this batch cuts the weight (NaN: nothing to compare with yet)."""
+        if self.relative:
+            return self.threshold * self.running
+        return torch.full_like(self.running, self.threshold)
 
     def effective_weight(self, weight: float, koopman_loss: torch.Tensor) -> torch.Tensor:
         """The weight to apply to this batch's Koopman loss (a 0-dim tensor); updates the state."""
@@ -68,7 +91,9 @@ class FallbackState:
         finite = torch.isfinite(loss)
         self.nonfinite_count += (~finite).long()
         self.off |= ~finite
-        over = finite & (loss > self.threshold)
+        over = finite & (loss > self.limit())  # False against NaN: the epoch's first batch is never cut
+        mixed = torch.where(torch.isnan(self.running), loss, RUNNING_DECAY * self.running + (1 - RUNNING_DECAY) * loss)
+        self.running = torch.where(finite, mixed, self.running)
         self.remaining = torch.where(over, self.n_batches + 1, self.remaining)  # this batch + the next n
         cut = self.remaining > 0
         self.cut_count += (cut & ~self.off).long()

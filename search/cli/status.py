@@ -83,6 +83,9 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
             )
     lines.append("epochs: N trained by the trial itself, +Nw taken from the baseline's shared warmup")
     lines.append(data["summary"])
+    lines += [f"rule {r['text']}" for r in (data.get("rules") or {}).values()]
+    if data.get("tradeoff"):
+        lines.append(f"trade-off: {data['tradeoff']}")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
 from search.review import figures
 from search.review.notes import study_note, trial_note
+from search.review.reach import findings
 from search.review.stored import (
     StoredBaseline,
     StoredRules,
@@ -213,7 +214,8 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
     all_facts = [trial_facts(t) for t in study.get_trials(deepcopy=False)]
     best = best_trials(study)
     summary = summarize(all_facts, baseline)
-    note = study_note(study.study_name, names, objective_directions(study), summary, baseline, rules, best)
+    said = findings(all_facts, rules, baseline, best, names)
+    note = study_note(study.study_name, names, objective_directions(study), summary, baseline, rules, best, said)
     _write_note(study, None, note, counts)
     for figure_id, figure in study_figures(study, facts, baseline, rules, best).items():
         _write_figure(study, figure_id, figure, counts)

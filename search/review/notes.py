@@ -165,8 +165,10 @@ def study_note(
     baseline: StoredBaseline | None,
     rules: StoredRules,
     best: Sequence[TrialFacts],
+    findings: Sequence[str] = (),
 ) -> str:
-    """The study's note: objectives and rules, baseline, trials, compute, and the best trial(s)."""
+    """The study's note: objectives and rules, baseline, trials, compute, how close the rules came and what
+    the front shows (``findings``, search/review/reach.py), and the best trial(s)."""
     objectives = ", ".join(f"{d} {_escape(n)}" for n, d in zip(names, directions, strict=False))
     lines = [f"## {_escape(study_name)}", "", f"**Objectives:** {objectives}."]
     limits = []
@@ -189,6 +191,8 @@ def study_note(
             text += f"; error: {_escape(baseline.error)}"
         lines.append(text + ".")
     lines += ["", f"**Trials:** {summary.states_text()}.", f"**Compute:** {summary.compute_text()}", ""]
+    if findings:
+        lines += ["**Findings:**", "", *(f"- {_escape(line)}." for line in findings), ""]
     if best:
         count = f"{len(best)} trial" + ("s" if len(best) != 1 else "")
         title = "Best trial" if len(names) == 1 else f"Pareto front ({count})"

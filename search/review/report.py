@@ -30,6 +30,7 @@ from search.errors import StorageError
 from search.export import dump_toml, trial_config_toml
 from search.layout import study_attrs
 from search.review import figures
+from search.review.reach import findings
 from search.review.stored import (
     StoredBaseline,
     StoredRules,
@@ -204,6 +205,8 @@ def _summary_section(ctx: _Context) -> str:
     else:
         rows.append(["baseline", "none stored"])
     rows.append(["compute", s.compute_text()])
+    for line in findings(ctx.facts, ctx.rules, ctx.baseline, ctx.best, ctx.names):
+        rows.append(["finding", line])
     parts.append(_table(["", ""], rows).replace("<thead><tr><th></th><th></th></tr></thead>", ""))
     return "".join(parts)
 

@@ -12,8 +12,9 @@ from typing import Any
 import optuna
 
 from search import layout
+from search.review.reach import rules_reach, weight_bought_text
 from search.review.stored import objective_names, read_baseline, read_rules, trial_facts
-from search.review.summary import summarize
+from search.review.summary import best_trials, summarize
 from search.rules import unjudged_epochs
 
 __all__ = ["SHOWN_METRICS", "status_data"]
@@ -42,6 +43,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     baseline = read_baseline(attrs)
     summary = summarize(facts, baseline)
     names = objective_names(study)
+    reach = rules_reach(facts, read_rules(attrs), baseline)
+    bought = weight_bought_text(best_trials(study), names[1]) if len(names) >= 2 else None
     trials = []
     for f in facts:
         last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
@@ -87,4 +90,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
             "seconds_spent": round(summary.seconds_spent, 1),
         },
         "summary": f"{summary.states_text()}; {summary.compute_text()}",
+        # how close each prune rule came to firing: its limit and the highest judged value any trial reached
+        "rules": {name: r.as_dict() for name, r in reach.items()},
+        # set when the Pareto front holds a single Koopman weight: the study shows no trade-off
+        "tradeoff": bought,
     }

@@ -331,13 +331,18 @@ def test_decoder_objective_equals_its_direct_dense_computation() -> None:
         z_in, z_out = mlp(h_in, *phi), mlp(h_out, *phi)
         z_pred = z_in @ heads.kt[b] + heads.kb[b]
         rec = 0.5 * (energy(mlp(z_in, *psi) - h_in, h_in) + energy(mlp(z_out, *psi) - h_out, h_out))
-        terms.append((rec + energy(mlp(z_pred, *psi) - h_out, h_out) + energy(z_pred - z_out, z_out)) / 3)
+        decoder = (rec + energy(mlp(z_pred, *psi) - h_out, h_out) + energy(z_pred - z_out, z_out)) / 3
+        # the isotropy gap of φ over inputs and outputs: its covariance over its mean variance, against I
+        cov = torch.cov(torch.cat((z_in, z_out)).T)  # (k, k)
+        gap = (cov / (cov.trace() / 5) - torch.eye(5, dtype=F64)).pow(2).sum() / 25
+        terms.append(decoder + heads.cfg.spread * gap)
+    assert heads.cfg.spread == 1.0  # the default
     torch.testing.assert_close(got, torch.stack(terms).mean(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss", ["decoder", "normalized"])
-def test_well_posed_objectives_are_blind_to_the_scale_of_phi(loss: str) -> None:
-    heads = make_heads(fit="gradient", loss=loss, dim=5, n_layers=2, d_model=3).double()
+@pytest.mark.parametrize(("loss", "spread"), [("decoder", 0.0), ("decoder", 1.0), ("normalized", 0.0)])
+def test_well_posed_objectives_are_blind_to_the_scale_of_phi(loss: str, spread: float) -> None:
+    heads = make_heads(fit="gradient", loss=loss, dim=5, n_layers=2, d_model=3, spread=spread).double()
     g = torch.Generator().manual_seed(17)
     with torch.no_grad():
         for p in heads.parameters():
@@ -351,7 +356,18 @@ def test_well_posed_objectives_are_blind_to_the_scale_of_phi(loss: str) -> None:
         if heads.v1 is not None:
             heads.v1.mul_(100.0)  # ... and ψ reading it 100× larger: the same maps as before
         shrunk = float(heads.objective(states)[0])
-    assert shrunk == pytest.approx(base, rel=1e-9)  # shrinking φ buys nothing
+    assert shrunk == pytest.approx(base, rel=1e-9)  # shrinking φ buys nothing, the isotropy term included
+
+
+def test_isotropy_gap_is_zero_for_white_phi_and_near_one_for_one_direction() -> None:
+    from trainer.koopman import _isotropy_gap
+
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(400, 8, generator=g, dtype=F64))  # orthonormal columns
+    white = (q - q.mean(0)) * 20.0  # centred: still (nearly) orthogonal, equal variances
+    assert float(_isotropy_gap(white.unsqueeze(0))[0]) < 0.01
+    one = torch.randn(400, 1, generator=g, dtype=F64) * torch.randn(1, 8, generator=g, dtype=F64)
+    assert float(_isotropy_gap(one.unsqueeze(0))[0]) == pytest.approx((8 * 7) / 64, rel=0.05)  # k(k−1)/k²
 
 
 def test_the_notebooks_latent_loss_rewards_shrinking_phi() -> None:

@@ -107,7 +107,9 @@ def test_val_loss_is_token_weighted_over_every_validation_token(corpus: Corpus) 
 def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epoch(
     corpus: Corpus, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny_config({"koopman.fallback_threshold": 1e-12, "koopman.fallback_factor": 0.1})
+    cfg = tiny_config(
+        {"koopman.fallback_mode": "absolute", "koopman.fallback_threshold": 1e-12, "koopman.fallback_factor": 0.1}
+    )
     with caplog.at_level(logging.WARNING, logger="trainer.loop"):
         trainer = run(cfg, corpus)
     for r in trainer.records[1:]:
@@ -118,6 +120,24 @@ def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epo
     assert warnings == [
         "epoch 2: Koopman weight cut by the fallback on 5 of 5 batches (threshold 1e-12)",
         "epoch 3: Koopman weight cut by the fallback on 5 of 5 batches (threshold 1e-12)",
+    ]
+
+
+def test_relative_fallback_never_cuts_an_epochs_first_batch_and_cuts_the_rest_at_a_tiny_threshold(
+    corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config({"koopman.fallback_threshold": 1e-12, "koopman.fallback_factor": 0.1})
+    assert cfg.koopman.fallback_mode == "relative"  # the default
+    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+        trainer = run(cfg, corpus)
+    for r in trainer.records[1:]:
+        assert (r.fallback_batches, r.steps) == (4, 5)  # the first has no running mean to compare with
+        expected = r.koopman_weight * (1 + 4 * 0.1) / 5
+        assert r.effective_weight == pytest.approx(expected, rel=1e-6)
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warnings == [
+        "epoch 2: Koopman weight cut by the fallback on 4 of 5 batches (threshold 1e-12 x the running mean)",
+        "epoch 3: Koopman weight cut by the fallback on 4 of 5 batches (threshold 1e-12 x the running mean)",
     ]
 
 

@@ -89,6 +89,45 @@ def run_fallback(
     return applied, state
 
 
+def run_relative(losses: list[float], threshold: float, n_batches: int = 0) -> tuple[list[float], FallbackState]:
+    state = FallbackState(threshold, 0.1, n_batches, torch.device("cpu"), mode="relative")
+    applied = [float(state.effective_weight(0.5, torch.tensor(loss))) for loss in losses]
+    return applied, state
+
+
+def test_relative_fallback_cuts_a_spike_over_threshold_times_the_running_mean() -> None:
+    # running mean: 1.0 after the first batch; 0.9 · 1.0 + 0.1 · 1.0 = 1.0 after the second
+    applied, state = run_relative([1.0, 1.0, 1.6, 1.0], threshold=1.5)
+    cut = f32(0.05)
+    assert applied == [0.5, 0.5, cut, 0.5]
+    assert int(state.cut_count) == 1
+    assert float(state.running) == pytest.approx(0.9 * (0.9 * 1.0 + 0.1 * 1.6) + 0.1 * 1.0, rel=1e-6)
+
+
+def test_relative_fallback_keeps_a_batch_exactly_at_its_limit_and_never_cuts_the_first() -> None:
+    applied, state = run_relative([100.0, 150.0], threshold=1.5)  # 150 = 1.5 × 100: kept
+    assert applied == [0.5, 0.5]
+    applied, state = run_relative([100.0, 150.01], threshold=1.5)
+    assert applied == [0.5, f32(0.05)]
+
+
+def test_relative_fallback_is_blind_to_the_losses_scale() -> None:
+    losses = [0.8, 0.7, 0.75, 1.3, 0.6]
+    small, _ = run_relative(losses, threshold=1.2)
+    large, _ = run_relative([v * 1000 for v in losses], threshold=1.2)
+    assert small == large == [0.5, 0.5, 0.5, f32(0.05), 0.5]
+
+
+def test_relative_fallback_leaves_non_finite_losses_out_of_the_running_mean() -> None:
+    _, state = run_relative([1.0, math.nan, 1.0], threshold=2.0)
+    assert float(state.running) == pytest.approx(1.0)
+
+
+def test_unknown_fallback_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FallbackState(1.0, 0.1, 1, torch.device("cpu"), mode="percent")
+
+
 def f32(x: float) -> float:
     """The float32 value of ``x``: the effective weight is a float32 device tensor."""
     return float(torch.tensor(x, dtype=torch.float32))

@@ -1,0 +1,161 @@
+"""How close the study's prune rules came to firing, and whether the Koopman weight bought linearity.
+
+A rule that never fires says nothing by its silence: was every trial far inside it, or one a hair below? For
+each rule this finds the closest value any trial reached on an epoch the rule judges, with its trial and
+epoch, and says it in words:
+
+    total_loss_max 7.0: no trial came within 0.7% (closest total_loss 6.951, trial 3, epoch 5)
+    val_ppl_ratio_max 1.3: broken by 2 trials (highest ratio 1.42, trial 6, epoch 4)
+
+The epochs judged are the rules' own (search/rules.py): the total-loss rule only where the Koopman loss is on
+and the baseline itself is not over the limit; the ratio rule at every epoch with a baseline value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from search.review.stored import StoredBaseline, StoredRules, TrialFacts
+from search.review.summary import fmt
+from search.rules import unjudged_epochs
+
+__all__ = ["RuleReach", "findings", "rules_reach", "weight_bought_text"]
+
+
+@dataclass(frozen=True)
+class RuleReach:
+    """One rule: its limit, the highest judged value any trial reached (``closest``), and how many broke it."""
+
+    rule: str  # "total_loss_max" | "val_ppl_ratio_max"
+    metric: str  # what is compared with the limit: "total_loss" | "val_ppl_ratio"
+    limit: float
+    closest: float | None = None
+    trial: int | None = None
+    epoch: int | None = None
+    broken_by: int = 0  # trials with at least one judged epoch over the limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "limit": self.limit,
+            "metric": self.metric,
+            "closest": None
+            if self.closest is None
+            else {"value": self.closest, "trial": self.trial, "epoch": self.epoch},
+            "fired": self.broken_by > 0,
+            "broken_by": self.broken_by,
+            "text": self.text(),
+        }
+
+    def text(self) -> str:
+        head = f"{self.rule} {fmt(self.limit)}"
+        if self.closest is None:
+            return f"{head}: no trial has a judged epoch yet"
+        where = f"trial {self.trial}, epoch {self.epoch}"
+        if self.broken_by:
+            plural = "s" if self.broken_by != 1 else ""
+            return (
+                f"{head}: broken by {self.broken_by} trial{plural} (highest {self.metric} {fmt(self.closest)}, {where})"
+            )
+        gap = (self.limit - self.closest) / self.limit * 100
+        if gap == 0:
+            return f"{head}: reached exactly, not broken ({self.metric} {fmt(self.closest)}, {where})"
+        return f"{head}: no trial came within {gap:.2g}% (closest {self.metric} {fmt(self.closest)}, {where})"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _judged(
+    trials: Sequence[TrialFacts],
+    values: Callable[[TrialFacts], list[tuple[int, float]]],
+    limit: float,
+    rule: str,
+    metric: str,
+) -> RuleReach:
+    best: tuple[float, int, int] | None = None
+    broken = 0
+    for t in trials:
+        over = False
+        for epoch, value in values(t):
+            if best is None or value > best[0]:
+                best = (value, t.number, epoch)
+            over = over or value > limit
+        broken += over
+    if best is None:
+        return RuleReach(rule, metric, limit)
+    return RuleReach(rule, metric, limit, best[0], best[1], best[2], broken)
+
+
+def _total_losses(trial: TrialFacts, unjudged: set[int]) -> list[tuple[int, float]]:
+    """(epoch, total_loss) of the epochs the total-loss rule judges: Koopman loss on, baseline not over."""
+    rows = zip(trial.epoch_numbers, trial.metric("koopman_weight"), trial.metric("total_loss"), strict=False)
+    out = []
+    for epoch, weight, value in rows:
+        if _finite(weight) and float(weight or 0.0) > 0 and epoch not in unjudged and _finite(value):
+            out.append((epoch, float(value or 0.0)))
+    return out
+
+
+def _ppl_ratios(trial: TrialFacts, baseline: StoredBaseline) -> list[tuple[int, float]]:
+    """(epoch, val_ppl ÷ the baseline's at that epoch) of every epoch with both."""
+    pairs = []
+    for e, v in zip(trial.epoch_numbers, trial.metric("val_ppl"), strict=False):
+        b = baseline.at(e)
+        if v is not None and b is not None and _finite(v) and _finite(b) and b > 0:
+            pairs.append((e, float(v) / b))
+    return pairs
+
+
+def rules_reach(
+    trials: Sequence[TrialFacts], rules: StoredRules, baseline: StoredBaseline | None
+) -> dict[str, RuleReach]:
+    """The closest approach to each of the study's rules (a rule the study does not set is left out)."""
+    out: dict[str, RuleReach] = {}
+    if rules.total_loss_max is not None:
+        total_max = rules.total_loss_max
+        base_total = ((baseline.columns or {}).get("total_loss") or []) if baseline is not None else []
+        unjudged = set(unjudged_epochs(total_max, base_total))
+        out["total_loss_max"] = _judged(
+            trials, lambda t: _total_losses(t, unjudged), total_max, "total_loss_max", "total_loss"
+        )
+    if rules.val_ppl_ratio_max is not None and baseline is not None:
+        known = baseline
+        out["val_ppl_ratio_max"] = _judged(
+            trials, lambda t: _ppl_ratios(t, known), rules.val_ppl_ratio_max, "val_ppl_ratio_max", "val_ppl_ratio"
+        )
+    return out
+
+
+def weight_bought_text(front: Sequence[TrialFacts], linearity_metric: str | None) -> str | None:
+    """A sentence when the front cannot show a trade-off: all its trials share one Koopman weight (or there is
+    one), so the study found no weight that buys linearity at a cost in perplexity. None otherwise."""
+    weights = {t.params.get("koopman_weight_max") for t in front if t.params.get("koopman_weight_max") is not None}
+    if not front or len(weights) > 1:
+        return None
+    what = linearity_metric or "the linearity objective"
+    weight = f" (koopman_weight_max {fmt(next(iter(weights)))})" if weights else ""
+    return (
+        f"the Pareto front holds one Koopman weight{weight}: in this study a larger weight bought no {what} "
+        "worth its cost in val_ppl"
+    )
+
+
+def findings(
+    trials: Sequence[TrialFacts],
+    rules: StoredRules,
+    baseline: StoredBaseline | None,
+    best: Sequence[TrialFacts],
+    names: Sequence[str],
+) -> list[str]:
+    """The sentences every review shows under the study's summary: each rule's reach, then (for a Pareto
+    study) whether the front shows the weight buying anything."""
+    lines = [reach.text() for reach in rules_reach(trials, rules, baseline).values()]
+    if len(names) >= 2:
+        bought = weight_bought_text(best, names[1])
+        if bought:
+            lines.append(bought)
+    return lines
