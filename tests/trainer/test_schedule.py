@@ -105,9 +105,9 @@ def test_relative_fallback_cuts_a_spike_over_threshold_times_the_running_mean() 
 
 
 def test_relative_fallback_keeps_a_batch_exactly_at_its_limit_and_never_cuts_the_first() -> None:
-    applied, state = run_relative([100.0, 150.0], threshold=1.5)  # 150 = 1.5 × 100: kept
+    applied, _ = run_relative([100.0, 150.0], threshold=1.5)  # 150 = 1.5 × 100: kept
     assert applied == [0.5, 0.5]
-    applied, state = run_relative([100.0, 150.01], threshold=1.5)
+    applied, _ = run_relative([100.0, 150.01], threshold=1.5)
     assert applied == [0.5, f32(0.05)]
 
 
