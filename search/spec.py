@@ -83,7 +83,7 @@ DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "mini
 # Objectives that exist only for a Koopman objective with a decoder ψ (NaN otherwise: docs/koopman-objective.md)
 DECODER_METRICS = frozenset({"val_koopman_forward_ppl"})
 # Objectives of the closed-form linear replacement (trainer/linearity.py): NaN when it is off
-LINEAR_METRICS = frozenset({"val_linear_nre", "val_linear_ppl"})
+LINEAR_METRICS = frozenset({"val_linear_nre", "val_linear_ppl", "val_linear_ppl_ratio"})
 
 TABLES = ("study", "trainer", "search", "rules", "baseline", "enqueue")
 STUDY_KEYS = (

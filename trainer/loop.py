@@ -72,6 +72,10 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
 def _koopman_block_hook(
     heads: KoopmanHeads, layer: int, module: nn.Module, inputs: tuple[Any, ...], output: Any
 ) -> Any:
@@ -294,6 +298,7 @@ class HybridKoopmanTrainer:
             val_linear_nre=val["val_linear_nre"],
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
+            val_linear_ppl_ratio=_ratio(val["val_linear_ppl"], _ppl(val_loss)),
             koopman_k_norm=self.koopman.k_norm() if koop is not None and self.koopman is not None else math.nan,
             seconds=time.perf_counter() - started,
             tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,

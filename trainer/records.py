@@ -41,6 +41,7 @@ class EpochRecord:
     val_linear_nre: float = math.nan  # share of a block's update its linear model misses, mean over blocks
     val_linear_nre_blocks: list[float] = field(default_factory=list)  # the same, per block
     val_linear_ppl: float = math.nan  # val PPL with every block replaced by its linear model (chained)
+    val_linear_ppl_ratio: float = math.nan  # val_linear_ppl ÷ val_ppl: what replacing the blocks costs
     phi_rank_ratio: float = math.nan  # phi_effective_rank ÷ the standardised states' own (1 = as spread)
 
     def to_dict(self) -> dict[str, Any]:
