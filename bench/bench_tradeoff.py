@@ -20,9 +20,9 @@ within-weight standard deviation over seeds. The head-free measures are scored a
 (``val_linear_nre_ratio`` = val_linear_nre ÷ the baseline's): inside a study every trial shares one trainer
 seed and one baseline, so the seed's backbone level is not noise the study sees. val_linear_ppl moves with the
 language model's own quality, so its linearity part is scored as ``val_linear_ppl_ratio`` = val_linear_ppl ÷
-val_ppl (what replacing the blocks costs). Of these two, the one with the larger snr is written as ``measure`` (docs/koopman-objective.md, "The linearity measure"). Output: markdown
-tables on stdout and ``bench/results/tradeoff.json``. ``--rescore FILE`` scores an earlier output again without
-training.
+val_ppl (what replacing the blocks costs). Of these two, the one with the larger snr is written as
+``measure`` (docs/koopman-objective.md, "The linearity measure"). Output: markdown tables on stdout and
+``bench/results/tradeoff.json``. ``--rescore FILE`` scores an earlier output again without training.
 """
 
 from __future__ import annotations

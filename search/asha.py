@@ -9,7 +9,9 @@ Optuna's successive halving: no worker ever waits for a rung to fill).
 
 A rung's values are the study's objectives at that epoch, perplexities (fields ending in ``_ppl``) divided
 by the Koopman-off baseline's val perplexity at the same epoch: trials that start at different epochs have
-had different amounts of LM training when they reach one rung, and the ratio takes that out. For several
+had different amounts of LM training when they reach one rung, and the ratio takes that out. The head-free
+linearity measure (``val_linear_nre``), which the baseline has too, is divided by the baseline's own value at
+that epoch for the same reason. For several
 objectives "top" is the order of non-dominated sorting, ties within a front broken by crowding distance
 (NSGA-II's), so that a front's extremes go first; equal points share a place.
 
@@ -31,6 +33,7 @@ from search.errors import SpecError
 
 __all__ = [
     "ASHA_KEYS",
+    "BASELINE_RELATIVE",
     "PRUNED_BY",
     "AshaSettings",
     "RungDecision",
@@ -159,6 +162,11 @@ def decide(mine: Sequence[float], others: Sequence[Sequence[float]], reduction_f
     return RungDecision(rank=ahead + 1, of=n, keep=max(1, n // reduction_factor))
 
 
+# Objectives the Koopman-off baseline has a value of at every epoch (trainer/linearity.py): read at a rung
+# against the baseline's own value at the same epoch.
+BASELINE_RELATIVE = frozenset({"val_linear_nre"})
+
+
 # ---- reading a rung from the storage -----------------------------------------------------------------------
 
 
@@ -168,9 +176,12 @@ def rung_values(
     metrics: Sequence[str],
     signs: Sequence[float],
     baseline_val_ppl: Sequence[float],
+    baseline_curves: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[float, ...] | None:
     """A trial's values at ``epoch`` from its stored record columns (None when it has no record there):
-    each metric times its sign (−1 for maximised), perplexities divided by the baseline's val_ppl there."""
+    each metric times its sign (−1 for maximised), perplexities divided by the baseline's val_ppl there, and a
+    metric the baseline has itself (``BASELINE_RELATIVE``, its curve in ``baseline_curves``) by the baseline's
+    own value there."""
     if not columns or epoch not in (columns.get("epoch") or []):
         return None
     i = list(columns["epoch"]).index(epoch)
@@ -181,5 +192,10 @@ def rung_values(
         value = math.nan if value is None else float(value)
         if metric.endswith("_ppl") and 1 <= epoch <= len(baseline_val_ppl):
             value /= baseline_val_ppl[epoch - 1]
+        elif metric in BASELINE_RELATIVE:
+            curve = (baseline_curves or {}).get(metric) or ()
+            own = curve[epoch - 1] if 1 <= epoch <= len(curve) else None
+            if own is not None and math.isfinite(own) and own > 0:
+                value /= own
         out.append(sign * value)
     return tuple(out)

@@ -38,6 +38,7 @@ class AshaPruner:
         default_start: int,
         baseline_val_ppl: Sequence[float],
         study_name: str,
+        baseline_curves: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         self.settings = settings
         self._metrics = tuple(metrics)
@@ -45,6 +46,7 @@ class AshaPruner:
         self._epochs = epochs
         self._default_start = default_start
         self._baseline = tuple(baseline_val_ppl)
+        self._curves = {k: tuple(v) for k, v in (baseline_curves or {}).items()}
         self._lock = f"koopman-search asha {study_name}"
         self.name = PRUNED_BY
 
@@ -76,7 +78,12 @@ class AshaPruner:
             for t in trials:
                 other_start = self.start_epoch(t.params)
                 values = rung_values(
-                    t.user_attrs.get(layout.RECORDS), other_start + k, self._metrics, self._signs, self._baseline
+                    t.user_attrs.get(layout.RECORDS),
+                    other_start + k,
+                    self._metrics,
+                    self._signs,
+                    self._baseline,
+                    self._curves,
                 )
                 if values is None:
                     continue

@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from search import layout
+from search.asha import BASELINE_RELATIVE
 from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
@@ -134,6 +135,7 @@ class TrialRunner:
                 spec.trainer.koopman.start_epoch,
                 baseline.val_ppl,
                 spec.name,
+                {m: [getattr(r, m) for r in baseline.records] for m in spec.metrics if m in BASELINE_RELATIVE},
             )
             if spec.asha is not None
             else None

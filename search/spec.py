@@ -79,7 +79,7 @@ SAMPLERS = ("tpe", "random", "nsgaii")
 PRUNERS = ("none", "asha", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
-DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_koopman_forward_ppl", "minimize"))
+DEFAULT_OBJECTIVES = (("val_ppl", "minimize"), ("val_linear_nre", "minimize"))
 # Objectives that exist only for a Koopman objective with a decoder ψ (NaN otherwise: docs/koopman-objective.md)
 DECODER_METRICS = frozenset({"val_koopman_forward_ppl"})
 # Objectives of the closed-form linear replacement (trainer/linearity.py): NaN when it is off

@@ -19,7 +19,14 @@ from search.rules import unjudged_epochs
 
 __all__ = ["SHOWN_METRICS", "status_data"]
 
-SHOWN_METRICS = ("total_loss", "val_ppl", "val_koopman_forward_ppl", "val_koopman_nre", "phi_effective_rank")
+SHOWN_METRICS = (
+    "total_loss",
+    "val_ppl",
+    "val_linear_nre",
+    "val_koopman_forward_ppl",
+    "val_koopman_nre",
+    "phi_rank_ratio",
+)
 
 
 def _num(v: Any) -> Any:

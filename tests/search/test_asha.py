@@ -270,3 +270,21 @@ def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
     saved = data["totals"]
     assert saved["epochs_saved_by_pruner"] > 0
     assert saved["epochs_saved_by_pruning"] == saved["epochs_saved_by_pruner"] + saved["epochs_saved_by_rules"]
+
+
+def test_a_rung_reads_the_linearity_measure_against_the_baselines_own_at_that_epoch() -> None:
+    from search.asha import rung_values
+
+    columns = {"epoch": [1, 2, 3], "val_ppl": [900.0, 700.0, 600.0], "val_linear_nre": [0.2, 0.1, 0.06]}
+    values = rung_values(
+        columns,
+        3,
+        ("val_ppl", "val_linear_nre"),
+        (1.0, 1.0),
+        [1000.0, 800.0, 500.0],
+        {"val_linear_nre": [0.4, 0.2, 0.08]},
+    )
+    assert values == pytest.approx((600.0 / 500.0, 0.06 / 0.08))
+    # no baseline curve for it (a fixed baseline): the raw value
+    raw = rung_values(columns, 3, ("val_ppl", "val_linear_nre"), (1.0, 1.0), [1000.0, 800.0, 500.0])
+    assert raw == pytest.approx((1.2, 0.06))
