@@ -6,7 +6,7 @@ record before it decides), under a storage-wide lock, so two workers at one rung
 
     pruner = AshaPruner(spec.asha, spec.metrics, spec.directions, spec.epochs, start, baseline_val_ppl, spec.name)
     reason, decision = pruner.check(storage, study_id, trial_id, params, epoch)
-    # "asha: rung 1 (Koopman epoch 3, epoch 5): rank 5 of 9 on (val_ppl, val_koopman_forward_ppl), keeps top 3"
+    # "asha: rung 1 (Koopman epoch 3, epoch 5): rank 5 of 9 on (val_ppl, val_linear_nre), keeps top 3"
 """
 
 from __future__ import annotations

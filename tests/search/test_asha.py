@@ -259,7 +259,7 @@ def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
     for t in by_asha:
         assert re.fullmatch(
             r"asha: rung \d+ \(Koopman epoch \d+, epoch \d+\): rank \d+ of \d+ on "
-            r"\(val_ppl, val_koopman_forward_ppl\), keeps top \d+",
+            r"\(val_ppl, val_linear_nre\), keeps top \d+",
             t.user_attrs["prune_reason"],
         ), t.user_attrs["prune_reason"]
         assert t.user_attrs["asha_rungs"][-1]["rank"] > t.user_attrs["asha_rungs"][-1]["keep"]

@@ -127,7 +127,7 @@ def test_a_minimal_study_takes_the_documented_defaults(tmp_path: Path) -> None:
     assert spec.artifacts_dir == str(tmp_path / "tiny-artifacts")
     assert (spec.n_trials, spec.sampler, spec.sampler_seed, spec.pruner) == (30, "tpe", 0, "none")
     assert spec.shared_warmup is True
-    assert spec.objectives == (Objective("val_ppl", "minimize"), Objective("val_koopman_forward_ppl", "minimize"))
+    assert spec.objectives == (Objective("val_ppl", "minimize"), Objective("val_linear_nre", "minimize"))
     assert spec.space.searched == ()
     assert spec.space.params["koopman_dim"] == FixedParam("koopman_dim", spec.trainer.koopman.dim)
     assert spec.enqueue == ()
@@ -345,11 +345,31 @@ def test_import_search_loads_neither_torch_nor_optuna_nor_sqlalchemy() -> None:
 
 def test_an_objective_that_needs_a_decoder_is_refused_for_the_notebooks_loss(tmp_path: Path) -> None:
     path = tmp_path / "nb.toml"
-    path.write_text('[study]\nname = "nb"\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8")
+    objective = '[{ metric = "val_ppl", direction = "minimize" }, { metric = "val_koopman_forward_ppl", direction = "minimize" }]'
+    path.write_text(
+        f'[study]\nname = "nb"\nobjectives = {objective}\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8"
+    )
     with pytest.raises(
         SpecError,
         match=r"val_koopman_forward_ppl needs koopman.loss = \"decoder\".*"
         r"loss='smooth_l1'.*\[trainer.koopman.loss\]",
+    ):
+        load_spec(path)
+
+
+def test_the_default_objectives_need_no_decoder(tmp_path: Path) -> None:
+    path = tmp_path / "nb.toml"
+    path.write_text('[study]\nname = "nb"\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8")
+    assert load_spec(path).objectives[1] == Objective("val_linear_nre", "minimize")
+
+
+def test_a_linear_objective_is_refused_when_the_measure_is_off(tmp_path: Path) -> None:
+    path = tmp_path / "off.toml"
+    path.write_text('[study]\nname = "off"\n[trainer.train]\nlinear_fit_tokens = 0\n', encoding="utf-8")
+    with pytest.raises(
+        SpecError,
+        match=r"objective val_linear_nre needs the linear replacement measured.*linear_fit_tokens=0.*"
+        r"\[trainer.train.linear_fit_tokens\]",
     ):
         load_spec(path)
 

@@ -38,6 +38,7 @@ STEPS = 50
 # The baseline (Koopman off, seed 0): the user's 477 at the end.
 BASELINE_VAL_PPL = [1402.5, 981.3, 760.2, 641.7, 569.9, 529.4, 504.8, 490.3, 481.6, 477.2]
 BASELINE_LM = [7.251, 6.894, 6.633, 6.462, 6.348, 6.271, 6.224, 6.196, 6.178, 6.164]
+BASELINE_LINEAR_NRE = [round(0.2 * 0.9**e, 5) for e in range(1, 11)]  # the baseline has the head-free measure too
 
 DISTRIBUTIONS = {
     "koopman_weight_max": FloatDistribution(0.01, 0.5, log=True),
@@ -146,6 +147,8 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
                 state_effective_rank=9.0 if on else math.nan,
                 val_koopman_forward_ppl=ppl * (1 + 2 * nre) if on else math.nan,
                 koopman_k_norm=1.1 if on else math.nan,
+                val_linear_nre=BASELINE_LINEAR_NRE[e - 1] * (1 - 0.5 * weight),  # the weight buys linearity
+                val_linear_ppl=ppl * 1.02,
             )
         )
     return records
@@ -169,6 +172,8 @@ def baseline_records() -> list[EpochRecord]:
             seconds=78.0,
             tokens_per_s=STEPS * 32 * 128 / 78.0,
             steps=STEPS,
+            val_linear_nre=BASELINE_LINEAR_NRE[e - 1],
+            val_linear_ppl=BASELINE_VAL_PPL[e - 1] * 1.02,
         )
         for e in range(1, EPOCHS + 1)
     ]
@@ -185,7 +190,7 @@ def store_trial(
     study: optuna.Study,
     plan: Plan,
     rules: PruneRules,
-    metrics: tuple[str, ...] = ("val_ppl", "val_koopman_forward_ppl"),
+    metrics: tuple[str, ...] = ("val_ppl", "val_linear_nre"),
 ) -> None:
     """One trial as a worker stores it: run the prune rules over its epochs, keep what it trained."""
     if plan.fail:

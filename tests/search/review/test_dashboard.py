@@ -62,7 +62,7 @@ def test_annotate_study_writes_every_note_and_the_study_figures(study: optuna.St
     assert pruned.user_attrs["prune_reason"].split(" ", 1)[1] in _note_of(study, pruned)
     assert optuna_dashboard.get_note(study).startswith(f"## {STUDY_NAME}")
     assert _figure_ids(study) == set(FIGURE_IDS.values())
-    assert study.metric_names == ["val_ppl", "val_koopman_forward_ppl"]  # the default objectives
+    assert study.metric_names == ["val_ppl", "val_linear_nre"]  # the default objectives
 
 
 def test_annotate_study_twice_writes_nothing_new(study: optuna.Study) -> None:
