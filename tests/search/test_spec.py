@@ -345,7 +345,10 @@ def test_import_search_loads_neither_torch_nor_optuna_nor_sqlalchemy() -> None:
 
 def test_an_objective_that_needs_a_decoder_is_refused_for_the_notebooks_loss(tmp_path: Path) -> None:
     path = tmp_path / "nb.toml"
-    objective = '[{ metric = "val_ppl", direction = "minimize" }, { metric = "val_koopman_forward_ppl", direction = "minimize" }]'
+    objective = (
+        '[{ metric = "val_ppl", direction = "minimize" }, '
+        '{ metric = "val_koopman_forward_ppl", direction = "minimize" }]'
+    )
     path.write_text(
         f'[study]\nname = "nb"\nobjectives = {objective}\n[trainer.koopman]\nloss = "smooth_l1"\n', encoding="utf-8"
     )
