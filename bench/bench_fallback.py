@@ -6,9 +6,10 @@ The user's setup on WikiText-2 (vocabulary 30000, d_model 64, 4 blocks, k 256, t
 max 0.5 linear) reduced to ``--steps`` training steps per epoch of ``--batch`` × ``--seq`` tokens, ``--epochs``
 epochs from start epoch ``--start-epoch``. The Koopman-off baseline runs once; every threshold warm-starts from
 its checkpoint after the start epoch (shared warmup), so every threshold sees the same backbone at its first
-Koopman batch. For each threshold (``fallback_mode = "relative"``: × the running mean of the epoch's earlier
-Koopman losses; the notebook's absolute thresholds are shown beside them): the batches cut over all Koopman
-epochs, the batches that started a cut, and the largest ratio of a batch's Koopman loss to its running mean.
+Koopman batch. For each threshold (``fallback_mode = "relative"``: running standard deviations above the running
+mean of the epoch's earlier Koopman losses; the notebook's absolute thresholds are shown beside them): the
+batches cut over all Koopman epochs, the batches over their limit (each starts or restarts a cut), and the
+largest score (loss − running mean) ÷ running standard deviation of a batch.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ from trainer.config import TrainerConfig, with_overrides  # noqa: E402
 from trainer.data import load_corpus  # noqa: E402
 from trainer.loop import HybridKoopmanTrainer  # noqa: E402
 
-RELATIVE = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5)
+RELATIVE = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 ABSOLUTE = (4.0, 12.0)  # the notebook's range, on the normalised loss
 
 
 class _Watch:
-    """Records, for every Koopman batch, its loss over the running mean it was compared with."""
+    """Records, for every Koopman batch the relative limit judges, how many running standard deviations its
+    loss lies above the running mean, and how many batches went over their limit."""
 
     def __init__(self) -> None:
-        self.ratios: list[float] = []
+        self.scores: list[float] = []
         self.triggers = 0
         self._inner = schedule.FallbackState.effective_weight
 
@@ -47,10 +49,10 @@ class _Watch:
         watch = self
 
         def effective_weight(state: schedule.FallbackState, weight: float, loss: torch.Tensor) -> torch.Tensor:
-            running, limit = float(state.running), float(state.limit())
-            value = float(loss.detach())
-            if running == running:  # not NaN
-                watch.ratios.append(value / running)
+            value, limit = float(loss.detach()), float(state.limit())
+            std = float(state.running_var.sqrt())
+            if int(state.seen) >= schedule.WARMUP_BATCHES and std > 0:
+                watch.scores.append((value - float(state.running)) / std)
             watch.triggers += int(value > limit)
             return watch._inner(state, weight, loss)
 
@@ -112,7 +114,7 @@ def main() -> None:
                     sum(r.steps for r in koop),
                     watch.triggers,
                     sum(r.fallback_batches for r in koop),
-                    max(watch.ratios) if watch.ratios else float("nan"),
+                    max(watch.scores) if watch.scores else float("nan"),
                     records[-1].val_ppl,
                 ]
             )
@@ -125,7 +127,7 @@ def main() -> None:
                 "Koopman batches",
                 "batches over the limit",
                 "batches cut",
-                "largest loss ÷ running mean",
+                "largest (loss − running mean) ÷ running std",
                 "final val_ppl",
             ),
             rows,

@@ -169,11 +169,12 @@ class KoopmanConfig:
     weight_max: float = field(default=0.5, metadata=_check(_non_negative))
     start_epoch: int = field(default=3, metadata=_check(_non_negative))
     schedule: str = field(default="linear", metadata=_check(_one_of(*SCHEDULES)))
-    # fallback_mode "relative": a batch whose Koopman loss is above fallback_threshold × the running mean of
-    # the epoch's earlier batches cuts the weight; "absolute": above fallback_threshold itself (the notebook's
-    # form, for its raw losses). trainer/schedule.py, docs/koopman-objective.md "The fallback".
+    # fallback_mode "relative": a batch whose Koopman loss is fallback_threshold running standard deviations
+    # above the running mean of the epoch's earlier batches cuts the weight; "absolute": a batch above
+    # fallback_threshold itself (the notebook's form, for its raw losses). trainer/schedule.py,
+    # docs/koopman-objective.md "The fallback".
     fallback_mode: str = field(default="relative", metadata=_check(_one_of(*FALLBACK_MODES)))
-    fallback_threshold: float = field(default=1.5, metadata=_check(_positive))
+    fallback_threshold: float = field(default=2.0, metadata=_check(_positive))
     fallback_factor: float = field(default=0.01, metadata=_check(_unit_interval))
     fallback_batches: int = field(default=10, metadata=_check(_non_negative))
 

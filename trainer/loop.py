@@ -269,7 +269,7 @@ class HybridKoopmanTrainer:
                 cut,
                 steps,
                 kc.fallback_threshold,
-                " x the running mean" if kc.fallback_mode == "relative" else "",
+                " standard deviations over the running mean" if kc.fallback_mode == "relative" else "",
                 f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
                 if nonfinite
                 else "",

@@ -21,13 +21,14 @@ import torch
 
 from trainer.config import FALLBACK_MODES, KoopmanConfig
 
-__all__ = ["EXP_RANGE", "FALLBACK_MODES", "RUNNING_DECAY", "FallbackState", "koopman_weight"]
+__all__ = ["EXP_RANGE", "FALLBACK_MODES", "RUNNING_DECAY", "WARMUP_BATCHES", "FallbackState", "koopman_weight"]
 
 # The exponential schedule's weight at p = 0 is w_max / EXP_RANGE: a hundredfold rise over the ramp.
 EXP_RANGE = 100.0
-# The relative fallback's running mean forgets with this factor per batch: about the last 10 batches, the
-# length of a cut (fallback_batches = 10).
+# The relative fallback's running moments forget with this factor per batch: about the last 10 batches, the
+# length of a cut (fallback_batches = 10); they are trusted after WARMUP_BATCHES batches of an epoch.
 RUNNING_DECAY = 0.9
+WARMUP_BATCHES = 5
 
 
 def koopman_weight(epoch: int, cfg: KoopmanConfig, epochs: int) -> float:
@@ -57,10 +58,11 @@ class FallbackState:
 
     The limit (``mode``, docs/koopman-objective.md, "The fallback"):
 
-    * ``"relative"``: ``threshold`` × the running mean of the epoch's earlier finite Koopman losses (an
-      exponential mean over about ``1 / (1 − RUNNING_DECAY)`` batches; the epoch's first batch is never cut).
-      A spike detector whatever the objective's scale: the normalised decoder loss sits at 0.05–1.2, where
-      the notebook's absolute thresholds (4–12) can never fire.
+    * ``"relative"``: the running mean of the epoch's earlier finite Koopman losses plus ``threshold`` times
+      their running standard deviation (exponential moments over about ``1 / (1 − RUNNING_DECAY)`` batches):
+      a batch ``threshold`` standard deviations above the recent ones. A spike detector whatever the
+      objective's scale or noise; the normalised decoder loss has no scale for the notebook's absolute
+      thresholds (4–12) to mean anything. The epoch's first ``WARMUP_BATCHES`` batches only fill the moments.
     * ``"absolute"``: ``threshold`` itself, the notebook's form (kept for its raw smooth-L1/DMD losses).
     """
 
@@ -77,12 +79,15 @@ class FallbackState:
         self.off = torch.zeros((), dtype=torch.bool, device=device)
         self.cut_count = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
-        self.running = torch.full((), math.nan, dtype=torch.float32, device=device)  # NaN until a finite batch
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)  # finite batches in the moments
+        self.running = torch.zeros((), dtype=torch.float32, device=device)  # exponential mean
+        self.running_var = torch.zeros((), dtype=torch.float32, device=device)  # exponential variance
 
     def limit(self) -> torch.Tensor:
-        """The Koopman loss above which this batch cuts the weight (NaN: nothing to compare with yet)."""
+        """The Koopman loss above which this batch cuts the weight (+inf while the moments fill)."""
         if self.relative:
-            return self.threshold * self.running
+            limit = self.running + self.threshold * self.running_var.sqrt()
+            return torch.where(self.seen >= WARMUP_BATCHES, limit, math.inf)
         return torch.full_like(self.running, self.threshold)
 
     def effective_weight(self, weight: float, koopman_loss: torch.Tensor) -> torch.Tensor:
@@ -91,12 +96,22 @@ class FallbackState:
         finite = torch.isfinite(loss)
         self.nonfinite_count += (~finite).long()
         self.off |= ~finite
-        over = finite & (loss > self.limit())  # False against NaN: the epoch's first batch is never cut
-        mixed = torch.where(torch.isnan(self.running), loss, RUNNING_DECAY * self.running + (1 - RUNNING_DECAY) * loss)
-        self.running = torch.where(finite, mixed, self.running)
+        over = finite & (loss > self.limit())
+        self._update_moments(loss, finite)
         self.remaining = torch.where(over, self.n_batches + 1, self.remaining)  # this batch + the next n
         cut = self.remaining > 0
         self.cut_count += (cut & ~self.off).long()
         self.remaining = (self.remaining - 1).clamp_min(0)
         w = torch.where(cut, weight * self.factor, weight)
         return torch.where(self.off, 0.0, w)
+
+    def _update_moments(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """Exponentially weighted mean and variance of the finite losses (West 1979's incremental form)."""
+        alpha = 1.0 - RUNNING_DECAY
+        first = self.seen == 0
+        diff = loss - self.running
+        mean = torch.where(first, loss, self.running + alpha * diff)
+        var = torch.where(first, 0.0, RUNNING_DECAY * (self.running_var + alpha * diff * diff))
+        self.running = torch.where(finite, mean, self.running)
+        self.running_var = torch.where(finite, var, self.running_var)
+        self.seen += finite.long()

@@ -123,21 +123,29 @@ def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epo
     ]
 
 
-def test_relative_fallback_never_cuts_an_epochs_first_batch_and_cuts_the_rest_at_a_tiny_threshold(
-    corpus: Corpus, caplog: pytest.LogCaptureFixture
+def test_relative_fallback_cuts_at_a_spike_and_the_next_batches_and_warns_once(
+    corpus: Corpus, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = tiny_config({"koopman.fallback_threshold": 1e-12, "koopman.fallback_factor": 0.1})
-    assert cfg.koopman.fallback_mode == "relative"  # the default
+    cfg = tiny_config({"train.epochs": 2, "train.max_steps_per_epoch": 12, "koopman.fallback_factor": 0.1})
+    assert (cfg.koopman.fallback_mode, cfg.koopman.fallback_threshold) == ("relative", 2.0)  # the defaults
+    original = KoopmanHeads.objective
+    calls = [0]
+
+    def objective(self: KoopmanHeads, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, x, y = original(self, states)
+        calls[0] += 1
+        return (loss * 50 if calls[0] == 9 else loss), x, y  # the 9th Koopman batch spikes
+
+    monkeypatch.setattr(KoopmanHeads, "objective", objective)
     with caplog.at_level(logging.WARNING, logger="trainer.loop"):
         trainer = run(cfg, corpus)
-    for r in trainer.records[1:]:
-        assert (r.fallback_batches, r.steps) == (4, 5)  # the first has no running mean to compare with
-        expected = r.koopman_weight * (1 + 4 * 0.1) / 5
-        assert r.effective_weight == pytest.approx(expected, rel=1e-6)
+    record = trainer.records[1]
+    assert record.fallback_batches == 4  # batches 9..12: the spike and the rest of the epoch (10 would follow)
+    assert record.effective_weight == pytest.approx(record.koopman_weight * (8 + 4 * 0.1) / 12, rel=1e-6)
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert warnings == [
-        "epoch 2: Koopman weight cut by the fallback on 4 of 5 batches (threshold 1e-12 x the running mean)",
-        "epoch 3: Koopman weight cut by the fallback on 4 of 5 batches (threshold 1e-12 x the running mean)",
+        "epoch 2: Koopman weight cut by the fallback on 4 of 12 batches "
+        "(threshold 2 standard deviations over the running mean)"
     ]
 
 

@@ -95,32 +95,46 @@ def run_relative(losses: list[float], threshold: float, n_batches: int = 0) -> t
     return applied, state
 
 
-def test_relative_fallback_cuts_a_spike_over_threshold_times_the_running_mean() -> None:
-    # running mean: 1.0 after the first batch; 0.9 · 1.0 + 0.1 · 1.0 = 1.0 after the second
-    applied, state = run_relative([1.0, 1.0, 1.6, 1.0], threshold=1.5)
-    cut = f32(0.05)
-    assert applied == [0.5, 0.5, cut, 0.5]
+def moments(losses: list[float]) -> tuple[float, float]:
+    """The oracle: exponentially weighted mean and variance with weight 0.1 on the newest, started at the first."""
+    mean, var = losses[0], 0.0
+    for x in losses[1:]:
+        diff = x - mean
+        mean += 0.1 * diff
+        var = 0.9 * (var + 0.1 * diff * diff)
+    return mean, var
+
+
+def test_relative_fallback_cuts_a_batch_threshold_standard_deviations_over_the_running_mean() -> None:
+    calm = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
+    mean, var = moments(calm)
+    limit = mean + 2.0 * math.sqrt(var)
+    under, _ = run_relative([*calm, limit * 0.999], threshold=2.0)
+    over, state = run_relative([*calm, limit * 1.001], threshold=2.0)
+    assert (under, over) == ([0.5] * 7, [0.5] * 6 + [f32(0.05)])
     assert int(state.cut_count) == 1
-    assert float(state.running) == pytest.approx(0.9 * (0.9 * 1.0 + 0.1 * 1.6) + 0.1 * 1.0, rel=1e-6)
 
 
-def test_relative_fallback_keeps_a_batch_exactly_at_its_limit_and_never_cuts_the_first() -> None:
-    applied, _ = run_relative([100.0, 150.0], threshold=1.5)  # 150 = 1.5 × 100: kept
-    assert applied == [0.5, 0.5]
-    applied, _ = run_relative([100.0, 150.01], threshold=1.5)
-    assert applied == [0.5, f32(0.05)]
+def test_relative_fallback_only_fills_its_moments_in_an_epochs_first_batches() -> None:
+    applied, _ = run_relative([1.0, 100.0, 1e4, 1e6, 1e8], threshold=0.5)  # WARMUP_BATCHES = 5: none judged
+    assert applied == [0.5] * 5
+    mean, var = moments([1.0, 1.0, 1.0, 1.0, 1.0])
+    assert (mean, var) == (1.0, 0.0)
+    applied, _ = run_relative([1.0] * 5 + [1.0001], threshold=3.0)  # zero spread: any rise is a spike
+    assert applied[-1] == f32(0.05)
 
 
 def test_relative_fallback_is_blind_to_the_losses_scale() -> None:
-    losses = [0.8, 0.7, 0.75, 1.3, 0.6]
-    small, _ = run_relative(losses, threshold=1.2)
-    large, _ = run_relative([v * 1000 for v in losses], threshold=1.2)
-    assert small == large == [0.5, 0.5, 0.5, f32(0.05), 0.5]
+    losses = [0.8, 0.7, 0.75, 0.72, 0.78, 0.74, 1.3, 0.6]
+    small, _ = run_relative(losses, threshold=2.0)
+    large, _ = run_relative([v * 1000 for v in losses], threshold=2.0)
+    assert small == large == [0.5] * 6 + [f32(0.05), 0.5]
 
 
-def test_relative_fallback_leaves_non_finite_losses_out_of_the_running_mean() -> None:
-    _, state = run_relative([1.0, math.nan, 1.0], threshold=2.0)
-    assert float(state.running) == pytest.approx(1.0)
+def test_relative_fallback_leaves_non_finite_losses_out_of_its_moments() -> None:
+    _, state = run_relative([1.0, math.nan, 3.0], threshold=2.0)
+    mean, var = moments([1.0, 3.0])
+    assert (float(state.running), float(state.running_var), int(state.seen)) == pytest.approx((mean, var, 2))
 
 
 def test_unknown_fallback_mode_is_refused() -> None:
