@@ -134,7 +134,14 @@ def main() -> None:
     setup_logging()
     if args.rescore:
         earlier = json.loads(Path(args.rescore).read_text())
-        report(earlier["rows"], earlier["baselines"], earlier["settings"], args.out, time.perf_counter())
+        report(
+            earlier["rows"],
+            earlier["baselines"],
+            earlier["settings"],
+            args.out,
+            time.perf_counter(),
+            earlier["machine"],
+        )
         return
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -170,11 +177,17 @@ def main() -> None:
                     f"forward {r['val_koopman_forward_ppl']:.1f} ({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,
                 )
-    report(rows, baselines, {k: v for k, v in vars(args).items() if k not in ("out", "rescore")}, args.out, started)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "rescore")}
+    report(rows, baselines, settings, args.out, started, f"{machine_line()}; {time.perf_counter() - started:.0f} s")
 
 
 def report(
-    rows: list[dict[str, Any]], baselines: list[dict[str, Any]], settings: dict[str, Any], out: str, started: float
+    rows: list[dict[str, Any]],
+    baselines: list[dict[str, Any]],
+    settings: dict[str, Any],
+    out: str,
+    started: float,
+    machine: str,
 ) -> None:
     """Score the candidate measures, print the tables and write the JSON."""
     base_by_seed = {b["seed"]: b for b in baselines}
@@ -194,7 +207,7 @@ def report(
         "snr_scored_on": measure,
         "snr_all": {k: round(v, 3) for k, v in snrs.items()},
         "settings": settings,
-        "machine": machine_line(),
+        "machine": machine,  # where and when the runs trained
         "rows": rows,
         "baselines": baselines,
     }
@@ -227,7 +240,7 @@ def report(
     print(markdown_table(("weight_max", *mean_keys), means))
     print(f"\nsnr: {json.dumps(result['snr_all'])}")
     print(f"measure: {record} (scored as {measure}, snr {result['snr']}); wrote {os.path.relpath(out)}")
-    print(f"{machine_line()}; {time.perf_counter() - started:.0f} s")
+    print(f"trained on: {machine}")
 
 
 if __name__ == "__main__":
