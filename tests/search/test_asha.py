@@ -244,7 +244,7 @@ def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
     ]:
         text += (
             f"\n[[enqueue]]\nkoopman_weight_max = {weight}\nkoopman_start_epoch = {start}\n"
-            f'fallback_threshold = 8.0\nschedule = "{schedule}"\nkoopman_dim = {dim}\n'
+            f'fallback_threshold = 2.0\nschedule = "{schedule}"\nkoopman_dim = {dim}\n'
         )
     path = tmp_path / "quickstart.toml"
     path.write_text(text)
