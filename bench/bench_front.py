@@ -68,7 +68,7 @@ def main() -> None:
         out = subprocess.run([exe, "status", study, "-f", "json"], check=True, env=env, capture_output=True, text=True)
         best = subprocess.run([exe, "best", study, "-f", "json"], check=True, env=env, capture_output=True, text=True)
     data, front = json.loads(out.stdout), json.loads(best.stdout)
-    trials = front if isinstance(front, list) else front.get("trials", [front])
+    trials = front.get("pareto_front") or [front.get("best") or front["chosen"]]
     names = data["objectives"]
     rows = [[t["number"], t["params"].get("koopman_weight_max"), *[t["values"].get(n) for n in names]] for t in trials]
     print(markdown_table(("trial", "koopman_weight_max", *names), rows))
