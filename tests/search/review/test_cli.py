@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -66,6 +67,46 @@ def test_report_command_with_out_in_a_missing_directory_exits_2_naming_it(
     assert "koopman-search report: error: --out must be in an existing directory" in err
     assert str(tmp_path / "nope") in err
     assert not out.parent.exists()
+
+
+def test_report_out_never_replaces_the_studys_own_database_or_study_file(
+    study: optuna.Study, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study_file = tmp_path / "review.toml"
+    study_file.write_text(f'[study]\nname = "{STUDY_NAME}"\n\n[trainer.train]\nepochs = {EPOCHS}\n')
+    db = tmp_path / f"{STUDY_NAME}.db"  # the study file's default storage, where the fixture put the study
+    before = {p: p.read_bytes() for p in (study_file, db)}
+    for out, what in ((db, "the study's database"), (study_file, "the study file")):
+        code = main(["report", str(study_file), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"--out must not replace {what}, but got out={str(out)!r}" in err
+    assert {p: p.read_bytes() for p in before} == before  # nothing written
+    assert main(["status", str(study_file)]) == 0  # and the study still reads
+
+
+def test_report_out_never_replaces_another_sqlite_database(
+    study: optuna.Study, storage_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.sqlite"
+    optuna.create_study(storage=f"sqlite:///{other}", study_name="x")
+    before = other.read_bytes()
+    code = main(["report", "--study-name", STUDY_NAME, "--storage", storage_url, "--out", str(other)])
+    assert code == 2
+    assert "which is an SQLite database" in capsys.readouterr().err
+    assert other.read_bytes() == before
+
+
+def test_report_out_refuses_a_fifo_and_leaves_it_a_fifo(
+    study: optuna.Study, storage_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code = main(["report", "--study-name", STUDY_NAME, "--storage", storage_url, "--out", str(fifo)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--out must be a regular file or a new path" in err and "which is a FIFO" in err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_report_command_with_a_missing_study_exits_1_listing_the_studies(
