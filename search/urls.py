@@ -38,8 +38,22 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)@")
 
 
+# A query parameter that carries a secret: libpq's password and sslpassword, and any other *pass* key.
+_SECRET_QUERY = re.compile(r"([?&][^=&#]*pass[^=&#]*=)([^&#]*)", re.IGNORECASE)
+
+
+def _query_secrets(url: str) -> list[str]:
+    """The values of the secret query parameters of ``url`` (``?password=...``, ``&sslpassword=...``)."""
+    return [m.group(2) for m in _SECRET_QUERY.finditer(url) if m.group(2)]
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also for strings SQLAlchemy cannot parse)."""
+    """``url`` with its password replaced by ``***``, in the userinfo and in the query string (also for strings
+    SQLAlchemy cannot parse)."""
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + ("***" if m.group(2) else ""), _redact_userinfo(url))
+
+
+def _redact_userinfo(url: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -62,6 +76,8 @@ def redact_text(text: str, url: str) -> str:
     import sqlalchemy
 
     text = text.replace(url, redact_url(url))
+    for secret in _query_secrets(url):
+        text = text.replace(secret, "***")
     _scheme, sep, rest = url.partition("://")
     netloc = rest.split("/", 1)[0] if sep else ""
     if netloc.count("@") > 1:  # an unencoded '@' in the password: the userinfo runs to the last '@'

@@ -72,3 +72,19 @@ def test_a_storage_url_of_an_unknown_backend_is_refused_without_its_password(tmp
     with pytest.raises(SpecError, match=r"storage must use one of sqlite, postgresql, mysql") as info:
         resolve_storage_url("redis://u:s3cret@h/0", "demo", "x.toml", tmp_path)
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://koopman@db/ks?password=s3cret", "postgresql+psycopg://koopman@db/ks?password=***"),
+        (
+            "postgresql+psycopg://koopman:pw@db/ks?sslmode=require&sslpassword=s3cret",
+            "postgresql+psycopg://koopman:***@db/ks?sslmode=require&sslpassword=***",
+        ),
+        ("postgresql://koopman@db/ks?PassWord=s3cret&x=1", "postgresql://koopman@db/ks?PassWord=***&x=1"),
+    ],
+)
+def test_redact_url_hides_a_password_given_in_the_query_string(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cret" not in redact_text(f"could not connect with {url}: password s3cret rejected", url)
