@@ -29,6 +29,7 @@ from search.job import CheckpointCorrupt, TrainingJob, file_digest
 from search.layout import MatchedBaseline
 from search.rules import PruneRules
 from search.rungs import AshaPruner
+from search.settings import env_setting
 from search.spec import StudySpec
 from search.storage import exclusive, retrying
 from trainer.errors import CheckpointError
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 # Attempts of one trial that its environment may fail (a full disk, the artifact store, the database) before
 # the trial is given up as lost; each failed attempt is queued again with its parameters and checkpoint.
-ENV_RETRY_MAX = int(os.environ.get("KOOPMAN_ENV_RETRY_MAX", "3"))
+ENV_RETRY_MAX = int(env_setting("KOOPMAN_ENV_RETRY_MAX"))  # search/settings.py
 
 
 def is_environment_fault(exc: BaseException) -> bool:

@@ -29,6 +29,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from search.errors import StorageError
+from search.settings import env_setting
 from search.urls import redact_text, redact_url
 
 __all__ = [
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 # A running trial records a heartbeat this often (seconds); one silent for GRACE_FACTOR intervals is stale
 # and is failed, then retried (RetryHeartbeatStaleTrialCallback) from its last checkpoint.
-HEARTBEAT_INTERVAL = int(os.environ.get("KOOPMAN_HEARTBEAT_INTERVAL", "30"))
+HEARTBEAT_INTERVAL = int(env_setting("KOOPMAN_HEARTBEAT_INTERVAL"))  # search/settings.py
 GRACE_FACTOR = 4
 MAX_RETRY = 3  # retries of one trial after its worker died
 
@@ -196,7 +197,7 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, opt
 # How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
 # database restart or failover; a trial whose heartbeat went stale meanwhile is retried from its checkpoint
 # (docs/design.md, "Fault model").
-OUTAGE_TIMEOUT = float(os.environ.get("KOOPMAN_OUTAGE_TIMEOUT", "1800"))
+OUTAGE_TIMEOUT = float(env_setting("KOOPMAN_OUTAGE_TIMEOUT"))
 RETRY_DELAY_MAX = 30.0
 
 

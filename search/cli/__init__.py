@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from search.settings import check_environment
 from trainer.errors import ConfigError, DataError, KoopmanError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.debug, args.quiet, args._name)
     try:
+        check_environment()  # a bad KOOPMAN_* setting stops here, before anything is touched
         return int(args._run(args) or 0)
     except (ConfigError, DataError) as exc:  # bad input: a value, a file, a corpus
         if args.debug:

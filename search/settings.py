@@ -1,0 +1,78 @@
+"""Settings read from the environment, each checked once, with one error shape.
+
+    KOOPMAN_HEARTBEAT_INTERVAL   seconds between a running trial's heartbeats      integer >= 1, default 30
+    KOOPMAN_OUTAGE_TIMEOUT       seconds a worker waits out a database outage      number >= 0, default 1800
+    KOOPMAN_ENV_RETRY_MAX        attempts of a trial its environment may fail      integer >= 0, default 3
+
+The modules that use them read them at import through :func:`env_setting`, which falls back to the default
+(and logs why) on a bad value; every command checks them first through :func:`check_environment`, so a bad
+value stops a command with one line and exit code 2 before it touches anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from trainer.errors import ConfigError
+
+__all__ = ["ENV_SETTINGS", "EnvSetting", "check_environment", "env_setting"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnvSetting:
+    name: str
+    integer: bool
+    minimum: float
+    default: float
+    what: str
+
+    def parse(self, raw: str) -> float:
+        """The value of ``raw``; raises :class:`ConfigError` naming the variable and the value."""
+        kind = "an integer" if self.integer else "a number"
+        try:
+            value = int(raw) if self.integer else float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= self.minimum):
+            raise ConfigError(
+                f"{self.name} must be {kind} >= {self.minimum:g} ({self.what}), but got {self.name}={raw!r}; "
+                f"unset it for the default {self.default:g}"
+            )
+        return value
+
+
+ENV_SETTINGS = {
+    s.name: s
+    for s in (
+        EnvSetting("KOOPMAN_HEARTBEAT_INTERVAL", True, 1, 30, "seconds between a running trial's heartbeats"),
+        EnvSetting("KOOPMAN_OUTAGE_TIMEOUT", False, 0, 1800, "seconds a worker waits out a database outage"),
+        EnvSetting("KOOPMAN_ENV_RETRY_MAX", True, 0, 3, "attempts of a trial its environment may fail"),
+    )
+}
+
+
+def env_setting(name: str) -> float:
+    """The setting's value from the environment, or its default when unset or bad (a bad value is logged;
+    commands refuse it earlier, in :func:`check_environment`)."""
+    setting = ENV_SETTINGS[name]
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return setting.default
+    try:
+        return setting.parse(raw)
+    except ConfigError as exc:
+        logger.warning("%s; using the default", exc)
+        return setting.default
+
+
+def check_environment() -> None:
+    """Raise :class:`ConfigError` for the first setting in the environment with a bad value."""
+    for name, setting in ENV_SETTINGS.items():
+        raw = os.environ.get(name)
+        if raw:
+            setting.parse(raw)
