@@ -241,6 +241,9 @@ class StudySpec:
 
 MAX_STUDY_FILE_BYTES = 1 << 20
 MAX_TRIALS = 100_000  # a budget is a queue of WAITING trials in the database: each is a row
+# A study name's longest form: Optuna keeps names in VARCHAR(512); the baseline's companion study and its
+# attrs add suffixes, so the name itself stays far below that.
+MAX_NAME_LENGTH = 128
 MAX_SEED = 2**31  # the sampler's seed plus a worker's offset (< 2**30) must stay below numpy's 2**32
 
 
@@ -287,6 +290,13 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
     study = values.get("study", {})
     _known_keys(study, STUDY_KEYS, origin, "study")
     name = _get(study, "name", str, origin, "study", required=True)
+    if len(name) > MAX_NAME_LENGTH:
+        raise SpecError.at(
+            f"name must be at most {MAX_NAME_LENGTH} characters (the database keeps it with the baseline's and "
+            f"the companion study's suffixes), but got a name of {len(name)} characters: {name[:40]!r}...",
+            origin,
+            "study.name",
+        )
     if not NAME_PATTERN.fullmatch(name):
         raise SpecError.at(
             f"name must start with a letter or digit and use only letters, digits, '.', '_' and '-', "

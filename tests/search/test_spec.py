@@ -391,3 +391,13 @@ def test_the_shipped_studies_load(tmp_path: Path) -> None:
         assert spec.objectives[0].metric == "val_ppl"
     nb = load_spec(REPO / "studies" / "notebook.toml")
     assert (nb.trainer.koopman.loss, nb.trainer.koopman.fit) == ("smooth_l1", "dmd")
+
+
+@pytest.mark.parametrize("length", [500, 600])
+def test_a_study_name_longer_than_the_limit_is_refused_naming_the_key(tmp_path: Path, length: int) -> None:
+    path = tmp_path / "long.toml"
+    path.write_text(f'[study]\nname = "{"n" * length}"\n', encoding="utf-8")
+    with pytest.raises(SpecError, match=rf"name must be at most 128 characters.*{length} characters.*\[study.name\]"):
+        load_spec(path)
+    path.write_text(f'[study]\nname = "{"n" * 128}"\n', encoding="utf-8")
+    assert load_spec(path).name == "n" * 128  # exactly at the limit is kept
