@@ -13,7 +13,6 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
-from search.errors import StorageError
 from search.storage import open_storage
 from search.urls import redact_url
 from trainer.errors import ConfigError
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def open_existing_storage(url: str) -> RDBStorage:
     """The storage at ``url`` (no heartbeat: review only reads and annotates). Raises ConfigError for a
-    missing or malformed URL and StorageError for a SQLite file that does not exist."""
+    missing or malformed URL or a SQLite file that does not exist (bad input, exit 2)."""
     if not url:
         raise ConfigError(
             "a storage is required: give a study file or --storage URL, or set OPTUNA_STORAGE, but got storage=''"
@@ -39,7 +38,7 @@ def open_existing_storage(url: str) -> RDBStorage:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if not database or database == ":memory:" or not Path(database).is_file():
-            raise StorageError(
+            raise ConfigError(  # bad input (exit 2): a path that names no database
                 f"storage file must exist, but got storage={redact_url(url)!r} (no file {database!r}); "
                 "check the path, or create the study first"
             )

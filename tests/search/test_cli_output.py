@@ -155,13 +155,13 @@ def test_review_of_a_missing_storage_refuses_and_creates_nothing(
 ) -> None:
     missing = tmp_path / "no" / "such" / "dir" / "study.db"
     code, out, err = cli(capsys, command, "--study-name", "tiny", "--storage", f"sqlite:///{missing}")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # bad input
     [line] = error_lines(err, command)
     assert f"storage file must exist, but got storage='sqlite:///{missing}'" in line
     assert not (tmp_path / "no").exists()
     study = write_study(tmp_path / "fresh")  # its default storage, fresh/study.db, does not exist yet
     code, out, err = cli(capsys, command, str(study))
-    assert code == 1
+    assert code == 2
     assert "storage file must exist" in err
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["study.toml"]
 

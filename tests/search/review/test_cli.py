@@ -120,12 +120,12 @@ def test_report_command_with_a_missing_study_exits_1_listing_the_studies(
     assert not out.exists()
 
 
-def test_report_command_with_a_missing_sqlite_file_exits_1_and_creates_nothing(
+def test_report_command_with_a_missing_sqlite_file_exits_2_and_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "missing.db"
     code = main(["report", "--study-name", "x", "--storage", f"sqlite:///{db}", "--out", str(tmp_path / "r.html")])
-    assert code == 1
+    assert code == 2
     assert "storage file must exist" in capsys.readouterr().err
     assert not db.exists()
 
