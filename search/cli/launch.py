@@ -16,6 +16,7 @@ from search.cli._common import (
 )
 from search.spec import load_spec
 from search.urls import redact_url
+from trainer.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
@@ -59,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from search.study import create_or_load_study, ensure_budget
 
     check_counts(args)
+    if args.device and (args.gpus or (args.workers or 1) > 1):
+        raise ConfigError(
+            "--device applies to a launch in one process; with --workers every slot trains on the CPU and with "
+            f"--gpus each on its own GPU, but got device={args.device!r} with "
+            + (f"gpus={args.gpus!r}" if args.gpus else f"workers={args.workers}")
+            + "; leave --device out"
+        )
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     spec = spec.with_device(args.device)
     supervisor = None
