@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from search.space import PARAM_NAMES
+from search.text import csv_cell
 
 __all__ = ["DATA_FORMATS", "add_format_args", "dump", "flat_rows", "param_header", "param_legend", "param_order"]
 
@@ -96,6 +97,6 @@ def dump(data: Any, fmt: str, trials: Sequence[Mapping[str, Any]] = ()) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
+        writer.writerows({c: ("" if r.get(c) is None else csv_cell(r.get(c))) for c in columns} for r in rows)
         return buf.getvalue().rstrip("\n")
     raise ValueError(f"format must be one of {', '.join(DATA_FORMATS)}, but got format={fmt!r}")

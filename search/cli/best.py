@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from search.cli._common import add_study_args, render_table, resolve_target
 from search.cli._output import add_format_args, dump, param_header, param_legend, param_order
 from search.errors import StudyNotFoundError
+from search.text import printable
 
 if TYPE_CHECKING:
     import optuna
@@ -115,7 +116,7 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
                 ("*" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
                 *[_cell(r["params"].get(p)) for p in params],
                 *[_cell((r["values"] or {}).get(n)) for n in names],
-                r["label"] or "",
+                printable(r["label"] or ""),
             ]
             for r in shown
         ],

@@ -8,6 +8,7 @@ from typing import Any
 
 from search.cli._common import add_study_args, render_table, resolve_target
 from search.cli._output import add_format_args, dump, param_header, param_legend, param_order
+from search.text import printable
 
 __all__ = ["add_parser", "run", "status_text"]
 
@@ -39,7 +40,7 @@ def _cell(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return printable(str(v))
 
 
 def status_text(data: dict[str, Any], full_names: bool = False) -> str:
@@ -51,7 +52,7 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
     rows = []
     for t in data["trials"]:
         epochs = str(t["epochs_run"]) + (f"+{t['epochs_from_warmup']}w" if t["epochs_from_warmup"] else "")
-        note = t["prune_reason"] or t["fail_reason"] or t["label"] or ""
+        note = printable(t["prune_reason"] or t["fail_reason"] or t["label"] or "")
         if t["state"] == "FAIL" and not note and t["retried_as"] is not None:
             note = "worker lost (heartbeat stale)"
         if t["retried_as"] is not None:

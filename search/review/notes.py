@@ -7,12 +7,14 @@ how its val perplexity compares with the baseline at the same epoch, and what it
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 from optuna.trial import TrialState
 
 from search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
+from search.text import printable
 
 __all__ = ["study_note", "trial_note"]
 
@@ -37,9 +39,14 @@ def _pad_tables(lines: list[str]) -> list[str]:
     return out
 
 
+_MARKDOWN = re.compile(r"([\\`*_\[\]<|~&])")  # what can open emphasis, code, a link or image, HTML, a cell
+
+
 def _escape(text: str) -> str:
-    """Text safe inside a markdown table cell or emphasis."""
-    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_").replace("\n", " ")
+    """Text safe inside a markdown table cell or emphasis: control characters and line breaks become spaces,
+    and every character that could start markup (a link, an image, HTML, code, emphasis, a cell) is escaped,
+    so a label can never load anything or break the note's layout."""
+    return _MARKDOWN.sub(r"\\\1", printable(text, " "))
 
 
 def _ratio_text(value: float | None, reference: float | None, limit: float | None) -> str:

@@ -1,0 +1,32 @@
+"""Text that came from a user (labels, reasons) made safe for where it is shown: a terminal, a spreadsheet.
+
+printable("ok\x1b[2Jgone")   # 'ok\ufffd[2Jgone': no escape sequence reaches the terminal
+csv_cell("=HYPERLINK(...)")  # "'=HYPERLINK(...)": a spreadsheet shows it as text, never runs it
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["csv_cell", "printable"]
+
+# C0 controls (tab and newline included: one value stays on one line), DEL and the C1 controls
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A cell a spreadsheet would read as a formula (OWASP, "CSV injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: str, replacement: str = "\ufffd") -> str:
+    """``text`` with every control character replaced by ``replacement``."""
+    return _CONTROL.sub(replacement, text)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV value: text made printable, and prefixed with ``'`` where a spreadsheet would take it for a
+    formula; numbers and other values as they are."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    return printable(value)
