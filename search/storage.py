@@ -31,6 +31,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from search.errors import StorageError
 from search.settings import env_setting
 from search.urls import redact_text, redact_url
+from trainer.errors import ConfigError
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -170,6 +171,29 @@ def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactSto
     return AtomicFileSystemArtifactStore(str(path))
 
 
+def check_artifacts(location: str) -> None:
+    """Raise :class:`ConfigError` (bad input, exit 2) unless ``location`` is a directory this process can
+    create and write to (an ``s3://`` store is checked when it is opened). Commands call this before they
+    write to the database, so a bad ``artifacts`` leaves nothing behind."""
+    if location.startswith("s3://"):
+        return
+    path = Path(location)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"artifacts must be a directory, but got artifacts={location!r}, which is a file; "
+            "give a directory (it is created when missing)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"artifacts must be a directory this process can write to, but got artifacts={location!r} "
+            f"({exc.strerror or exc}); give a writable directory"
+        ) from None
+
+
 class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
     """Optuna's directory store, writing each artifact to a temporary name beside it and renaming it into
     place once it is whole and on disk: a write that fails (a full disk, a killed worker) leaves no partial
@@ -177,6 +201,8 @@ class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
 
     def write(self, artifact_id: str, content_body: Any) -> None:
         target = Path(self._get_filepath(artifact_id))
+        # a directory removed while the study runs is the environment's fault: make it again and go on
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as fh:

@@ -37,7 +37,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.storage import open_storage
+    from search.storage import check_artifacts, open_storage
     from search.study import create_or_load_study, ensure_budget
 
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         from search.errors import SpecError
 
         raise SpecError(f"--n-trials must be >= 1, but got n_trials={args.n_trials}")
+    check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url, heartbeat=False)
     study, created = create_or_load_study(spec, storage)
     added = ensure_budget(study, spec, args.n_trials)

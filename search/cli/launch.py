@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from search.cli.status import status_text
     from search.review.status import status_data
     from search.runner import format_outcome
-    from search.storage import open_storage
+    from search.storage import check_artifacts, open_storage
     from search.study import create_or_load_study, ensure_budget
 
     check_counts(args)
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         from search.workers import build_supervisor
 
         supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
+    check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url)
     study, created = create_or_load_study(spec, storage)
     ensure_budget(study, spec, args.n_trials)

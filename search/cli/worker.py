@@ -58,7 +58,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.storage import open_storage
+    from search.storage import check_artifacts, open_storage
     from search.study import load_study
     from search.workers import build_supervisor
 
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     supervisor = build_supervisor(
         spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers, max_trials=args.n_trials
     )
+    check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
         supervisor.expect_trials(waiting_trials(load_study(storage, spec.name), args.n_trials))
