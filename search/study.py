@@ -10,8 +10,10 @@ A trial stopped on purpose (SIGTERM, Ctrl-C) is queued again by :func:`enqueue_r
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -64,6 +66,7 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
             f"load study {spec.name}",
         )
         created = False
+        _check_stored_definition(study, spec)
         directions = [d.name.lower() for d in study.directions]
         if directions != spec.directions:
             raise SpecError(
@@ -78,6 +81,69 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metrics)  # optuna-dashboard and the exports name the objectives
     return study, created
+
+
+# Keys of a stored definition that say where a study runs, not what it computes: they may differ between
+# machines and launches (a data path mounted elsewhere, a GPU, a progress bar).
+_WHERE_KEYS = frozenset(
+    {"trainer.data.source", "trainer.data.cache_dir", "trainer.train.device", "trainer.train.progress"}
+)
+# The parts of a definition a study's trials depend on: a change there mixes two studies in one.
+_COMPARED = ("search", "trainer")
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def definition_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a stored study definition and the study file's (``StudySpec.to_dict``): the
+    search space, the objectives and the trainer config, as ``key: stored → now`` lines. A trainer key the
+    stored definition does not have (a setting added by a later version) is not compared."""
+    current = json.loads(json.dumps(current))  # as stored: tuples become lists
+    old: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    for part in _COMPARED:
+        old.update(_flat(stored.get(part, {}), part))
+        new.update(_flat(current.get(part, {}), part))
+    old["study.objectives"] = stored.get("study", {}).get("objectives")
+    new["study.objectives"] = current.get("study", {}).get("objectives")
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in _WHERE_KEYS or old.get(key) == new.get(key):
+            continue
+        if key.startswith("trainer.") and key not in old:
+            continue
+        changes.append(f"{key}: {old.get(key, '(none)')!r} → {new.get(key, '(none)')!r}")
+    return changes
+
+
+def _check_stored_definition(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse a study this file did not define: one made by something else (trials but no stored definition),
+    or one whose stored search space, objectives or trainer config differ from the file's."""
+    where = f" ({spec.path}, [study.name])" if spec.path else ""
+    storage, study_id = study._storage, study._study_id
+    stored = layout.stored_definition(storage.get_study_system_attrs(study_id), study.user_attrs)
+    if stored is None:
+        n = len(retrying(lambda: study.get_trials(deepcopy=False), f"read the trials of {spec.name}"))
+        if n:
+            raise SpecError(
+                f"study {spec.name} exists in this storage but was not made by koopman-search (no stored "
+                f"definition, {n} trial(s)), but got name={spec.name!r}; use another study name{where}"
+            )
+        return
+    changes = definition_changes(stored, spec.to_dict())
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise SpecError(
+            f"study {spec.name} was created from another definition than this study file's: {shown}; put the "
+            f"file back as it was, or give the changed study another name{where}"
+        )
 
 
 def load_study(storage: RDBStorage, name: str, seed_offset: int = 0, spec: StudySpec | None = None) -> optuna.Study:
