@@ -28,8 +28,10 @@ from search.storage import exclusive, retrying
 
 __all__ = [
     "OUTCOME_ATTRS",
+    "check_stored_definition",
     "claim_waiting_trial",
     "create_or_load_study",
+    "definition_changes",
     "enqueue_retry",
     "ensure_budget",
     "is_retry",
@@ -66,7 +68,7 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
             f"load study {spec.name}",
         )
         created = False
-        _check_stored_definition(study, spec)
+        check_stored_definition(study, spec)
         directions = [d.name.lower() for d in study.directions]
         if directions != spec.directions:
             raise SpecError(
@@ -123,7 +125,7 @@ def definition_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     return changes
 
 
-def _check_stored_definition(study: optuna.Study, spec: StudySpec) -> None:
+def check_stored_definition(study: optuna.Study, spec: StudySpec) -> None:
     """Refuse a study this file did not define: one made by something else (trials but no stored definition),
     or one whose stored search space, objectives or trainer config differ from the file's."""
     where = f" ({spec.path}, [study.name])" if spec.path else ""

@@ -59,7 +59,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from search.storage import check_artifacts, open_storage
-    from search.study import load_study
+    from search.study import check_stored_definition, load_study
     from search.workers import build_supervisor
 
     check_counts(args)
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
-        supervisor.expect_trials(waiting_trials(load_study(storage, spec.name), args.n_trials))
+        study = load_study(storage, spec.name)
+        check_stored_definition(study, spec)  # the file the workers run is the one the study was made from
+        supervisor.expect_trials(waiting_trials(study, args.n_trials))
     except StudyNotFoundError:
         raise StudyNotFoundError(
             f"study {spec.name!r} does not exist in {redact_url(spec.storage_url)}; create it first with "

@@ -81,3 +81,12 @@ def test_a_study_made_by_plain_optuna_is_not_adopted(tmp_path: Path, capsys: pyt
     reloaded = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
     assert [t.state.name for t in reloaded.get_trials()] == ["WAITING"] and reloaded.user_attrs == {}
     assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 's.db'}")] == ["s"]
+
+
+def test_a_worker_refuses_an_edited_study_file_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = write(tmp_path, BASE)
+    assert main(["create", str(study)]) == 0
+    capsys.readouterr()
+    write(tmp_path, BASE.replace("high = 0.5", "high = 0.3"))
+    assert main(["worker", str(study), "--workers", "2"]) == 2
+    assert "search.koopman_weight_max.high: 0.5 → 0.3" in capsys.readouterr().err
