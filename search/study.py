@@ -185,8 +185,10 @@ def _top_up(study: optuna.Study, spec: StudySpec, target: int) -> int:
         if item.label is not None and item.label in labels:
             continue
         user_attrs = {layout.LABEL: item.label} if item.label else None
+        before = len(study.get_trials(deepcopy=False))
         study.enqueue_trial(dict(item.params), user_attrs=user_attrs, skip_if_exists=item.label is None)
-        added += 1
+        # Optuna skips an unlabelled entry whose parameters a trial already has: count only what it added
+        added += len(study.get_trials(deepcopy=False)) - before
     for _ in range(target - len(issued) - added):
         study.enqueue_trial({})
         added += 1

@@ -120,3 +120,19 @@ def test_a_study_stored_with_the_whole_definition_in_its_user_attr_still_reads(t
     old = {"version": 1, "spec": spec.to_dict(), "objectives": [o.to_dict() for o in spec.objectives]}
     study.set_user_attr(layout.SPEC_ATTR, old)
     assert stored_spec(study).to_dict() == spec.to_dict()
+
+
+def test_raising_the_budget_counts_only_the_unlabelled_entries_optuna_added(tmp_path: Path) -> None:
+    path = write_tiny_study(tmp_path, n_trials=3, storage=f"sqlite:///{tmp_path / 'u.db'}")
+    entries = "".join(
+        f"\n[[enqueue]]\nkoopman_weight_max = {w}\nkoopman_start_epoch = 1\nfallback_threshold = 8.0\n"
+        'schedule = "linear"\nkoopman_dim = 8\n'
+        for w in (0.1, 0.2)
+    )
+    path.write_text(path.read_text() + entries)  # two unlabelled entries
+    spec = load_spec(path)
+    study, _ = create_or_load_study(spec, open_storage(spec.storage_url, heartbeat=False))
+    assert ensure_budget(study, spec, n_trials=1) == 1  # the first entry (a launch with --n-trials 1)
+    # raised to the file's 3: Optuna skips the first entry (its trial exists), adds the second and one empty
+    assert ensure_budget(study, spec) == 2
+    assert len(study.get_trials()) == 3
