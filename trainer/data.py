@@ -48,6 +48,7 @@ __all__ = [
     "UNK",
     "Corpus",
     "check_length",
+    "check_source",
     "default_cache_dir",
     "epoch_order",
     "load_corpus",
@@ -207,6 +208,20 @@ def _split_path(directory: Path, split: str, source: str) -> Path:
         f"the {split} split file must exist, but got no {directory / SPLIT_FILES[split][0]} "
         f"(nor {others}) (source={source})"
     )
+
+
+def check_source(source: str) -> None:
+    """Raise :class:`DataError` when a ``files:DIR`` source names no directory with the three split files;
+    cheap (nothing is read), for commands that train to call before they write anything. Other sources
+    are checked when they load (``hf:`` needs the network)."""
+    src = _parse_source(source)
+    if src.scheme != "files":
+        return
+    directory = Path(src.target)
+    if not directory.is_dir():
+        raise DataError(f"the corpus directory must exist, but got {directory} (source={src.text})")
+    for split in SPLITS:
+        _split_path(directory, split, src.text)
 
 
 def _read_files(src: _Source) -> tuple[dict[str, bytes], dict[str, str]]:

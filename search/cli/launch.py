@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from search.runner import format_outcome
     from search.storage import check_artifacts, open_storage
     from search.study import create_or_load_study, ensure_budget
+    from trainer.data import check_source
 
     check_counts(args)
     if args.device and (args.gpus or (args.workers or 1) > 1):
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         from search.workers import build_supervisor
 
         supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
+    check_source(spec.trainer.data.source)  # this command trains: its data must be here
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url)
     study, created = create_or_load_study(spec, storage)

@@ -61,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
     from search.storage import check_artifacts, open_storage
     from search.study import check_stored_definition, load_study
     from search.workers import build_supervisor
+    from trainer.data import check_source
 
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     supervisor = build_supervisor(
         spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers, max_trials=args.n_trials
     )
+    check_source(spec.trainer.data.source)  # this command trains: its data must be here
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url, heartbeat=False)
     try:
