@@ -82,7 +82,7 @@ class TrialOutcome:
     label: str | None = None
     trial_id: int | None = None
     stored: bool = True  # False when the attempt was failed elsewhere meanwhile and its end was dropped
-    requeued: bool = False  # failed by its environment and queued again: it does not use up a trial
+    requeued: bool = False  # interrupted, or failed by its environment, and queued again: not a trial used up
     lost: bool = False  # failed by its environment ENV_RETRY_MAX times: not queued again
 
 
@@ -330,7 +330,7 @@ class TrialRunner:
             label,
             trial._trial_id,
             stored,
-            requeued=env and not lost and stored,
+            requeued=requeue and stored,  # interrupted, or failed by its environment: queued to run again
             lost=lost,
         )
 

@@ -642,3 +642,13 @@ def test_a_database_outage_longer_than_a_workers_patience_never_gives_its_slot_u
         assert len(originals(trials)) == 2
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(finished) == 2 and all(t.user_attrs["records"]["epoch"] == [1, 2, 3] for t in finished)
+
+
+def test_an_interrupted_trial_is_reported_queued_again_and_not_counted_as_run(tmp_path: Path) -> None:
+    spec = _tiny(tmp_path, tmp_path / "artifacts", n_trials=1, epochs=3)
+    stop = threading.Event()
+    summary = run_worker(spec, stop=stop, on_epoch=lambda _n, r: stop.set() if r.epoch == 2 else None)
+    assert summary.interrupted
+    [outcome] = summary.outcomes
+    assert outcome.state == "FAIL" and outcome.requeued and "interrupted" in (outcome.reason or "")
+    assert summary.counted == 0  # handed back: it has not used up a trial of the budget
