@@ -274,6 +274,7 @@ class Heartbeat:
         self._interval = interval or storage.heartbeat_interval or HEARTBEAT_INTERVAL
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+        self.errors = 0  # beats that failed with an error that is not a database outage
 
     def _beat(self) -> None:
         while True:
@@ -281,6 +282,12 @@ class Heartbeat:
                 self._storage.record_heartbeat(self._trial_id)
             except TRANSIENT as exc:
                 logger.warning("heartbeat of trial id %d not recorded: %s", self._trial_id, type(exc).__name__)
+            except Exception as exc:
+                # Any other error must not end the thread: the trial would look stale and be failed and
+                # retried elsewhere while it still runs here. The next beat tries again.
+                self.errors += 1
+                log = logger.warning if self.errors == 1 else logger.debug
+                log("heartbeat of trial id %d not recorded (%d so far): %r", self._trial_id, self.errors, exc)
             if self._stop.wait(self._interval):
                 return
 

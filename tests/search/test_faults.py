@@ -652,3 +652,25 @@ def test_an_interrupted_trial_is_reported_queued_again_and_not_counted_as_run(tm
     [outcome] = summary.outcomes
     assert outcome.state == "FAIL" and outcome.requeued and "interrupted" in (outcome.reason or "")
     assert summary.counted == 0  # handed back: it has not used up a trial of the budget
+
+
+def test_the_heartbeat_thread_survives_an_unexpected_error_and_beats_again() -> None:
+    from search.storage import Heartbeat
+
+    class Flaky:
+        heartbeat_interval = 1
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.beats = threading.Event()
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.calls += 1
+            if self.calls <= 2:
+                raise ValueError("an unexpected answer from the database")
+            self.beats.set()
+
+    storage = Flaky()
+    with Heartbeat(storage, 7, interval=0.01) as beat:  # type: ignore[arg-type]
+        assert storage.beats.wait(5), "the thread stopped after an error"
+    assert beat.errors == 2
