@@ -105,6 +105,22 @@ def _create_rdb_storage(url: str, kwargs: dict[str, Any]) -> RDBStorage:
             attempt += 1
 
 
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine settings for ``url``: connections checked before use (``pool_pre_ping``) so that
+    workers survive a database restart; SQLite waits 60 s for a lock; a server database recycles connections
+    and, for PostgreSQL, gives up a connection attempt after :data:`CONNECT_TIMEOUT` s (unless the URL sets
+    ``connect_timeout``), so the outage retry, not a hung call, decides how long to wait."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}
+        return kwargs
+    kwargs["pool_recycle"] = 300
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    return kwargs
+
+
 def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RDBStorage:
     """Open (and create the tables of) the RDB storage at ``url``.
 
@@ -117,16 +133,11 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
         from search.proxy_client import open_proxy_storage
 
         return open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval)
-    is_sqlite = url.startswith("sqlite")
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if is_sqlite:
-        engine_kwargs["connect_args"] = {"timeout": 60}
+    if url.startswith("sqlite"):
         db = sqlalchemy.engine.make_url(url).database
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-    else:
-        engine_kwargs["pool_recycle"] = 300
-    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs(url)}
     try:
         with warnings.catch_warnings():
             # Optuna marks heartbeats and their retry callback experimental; they are the design here
@@ -144,7 +155,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
             f"cannot open storage {redact_url(url)}: {detail}; check that the database server is up and "
             "the URL is right (see --storage / OPTUNA_STORAGE)"
         ) from None
-    if is_sqlite:
+    if url.startswith("sqlite"):
         _sqlite_setup(storage.engine)
     return storage
 
@@ -225,20 +236,30 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, opt
 # (docs/design.md, "Fault model").
 OUTAGE_TIMEOUT = float(env_setting("KOOPMAN_OUTAGE_TIMEOUT"))
 RETRY_DELAY_MAX = 30.0
+CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL connection to be made (libpq's connect_timeout)
 
 
 def retrying(
-    fn: Callable[[], T], what: str, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
+    fn: Callable[[], T],
+    what: str,
+    timeout: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``fn`` until it stops raising a transient database error, backing off (1 s doubling, at most
     :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default :data:`OUTAGE_TIMEOUT`), with one status line per
-    attempt that says since when the database is unreachable."""
+    attempt that says since when the database is unreachable. The time counted is the wall time since the
+    first failure (a call that hangs before it fails counts too) or the pauses slept, whichever is longer."""
     limit = OUTAGE_TIMEOUT if timeout is None else timeout
-    delay, waited, since = 1.0, 0.0, ""
+    delay, slept, since = 1.0, 0.0, ""
+    first: float | None = None
     while True:
         try:
             return fn()
         except TRANSIENT as exc:
+            now = clock()
+            first = now if first is None else first
+            waited = max(slept, now - first)
             if waited >= limit:
                 raise StorageError(f"{what}: the database stayed unreachable for {waited:.0f} s") from exc
             since = since or time.strftime("%H:%M:%S")
@@ -251,7 +272,7 @@ def retrying(
                 limit,
             )
             sleep(delay)
-            waited += delay
+            slept += delay
             delay = min(delay * 2, RETRY_DELAY_MAX)
 
 

@@ -53,6 +53,28 @@ def test_retrying_gives_up_after_its_timeout_and_lets_other_errors_through() -> 
         retrying(broken, "read", sleep=slept.append)
 
 
+def test_retrying_counts_the_time_a_hanging_call_took_not_only_its_pauses() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def hangs_then_fails() -> None:
+        now[0] += 40.0  # each call hangs 40 s before the connection fails
+        raise _operational_error()
+
+    with pytest.raises(StorageError, match=r"read: the database stayed unreachable for 4\d s"):
+        retrying(hangs_then_fails, "read", timeout=30.0, sleep=slept.append, clock=lambda: now[0])
+    assert slept == [1.0]  # gave up at the second failure, 40 s after the first, not after 30 s of pauses
+
+
+def test_postgresql_connections_get_a_connect_timeout_unless_the_url_sets_one() -> None:
+    from search.storage import CONNECT_TIMEOUT, engine_kwargs
+
+    pg = engine_kwargs("postgresql+psycopg://postgres@127.0.0.1:5432/db")
+    assert pg["connect_args"] == {"connect_timeout": CONNECT_TIMEOUT} and pg["pool_pre_ping"]
+    assert "connect_args" not in engine_kwargs("postgresql+psycopg://postgres@127.0.0.1/db?connect_timeout=3")
+    assert engine_kwargs("sqlite:///x.db")["connect_args"] == {"timeout": 60}
+
+
 # ---- the lock ------------------------------------------------------------------------------------------------
 
 
