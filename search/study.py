@@ -45,9 +45,12 @@ logger = logging.getLogger(__name__)
 OUTCOME_ATTRS = (layout.FAIL_REASON, layout.PRUNE_REASON, layout.PRUNED_EPOCH, layout.PRUNED_BY)
 
 
-def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int = 0) -> tuple[optuna.Study, bool]:
+def create_or_load_study(
+    spec: StudySpec, storage: RDBStorage, seed_offset: int = 0, redefine: bool = False
+) -> tuple[optuna.Study, bool]:
     """The study named in ``spec``: created if absent (idempotent), else loaded and checked against the
-    file. Returns ``(study, created)``."""
+    file (:func:`check_stored_definition`; with ``redefine``, a changed definition is recorded instead of
+    refused). Returns ``(study, created)``."""
     sampler = spec.make_sampler(seed_offset)
     pruner = spec.make_pruner()
     try:
@@ -68,7 +71,8 @@ def create_or_load_study(spec: StudySpec, storage: RDBStorage, seed_offset: int 
             f"load study {spec.name}",
         )
         created = False
-        check_stored_definition(study, spec)
+        if check_stored_definition(study, spec, redefine=redefine):
+            layout.store_definition(study, spec)
         directions = [d.name.lower() for d in study.directions]
         if directions != spec.directions:
             raise SpecError(
@@ -125,9 +129,11 @@ def definition_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     return changes
 
 
-def check_stored_definition(study: optuna.Study, spec: StudySpec) -> None:
+def check_stored_definition(study: optuna.Study, spec: StudySpec, redefine: bool = False) -> bool:
     """Refuse a study this file did not define: one made by something else (trials but no stored definition),
-    or one whose stored search space, objectives or trainer config differ from the file's."""
+    or one whose stored search space, objectives or trainer config differ from the file's. With ``redefine``
+    the changes are logged and True is returned: the caller records the file's definition (``--redefine``).
+    A study made by something else is refused whatever ``redefine`` says."""
     where = f" ({spec.path}, [study.name])" if spec.path else ""
     storage, study_id = study._storage, study._study_id
     stored = layout.stored_definition(storage.get_study_system_attrs(study_id), study.user_attrs)
@@ -138,14 +144,19 @@ def check_stored_definition(study: optuna.Study, spec: StudySpec) -> None:
                 f"study {spec.name} exists in this storage but was not made by koopman-search (no stored "
                 f"definition, {n} trial(s)), but got name={spec.name!r}; use another study name{where}"
             )
-        return
+        return False
     changes = definition_changes(stored, spec.to_dict())
-    if changes:
-        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-        raise SpecError(
-            f"study {spec.name} was created from another definition than this study file's: {shown}; put the "
-            f"file back as it was, or give the changed study another name{where}"
-        )
+    if not changes:
+        return False
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    if redefine:
+        logger.warning("study %s: recording the study file's new definition (--redefine): %s", spec.name, shown)
+        return True
+    raise SpecError(
+        f"study {spec.name} was created from another definition than this study file's: {shown}; put the "
+        f"file back as it was, give the changed study another name, or continue it under the new definition "
+        f"with --redefine{where}"
+    )
 
 
 def load_study(storage: RDBStorage, name: str, seed_offset: int = 0, spec: StudySpec | None = None) -> optuna.Study:

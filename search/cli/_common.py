@@ -62,6 +62,15 @@ def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> No
     add_storage_args(p)
 
 
+def add_redefine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--redefine",
+        action="store_true",
+        help="continue a study whose file changed (search space, objectives, trainer config) under the file's "
+        "new definition, instead of refusing; the trials so far stay as they ran",
+    )
+
+
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """The options that say which worker processes run here: ``--gpus``, ``--trials-per-gpu``, ``--workers``
     (``launch`` and ``worker`` share them; :func:`search.workers.build_supervisor` reads them)."""

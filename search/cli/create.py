@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_study_args, spec_with_overrides
+from search.cli._common import add_redefine_arg, add_study_args, spec_with_overrides
 from search.spec import load_spec
 from search.urls import redact_url
 
@@ -33,6 +33,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     add_study_args(p)
     p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
+    add_redefine_arg(p)
     return p
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"--n-trials must be >= 1, but got n_trials={args.n_trials}")
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url, heartbeat=False)
-    study, created = create_or_load_study(spec, storage)
+    study, created = create_or_load_study(spec, storage, redefine=args.redefine)
     added = ensure_budget(study, spec, args.n_trials)
     print(
         f"study {spec.name} {'created' if created else 'exists'} in {redact_url(spec.storage_url)}; "

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from search.cli._common import (
+    add_redefine_arg,
     add_study_args,
     add_worker_args,
     check_counts,
@@ -48,6 +49,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_worker_args(p)
     p.add_argument("--device", metavar="D", help="override the study's trainer device (cpu, cuda, auto)")
     p.add_argument("--rerun-baseline", action="store_true", help="run the baseline again after it failed")
+    add_redefine_arg(p)
     return p
 
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     check_source(spec.trainer.data.source)  # this command trains: its data must be here
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url)
-    study, created = create_or_load_study(spec, storage)
+    study, created = create_or_load_study(spec, storage, redefine=args.redefine)
     ensure_budget(study, spec, args.n_trials)
     logger.info("study %s %s in %s", spec.name, "created" if created else "loaded", redact_url(spec.storage_url))
     if args.rerun_baseline:

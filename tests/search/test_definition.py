@@ -57,6 +57,7 @@ def test_an_edited_study_file_is_refused_with_its_changes_listed(
         assert main([command, str(study)]) == 2
         err = capsys.readouterr().err
         assert "study s was created from another definition than this study file's" in err and change in err
+        assert "--redefine" in err
     assert trial_count(tmp_path) == 3  # nothing added
 
 
@@ -90,3 +91,17 @@ def test_a_worker_refuses_an_edited_study_file_too(tmp_path: Path, capsys: pytes
     write(tmp_path, BASE.replace("high = 0.5", "high = 0.3"))
     assert main(["worker", str(study), "--workers", "2"]) == 2
     assert "search.koopman_weight_max.high: 0.5 → 0.3" in capsys.readouterr().err
+
+
+def test_redefine_continues_the_study_under_the_files_new_definition(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write(tmp_path, BASE)
+    assert main(["create", str(study)]) == 0
+    write(tmp_path, BASE.replace("high = 0.5", "high = 0.3").replace("n_trials = 3", "n_trials = 4"))
+    assert main(["create", str(study), "--redefine"]) == 0
+    assert trial_count(tmp_path) == 4
+    assert main(["create", str(study)]) == 0  # the new definition is the stored one now
+    write(tmp_path, BASE)
+    assert main(["create", str(study)]) == 2
+    assert "search.koopman_weight_max.high: 0.3 → 0.5" in capsys.readouterr().err

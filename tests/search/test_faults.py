@@ -393,7 +393,8 @@ def test_an_edited_trainer_config_gets_a_baseline_of_its_own(tmp_path: Path) -> 
         path.write_text(path.read_text().replace("lr = 3e-3", "lr = 1e-3"))
         second = load_spec(path)
         assert baseline_config_hash(first) != baseline_config_hash(second)
-        assert main(["launch", str(path), "--n-trials", "2"]) == 0
+        assert main(["launch", str(path), "--n-trials", "2"]) == 2  # refused: the file changed
+        assert main(["launch", str(path), "--n-trials", "2", "--redefine"]) == 0  # continued under the new one
     names = study_names(url)
     assert names == ["w", "w.baseline-seed0", f"w.baseline-seed0-{baseline_config_hash(second)}"]
     (old,) = trials_of(url, "w.baseline-seed0")
