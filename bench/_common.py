@@ -37,6 +37,7 @@ __all__ = [
     "markdown_table",
     "pareto_front",
     "postgres_scratch_db",
+    "reduced_user_setup",
     "setup_logging",
     "study_file_dict",
 ]
@@ -135,6 +136,27 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float
         area += (rx - x) * (previous_y - y)
         previous_y = y
     return area
+
+
+def reduced_user_setup(
+    data: str, seq_len: int, batch_size: int, epochs: int, start_epoch: int, steps: int
+) -> dict[str, Any]:
+    """Trainer overrides for the user's setup (vocabulary 30000, d_model 64, 4 blocks, 4 heads, k 256) on the
+    CPU, reduced to ``steps`` training steps of ``batch_size`` × ``seq_len`` tokens per epoch."""
+    return {
+        "data.source": data,
+        "data.vocab_size": 30000,
+        "data.seq_len": seq_len,
+        "data.batch_size": batch_size,
+        "model.d_model": 64,
+        "model.n_layers": 4,
+        "model.n_heads": 4,
+        "koopman.dim": 256,
+        "koopman.start_epoch": start_epoch,
+        "train.epochs": epochs,
+        "train.device": "cpu",
+        "train.max_steps_per_epoch": steps,
+    }
 
 
 def study_file_dict(path: Path = STUDY_FILE) -> dict[str, Any]:

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
-from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, setup_logging  # noqa: E402
+from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, reduced_user_setup, setup_logging  # noqa: E402
 from trainer import schedule  # noqa: E402
 from trainer.config import TrainerConfig, with_overrides  # noqa: E402
 from trainer.data import load_corpus  # noqa: E402
@@ -76,19 +76,8 @@ def main() -> None:
     setup_logging()
     torch.set_num_threads(args.threads)
     base: dict[str, Any] = {
-        "data.source": args.data,
-        "data.vocab_size": 30000,
-        "data.seq_len": args.seq,
-        "data.batch_size": args.batch,
-        "model.d_model": 64,
-        "model.n_layers": 4,
-        "model.n_heads": 4,
-        "koopman.dim": 256,
+        **reduced_user_setup(args.data, args.seq, args.batch, args.epochs, args.start_epoch, args.steps),
         "koopman.weight_max": 0.5,
-        "koopman.start_epoch": args.start_epoch,
-        "train.epochs": args.epochs,
-        "train.device": "cpu",
-        "train.max_steps_per_epoch": args.steps,
         "train.max_eval_batches": 2,
         "train.linear_fit_tokens": 0,  # not measured here
     }

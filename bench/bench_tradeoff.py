@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
-from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, setup_logging  # noqa: E402
+from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, reduced_user_setup, setup_logging  # noqa: E402
 from trainer.config import TrainerConfig, with_overrides  # noqa: E402
 from trainer.data import load_corpus  # noqa: E402
 from trainer.loop import HybridKoopmanTrainer  # noqa: E402
@@ -61,20 +61,9 @@ RELATIVE = tuple(RELATIVE_OF)
 
 def base_overrides(args: Any, seed: int) -> dict[str, Any]:
     return {
-        "data.source": args.data,
-        "data.vocab_size": 30000,
-        "data.seq_len": args.seq,
-        "data.batch_size": args.batch,
-        "model.d_model": 64,
-        "model.n_layers": 4,
-        "model.n_heads": 4,
-        "koopman.dim": 256,
-        "koopman.start_epoch": args.start_epoch,
+        **reduced_user_setup(args.data, args.seq, args.batch, args.epochs, args.start_epoch, args.steps),
         "koopman.schedule": "linear",
-        "train.epochs": args.epochs,
         "train.seed": seed,
-        "train.device": "cpu",
-        "train.max_steps_per_epoch": args.steps,
         "train.max_eval_batches": args.eval_batches,
     }
 
