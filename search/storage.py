@@ -31,6 +31,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from search.errors import StorageError
 from search.settings import env_setting
 from search.urls import redact_text, redact_url
+from trainer.checkpoint import probe_dir
 from trainer.errors import ConfigError
 
 __all__ = [
@@ -195,9 +196,7 @@ def check_artifacts(location: str) -> None:
             "give a directory (it is created when missing)"
         )
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
+        probe_dir(path)
     except OSError as exc:
         raise ConfigError(
             f"artifacts must be a directory this process can write to, but got artifacts={location!r} "

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write",
     "config_diff",
     "corpus_fingerprint",
+    "probe_dir",
     "read_checkpoint",
 ]
 
@@ -70,6 +71,15 @@ UNREADABLE = (
     pickle.UnpicklingError,
     zipfile.BadZipFile,
 )
+
+
+def probe_dir(path: str | Path) -> None:
+    """Make the directory ``path`` (and its parents) and write and remove a file in it, so that a folder that
+    cannot hold checkpoints is found before any work; raises ``OSError``."""
+    where = Path(path)
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
+        pass
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644, parents: bool = True) -> Path:

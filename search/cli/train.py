@@ -7,10 +7,10 @@ import json
 import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import probe_dir
 from trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, load_config, with_overrides
 from trainer.errors import ConfigError
 from trainer.records import EpochRecord
@@ -88,11 +88,8 @@ def _load(path: str) -> TrainerConfig:
 
 def _check_checkpoint_dir(path: str) -> None:
     """``--checkpoint-dir`` made and written to once before the first epoch, not after it."""
-    where = Path(path)
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
-            pass
+        probe_dir(path)
     except OSError as exc:
         raise ConfigError(
             f"--checkpoint-dir must be a directory this process can write to, but got "
