@@ -160,7 +160,7 @@ def reduced_user_setup(
 
 
 def study_file_dict(path: Path = STUDY_FILE) -> dict[str, Any]:
-    """The study file as a plain mapping, to edit and pass to ``search.spec.spec_from_dict``."""
+    """The study file as a plain mapping, to edit and pass to ``search.studyfile.spec.spec_from_dict``."""
     with path.open("rb") as fh:
         return tomllib.load(fh)
 

@@ -20,10 +20,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from bench._common import doc_parser, machine_line, markdown_table, setup_logging  # noqa: E402
+from koopman_search.trainer.config import with_overrides  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer  # noqa: E402
 from tests.trainer.test_linearity import LIVE  # noqa: E402
 from tests.trainer.tiny import tiny_config  # noqa: E402
-from trainer.config import with_overrides  # noqa: E402
-from trainer.loop import HybridKoopmanTrainer  # noqa: E402
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, reduced_user_setup, setup_logging  # noqa: E402
-from trainer import schedule  # noqa: E402
-from trainer.config import TrainerConfig, with_overrides  # noqa: E402
-from trainer.data import load_corpus  # noqa: E402
-from trainer.loop import HybridKoopmanTrainer  # noqa: E402
+from koopman_search.trainer import schedule  # noqa: E402
+from koopman_search.trainer.config import TrainerConfig, with_overrides  # noqa: E402
+from koopman_search.trainer.data import load_corpus  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer  # noqa: E402
 
 RELATIVE = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 ABSOLUTE = (4.0, 12.0)  # the notebook's range, on the normalised loss

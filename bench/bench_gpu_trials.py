@@ -86,7 +86,7 @@ def study_toml(args: argparse.Namespace, k: int, folder: Path) -> Path:
 def complete_trials(path: Path) -> tuple[int, int]:
     import optuna
 
-    from search.spec import load_spec
+    from koopman_search.search.studyfile.spec import load_spec
 
     spec = load_spec(path)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in ks:
         with tempfile.TemporaryDirectory(prefix=f"gpu-trials-k{k}-") as tmp:
             path = study_toml(args, k, Path(tmp))
-            cmd = [sys.executable, "-m", "search.cli", "launch", str(path)]
+            cmd = [sys.executable, "-m", "koopman_search.search.cli", "launch", str(path)]
             cmd += ["--workers", str(k)] if args.cpu else ["--gpus", "0", "--trials-per-gpu", str(k)]
             start = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL)

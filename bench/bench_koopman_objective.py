@@ -33,10 +33,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from bench._common import WIKITEXT2  # noqa: E402
-from trainer.config import TrainerConfig, with_overrides  # noqa: E402
-from trainer.loop import HybridKoopmanTrainer  # noqa: E402
-from trainer.probe import PROBE, frozen_backbone_probe  # noqa: E402
-from trainer.records import EpochRecord  # noqa: E402
+from koopman_search.trainer.config import TrainerConfig, with_overrides  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer  # noqa: E402
+from koopman_search.trainer.probe import PROBE, frozen_backbone_probe  # noqa: E402
+from koopman_search.trainer.records import EpochRecord  # noqa: E402
 
 DEFAULT_DATA = "files:" + os.path.relpath(WIKITEXT2)
 PROBE_LOSSES = ("smooth_l1", "mse", "normalized", "vicreg", "decoder")

@@ -9,10 +9,10 @@ attr is ``MatchedBaseline.to_attr()`` under ``baseline_attr(spec)``; each trial'
 ``spec.space.suggest`` (a seeded random sampler), its epoch records are synthetic numbers passed through
 ``records_to_columns``, its state comes from the real prune rules (``PruneRules.check`` epoch by epoch:
 PRUNED with the rule's reason, else COMPLETE; a few FAIL and RUNNING ones), its user attrs are those a
-worker writes (``search.layout.finished_trial``), and it is stored with ``study.add_trials``; then
-``annotate_trial`` writes its dashboard note, as ``search.workers.run_worker`` does.
+worker writes (``search.storage.layout.finished_trial``), and it is stored with ``study.add_trials``; then
+``annotate_trial`` writes its dashboard note, as ``koopman_search.search.workers.run_worker`` does.
 
-Each command runs as a subprocess (``python -m search.cli ...``), as a user runs it, so the times include
+Each command runs as a subprocess (``python -m koopman_search.search.cli ...``), as a user runs it, so the times include
 the interpreter start and imports (the first row, ``--help``, is that floor). A command slower than
 --profile-above seconds (or every command with --profile) is also run under cProfile in a fresh interpreter
 (imports included), and the functions that dominate are printed.
@@ -60,7 +60,7 @@ RUNNING = 4  # the newest trials are still running
 
 
 def build_spec(storage_url: str, artifacts: Path, n_trials: int) -> Any:
-    from search.spec import spec_from_dict
+    from koopman_search.search.studyfile.spec import spec_from_dict
 
     d = copy.deepcopy(study_file_dict())
     d["study"].update(name=NAME, storage=storage_url, artifacts=str(artifacts), n_trials=n_trials)
@@ -69,7 +69,7 @@ def build_spec(storage_url: str, artifacts: Path, n_trials: int) -> Any:
 
 def baseline_records(epochs: int, rng: random.Random) -> list[Any]:
     """A Koopman-off run shaped like the user's: LM loss from 7.6 down to about 6.1."""
-    from trainer.records import EpochRecord
+    from koopman_search.trainer.records import EpochRecord
 
     records = []
     for e in range(1, epochs + 1):
@@ -102,8 +102,8 @@ def trial_records(spec: Any, params: dict[str, Any], base: list[Any], rng: rando
     weight for some trials, so that the prune rules fire for a share of them."""
     from dataclasses import replace
 
-    from trainer.records import EpochRecord
-    from trainer.schedule import koopman_weight
+    from koopman_search.trainer.records import EpochRecord
+    from koopman_search.trainer.schedule import koopman_weight
 
     cfg = spec.trial_config(params)
     s = cfg.koopman.start_epoch
@@ -144,11 +144,11 @@ def write_study(spec: Any, storage: Any, seed: int) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
-    from search import layout
-    from search.baseline import baseline_attr
-    from search.review.dashboard import annotate_trial
-    from search.rules import PruneRules
-    from search.study import create_or_load_study
+    from koopman_search.search.engine.baseline import baseline_attr
+    from koopman_search.search.engine.study import create_or_load_study
+    from koopman_search.search.pruning.rules import PruneRules
+    from koopman_search.search.review.dashboard import annotate_trial
+    from koopman_search.search.storage import layout
 
     rng = random.Random(seed)
     study, _ = create_or_load_study(spec, storage)
@@ -230,7 +230,7 @@ def time_suggest(spec: Any, storage: Any) -> float:
     """The study's own sampler (TPE, two objectives) proposing one more trial, as a worker does."""
     from optuna.trial import TrialState
 
-    from search.study import claim_waiting_trial, load_study
+    from koopman_search.search.engine.study import claim_waiting_trial, load_study
 
     study = load_study(storage, spec.name, spec=spec)
     study.enqueue_trial({})
@@ -245,7 +245,7 @@ def time_suggest(spec: Any, storage: Any) -> float:
 
 
 def cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "search.cli", "-q", *args]
+    return [sys.executable, "-m", "koopman_search.search.cli", "-q", *args]
 
 
 def time_command(argv: list[str], check_json: bool) -> tuple[float, int]:
@@ -265,7 +265,7 @@ def profile_command(argv: list[str], top: int, tmp: Path) -> str:
     top functions by cumulative and by own time."""
     out = tmp / "profile.out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "search.cli", "-q", *argv]
+    command = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "koopman_search.search.cli", "-q", *argv]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"profiling {argv[0]} failed: {done.stderr.strip()[-500:]}")
@@ -277,7 +277,7 @@ def profile_command(argv: list[str], top: int, tmp: Path) -> str:
 
 
 def run_backend(args: argparse.Namespace, backend: str, tmp: Path) -> tuple[list[list[Any]], list[str]]:
-    from search.storage import open_storage
+    from koopman_search.search.storage.database import open_storage
 
     scratch = (
         postgres_scratch_db(args.postgres, "bench_scale")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Measured: {machine_line()}")
     print(
         f"Study: {args.trials} synthetic trials of studies/wikitext2.toml (10 epochs each, two objectives), "
-        "written through the product's code paths; commands run as `python -m search.cli -q ...` "
+        "written through the product's code paths; commands run as `python -m koopman_search.search.cli -q ...` "
         f"subprocesses, best of {args.repeat}."
     )
     print()

@@ -1,6 +1,6 @@
 """Many workers on one study: 16, 32 and 64 worker processes on PostgreSQL directly and through the proxy.
 
-Each worker is a process that does what a trial runner does to the storage (search/runner.py), with a
+Each worker is a process that does what a trial runner does to the storage (search/engine/runner.py), with a
 stand-in trainer that sleeps: it looks for stale trials and claims a WAITING trial with the product's
 functions (``fail_stale_trials``, ``claim_waiting_trial``), beats (``Heartbeat``) while the trial "trains",
 writes the runner's user attrs after every epoch (records in columns, train seconds, checkpoint, epochs
@@ -63,7 +63,7 @@ KOOPMAN_SEARCH = str(Path(sys.executable).parent / "koopman-search")
 
 
 class _RetryCounter(logging.Handler):
-    """Counts the storage calls that ``search.storage.retrying`` had to retry (one warning each)."""
+    """Counts the storage calls that ``search.storage.retry.retrying`` had to retry (one warning each)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -77,7 +77,7 @@ class _RetryCounter(logging.Handler):
 
 
 def _records(epoch: int, epochs: int) -> list[Any]:
-    from trainer.records import EpochRecord
+    from koopman_search.trainer.records import EpochRecord
 
     return [
         EpochRecord(
@@ -103,8 +103,9 @@ def _records(epoch: int, epochs: int) -> list[Any]:
 
 def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds: float, values: list[float]) -> float:
     """One stand-in trial, storage calls as the trial runner makes them; the seconds spent in them."""
-    from search.layout import records_to_columns
-    from search.storage import Heartbeat, retrying
+    from koopman_search.search.storage.database import Heartbeat
+    from koopman_search.search.storage.layout import records_to_columns
+    from koopman_search.search.storage.retry import retrying
 
     storage_s = 0.0
     with Heartbeat(storage, trial._trial_id):
@@ -142,12 +143,13 @@ def worker_main(url: str, epochs: int, epoch_seconds: float) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from search.storage import fail_stale_trials, open_storage, retrying
-    from search.study import claim_waiting_trial, load_study
+    from koopman_search.search.engine.study import claim_waiting_trial, load_study
+    from koopman_search.search.storage.database import fail_stale_trials, open_storage
+    from koopman_search.search.storage.retry import retrying
 
     counter = _RetryCounter()
-    logging.getLogger("search").addHandler(counter)
-    logging.getLogger("search").setLevel(logging.WARNING)
+    logging.getLogger("koopman_search.search").addHandler(counter)
+    logging.getLogger("koopman_search.search").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
     study = load_study(storage, NAME)
@@ -245,9 +247,9 @@ def run_one(args: argparse.Namespace, workers: int, storage_kind: str) -> dict[s
     from optuna.trial import TrialState
     from sqlalchemy.engine import make_url
 
-    from search.spec import spec_from_dict
-    from search.storage import open_storage
-    from search.study import create_or_load_study, ensure_budget
+    from koopman_search.search.engine.study import create_or_load_study, ensure_budget
+    from koopman_search.search.storage.database import open_storage
+    from koopman_search.search.studyfile.spec import spec_from_dict
 
     budget = workers * args.trials_per_worker
     env = {

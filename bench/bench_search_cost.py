@@ -122,7 +122,7 @@ def base_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> Any:
     """The variant's study, validated by the product."""
-    from search.spec import spec_from_dict
+    from koopman_search.search.studyfile.spec import spec_from_dict
 
     d = base_dict(args)
     name = f"cost-{variant}-{seed}"
@@ -152,10 +152,10 @@ def run_product(args: argparse.Namespace, variant: str, seed: int, tmp: Path) ->
     import torch
     from optuna.trial import TrialState
 
-    from search import layout
-    from search.storage import open_storage
-    from search.study import create_or_load_study, ensure_budget
-    from search.workers import run_worker
+    from koopman_search.search.engine.study import create_or_load_study, ensure_budget
+    from koopman_search.search.storage import layout
+    from koopman_search.search.storage.database import open_storage
+    from koopman_search.search.workers import run_worker
 
     torch.set_num_threads(args.threads)
     spec = build_spec(args, variant, seed, tmp)
@@ -203,7 +203,7 @@ def syne_config_space(space: Any) -> dict[str, Any]:
     """Our search space in Syne Tune's terms."""
     from syne_tune.config_space import choice, lograndint, loguniform, randint, uniform
 
-    from search.space import CategoricalParam, FixedParam, FloatParam, IntParam
+    from koopman_search.search.studyfile.space import CategoricalParam, FixedParam, FloatParam, IntParam
 
     out: dict[str, Any] = {}
     for name, p in space.params.items():
@@ -231,7 +231,7 @@ def run_moasha(args: argparse.Namespace, seed: int, tmp: Path) -> Run:
     from syne_tune.optimizer.scheduler import SchedulerDecision
     from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA
 
-    from trainer.loop import HybridKoopmanTrainer
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
     torch.set_num_threads(args.threads)
     spec = build_spec(args, "plain", seed, tmp)
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             import syne_tune  # noqa: F401
         except ImportError:
             raise SystemExit('syne-moasha needs syne-tune: .venv/bin/python -m pip install -e ".[bench]"') from None
-    from trainer.data import load_corpus
+    from koopman_search.trainer.data import load_corpus
 
     load_corpus(f"files:{Path(args.data).resolve()}", args.vocab)  # tokenize (or hit the cache) before timing
     jobs = [(v, s) for s in args.seeds for v in variants]

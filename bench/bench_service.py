@@ -5,7 +5,7 @@
 
 For each storage and worker count, a study (studies/wikitext2.toml's space, sampler and shared warmup) is
 created in a scratch SQLite file or a scratch PostgreSQL database (created on the server of --postgres and
-dropped afterwards), and N worker processes run ``search.workers.run_worker`` on it, as
+dropped afterwards), and N worker processes run ``koopman_search.search.workers.run_worker`` on it, as
 ``koopman-search worker`` does. The model has the user's shapes (vocab 30000, d_model 64, 4 blocks, seq 128,
 Koopman dim 128 or 256), so checkpoints have the user's size; but each epoch trains only a few small batches,
 because the overhead does not depend on how long the steps take.
@@ -65,7 +65,7 @@ EPOCH_PARTS = ("save_checkpoint", "upload", "record_attrs", "remove_old")
 
 
 def build_spec(args: argparse.Namespace, name: str, storage_url: str, artifacts: Path) -> Any:
-    from search.spec import spec_from_dict
+    from koopman_search.search.studyfile.spec import spec_from_dict
 
     d = copy.deepcopy(study_file_dict())
     d["study"].update(name=name, storage=storage_url, artifacts=str(artifacts), n_trials=1, seed=0, shared_warmup=True)
@@ -140,15 +140,15 @@ class Timeline:
 def instrument() -> Timeline:
     import optuna.artifacts
 
-    import search.job
-    import search.runner
-    import search.workers.loop
-    from search.space import SearchSpace
-    from search.storage import Heartbeat
-    from trainer.loop import HybridKoopmanTrainer
+    import koopman_search.search.engine.job
+    import koopman_search.search.engine.runner
+    import koopman_search.search.workers.loop
+    from koopman_search.search.storage.database import Heartbeat
+    from koopman_search.search.studyfile.space import SearchSpace
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
     tl = Timeline()
-    tl.wrap_trial(search.runner.TrialRunner, "run")
+    tl.wrap_trial(koopman_search.search.engine.runner.TrialRunner, "run")
     tl.wrap(HybridKoopmanTrainer, "fit", "fit")
     tl.wrap_first_batch(HybridKoopmanTrainer, "_train_batches")
     tl.wrap(HybridKoopmanTrainer, "__init__", "trainer_init")
@@ -157,10 +157,10 @@ def instrument() -> Timeline:
     tl.wrap(optuna.artifacts, "upload_artifact", "upload")
     tl.wrap(optuna.artifacts, "download_artifact", "download")
     tl.wrap(optuna.artifacts.FileSystemArtifactStore, "remove", "remove_old")
-    tl.wrap(search.job.TrainingJob, "_write_attrs", "record_attrs")
-    tl.wrap(search.runner.TrialRunner, "_finish", "finish")
-    tl.wrap(search.workers.loop, "claim_waiting_trial", "claim")
-    tl.wrap(search.workers.loop, "fail_stale_trials", "stale_check")
+    tl.wrap(koopman_search.search.engine.job.TrainingJob, "_write_attrs", "record_attrs")
+    tl.wrap(koopman_search.search.engine.runner.TrialRunner, "_finish", "finish")
+    tl.wrap(koopman_search.search.workers.loop, "claim_waiting_trial", "claim")
+    tl.wrap(koopman_search.search.workers.loop, "fail_stale_trials", "stale_check")
     tl.wrap(SearchSpace, "suggest", "suggest")
     tl.wrap(Heartbeat, "__exit__", "heartbeat_stop")
     return tl
@@ -173,7 +173,7 @@ def worker_main(args: argparse.Namespace, name: str, storage_url: str, artifacts
 
     torch.set_num_threads(1)
     tl = instrument()
-    from search.workers import run_worker
+    from koopman_search.search.workers import run_worker
 
     spec = build_spec(args, name, storage_url, Path(artifacts))
     started = time.monotonic()
@@ -262,8 +262,8 @@ def _mean(xs: list[float]) -> float:
 
 
 def run_config(args: argparse.Namespace, backend: str, n_workers: int, tmp: Path) -> dict[str, Any]:
-    from search.storage import open_storage
-    from search.study import create_or_load_study, ensure_budget
+    from koopman_search.search.engine.study import create_or_load_study, ensure_budget
+    from koopman_search.search.storage.database import open_storage
 
     name = f"svc-{backend}-w{n_workers}"
     scratch = (
@@ -424,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from trainer.data import load_corpus
+    from koopman_search.trainer.data import load_corpus
 
     load_corpus(f"files:{Path(args.data).resolve()}", 30000)  # tokenize (or hit the cache) before timing
     results = []

@@ -43,10 +43,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from bench._common import WIKITEXT2, doc_parser, machine_line, markdown_table, reduced_user_setup, setup_logging  # noqa: E402
-from trainer.config import TrainerConfig, with_overrides  # noqa: E402
-from trainer.data import load_corpus  # noqa: E402
-from trainer.loop import HybridKoopmanTrainer  # noqa: E402
-from trainer.records import EpochRecord  # noqa: E402
+from koopman_search.trainer.config import TrainerConfig, with_overrides  # noqa: E402
+from koopman_search.trainer.data import load_corpus  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer  # noqa: E402
+from koopman_search.trainer.records import EpochRecord  # noqa: E402
 
 # Measures that need no trained heads (fitted afresh at each evaluation): the candidates for the objective.
 HEAD_FREE = ("val_linear_nre", "val_linear_ppl")

@@ -50,12 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 from bench._common import WIKITEXT2  # noqa: E402
-from trainer.config import TrainerConfig, config_from_dict, with_overrides  # noqa: E402
-from trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
-from trainer.koopman import KoopmanHeads  # noqa: E402
-from trainer.lm_loss import chunk_tokens, linear_cross_entropy  # noqa: E402
-from trainer.loop import HybridKoopmanTrainer, resolve_device  # noqa: E402
-from trainer.model import TransformerLM  # noqa: E402
+from koopman_search.trainer.config import TrainerConfig, config_from_dict, with_overrides  # noqa: E402
+from koopman_search.trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
+from koopman_search.trainer.koopman import KoopmanHeads  # noqa: E402
+from koopman_search.trainer.lm_loss import chunk_tokens, linear_cross_entropy  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer, resolve_device  # noqa: E402
+from koopman_search.trainer.model import TransformerLM  # noqa: E402
 
 logger = logging.getLogger("bench_trainer")
 
@@ -556,7 +556,7 @@ def bench_memory(args: argparse.Namespace) -> str:
     import json
     import subprocess
 
-    from trainer.alloc import ALLOCATORS, allocator_env
+    from koopman_search.trainer.alloc import ALLOCATORS, allocator_env
 
     names = [a for a in args.allocators if a in ALLOCATORS]
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -26,17 +26,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _trainer_from(folder: Path) -> None:
+    """Import ``koopman_search.trainer`` from ``folder`` (another checkout's trainer/) instead of this one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "koopman_search.trainer", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"bench_trial: no trainer package in {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["koopman_search.trainer"] = module
+    spec.loader.exec_module(module)
+
+
 def run_trial(args: argparse.Namespace) -> int:
     """This process: one trial, with ``trainer`` imported from ``args.trainer_from`` if given."""
     if args.trainer_from:
-        sys.path.insert(0, str(Path(args.trainer_from).resolve()))
-    sys.path.insert(1 if args.trainer_from else 0, str(REPO))
+        _trainer_from(Path(args.trainer_from).resolve() / "trainer")
     import torch
 
-    import trainer
-    from search.spec import load_spec
-    from trainer.config import with_overrides
-    from trainer.loop import HybridKoopmanTrainer
+    from koopman_search import trainer
+    from koopman_search.search.studyfile.spec import load_spec
+    from koopman_search.trainer.config import with_overrides
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -134,7 +134,7 @@ def main() -> int:
             study.write_text(
                 study.read_text().replace(f'artifacts = "{work / "artifacts"}"', f'artifacts = "{disk / "artifacts"}"')
             )
-            cli = [sys.executable, "-m", "search.cli"]
+            cli = [sys.executable, "-m", "koopman_search.search.cli"]
             subprocess.run([*cli, "create", str(study)], check=True, env=env, cwd=REPO, capture_output=True)
             with (work / "worker.err").open("wb") as err:
                 worker = subprocess.Popen(

@@ -34,8 +34,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from search.spec import load_spec
-from trainer.errors import ConfigError, KoopmanError
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.trainer.errors import ConfigError, KoopmanError
 
 logger = logging.getLogger("screenshots")
 
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _cli(*args: str) -> list[str]:
     """The ``koopman-search`` command line, run by this interpreter (the project's venv)."""
-    return [sys.executable, "-m", "search.cli", *args]
+    return [sys.executable, "-m", "koopman_search.search.cli", *args]
 
 
 def free_port() -> int:

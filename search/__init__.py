@@ -11,16 +11,10 @@ SQLAlchemy (they are imported where they are used).
 
 from __future__ import annotations
 
-from search.errors import BaselineError, SpecError, StorageError, StudyNotFoundError
-from search.rules import (
-    NonFiniteRule,
-    PruneRule,
-    PruneRules,
-    RuleSettings,
-    TotalLossRule,
-    ValPplRatioRule,
-)
-from search.space import (
+from koopman_search.search.errors import BaselineError, SpecError, StorageError, StudyNotFoundError
+from koopman_search.search.pruning.rules import NonFiniteRule, PruneRule, PruneRules, TotalLossRule, ValPplRatioRule
+from koopman_search.search.studyfile.prune_settings import RuleSettings
+from koopman_search.search.studyfile.space import (
     PARAM_NAMES,
     PARAM_TO_PATH,
     CategoricalParam,
@@ -30,7 +24,7 @@ from search.space import (
     Param,
     SearchSpace,
 )
-from search.spec import (
+from koopman_search.search.studyfile.spec import (
     BaselineSetting,
     EnqueuedTrial,
     Objective,
@@ -38,7 +32,7 @@ from search.spec import (
     load_spec,
     spec_from_dict,
 )
-from search.urls import redact_url
+from koopman_search.search.studyfile.urls import redact_url
 
 __all__ = [
     "PARAM_NAMES",

@@ -12,7 +12,7 @@ Library code raises these; only the command line turns them into messages and ex
 
 from __future__ import annotations
 
-from trainer.errors import ConfigError, KoopmanError
+from koopman_search.trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["BaselineError", "SpecError", "StorageError", "StudyNotFoundError"]
 

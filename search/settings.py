@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from trainer.errors import ConfigError
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["ENV_SETTINGS", "EnvSetting", "check_environment", "env_setting"]
 
@@ -76,3 +76,27 @@ def check_environment() -> None:
         raw = os.environ.get(name)
         if raw:
             setting.parse(raw)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOGGER = "koopman_search"  # the search's and the trainer's loggers are all under it
+
+
+def configure_logging(level: int | str, optuna_level: int | None = None) -> None:
+    """One line format on stderr for the search, the trainer and (with ``optuna_level``) Optuna's own lines;
+    everything else at WARNING. The CLI and each worker process call this once at their start."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger(LOGGER).setLevel(level)
+    if optuna_level is not None:
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+        optuna.logging.set_verbosity(optuna_level)

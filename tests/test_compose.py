@@ -344,7 +344,7 @@ def test_koopman_search_services_run_the_image_entrypoint() -> None:
 def test_service_command_parses_with_the_real_cli(
     compose: dict[str, Any], service: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from search.cli import build_parser
+    from koopman_search.search.cli import build_parser
 
     command = compose["services"][service]["command"]
     assert isinstance(command, list) and all(isinstance(arg, str) for arg in command)

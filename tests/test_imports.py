@@ -17,19 +17,26 @@ def _loaded(statement: str, modules: tuple[str, ...]) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.parametrize("statement", ["import trainer", "import trainer.loop", "import trainer.checkpoint"])
+@pytest.mark.parametrize(
+    "statement",
+    ["import koopman_search.trainer", "import koopman_search.trainer.loop", "import koopman_search.trainer.checkpoint"],
+)
 def test_the_trainer_never_loads_optuna(statement: str) -> None:
     assert _loaded(statement, ("optuna", "sqlalchemy")) == []
 
 
 def test_importing_search_loads_neither_torch_optuna_nor_sqlalchemy() -> None:
-    assert _loaded("import search", ("torch", "optuna", "sqlalchemy")) == []
+    assert _loaded("import koopman_search.search", ("torch", "optuna", "sqlalchemy")) == []
 
 
 def test_the_trial_engine_does_not_load_the_review() -> None:
-    loaded = _loaded("import search.runner, search.baseline, search.study, search.job", ("search.review", "plotly"))
+    loaded = _loaded(
+        "import koopman_search.search.engine.runner, koopman_search.search.engine.baseline, "
+        "koopman_search.search.engine.study, koopman_search.search.engine.job",
+        ("koopman_search.search.review", "plotly"),
+    )
     assert loaded == []
 
 
 def test_writing_a_report_loads_no_torch() -> None:
-    assert _loaded("import search.review.report, search.cli.report", ("torch",)) == []
+    assert _loaded("import koopman_search.search.review.report, koopman_search.search.cli.report", ("torch",)) == []

@@ -267,7 +267,7 @@ def test_koopman_search_containers_use_the_image_entrypoint(rendered: tuple[str,
 def test_every_container_command_parses_with_the_real_cli(
     rendered: tuple[str, list[dict[str, Any]]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from search.cli import build_parser
+    from koopman_search.search.cli import build_parser
 
     _, objects = rendered
     for name, container in _koopman_containers(objects):
@@ -443,7 +443,7 @@ def test_everything_namespaced_lives_in_the_one_namespace(rendered: tuple[str, l
 def test_with_proxy_the_workers_use_the_proxy_and_everything_else_the_database(
     with_proxy: list[dict[str, Any]],
 ) -> None:
-    from search.proxy import parse_proxy_url
+    from koopman_search.search.storage.proxy import parse_proxy_url
 
     worker = find(with_proxy, "Job", "worker")["spec"]["template"]["spec"]["containers"][0]
     host, port = parse_proxy_url(env_of(worker)["OPTUNA_STORAGE"]["value"])

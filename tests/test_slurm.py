@@ -32,7 +32,7 @@ SLOWEST_EPOCH_S = 96  # the user's slowest epoch: a stopping worker must be give
 PARSE_STUB = """#!{python}
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from search.cli import build_parser
+from koopman_search.search.cli import build_parser
 args = build_parser().parse_args(sys.argv[1:])  # exits 2 on arguments the real CLI rejects
 with open(os.environ["STUB_RECORD"], "w") as fh:
     json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "command": args.command,

@@ -1,6 +1,6 @@
 """The hybrid Koopman trainer: a small language model with a Koopman auxiliary loss. Knows nothing of Optuna."""
 
-from trainer.config import (
+from koopman_search.trainer.config import (
     DataConfig,
     KoopmanConfig,
     ModelConfig,
@@ -11,8 +11,8 @@ from trainer.config import (
     load_config,
     with_overrides,
 )
-from trainer.errors import CheckpointError, ConfigError, DataError, DataUnavailable, KoopmanError
-from trainer.records import RECORD_FIELDS, EpochRecord
+from koopman_search.trainer.errors import CheckpointError, ConfigError, DataError, DataUnavailable, KoopmanError
+from koopman_search.trainer.records import RECORD_FIELDS, EpochRecord
 
 __all__ = [
     "RECORD_FIELDS",
@@ -38,7 +38,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # torch is imported only when the trainer itself is needed, so that `import trainer` stays light
     if name == "HybridKoopmanTrainer":
-        from trainer.loop import HybridKoopmanTrainer
+        from koopman_search.trainer.loop import HybridKoopmanTrainer
 
         return HybridKoopmanTrainer
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

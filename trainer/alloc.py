@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from trainer.errors import ConfigError
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["ALLOCATORS", "DEFAULT", "ENV_VAR", "GLIBC_TUNED", "allocator_env", "chosen_allocator", "jemalloc_path"]
 

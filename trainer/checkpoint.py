@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from trainer.config import TrainerConfig, config_to_dict
-from trainer.errors import CheckpointError
+from koopman_search.trainer.config import TrainerConfig, config_to_dict
+from koopman_search.trainer.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import ConfigError
+from koopman_search.trainer.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

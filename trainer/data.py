@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import UNREADABLE, atomic_write
-from trainer.errors import ConfigError, DataError, DataUnavailable
+from koopman_search.trainer.checkpoint import UNREADABLE, atomic_write
+from koopman_search.trainer.errors import ConfigError, DataError, DataUnavailable
 
 __all__ = [
     "EOS",

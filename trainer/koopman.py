@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import KoopmanConfig
+from koopman_search.trainer.config import KoopmanConfig
 
 __all__ = ["KoopmanHeads", "KoopmanMetrics", "dmd_operator", "ridge_solve"]
 

@@ -28,22 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.checkpoint import (
+from koopman_search.trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_write,
     config_diff,
     corpus_fingerprint,
     read_checkpoint,
 )
-from trainer.config import TrainerConfig, config_from_dict, config_to_dict
-from trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
-from trainer.errors import CheckpointError, ConfigError
-from trainer.koopman import KoopmanHeads, KoopmanMetrics
-from trainer.linearity import LinearBlockModels, LinearScore, fit_linear
-from trainer.lm_loss import lm_loss_and_hidden
-from trainer.model import build_model, model_blocks
-from trainer.records import EpochRecord
-from trainer.schedule import FallbackState, koopman_weight
+from koopman_search.trainer.config import TrainerConfig, config_from_dict, config_to_dict
+from koopman_search.trainer.data import Corpus, check_length, epoch_order, load_corpus, n_windows, window_batches
+from koopman_search.trainer.errors import CheckpointError, ConfigError
+from koopman_search.trainer.koopman import KoopmanHeads, KoopmanMetrics
+from koopman_search.trainer.linearity import LinearBlockModels, LinearScore, fit_linear
+from koopman_search.trainer.lm_loss import lm_loss_and_hidden
+from koopman_search.trainer.model import build_model, model_blocks
+from koopman_search.trainer.records import EpochRecord
+from koopman_search.trainer.schedule import FallbackState, koopman_weight
 
 __all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "resolve_device"]
 
@@ -173,77 +173,16 @@ class HybridKoopmanTrainer:
         fallback = FallbackState(
             kc.fallback_threshold, kc.fallback_factor, kc.fallback_batches, self.device, kc.fallback_mode
         )
-        lm_params = list(self.model.parameters())
-        head_params = list(self.koopman.parameters()) if self.koopman is not None else []
         self.model.train()
         if self.koopman is not None:
             self.koopman.train()
         # lm, koopman (finite batches only), total, effective weight: summed on the device
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         steps = 0
-        batches = self._train_batches(epoch)
         bar = self._progress(epoch)
-        for x, y in batches:
-            with self._autocast():
-                lm_loss, hidden = lm_loss_and_hidden(self.model, x, y)  # fused head (trainer/lm_loss.py)
-            finite: torch.Tensor | None = None
-            if koop is not None:
-                states = koop.gather(hidden, self._sample_tokens(x.numel()))  # (L+1, N, d)
-                k_loss, x_phi, y_phi = koop.objective(states)
-                w_eff = fallback.effective_weight(weight, k_loss)
-                finite = torch.isfinite(k_loss)
-                # The heads learn from the Koopman loss itself; the weight sets how much of its gradient
-                # reaches the backbone (a hook on the states scales it there). With Adam the heads' steps
-                # barely depend on a constant factor anyway, but at small weights their gradients would sit
-                # near Adam's eps and stall (docs/koopman-objective.md). where(), not a multiply: 0 × NaN
-                # would poison the gradient of the whole step.
-                loss = lm_loss + torch.where(finite, k_loss, torch.zeros_like(k_loss))
-                # where() hides a non-finite loss's value, not the NaN local derivatives behind it
-                # (0 × NaN = NaN): drop the Koopman gradient where it enters the backbone, and the
-                # heads' own gradients after backward, or one bad batch turns every weight into NaN.
-                if states.requires_grad:
-                    states.register_hook(functools.partial(_backbone_grad, finite, w_eff))
-                if kc.fit == "lstsq":
-                    koop.accumulate(x_phi, y_phi, keep=finite)
-                reported = lm_loss.detach() + w_eff * torch.where(finite, k_loss.detach(), 0.0)
-                batch = torch.stack(
-                    (
-                        lm_loss.detach().double(),
-                        torch.where(finite, k_loss.detach(), 0.0).double(),
-                        reported.double(),
-                        w_eff.double(),
-                    )
-                )
-            else:
-                loss = lm_loss
-                batch = torch.stack(
-                    (
-                        lm_loss.detach().double(),
-                        torch.zeros((), dtype=torch.float64, device=self.device),
-                        lm_loss.detach().double(),
-                        torch.zeros((), dtype=torch.float64, device=self.device),
-                    )
-                )
-            loss.backward()
-            nn.utils.clip_grad_norm_(lm_params, cfg.train.grad_clip)  # the notebook's 0.5
-            self.opt_lm.step()
-            if koop is not None and self.opt_koopman is not None and finite is not None:
-                koop.drop_grads_unless(finite)
-                nn.utils.clip_grad_norm_(head_params, cfg.train.grad_clip)  # clipped apart from the LM's
-                self.opt_koopman.step()
-                self.opt_koopman.zero_grad(set_to_none=True)
-                if kc.fit == "dmd" and bool(finite):
-                    # the notebook's order: after the step, the refreshed φ on the step's (detached) states
-                    koop.dmd_update(koop.gather([h.detach() for h in hidden], None))
-            self.opt_lm.zero_grad(set_to_none=True)
-            sums += batch
+        for x, y in self._train_batches(epoch):
+            sums += self._train_step(x, y, koop, weight, fallback)
             steps += 1
-            self.step += 1
-            if koop is not None and kc.fit == "lstsq":
-                self._since_refit += 1
-                if self._since_refit >= kc.update_interval:
-                    koop.refit()
-                    self._since_refit = 0
             if bar is not None:
                 bar.update(1)
                 if steps % 20 == 0:  # the only host syncs: for the progress bar, when there is one
@@ -251,36 +190,115 @@ class HybridKoopmanTrainer:
         if bar is not None:
             bar.close()
         # reading the sums waits for the device, so that the timing covers the epoch's queued GPU work too
-        lm, k_sum, total, w_sum = sums.tolist()
+        totals = sums.tolist()
         train_seconds = time.perf_counter() - started
         if steps == 0:
             raise ConfigError(
                 f"an epoch has no training batch: the train split holds {self.train_tokens.numel()} tokens, "
                 f"fewer than one batch of batch_size={cfg.data.batch_size} x seq_len={cfg.data.seq_len}"
             )
-        cut = int(fallback.cut_count)
-        nonfinite = int(fallback.nonfinite_count)
-        finite_batches = steps - nonfinite
-        if cut or nonfinite:
-            # one warning per epoch at most; the counts also go into the record
-            logger.warning(
-                "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g%s)%s",
-                epoch,
-                cut,
-                steps,
-                kc.fallback_threshold,
-                " standard deviations over the running mean" if kc.fallback_mode == "relative" else "",
-                f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
-                if nonfinite
-                else "",
-            )
+        cut, nonfinite = int(fallback.cut_count), int(fallback.nonfinite_count)
+        self._warn_fallback(epoch, cut, nonfinite, steps)
         val = self.evaluate(koopman=koop is not None)
+        return self._record(
+            epoch, weight, koop is not None, totals, steps, (cut, nonfinite), val, started, train_seconds
+        )
+
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, koop: KoopmanHeads | None, weight: float, fallback: FallbackState
+    ) -> torch.Tensor:
+        """One optimizer step on one batch; returns its (LM loss, Koopman loss where finite, total loss,
+        effective weight) as a float64 tensor on the device (no host sync)."""
+        cfg, kc = self.cfg, self.cfg.koopman
+        with self._autocast():
+            lm_loss, hidden = lm_loss_and_hidden(self.model, x, y)  # fused head (trainer/lm_loss.py)
+        finite: torch.Tensor | None = None
+        if koop is not None:
+            states = koop.gather(hidden, self._sample_tokens(x.numel()))  # (L+1, N, d)
+            k_loss, x_phi, y_phi = koop.objective(states)
+            w_eff = fallback.effective_weight(weight, k_loss)
+            finite = torch.isfinite(k_loss)
+            # The heads learn from the Koopman loss itself; the weight sets how much of its gradient
+            # reaches the backbone (a hook on the states scales it there). With Adam the heads' steps
+            # barely depend on a constant factor anyway, but at small weights their gradients would sit
+            # near Adam's eps and stall (docs/koopman-objective.md). where(), not a multiply: 0 × NaN
+            # would poison the gradient of the whole step.
+            loss = lm_loss + torch.where(finite, k_loss, torch.zeros_like(k_loss))
+            # where() hides a non-finite loss's value, not the NaN local derivatives behind it
+            # (0 × NaN = NaN): drop the Koopman gradient where it enters the backbone, and the
+            # heads' own gradients after backward, or one bad batch turns every weight into NaN.
+            if states.requires_grad:
+                states.register_hook(functools.partial(_backbone_grad, finite, w_eff))
+            if kc.fit == "lstsq":
+                koop.accumulate(x_phi, y_phi, keep=finite)
+            shown_k = torch.where(finite, k_loss.detach(), 0.0)
+            reported = lm_loss.detach() + w_eff * shown_k
+            batch = torch.stack((lm_loss.detach().double(), shown_k.double(), reported.double(), w_eff.double()))
+        else:
+            loss = lm_loss
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            batch = torch.stack((lm_loss.detach().double(), zero, lm_loss.detach().double(), zero))
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)  # the notebook's 0.5
+        self.opt_lm.step()
+        if koop is not None and self.opt_koopman is not None and finite is not None:
+            koop.drop_grads_unless(finite)
+            nn.utils.clip_grad_norm_(koop.parameters(), cfg.train.grad_clip)  # clipped apart from the LM's
+            self.opt_koopman.step()
+            self.opt_koopman.zero_grad(set_to_none=True)
+            if kc.fit == "dmd" and bool(finite):
+                # the notebook's order: after the step, the refreshed φ on the step's (detached) states
+                koop.dmd_update(koop.gather([h.detach() for h in hidden], None))
+        self.opt_lm.zero_grad(set_to_none=True)
+        self.step += 1
+        if koop is not None and kc.fit == "lstsq":
+            self._since_refit += 1
+            if self._since_refit >= kc.update_interval:
+                koop.refit()
+                self._since_refit = 0
+        return batch
+
+    def _warn_fallback(self, epoch: int, cut: int, nonfinite: int, steps: int) -> None:
+        """One warning per epoch at most; the counts also go into the record."""
+        if not (cut or nonfinite):
+            return
+        kc = self.cfg.koopman
+        logger.warning(
+            "epoch %d: Koopman weight cut by the fallback on %d of %d batches (threshold %g%s)%s",
+            epoch,
+            cut,
+            steps,
+            kc.fallback_threshold,
+            " standard deviations over the running mean" if kc.fallback_mode == "relative" else "",
+            f"; Koopman loss non-finite on {nonfinite} batch(es), term off for the rest of the epoch"
+            if nonfinite
+            else "",
+        )
+
+    def _record(
+        self,
+        epoch: int,
+        weight: float,
+        koopman_on: bool,
+        totals: list[float],
+        steps: int,
+        counts: tuple[int, int],
+        val: dict[str, Any],
+        started: float,
+        train_seconds: float,
+    ) -> EpochRecord:
+        """The epoch's record from its training sums (lm, koopman, total, weight), its fallback counts (cut,
+        non-finite) and its validation metrics."""
+        cfg = self.cfg
+        lm, k_sum, total, w_sum = totals
+        cut, nonfinite = counts
+        finite_batches = steps - nonfinite
         val_loss = val["val_loss"]
         return EpochRecord(
             epoch=epoch,
             epochs=cfg.train.epochs,
             lm_loss=lm / steps,
-            koopman_loss=k_sum / finite_batches if koop is not None and finite_batches else 0.0,
+            koopman_loss=k_sum / finite_batches if koopman_on and finite_batches else 0.0,
             total_loss=total / steps,
             koopman_weight=weight,
             effective_weight=w_sum / steps,
@@ -299,7 +317,7 @@ class HybridKoopmanTrainer:
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
             val_linear_ppl_ratio=_ratio(val["val_linear_ppl"], _ppl(val_loss)),
-            koopman_k_norm=self.koopman.k_norm() if koop is not None and self.koopman is not None else math.nan,
+            koopman_k_norm=self.koopman.k_norm() if koopman_on and self.koopman is not None else math.nan,
             seconds=time.perf_counter() - started,
             tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,
             steps=steps,

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.errors import ConfigError
+from koopman_search.trainer.config import ModelConfig
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = [
     "Block",

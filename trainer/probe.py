@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.koopman import KoopmanMetrics
-from trainer.loop import HybridKoopmanTrainer
+from koopman_search.trainer.koopman import KoopmanMetrics
+from koopman_search.trainer.loop import HybridKoopmanTrainer
 
 __all__ = ["PROBE", "ProbePoint", "frozen_backbone_probe", "state_effective_rank"]
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from trainer.config import FALLBACK_MODES, KoopmanConfig
+from koopman_search.trainer.config import FALLBACK_MODES, KoopmanConfig
 
 __all__ = ["EXP_RANGE", "FALLBACK_MODES", "RUNNING_DECAY", "WARMUP_BATCHES", "FallbackState", "koopman_weight"]
 

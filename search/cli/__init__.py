@@ -14,24 +14,24 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from search.settings import check_environment
-from trainer.errors import ConfigError, DataError, KoopmanError
+from koopman_search.search.settings import check_environment, configure_logging
+from koopman_search.trainer.errors import ConfigError, DataError, KoopmanError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
-# subcommand name -> module under search.cli
+# subcommand name -> module under koopman_search.search.cli
 COMMANDS: dict[str, str] = {
-    "train": "search.cli.train",
-    "create": "search.cli.create",
-    "launch": "search.cli.launch",
-    "worker": "search.cli.worker",
-    "status": "search.cli.status",
-    "best": "search.cli.best",
-    "dashboard": "search.cli.dashboard",
-    "report": "search.cli.report",
-    "storage-proxy": "search.cli.storage_proxy",
+    "train": "koopman_search.search.cli.train",
+    "create": "koopman_search.search.cli.create",
+    "launch": "koopman_search.search.cli.launch",
+    "worker": "koopman_search.search.cli.worker",
+    "status": "koopman_search.search.cli.status",
+    "best": "koopman_search.search.cli.best",
+    "dashboard": "koopman_search.search.cli.dashboard",
+    "report": "koopman_search.search.cli.report",
+    "storage-proxy": "koopman_search.search.cli.storage_proxy",
 }
 
 
@@ -64,24 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def _configure_logging(debug: bool, quiet: bool, command: str) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    for name in ("trainer", "search"):
-        logging.getLogger(name).setLevel(level)
-    if command != "train":  # the study commands: Optuna's own lines in the same format as ours
-        import optuna
-
-        optuna.logging.disable_default_handler()
-        optuna.logging.enable_propagation()
-        optuna.logging.set_verbosity(logging.WARNING if quiet else logging.INFO)
+    # the study commands show Optuna's own lines in the same format as ours; train has none
+    configure_logging(level, None if command == "train" else logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

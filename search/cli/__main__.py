@@ -1,5 +1,5 @@
 import sys
 
-from search.cli import main
+from koopman_search.search.cli import main
 
 sys.exit(main())

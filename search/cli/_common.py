@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.errors import SpecError
-from search.spec import StudySpec, load_spec
+from koopman_search.search.errors import SpecError
+from koopman_search.search.studyfile.spec import StudySpec, load_spec
 
 __all__ = [
     "StudyTarget",
@@ -73,7 +73,7 @@ def add_redefine_arg(p: argparse.ArgumentParser) -> None:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """The options that say which worker processes run here: ``--gpus``, ``--trials-per-gpu``, ``--workers``
-    (``launch`` and ``worker`` share them; :func:`search.workers.build_supervisor` reads them)."""
+    (``launch`` and ``worker`` share them; :func:`koopman_search.search.workers.build_supervisor` reads them)."""
     p.add_argument(
         "--gpus",
         metavar="LIST",
@@ -110,7 +110,7 @@ def storage_from_file() -> str | None:
 
 def spec_with_overrides(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
     """The study file with the storage and artifact store from flags or the environment."""
-    from search.urls import resolve_artifacts, resolve_storage_url
+    from koopman_search.search.studyfile.urls import resolve_artifacts, resolve_storage_url
 
     # a flag or variable is checked like the file's own key: an in-memory SQLite, a storage or artifact
     # store of an unknown kind is refused here, before anything is written

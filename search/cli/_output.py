@@ -1,5 +1,5 @@
 """How the data commands print: ``-f/--format table|json|csv|yaml``, one shape for a trial everywhere, and
-the parameter columns in the README's order (the search space's, :data:`search.space.PARAM_NAMES`)."""
+the parameter columns in the README's order (the search space's, :data:`search.studyfile.space.PARAM_NAMES`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from search.space import PARAM_NAMES
-from search.text import csv_cell
+from koopman_search.search.studyfile.space import PARAM_NAMES
+from koopman_search.search.text import csv_cell
 
 __all__ = ["DATA_FORMATS", "add_format_args", "dump", "flat_rows", "param_header", "param_legend", "param_order"]
 

@@ -7,10 +7,10 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from search.cli._common import add_study_args, render_table, resolve_target
-from search.cli._output import add_format_args, dump, param_header, param_legend, param_order
-from search.errors import StudyNotFoundError
-from search.text import printable
+from koopman_search.search.cli._common import add_study_args, render_table, resolve_target
+from koopman_search.search.cli._output import add_format_args, dump, param_header, param_legend, param_order
+from koopman_search.search.errors import StudyNotFoundError
+from koopman_search.search.text import printable
 
 if TYPE_CHECKING:
     import optuna
@@ -50,8 +50,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.review.open import open_existing_storage
-    from search.study import load_study
+    from koopman_search.search.engine.study import load_study
+    from koopman_search.search.review.open import open_existing_storage
 
     target = resolve_target(args)
     study = load_study(open_existing_storage(target.storage_url), target.study_name)
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
 def print_best(study: optuna.Study, output: str = "table", trial: int | None = None, full_names: bool = False) -> None:
     """Print the best trial or the Pareto front of ``study`` (or trial ``trial``) as ``output`` (table,
     json, csv, yaml), or as ``toml`` the trainer config of that trial; say which trial is chosen and why."""
-    from search.export import trial_config_toml
-    from search.review.status import status_data
-    from search.review.summary import best_trials
+    from koopman_search.search.review.export import trial_config_toml
+    from koopman_search.search.review.status import status_data
+    from koopman_search.search.review.summary import best_trials
 
     data = status_data(study)
     by_number = {t["number"]: t for t in data["trials"]}

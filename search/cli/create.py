@@ -6,9 +6,9 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_redefine_arg, add_study_args, spec_with_overrides
-from search.spec import load_spec
-from search.urls import redact_url
+from koopman_search.search.cli._common import add_redefine_arg, add_study_args, spec_with_overrides
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.search.studyfile.urls import redact_url
 
 __all__ = ["add_parser", "run"]
 
@@ -38,12 +38,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.storage import check_artifacts, open_storage
-    from search.study import create_or_load_study, ensure_budget
+    from koopman_search.search.engine.study import create_or_load_study, ensure_budget
+    from koopman_search.search.storage.artifacts import check_artifacts
+    from koopman_search.search.storage.database import open_storage
 
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     if args.n_trials is not None and args.n_trials < 1:
-        from search.errors import SpecError
+        from koopman_search.search.errors import SpecError
 
         raise SpecError(f"--n-trials must be >= 1, but got n_trials={args.n_trials}")
     check_artifacts(spec.artifacts_dir)  # before the database is written

@@ -10,8 +10,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from search.cli._common import ARTIFACTS_ENV, STORAGE_ENV, add_storage_args, spec_with_overrides
-from trainer.errors import ConfigError
+from koopman_search.search.cli._common import ARTIFACTS_ENV, STORAGE_ENV, add_storage_args, spec_with_overrides
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
@@ -61,11 +61,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.review.dashboard import Refresher, annotate_storage, is_loopback, make_server_for
-    from search.review.open import open_existing_storage
-    from search.spec import load_spec
-    from search.storage import open_artifact_store
-    from search.study import load_study
+    from koopman_search.search.engine.study import load_study
+    from koopman_search.search.review.dashboard import Refresher, annotate_storage, is_loopback, make_server_for
+    from koopman_search.search.review.open import open_existing_storage
+    from koopman_search.search.storage.artifacts import open_artifact_store
+    from koopman_search.search.studyfile.spec import load_spec
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, but got port={args.port}")

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from search.cli._common import (
+from koopman_search.search.cli._common import (
     add_redefine_arg,
     add_study_args,
     add_worker_args,
@@ -15,9 +15,9 @@ from search.cli._common import (
     spec_with_overrides,
     waiting_trials,
 )
-from search.spec import load_spec
-from search.urls import redact_url
-from trainer.errors import ConfigError
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.search.studyfile.urls import redact_url
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
@@ -54,13 +54,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.cli.best import print_best
-    from search.cli.status import status_text
-    from search.review.status import status_data
-    from search.runner import format_outcome
-    from search.storage import check_artifacts, open_storage
-    from search.study import create_or_load_study, ensure_budget
-    from trainer.data import check_source
+    from koopman_search.search.cli.status import status_text
+    from koopman_search.search.engine.study import create_or_load_study, ensure_budget
+    from koopman_search.search.review.status import status_data
+    from koopman_search.search.storage.artifacts import check_artifacts
+    from koopman_search.search.storage.database import open_storage
+    from koopman_search.trainer.data import check_source
 
     check_counts(args)
     if args.device and (args.gpus or (args.workers or 1) > 1):
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec.with_device(args.device)
     supervisor = None
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
-        from search.workers import build_supervisor
+        from koopman_search.search.workers import build_supervisor
 
         supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
     check_source(spec.trainer.data.source)  # this command trains: its data must be here
@@ -84,34 +83,46 @@ def run(args: argparse.Namespace) -> int:
     ensure_budget(study, spec, args.n_trials)
     logger.info("study %s %s in %s", spec.name, "created" if created else "loaded", redact_url(spec.storage_url))
     if args.rerun_baseline:
-        from search.baseline import rerun_baseline
+        from koopman_search.search.engine.baseline import rerun_baseline
 
         if rerun_baseline(spec, storage):
             logger.info("baseline queued to run again")
-    interrupted = False
     lost: list[int] = []
-    failed = False
     if supervisor is not None:
         supervisor.expect_trials(waiting_trials(study))
         code = supervisor.run()
         interrupted = supervisor.stop_requested
         failed = code != 0 and not interrupted  # a slot stopped for good, or a trial was lost: said above
     else:
-        from search.workers.progress import LiveProgress
-
-        progress = LiveProgress(waiting_trials(study), format_outcome=lambda o: format_outcome(o, spec.metrics))
-        with progress.session():
-            interrupted = _run_here(
-                spec,
-                progress.on_outcome,
-                lost,
-                on_trial_start=progress.on_trial_start,
-                on_epoch=progress.on_epoch,
-                on_baseline_epoch=progress.on_baseline_epoch,
-            )
+        interrupted, failed = _run_with_progress(spec, study, lost), False
     _annotate(study)
     print()
     print(status_text(status_data(study)))
+    return _ending(args, study, lost, failed, interrupted)
+
+
+def _run_with_progress(spec: Any, study: Any, lost: list[int]) -> bool:
+    """The worker loop in this process, with its progress shown; True when it was stopped."""
+    from koopman_search.search.engine.runner import format_outcome
+    from koopman_search.search.workers.progress import LiveProgress
+
+    progress = LiveProgress(waiting_trials(study), format_outcome=lambda o: format_outcome(o, spec.metrics))
+    with progress.session():
+        return _run_here(
+            spec,
+            progress.on_outcome,
+            lost,
+            on_trial_start=progress.on_trial_start,
+            on_epoch=progress.on_epoch,
+            on_baseline_epoch=progress.on_baseline_epoch,
+        )
+
+
+def _ending(args: argparse.Namespace, study: Any, lost: list[int], failed: bool, interrupted: bool) -> int:
+    """The run's last words and exit code: 1 when a trial was lost or a slot stopped for good, 130 when it
+    was interrupted (its unfinished trials are queued), else the best trials and 0."""
+    from koopman_search.search.cli.best import print_best
+
     if lost:
         print(
             f"koopman-search launch: error: {len(lost)} trial(s) lost to environment faults (trial "
@@ -143,9 +154,9 @@ def _run_here(spec: Any, on_outcome: Any, lost: list[int], **callbacks: Any) -> 
     import signal
     import threading
 
-    from search.errors import BaselineError
-    from search.workers import run_worker
-    from search.workers.supervisor import SEED_OFFSET_RANGE
+    from koopman_search.search.errors import BaselineError
+    from koopman_search.search.workers import run_worker
+    from koopman_search.search.workers.supervisor import SEED_OFFSET_RANGE
 
     stop = threading.Event()
 
@@ -180,8 +191,8 @@ def _annotate(study: Any) -> None:
     import optuna
     import sqlalchemy
 
-    from search.review import annotate_study
-    from trainer.errors import KoopmanError
+    from koopman_search.search.review import annotate_study
+    from koopman_search.trainer.errors import KoopmanError
 
     try:
         annotate_study(study)

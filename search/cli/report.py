@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from search.cli._common import StudyTarget, add_study_args, resolve_target
-from trainer.errors import ConfigError
+from koopman_search.search.cli._common import StudyTarget, add_study_args, resolve_target
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
@@ -110,9 +110,9 @@ def _kind(mode: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.review.open import open_existing_storage
-    from search.review.report import write_report
-    from search.study import load_study
+    from koopman_search.search.engine.study import load_study
+    from koopman_search.search.review.open import open_existing_storage
+    from koopman_search.search.review.report import write_report
 
     out = Path(args.out)
     target = resolve_target(args)

@@ -6,9 +6,9 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import add_study_args, render_table, resolve_target
-from search.cli._output import add_format_args, dump, param_header, param_legend, param_order
-from search.text import printable
+from koopman_search.search.cli._common import add_study_args, render_table, resolve_target
+from koopman_search.search.cli._output import add_format_args, dump, param_header, param_legend, param_order
+from koopman_search.search.text import printable
 
 __all__ = ["add_parser", "run", "status_text"]
 
@@ -44,8 +44,8 @@ def _cell(v: Any) -> str:
 
 
 def status_text(data: dict[str, Any], full_names: bool = False) -> str:
-    """``data`` (:func:`search.review.status.status_data`) as the table that ``status`` prints."""
-    from search.review.status import SHOWN_METRICS
+    """``data`` (:func:`koopman_search.search.review.status.status_data`) as the table that ``status`` prints."""
+    from koopman_search.search.review.status import SHOWN_METRICS
 
     names = param_order(k for t in data["trials"] for k in t["params"])
     headers = ["#", "state", *[param_header(n, full_names) for n in names], "epochs", *SHOWN_METRICS, "note"]
@@ -91,9 +91,9 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.review.open import open_existing_storage
-    from search.review.status import status_data
-    from search.study import load_study
+    from koopman_search.search.engine.study import load_study
+    from koopman_search.search.review.open import open_existing_storage
+    from koopman_search.search.review.status import status_data
 
     target = resolve_target(args)
     study = load_study(open_existing_storage(target.storage_url), target.study_name)

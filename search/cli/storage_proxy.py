@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
-from search.cli._common import STORAGE_ENV
-from trainer.errors import ConfigError
+from koopman_search.search.cli._common import STORAGE_ENV
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
@@ -58,8 +58,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.proxy import is_proxy_url, serve
-    from search.urls import redact_url
+    from koopman_search.search.storage.proxy import is_proxy_url, serve
+    from koopman_search.search.studyfile.urls import redact_url
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, but got port={args.port}")

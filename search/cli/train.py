@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import probe_dir
-from trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, load_config, with_overrides
-from trainer.errors import ConfigError
-from trainer.records import EpochRecord
+from koopman_search.trainer.checkpoint import probe_dir
+from koopman_search.trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, load_config, with_overrides
+from koopman_search.trainer.errors import ConfigError
+from koopman_search.trainer.records import EpochRecord
 
 __all__ = ["FLAG_KEYS", "add_parser", "format_record", "run"]
 
@@ -157,7 +157,7 @@ def _json_record(r: EpochRecord) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.loop import HybridKoopmanTrainer
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
     cfg = build_config(args)
     if args.resume and not args.checkpoint_dir:

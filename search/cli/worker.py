@@ -6,16 +6,16 @@ import argparse
 import logging
 from typing import Any
 
-from search.cli._common import (
+from koopman_search.search.cli._common import (
     add_study_args,
     add_worker_args,
     check_counts,
     spec_with_overrides,
     waiting_trials,
 )
-from search.errors import StudyNotFoundError
-from search.spec import load_spec
-from search.urls import redact_url
+from koopman_search.search.errors import StudyNotFoundError
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.search.studyfile.urls import redact_url
 
 __all__ = ["add_parser", "run"]
 
@@ -58,10 +58,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.storage import check_artifacts, open_storage
-    from search.study import check_stored_definition, load_study
-    from search.workers import build_supervisor
-    from trainer.data import check_source
+    from koopman_search.search.engine.study import check_stored_definition, load_study
+    from koopman_search.search.storage.artifacts import check_artifacts
+    from koopman_search.search.storage.database import open_storage
+    from koopman_search.search.workers import build_supervisor
+    from koopman_search.trainer.data import check_source
 
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched

@@ -9,7 +9,7 @@ Everything is built from what the search stored (study and trial user attrs); no
 
 from __future__ import annotations
 
-from search.review.dashboard import (
+from koopman_search.search.review.dashboard import (
     FIGURE_IDS,
     AnnotationCounts,
     DashboardServer,
@@ -20,7 +20,7 @@ from search.review.dashboard import (
     is_loopback,
     make_server_for,
 )
-from search.review.figures import (
+from koopman_search.search.review.figures import (
     loss_figure,
     pareto_front_figure,
     trial_curves_figure,
@@ -28,10 +28,17 @@ from search.review.figures import (
     val_ppl_figure,
     weight_figure,
 )
-from search.review.notes import study_note, trial_note
-from search.review.report import SECTION_TITLES, build_report, params_toml, write_report
-from search.review.stored import StoredBaseline, StoredRules, TrialFacts, read_baseline, read_rules, trial_facts
-from search.review.summary import StudySummary, best_trials, summarize
+from koopman_search.search.review.notes import study_note, trial_note
+from koopman_search.search.review.report import SECTION_TITLES, build_report, params_toml, write_report
+from koopman_search.search.review.stored import (
+    StoredBaseline,
+    StoredRules,
+    TrialFacts,
+    read_baseline,
+    read_rules,
+    trial_facts,
+)
+from koopman_search.search.review.summary import StudySummary, best_trials, summarize
 
 __all__ = [
     "FIGURE_IDS",

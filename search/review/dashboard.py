@@ -32,11 +32,10 @@ import optuna
 import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
-from search.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
-from search.review import figures
-from search.review.notes import study_note, trial_note
-from search.review.reach import findings
-from search.review.stored import (
+from koopman_search.search.review import figures
+from koopman_search.search.review.notes import study_note, trial_note
+from koopman_search.search.review.reach import findings
+from koopman_search.search.review.stored import (
     StoredBaseline,
     StoredRules,
     TrialFacts,
@@ -47,8 +46,10 @@ from search.review.stored import (
     search_meta,
     trial_facts,
 )
-from search.review.summary import best_trials, summarize
-from search.rules import RuleSettings
+from koopman_search.search.review.summary import best_trials, summarize
+from koopman_search.search.storage.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of
+from koopman_search.search.studyfile.prune_settings import RuleSettings
 
 __all__ = [
     "FIGURE_IDS",
@@ -98,7 +99,7 @@ class _NoteTarget:
 
     def __init__(self, study: optuna.Study, trial_id: int) -> None:
         self.study = study
-        self.storage = study._storage
+        self.storage = storage_of(study)
         self._trial_id = trial_id
 
 
@@ -107,11 +108,11 @@ def _digest(text: str) -> str:
 
 
 def _system_attrs(study: optuna.Study) -> dict[str, Any]:
-    return study._storage.get_study_system_attrs(study._study_id)
+    return storage_of(study).get_study_system_attrs(study_id_of(study))
 
 
 def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
-    study._storage.set_study_system_attr(study._study_id, key, value)
+    storage_of(study).set_study_system_attr(study_id_of(study), key, value)
 
 
 def _write_note(study: optuna.Study, trial_id: int | None, body: str, counts: AnnotationCounts) -> None:
@@ -233,7 +234,7 @@ def _mark_baseline_companions(study: optuna.Study, counts: AnnotationCounts) -> 
             continue
         name = f"{study.study_name}.baseline-seed{seed}"
         try:
-            companion = optuna.load_study(study_name=name, storage=study._storage)
+            companion = optuna.load_study(study_name=name, storage=storage_of(study))
         except KeyError:  # a fixed curve, or a companion not created yet
             continue
         if not str(companion.user_attrs.get(ROLE_ATTR, "")).startswith("baseline of study"):
@@ -328,7 +329,7 @@ def make_server_for(
 ) -> DashboardServer:
     """An optuna-dashboard server bound to ``host:port`` (port 0: a free one); call ``serve_forever()``.
 
-    With ``artifact_store`` (e.g. :func:`search.storage.open_artifact_store`) the study's checkpoints
+    With ``artifact_store`` (e.g. :func:`search.storage.artifacts.open_artifact_store`) the study's checkpoints
     and uploaded files are listed and downloadable in the dashboard."""
     app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store)
     server = make_server(host, port, app, server_class=DashboardServer, handler_class=_QuietHandler)

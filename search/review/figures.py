@@ -22,8 +22,8 @@ import optuna
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from search.review.stored import StoredBaseline, StoredRules, TrialFacts
-from search.review.summary import fmt, state_word
+from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
+from koopman_search.search.review.summary import fmt, state_word
 
 __all__ = [
     "KINDS",
@@ -291,39 +291,7 @@ def _layout(
         if values and max(values) / max(min(values), 1e-9) > 20:
             layout["yaxis"]["type"] = "log"  # one diverged trial would flatten every other curve
     if kind == "losses":
-        # its own scale: next to a total loss near 7 a falling Koopman loss of 0.05 would be a flat line.
-        # One range for every trial in the menu, with headroom: the Koopman loss is highest at its first
-        # epoch, and at the top of its own axis that point would sit level with the total-loss limit and
-        # read as "hit the limit".
-        koopman = [v for t in trials for v in t.metric("koopman_loss") if v is not None and math.isfinite(v) and v > 0]
-        layout["yaxis2"] = {
-            "title": {"text": "Koopman loss (raw)", "font": {"color": COLORS["koopman"]}},
-            "tickfont": {"color": COLORS["koopman"]},
-            "overlaying": "y",
-            "side": "right",
-            "showgrid": False,
-            "tickformat": ".2~g",  # 0.003, not 0.002882
-            "nticks": 6,
-        }
-        left = [
-            v
-            for t in trials
-            for m in ("total_loss", "lm_loss")
-            for v in t.metric(m)
-            if v is not None and math.isfinite(v)
-        ]
-        peak_height = 0.5  # of the plot's height, where the highest Koopman loss is drawn
-        if left and limit is not None:
-            lo, hi = min(left), max(max(left), limit)
-            pad = 0.08 * max(hi - lo, 0.1)
-            layout["yaxis"]["range"] = [lo - pad, hi + pad]
-            limit_height = (limit - lo + pad) / (hi - lo + 2 * pad)
-            if abs(peak_height - limit_height) < 0.25:
-                peak_height = limit_height - 0.3 if limit_height > 0.5 else limit_height + 0.3
-        if koopman:
-            layout["yaxis2"]["range"] = [0, max(koopman) / peak_height]
-        else:
-            layout["yaxis2"]["rangemode"] = "tozero"
+        _loss_axes(layout, trials, limit)
     if kind == "weight":
         # one fixed scale for every trial in the menu, in whole batches
         most = max((v for t in trials for v in t.metric("fallback_batches") if v is not None), default=0)
@@ -338,6 +306,38 @@ def _layout(
         }
         layout["barmode"] = "overlay"
     return layout
+
+
+def _loss_axes(layout: dict[str, Any], trials: Sequence[TrialFacts], limit: float | None) -> None:
+    """The Koopman loss on its own right axis: next to a total loss near 7 a falling Koopman loss of 0.05
+    would be a flat line. One range for every trial in the menu, with headroom: the Koopman loss is highest at
+    its first epoch, and at the top of its own axis that point would sit level with the total-loss limit and
+    read as "hit the limit"."""
+    koopman = [v for t in trials for v in t.metric("koopman_loss") if v is not None and math.isfinite(v) and v > 0]
+    layout["yaxis2"] = {
+        "title": {"text": "Koopman loss (raw)", "font": {"color": COLORS["koopman"]}},
+        "tickfont": {"color": COLORS["koopman"]},
+        "overlaying": "y",
+        "side": "right",
+        "showgrid": False,
+        "tickformat": ".2~g",  # 0.003, not 0.002882
+        "nticks": 6,
+    }
+    left = [
+        v for t in trials for m in ("total_loss", "lm_loss") for v in t.metric(m) if v is not None and math.isfinite(v)
+    ]
+    peak_height = 0.5  # of the plot's height, where the highest Koopman loss is drawn
+    if left and limit is not None:
+        lo, hi = min(left), max(max(left), limit)
+        pad = 0.08 * max(hi - lo, 0.1)
+        layout["yaxis"]["range"] = [lo - pad, hi + pad]
+        limit_height = (limit - lo + pad) / (hi - lo + 2 * pad)
+        if abs(peak_height - limit_height) < 0.25:
+            peak_height = limit_height - 0.3 if limit_height > 0.5 else limit_height + 0.3
+    if koopman:
+        layout["yaxis2"]["range"] = [0, max(koopman) / peak_height]
+    else:
+        layout["yaxis2"]["rangemode"] = "tozero"
 
 
 def trial_figure(

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from optuna.trial import TrialState
 
-from search.review.stored import StoredBaseline, StoredRules, TrialFacts
-from search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
-from search.text import printable
+from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
+from koopman_search.search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
+from koopman_search.search.text import printable
 
 __all__ = ["study_note", "trial_note"]
 

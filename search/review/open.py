@@ -13,9 +13,9 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
-from search.storage import open_storage
-from search.urls import redact_url
-from trainer.errors import ConfigError
+from koopman_search.search.storage.database import open_storage
+from koopman_search.search.studyfile.urls import redact_url
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["open_existing_storage"]
 

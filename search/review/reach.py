@@ -7,7 +7,7 @@ epoch, and says it in words:
     total_loss_max 7.0: no trial came within 0.7% (closest total_loss 6.951, trial 3, epoch 5)
     val_ppl_ratio_max 1.3: broken by 2 trials (highest ratio 1.42, trial 6, epoch 4)
 
-The epochs judged are the rules' own (search/rules.py): the total-loss rule only where the Koopman loss is on
+The epochs judged are the rules' own (search/pruning/rules.py): the total-loss rule only where the Koopman loss is on
 and the baseline itself is not over the limit; the ratio rule at every epoch with a baseline value.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from search.review.stored import StoredBaseline, StoredRules, TrialFacts
-from search.review.summary import fmt
-from search.rules import unjudged_epochs
+from koopman_search.search.pruning.rules import unjudged_epochs
+from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
+from koopman_search.search.review.summary import fmt
 
 __all__ = ["RuleReach", "findings", "rules_reach", "weight_bought_text"]
 

@@ -2,7 +2,7 @@
 
 Sections (in order): summary, best trial or Pareto front, optimization history, parameter importances,
 parallel coordinates, per-trial curves, prune reasons, best config. Figures come from Optuna's
-``optuna.visualization`` where it has them, and from :mod:`search.review.figures` (stored epoch records)
+``optuna.visualization`` where it has them, and from :mod:`koopman_search.search.review.figures` (stored epoch records)
 for the rest. Nothing is re-run and nothing is written to the storage.
 """
 
@@ -26,12 +26,11 @@ import plotly.offline
 import plotly.utils
 from optuna.trial import FrozenTrial, TrialState
 
-from search.errors import StorageError
-from search.export import dump_toml, trial_config_toml
-from search.layout import study_attrs
-from search.review import figures
-from search.review.reach import findings
-from search.review.stored import (
+from koopman_search.search.errors import StorageError
+from koopman_search.search.review import figures
+from koopman_search.search.review.export import dump_toml, trial_config_toml
+from koopman_search.search.review.reach import findings
+from koopman_search.search.review.stored import (
     StoredBaseline,
     StoredRules,
     TrialFacts,
@@ -41,10 +40,11 @@ from search.review.stored import (
     read_rules,
     trial_facts,
 )
-from search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
-from search.space import PARAM_NAMES, PARAM_TO_PATH
-from trainer.checkpoint import atomic_write
-from trainer.errors import ConfigError, KoopmanError
+from koopman_search.search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
+from koopman_search.search.storage.layout import study_attrs
+from koopman_search.search.studyfile.space import PARAM_NAMES, PARAM_TO_PATH
+from koopman_search.trainer.checkpoint import atomic_write
+from koopman_search.trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["SECTION_TITLES", "build_report", "params_toml", "write_report"]
 
@@ -480,7 +480,7 @@ def build_report(study: optuna.Study, *, best_config: BestConfig | None = None, 
     """The report of ``study`` as one HTML string (about 5 MB: plotly.js is inside).
 
     ``best_config(study)`` renders the exported best config as TOML; by default the best trial's full
-    trainer config (:func:`search.export.trial_config_toml`), or only its parameters when the study
+    trainer config (:func:`search.review.export.trial_config_toml`), or only its parameters when the study
     holds no study file."""
     ctx = _context(study)
     now = now or datetime.now(timezone.utc)

@@ -11,11 +11,11 @@ from typing import Any
 
 import optuna
 
-from search import layout
-from search.review.reach import rules_reach, weight_bought_text
-from search.review.stored import objective_names, read_baseline, read_rules, trial_facts
-from search.review.summary import best_trials, summarize
-from search.rules import unjudged_epochs
+from koopman_search.search.pruning.rules import unjudged_epochs
+from koopman_search.search.review.reach import rules_reach, weight_bought_text
+from koopman_search.search.review.stored import objective_names, read_baseline, read_rules, trial_facts
+from koopman_search.search.review.summary import best_trials, summarize
+from koopman_search.search.storage import layout
 
 __all__ = ["SHOWN_METRICS", "status_data"]
 

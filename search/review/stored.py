@@ -17,10 +17,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import layout
-from search.errors import StorageError
-from search.layout import SPEC_ATTR, baseline_key_seed, columns_to_records
-from search.space import PARAM_NAMES
+from koopman_search.search.errors import StorageError
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.layout import SPEC_ATTR, baseline_key_seed, columns_to_records
+from koopman_search.search.storage.optuna_private import trial_id_of
+from koopman_search.search.studyfile.space import PARAM_NAMES
 
 __all__ = [
     "StoredBaseline",
@@ -164,7 +165,7 @@ class TrialFacts:
 
     @property
     def asha_rungs(self) -> list[dict[str, Any]]:
-        """The asha pruner's decisions at the rungs the trial reached (search/asha.py), oldest first."""
+        """The asha pruner's decisions at the rungs the trial reached (search/pruning/asha.py), oldest first."""
         stored = self.user_attrs.get(layout.ASHA_RUNGS)
         return [dict(d) for d in stored if isinstance(d, Mapping)] if isinstance(stored, list) else []
 
@@ -303,7 +304,7 @@ def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | Non
     if isinstance(trial, FrozenTrial):
         state = trial.state.name
         stored_values = trial.values if values is None else values
-        trial_id = trial._trial_id
+        trial_id = trial_id_of(trial)
         duration = trial.duration.total_seconds() if trial.duration is not None else None
     else:
         if user_attrs.get(layout.PRUNE_REASON):
@@ -313,7 +314,7 @@ def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | Non
         else:
             state = TrialState.COMPLETE.name
         stored_values = values
-        trial_id = trial._trial_id
+        trial_id = trial_id_of(trial)
         duration = None
     if state != TrialState.COMPLETE.name:
         stored_values = None

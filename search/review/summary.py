@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from search.review.stored import StoredBaseline, TrialFacts, trial_facts
+from koopman_search.search.review.stored import StoredBaseline, TrialFacts, trial_facts
 
 __all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "state_word", "summarize"]
 

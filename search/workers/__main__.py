@@ -1,7 +1,7 @@
-"""``python -m search.workers``: one worker process, as the supervisor starts it."""
+"""``python -m koopman_search.search.workers``: one worker process, as the supervisor starts it."""
 
 import sys
 
-from search.workers.child import child_main
+from koopman_search.search.workers.child import child_main
 
 sys.exit(child_main())

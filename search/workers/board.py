@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from search.workers.progress import TrialsProgress, epoch_text, format_duration, trial_eta
-from search.workers.slots import Slot
+from koopman_search.search.workers.progress import TrialsProgress, epoch_text, format_duration, trial_eta
+from koopman_search.search.workers.slots import Slot
 
 __all__ = ["Board", "BoardHandler", "SlotRun"]
 

@@ -1,5 +1,5 @@
 """One worker process (``python -m search.workers``), started by the supervisor: reads its job from stdin,
-runs :func:`search.workers.loop.run_worker`, reports events on stdout."""
+runs :func:`koopman_search.search.workers.loop.run_worker`, reports events on stdout."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from search.errors import BaselineError, StorageError, StudyNotFoundError
-from search.spec import spec_from_dict
-from search.workers import events
-from search.workers.events import EXIT_FATAL, EXIT_OUTAGE, EventWriter
-from trainer.errors import ConfigError, KoopmanError
+from koopman_search.search.errors import BaselineError, StorageError, StudyNotFoundError
+from koopman_search.search.settings import configure_logging
+from koopman_search.search.studyfile.spec import spec_from_dict
+from koopman_search.search.workers import events
+from koopman_search.search.workers.events import EXIT_FATAL, EXIT_OUTAGE, EventWriter
+from koopman_search.trainer.errors import ConfigError, KoopmanError
 
 __all__ = ["child_main"]
 
@@ -56,7 +57,10 @@ def child_main() -> int:
     other error."""
     line = sys.stdin.readline()
     if not line.strip():
-        print("search.workers: expects a job on stdin; start workers with `koopman-search worker`", file=sys.stderr)
+        print(
+            "koopman_search.search.workers: expects a job on stdin; start workers with `koopman-search worker`",
+            file=sys.stderr,
+        )
         return EXIT_FATAL
     job = json.loads(line)
     from optuna.exceptions import ExperimentalWarning
@@ -65,53 +69,16 @@ def child_main() -> int:
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     writer = EventWriter(os.fdopen(os.dup(1), "w", encoding="utf-8"))
     os.dup2(2, 1)  # stray prints (or C libraries) go to stderr, never into the event stream
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(logging.WARNING)
-    for name in ("trainer", "search"):
-        logging.getLogger(name).setLevel(job.get("log_level") or "INFO")
-    import optuna  # its own lines in the same format, through the handler above
-
-    optuna.logging.disable_default_handler()
-    optuna.logging.enable_propagation()
+    # Optuna's own lines in the same format, at its default level
+    configure_logging(job.get("log_level") or "INFO", logging.INFO)
 
     stop = threading.Event()
     _stop_on_signals(stop)
     threading.Thread(target=_watch_supervisor, args=(sys.stdin, stop), daemon=True, name="supervisor-watch").start()
     writer.emit(events.READY, pid=os.getpid(), device=job["device"])
 
-    from search.runner import TrialOutcome, format_outcome
-    from search.workers.loop import run_worker
-    from search.workers.progress import epoch_fields
-
     try:
-        spec = spec_from_dict(job["spec"], origin=job.get("path") or "study")
-        spec = dataclasses.replace(
-            spec, path=Path(job["path"]) if job.get("path") else None, storage_url=job["storage_url"]
-        ).with_device(job["device"])
-
-        def on_outcome(o: TrialOutcome) -> None:
-            writer.emit(
-                events.OUTCOME,
-                number=o.number,
-                state=o.state,
-                reason=o.reason,
-                line=format_outcome(o, spec.metrics),
-                requeued=o.requeued,
-                lost=o.lost,
-            )
-
-        summary = run_worker(
-            spec,
-            seed_offset=int(job.get("seed_offset", 0)),
-            max_trials=job.get("max_trials"),
-            stop=stop,
-            on_outcome=on_outcome,
-            on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
-            on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, **epoch_fields(r)),
-            on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, **epoch_fields(r)),
-        )
+        summary = _run(job, writer, stop)
     except KeyboardInterrupt:
         writer.emit(events.EXIT, reason="stopped at once")
         return 0
@@ -133,3 +100,37 @@ def child_main() -> int:
         reason = f"queue empty, {n} trial(s) run"
     writer.emit(events.EXIT, reason=reason)
     return 0
+
+
+def _run(job: dict[str, Any], writer: EventWriter, stop: threading.Event) -> Any:
+    """The job's worker loop, its outcomes and epochs sent to the supervisor as events; its summary."""
+    from koopman_search.search.engine.runner import TrialOutcome, format_outcome
+    from koopman_search.search.workers.loop import run_worker
+    from koopman_search.search.workers.progress import epoch_fields
+
+    spec = spec_from_dict(job["spec"], origin=job.get("path") or "study")
+    spec = dataclasses.replace(
+        spec, path=Path(job["path"]) if job.get("path") else None, storage_url=job["storage_url"]
+    ).with_device(job["device"])
+
+    def on_outcome(o: TrialOutcome) -> None:
+        writer.emit(
+            events.OUTCOME,
+            number=o.number,
+            state=o.state,
+            reason=o.reason,
+            line=format_outcome(o, spec.metrics),
+            requeued=o.requeued,
+            lost=o.lost,
+        )
+
+    return run_worker(
+        spec,
+        seed_offset=int(job.get("seed_offset", 0)),
+        max_trials=job.get("max_trials"),
+        stop=stop,
+        on_outcome=on_outcome,
+        on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
+        on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, **epoch_fields(r)),
+        on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, **epoch_fields(r)),
+    )

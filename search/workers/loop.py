@@ -3,8 +3,8 @@
     spec = load_spec("studies/quickstart.toml").with_device("cuda")
     summary = run_worker(spec)
 
-Every finished trial gets its optuna-dashboard note here (:func:`search.review.annotate_trial`), so that
-the trial engine (:mod:`search.runner`, :mod:`search.baseline`) never loads the review.
+Every finished trial gets its optuna-dashboard note here (:func:`koopman_search.search.review.annotate_trial`), so that
+the trial engine (:mod:`search.engine.runner`, :mod:`search.engine.baseline`) never loads the review.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.baseline import ensure_baseline
-from search.layout import MatchedBaseline
-from search.rules import unjudged_epochs
-from search.runner import TrialOutcome, TrialRunner
-from search.spec import StudySpec
-from search.storage import fail_stale_trials, open_artifact_store, open_storage, retrying
-from search.study import claim_waiting_trial, load_study
-from trainer.errors import KoopmanError
-from trainer.records import EpochRecord
+from koopman_search.search.engine.baseline import ensure_baseline
+from koopman_search.search.engine.runner import TrialOutcome, TrialRunner
+from koopman_search.search.engine.study import claim_waiting_trial, load_study
+from koopman_search.search.pruning.rules import unjudged_epochs
+from koopman_search.search.storage.artifacts import open_artifact_store
+from koopman_search.search.storage.database import fail_stale_trials, open_storage
+from koopman_search.search.storage.layout import MatchedBaseline
+from koopman_search.search.storage.optuna_private import storage_of, trial_id_of
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.search.studyfile.spec import StudySpec
+from koopman_search.trainer.errors import KoopmanError
+from koopman_search.trainer.records import EpochRecord
 
 __all__ = ["WorkerSummary", "check_machine", "run_worker"]
 
@@ -70,7 +73,7 @@ def run_worker(
 
     ``seed_offset`` is added to the sampler's seed: give each concurrent worker its own, or they propose
     the same parameters. ``on_trial_start(number)``, ``on_epoch(number, record)``, ``on_outcome(outcome)``
-    and ``on_baseline_epoch(record)`` report progress (the worker processes of :mod:`search.workers` pass
+    and ``on_baseline_epoch(record)`` report progress (the worker processes of :mod:`koopman_search.search.workers` pass
     them on to their supervisor)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
@@ -87,9 +90,8 @@ def run_worker(
         fail_stale_trials(study)
         trial = claim_waiting_trial(study)
         if trial is None:
-            running = retrying(
-                lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "read running trials"
-            )
+            with storage_task("read running trials"):
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 break
             # another worker's trial is running: if that worker dies, its trial is queued again
@@ -104,11 +106,11 @@ def run_worker(
         try:
             outcome = runner.run(trial)
         except KeyboardInterrupt:
-            _annotate(study, spec, baseline, trial._trial_id, None)
+            _annotate(study, spec, baseline, trial_id_of(trial), None)
             raise
         logger.debug("trial %d took %.1f s", trial.number, time.perf_counter() - started)
         if outcome.stored:
-            _annotate(study, spec, baseline, trial._trial_id, outcome.values)
+            _annotate(study, spec, baseline, trial_id_of(trial), outcome.values)
         summary.outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
@@ -138,9 +140,9 @@ def check_machine(spec: StudySpec) -> None:
     start (exit 2, or a slot that stays down) instead of failing the shared baseline or a trial."""
     import torch
 
-    from trainer.errors import ConfigError
-    from trainer.loop import resolve_device
-    from trainer.model import _load_factory
+    from koopman_search.trainer.errors import ConfigError
+    from koopman_search.trainer.loop import resolve_device
+    from koopman_search.trainer.model import _load_factory
 
     name = spec.trainer.train.device
     device = resolve_device(name)
@@ -158,10 +160,11 @@ def _annotate(
     study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int, values: tuple[float, ...] | None
 ) -> None:
     """The finished trial's optuna-dashboard note (a side product: it never fails the worker)."""
-    from search.review.dashboard import annotate_trial
+    from koopman_search.search.review.dashboard import annotate_trial
 
     try:
-        frozen = retrying(lambda: study._storage.get_trial(trial_id), "read the finished trial")
+        with storage_task("read the finished trial"):
+            frozen = storage_of(study).get_trial(trial_id)
         annotate_trial(study, frozen, values=values, baseline_curve=baseline.val_ppl, rules=spec.rules)
     except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KoopmanError):
         logger.warning("could not write the dashboard note of trial id %d", trial_id, exc_info=True)

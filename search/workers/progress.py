@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from trainer.records import EpochRecord
+from koopman_search.trainer.records import EpochRecord
 
 __all__ = [
     "EPOCH_FIELDS",
@@ -160,7 +160,7 @@ class TrialsProgress:
 
 
 class LiveProgress:
-    """The progress of a single-process worker, as callbacks for :func:`search.workers.run_worker`.
+    """The progress of a single-process worker, as callbacks for :func:`koopman_search.search.workers.run_worker`.
 
     On a terminal (``live``) two tqdm bars at the bottom of stderr: the run's trials (n/N, ETA) and the
     current trial's epochs (its key numbers, ETA), with finished trials printed above them on stdout and

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from search.errors import SpecError
+from koopman_search.search.errors import SpecError
 
 __all__ = ["Slot", "available_gpus", "parse_gpus", "plan_slots", "split_trials"]
 

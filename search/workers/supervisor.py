@@ -1,5 +1,5 @@
 """The supervisor: starts one worker process per slot, shows their progress, restarts the ones that crash,
-and passes stop requests on (the process tree and its protocol: :mod:`search.workers`)."""
+and passes stop requests on (the process tree and its protocol: :mod:`koopman_search.search.workers`)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any, TextIO, cast
 
-from search.errors import SpecError
-from search.spec import StudySpec
-from search.workers import events
-from search.workers.board import Board, BoardHandler, SlotRun
-from search.workers.events import EXIT_FATAL, EXIT_OUTAGE
-from search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
-from trainer.alloc import allocator_env, chosen_allocator
-from trainer.errors import KoopmanError
+from koopman_search.search.errors import SpecError
+from koopman_search.search.settings import LOGGER
+from koopman_search.search.studyfile.spec import StudySpec
+from koopman_search.search.workers import events
+from koopman_search.search.workers.board import Board, BoardHandler, SlotRun
+from koopman_search.search.workers.events import EXIT_FATAL, EXIT_OUTAGE
+from koopman_search.search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
+from koopman_search.trainer.alloc import allocator_env, chosen_allocator
+from koopman_search.trainer.errors import KoopmanError
 
 __all__ = ["CHILD_COMMAND", "EXIT_FATAL", "MAX_RESTARTS", "Supervisor", "build_supervisor"]
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5  # crashes in a row (no trial finished in between) before a slot is given up
 RESTART_DELAY, RESTART_DELAY_MAX = 1.0, 60.0  # seconds before a crashed slot starts again; doubles per crash
-CHILD_COMMAND = (sys.executable, "-m", "search.workers")
+CHILD_COMMAND = (sys.executable, "-m", "koopman_search.search.workers")
 SEED_OFFSET_RANGE = 2**30
 
 
@@ -188,7 +189,7 @@ class Supervisor:
             # the sampler's seed is the study's plus this offset: fresh per process, so that processes on
             # several machines, or a slot started again, do not propose the same parameters
             "seed_offset": secrets.randbelow(SEED_OFFSET_RANGE),
-            "log_level": logging.getLevelName(logging.getLogger("search").getEffectiveLevel()),
+            "log_level": logging.getLevelName(logging.getLogger(LOGGER).getEffectiveLevel()),
         }
         env = {**self._env, **slot.env, "PYTHONUNBUFFERED": "1"}
         if slot.gpu is None and "OMP_NUM_THREADS" not in env:
@@ -349,31 +350,28 @@ class Supervisor:
         import optuna
         from optuna.trial import TrialState
 
-        from search import layout
-        from search.storage import open_storage, retrying
-        from search.study import enqueue_retry, load_study
+        from koopman_search.search.engine.study import enqueue_retry, load_study
+        from koopman_search.search.storage import layout
+        from koopman_search.search.storage.database import open_storage
+        from koopman_search.search.storage.optuna_private import trial_id_of
+        from koopman_search.search.storage.retry import storage_task
 
         try:
-            if self._storage is None:
-                self._storage = open_storage(self._spec.storage_url, heartbeat=False)
-            study = load_study(self._storage, self._spec.name)
-            running = retrying(
-                lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)),
-                "read running trials",
-                timeout=10.0,
-            )
-            frozen = next((t for t in running if t.number == number), None)
-            if frozen is None:
-                return False
-            reason = f"its worker process {how}; queued to resume from its last checkpoint"
-
-            def fail() -> bool:
-                self._storage.set_trial_user_attr(frozen._trial_id, layout.FAIL_REASON, reason)
-                return bool(self._storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL))
-
-            if not retrying(fail, f"fail trial {number}", timeout=10.0):
-                return False
-            enqueue_retry(study, retrying(lambda: self._storage.get_trial(frozen._trial_id), f"read trial {number}"))
+            with storage_task(f"fail trial {number}", timeout=10.0):
+                if self._storage is None:
+                    self._storage = open_storage(self._spec.storage_url, heartbeat=False)
+                study = load_study(self._storage, self._spec.name)
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                frozen = next((t for t in running if t.number == number), None)
+                if frozen is None:
+                    return False
+                trial_id = trial_id_of(frozen)
+                reason = f"its worker process {how}; queued to resume from its last checkpoint"
+                self._storage.set_trial_user_attr(trial_id, layout.FAIL_REASON, reason)
+                if not self._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    return False
+                frozen = self._storage.get_trial(trial_id)
+            enqueue_retry(study, frozen)
         except (optuna.exceptions.OptunaError, KoopmanError, ValueError) as exc:
             logger.warning("trial %d of a dead process not queued again here (%s); its heartbeat will be", number, exc)
             return False

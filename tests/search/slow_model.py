@@ -14,8 +14,8 @@ import time
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.model import TransformerLM
+from koopman_search.trainer.config import ModelConfig
+from koopman_search.trainer.model import TransformerLM
 
 STEP_SECONDS_ENV = "KOOPMAN_TEST_STEP_SECONDS"
 

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 import pytest
 
-from search.cli import main
+from koopman_search.search.cli import main
 
 BIN = Path(sys.executable).parent
 KOOPMAN_SEARCH = str(BIN / "koopman-search")
@@ -204,7 +204,7 @@ def logging_restored() -> Iterator[None]:
     """``main`` configures logging for a command-line process; put the test process's back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in ("search", "trainer")}
+    levels = {name: logging.getLogger(name).level for name in ("koopman_search",)}
     optuna_logger = logging.getLogger("optuna")
     optuna_state = (optuna_logger.handlers[:], optuna_logger.propagate, optuna_logger.level)
     try:

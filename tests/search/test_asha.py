@@ -14,11 +14,12 @@ import pytest
 import tomllib
 from optuna.trial import TrialState
 
-from search import layout
-from search.asha import AshaSettings, decide, order_keys, rung_values
-from search.errors import SpecError
-from search.rungs import AshaPruner
-from search.spec import spec_from_dict
+from koopman_search.search.errors import SpecError
+from koopman_search.search.pruning.asha import decide, order_keys, rung_values
+from koopman_search.search.pruning.rungs import AshaPruner
+from koopman_search.search.storage import layout
+from koopman_search.search.studyfile.prune_settings import AshaSettings
+from koopman_search.search.studyfile.spec import spec_from_dict
 from tests.search.study_files import cli, status_json, trials_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,7 +274,7 @@ def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
 
 
 def test_a_rung_reads_the_linearity_measure_against_the_baselines_own_at_that_epoch() -> None:
-    from search.asha import rung_values
+    from koopman_search.search.pruning.asha import rung_values
 
     columns = {"epoch": [1, 2, 3], "val_ppl": [900.0, 700.0, 600.0], "val_linear_nre": [0.2, 0.1, 0.06]}
     values = rung_values(

@@ -23,7 +23,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
+from koopman_search.search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
 from tests.search.review.synthetic import STUDY_NAME, make_review_study
 
 pytestmark = pytest.mark.browser

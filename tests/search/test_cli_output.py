@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from search.cli import main
-from search.space import PARAM_NAMES
+from koopman_search.search.cli import main
+from koopman_search.search.studyfile.space import PARAM_NAMES
 from tests.search.study_files import cli, error_lines, logging_restored, write_study
 
 

@@ -1,5 +1,5 @@
 """The study commands' input side: bad study files write nothing, passwords stay hidden, and the storage
-comes from ``--storage`` or ``$OPTUNA_STORAGE``. Commands run in process through ``search.cli.main``."""
+comes from ``--storage`` or ``$OPTUNA_STORAGE``. Commands run in process through ``koopman_search.search.cli.main``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from search.cli import main
-from search.errors import StorageError
+from koopman_search.search.cli import main
+from koopman_search.search.errors import StorageError
 from tests.search.study_files import cli, error_lines, logging_restored, study_names, write_study
 
 BAD = Path(__file__).resolve().parent / "bad_studies"
@@ -37,7 +37,7 @@ def _cli_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def _logs_into(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Send the service's and its libraries' log records to ``caplog`` even though ``main`` replaces the
     root logger's handlers (it configures logging the way a command-line process does)."""
-    loggers = [logging.getLogger(name) for name in ("search", "trainer", "optuna", "sqlalchemy")]
+    loggers = [logging.getLogger(name) for name in ("koopman_search", "optuna", "sqlalchemy")]
     for logger in loggers:
         logger.addHandler(caplog.handler)
     try:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from search.cli import main
+from koopman_search.search.cli import main
+from koopman_search.trainer.loop import HybridKoopmanTrainer
+from koopman_search.trainer.records import RECORD_FIELDS
 from tests.trainer.tiny import TIMING_FIELDS
-from trainer.loop import HybridKoopmanTrainer
-from trainer.records import RECORD_FIELDS
 
 # The smallest run the flags can describe: the builtin corpus, 4 steps of 8 × 16 tokens per epoch.
 TINY_FLAGS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.cli import main
+from koopman_search.search.cli import main
 
 BASE = """[study]
 name = "s"

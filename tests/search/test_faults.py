@@ -30,16 +30,19 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from search import layout, runner
-from search.baseline import baseline_config_hash, rerun_baseline
-from search.cli import main
-from search.errors import BaselineError
-from search.runner import TrialOutcome
-from search.space import SearchSpace
-from search.spec import StudySpec, load_spec
-from search.storage import open_storage
-from search.study import ensure_budget
-from search.workers import run_worker
+from koopman_search.search.cli import main
+from koopman_search.search.engine import runner
+from koopman_search.search.engine.baseline import baseline_config_hash, rerun_baseline
+from koopman_search.search.engine.runner import TrialOutcome
+from koopman_search.search.engine.study import ensure_budget
+from koopman_search.search.errors import BaselineError
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import open_storage
+from koopman_search.search.studyfile.space import SearchSpace
+from koopman_search.search.studyfile.spec import StudySpec, load_spec
+from koopman_search.search.workers import run_worker
+from koopman_search.trainer.checkpoint import read_checkpoint
+from koopman_search.trainer.records import EpochRecord
 from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import interruptible, logging_restored, study_names, trials_of
@@ -54,8 +57,6 @@ from tests.search.test_workers import (  # noqa: F401 - worker_env and processes
     wait_for,
     worker_env,
 )
-from trainer.checkpoint import read_checkpoint
-from trainer.records import EpochRecord
 
 REPO = Path(__file__).resolve().parents[2]
 OUTAGE_SECONDS = 20.0
@@ -79,7 +80,7 @@ def test_a_database_outage_as_a_trial_draws_its_parameters_does_not_fail_it(
             return draw(self, trial)
 
         monkeypatch.setattr(SearchSpace, "suggest", suggest_in_an_outage)
-        with caplog.at_level(logging.WARNING, logger="search"):
+        with caplog.at_level(logging.WARNING, logger="koopman_search.search"):
             summary = run_worker(load_spec(study))
         restarts[0].join(timeout=60)
         assert pg.outages == 1
@@ -97,7 +98,7 @@ def test_a_database_outage_as_a_trial_draws_its_parameters_does_not_fail_it(
 
 def _launch(study: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "launch", str(study)],
+        [sys.executable, "-m", "koopman_search.search.cli", "launch", str(study)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -362,7 +363,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
 def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.loop
+    from koopman_search import trainer
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     path = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
@@ -536,7 +537,7 @@ def test_hostile_input_ends_in_one_line_and_exit_2_with_nothing_written(
 
 
 def test_a_password_with_an_unencoded_at_sign_is_never_shown() -> None:
-    from search.urls import redact_text, redact_url
+    from koopman_search.search.studyfile.urls import redact_text, redact_url
 
     url = "postgresql+psycopg://koopman:p@ss@w0rd@db:5432/ks"
     assert redact_url(url) == "postgresql+psycopg://koopman:***@db:5432/ks"
@@ -599,7 +600,7 @@ def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_ou
     worker_env["KOOPMAN_STORAGE_FILE"] = str(url_file)
     study = write_study(tmp_path, "", n_trials=2, epochs=2, start_epoch=1, slow=True)
     create = subprocess.run(
-        [sys.executable, "-m", "search.cli", "create", str(study)],
+        [sys.executable, "-m", "koopman_search.search.cli", "create", str(study)],
         capture_output=True,
         text=True,
         env=worker_env,
@@ -656,7 +657,7 @@ def test_an_interrupted_trial_is_reported_queued_again_and_not_counted_as_run(tm
 
 
 def test_the_heartbeat_thread_survives_an_unexpected_error_and_beats_again() -> None:
-    from search.storage import Heartbeat
+    from koopman_search.search.storage.database import Heartbeat
 
     class Flaky:
         heartbeat_interval = 1

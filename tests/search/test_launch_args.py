@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import main
+from koopman_search.search.cli import main
 
 
 @pytest.mark.parametrize("slots", [["--workers", "2"], ["--gpus", "0,1"]])

@@ -9,11 +9,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import layout
-from search.errors import StorageError
-from search.layout import columns_to_records, records_to_columns, round_significant
+from koopman_search.search.errors import StorageError
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.layout import columns_to_records, records_to_columns, round_significant
+from koopman_search.trainer.records import RECORD_FIELDS, EpochRecord
 from tests.search.review.synthetic import EPOCHS, baseline_records
-from trainer.records import RECORD_FIELDS, EpochRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -12,15 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from search.workers.progress import (
+from koopman_search.search.workers.progress import (
     LiveProgress,
     TrialsProgress,
     epoch_fields,
     epoch_text,
     format_duration,
 )
+from koopman_search.trainer.records import EpochRecord
 from tests.search.study_files import cli, logging_restored, write_study
-from trainer.records import EpochRecord
 
 
 def record(epoch: int, epochs: int = 4, seconds: float = 10.0, forward: float = 640.06) -> EpochRecord:

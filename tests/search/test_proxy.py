@@ -21,11 +21,12 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from search.cli import build_parser
-from search.errors import SpecError, StorageError
-from search.proxy import HEARTBEAT_KEY, open_proxy_storage, parse_proxy_url
-from search.storage import GRACE_FACTOR, open_storage, retrying
-from search.study import claim_waiting_trial
+from koopman_search.search.cli import build_parser
+from koopman_search.search.engine.study import claim_waiting_trial
+from koopman_search.search.errors import SpecError, StorageError
+from koopman_search.search.storage.database import GRACE_FACTOR, open_storage
+from koopman_search.search.storage.proxy import HEARTBEAT_KEY, open_proxy_storage, parse_proxy_url
+from koopman_search.search.storage.retry import storage_task
 from tests.search.study_files import KOOPMAN_SEARCH, write_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,8 +83,8 @@ def _direct_study(url: str, name: str, n_waiting: int) -> optuna.Study:
 CLAIM_LOOP = textwrap.dedent("""
     import json, os, sys, time
     import optuna
-    from search.storage import Heartbeat, open_storage
-    from search.study import claim_waiting_trial
+    from koopman_search.search.storage.database import Heartbeat, open_storage
+    from koopman_search.search.engine.study import claim_waiting_trial
     storage = open_storage(sys.argv[1], heartbeat_interval=1)
     study = optuna.load_study(storage=storage, study_name="s")
     claimed = []
@@ -135,8 +136,8 @@ def test_heartbeats_reach_the_database_and_the_proxy_retries_a_trial_whose_worke
             "-c",
             textwrap.dedent("""
         import sys, time, optuna
-        from search.storage import Heartbeat, open_storage
-        from search.study import claim_waiting_trial
+        from koopman_search.search.storage.database import Heartbeat, open_storage
+        from koopman_search.search.engine.study import claim_waiting_trial
         storage = open_storage(sys.argv[1], heartbeat_interval=1)
         trial = claim_waiting_trial(optuna.load_study(storage=storage, study_name="s"))
         with Heartbeat(storage, trial._trial_id):
@@ -200,9 +201,10 @@ def test_a_proxy_that_goes_away_is_a_transient_error_for_the_workers(postgres_ur
     storage = open_storage(proxy.url)
     study = optuna.load_study(storage=storage, study_name="s")
     assert proxy.stop() == 0
-    # what search.storage.retrying retries (as after a database restart), then gives up on with a clear error
+    # the storage retries it (as after a database restart), then gives up on it with a clear error
     with pytest.raises(StorageError, match="read trials: the database stayed unreachable"):
-        retrying(lambda: study.get_trials(), "read trials", timeout=1.5, sleep=lambda s: None)
+        with storage_task("read trials", timeout=1.5):
+            study.get_trials()
 
 
 def test_an_unreachable_proxy_is_a_clear_storage_error() -> None:
@@ -218,7 +220,7 @@ def test_a_malformed_proxy_url_names_the_url(url: str) -> None:
 
 
 def test_storage_proxy_rejects_bad_options_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    from search.cli import main
+    from koopman_search.search.cli import main
 
     for argv, message in [
         (["storage-proxy"], "give --storage URL or set $OPTUNA_STORAGE"),

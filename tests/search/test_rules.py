@@ -9,18 +9,18 @@ from typing import Any
 
 import pytest
 
-from search.errors import BaselineError
-from search.rules import (
+from koopman_search.search.errors import BaselineError
+from koopman_search.search.pruning.rules import (
     FloorRule,
     NonFiniteRule,
     PruneRules,
-    RuleSettings,
     TotalLossRule,
     ValPplRatioRule,
     unjudged_epochs,
 )
-from trainer.errors import ConfigError
-from trainer.records import EpochRecord
+from koopman_search.search.studyfile.prune_settings import RuleSettings
+from koopman_search.trainer.errors import ConfigError
+from koopman_search.trainer.records import EpochRecord
 
 
 def record(epoch: int = 5, **values: Any) -> EpochRecord:
@@ -191,7 +191,10 @@ def test_rule_settings_reject_a_zero_limit() -> None:
 
 
 def test_rules_import_neither_optuna_nor_torch() -> None:
-    code = "import sys, search.rules; print(sorted(m for m in ('optuna', 'torch') if m in sys.modules))"
+    code = (
+        "import sys, koopman_search.search.pruning.rules; "
+        "print(sorted(m for m in ('optuna', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

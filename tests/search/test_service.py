@@ -3,7 +3,7 @@
 Launch → status → best round trip; limits that prune every trial, with their reasons; the ratio rule against
 the baseline's own epoch; one baseline run for two launches started together; enqueued trials first and
 once, with an exact budget; Ctrl-C and resuming; a failing baseline and its rerun; the stock ``optuna`` CLI.
-Commands run in process through ``search.cli.main`` unless the test is about several processes.
+Commands run in process through ``koopman_search.search.cli.main`` unless the test is about several processes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
+from koopman_search.trainer.config import load_config
+from koopman_search.trainer.loop import HybridKoopmanTrainer
 from tests.search.study_files import (
     KOOPMAN_SEARCH,
     OPTUNA,
@@ -38,8 +40,6 @@ from tests.search.study_files import (
     trials_of,
     write_study,
 )
-from trainer.config import load_config
-from trainer.loop import HybridKoopmanTrainer
 
 # A fixed baseline no tiny trial comes near: the ratio rule never prunes, and no baseline run is needed.
 HIGH_BASELINE = [1e4, 1e4, 1e4]
@@ -304,7 +304,7 @@ def test_two_launches_at_once_run_the_baseline_once_and_each_trial_once(storage_
 
 OPEN_AT = """
 import sys, time
-from search.storage import open_storage
+from koopman_search.search.storage.database import open_storage
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 open_storage(sys.argv[1])
 """

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import main
-from search.settings import env_setting
+from koopman_search.search.cli import main
+from koopman_search.search.settings import env_setting
 
 
 @pytest.mark.parametrize(

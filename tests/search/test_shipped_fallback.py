@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search.space import FloatParam
-from search.spec import load_spec
-from trainer.config import with_overrides
-from trainer.loop import HybridKoopmanTrainer
+from koopman_search.search.studyfile.space import FloatParam
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.trainer.config import with_overrides
+from koopman_search.trainer.loop import HybridKoopmanTrainer
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 

@@ -7,8 +7,8 @@ import dataclasses
 import optuna
 import pytest
 
-from search.errors import SpecError
-from search.space import (
+from koopman_search.search.errors import SpecError
+from koopman_search.search.studyfile.space import (
     OPTIONAL_PARAMS,
     PARAM_NAMES,
     PARAM_TO_PATH,
@@ -18,8 +18,8 @@ from search.space import (
     IntParam,
     SearchSpace,
 )
-from trainer.config import TrainerConfig, config_from_dict
-from trainer.errors import ConfigError
+from koopman_search.trainer.config import TrainerConfig, config_from_dict
+from koopman_search.trainer.errors import ConfigError
 
 BASE = config_from_dict({"train": {"epochs": 10}, "koopman": {"dim": 64}})
 TABLES = {

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from sqlalchemy.engine import make_url
 
-from search.errors import SpecError
-from search.space import FixedParam
-from search.spec import (
+from koopman_search.search.errors import SpecError
+from koopman_search.search.studyfile.space import FixedParam
+from koopman_search.search.studyfile.spec import (
     BaselineSetting,
     EnqueuedTrial,
     Objective,
@@ -212,7 +212,7 @@ def test_storage_errors_never_show_the_password(tmp_path: Path, storage: str) ->
 def test_a_literal_password_gets_a_warning_that_does_not_repeat_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="search.spec"):
+    with caplog.at_level(logging.WARNING, logger="koopman_search.search.studyfile.spec"):
         load_spec(write(tmp_path, study='storage = "postgresql+psycopg://koopman:s3cret@127.0.0.1/ks"'))
     assert "holds a literal password" in caplog.text
     assert "s3cret" not in caplog.text

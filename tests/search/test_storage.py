@@ -10,8 +10,9 @@ import optuna
 import pytest
 import sqlalchemy
 
-from search.errors import StorageError
-from search.storage import Heartbeat, exclusive, open_storage, retrying
+from koopman_search.search.errors import StorageError
+from koopman_search.search.storage.database import Heartbeat, exclusive, open_storage
+from koopman_search.search.storage.retry import retrying
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -67,7 +68,7 @@ def test_retrying_counts_the_time_a_hanging_call_took_not_only_its_pauses() -> N
 
 
 def test_postgresql_connections_get_a_connect_timeout_unless_the_url_sets_one() -> None:
-    from search.storage import CONNECT_TIMEOUT, engine_kwargs
+    from koopman_search.search.storage.database import CONNECT_TIMEOUT, engine_kwargs
 
     pg = engine_kwargs("postgresql+psycopg://postgres@127.0.0.1:5432/db")
     assert pg["connect_args"] == {"connect_timeout": CONNECT_TIMEOUT} and pg["pool_pre_ping"]
@@ -156,7 +157,7 @@ def test_a_failed_checkpoint_upload_leaves_no_partial_file_in_the_artifact_direc
     import errno
     import io
 
-    from search.storage import open_artifact_store
+    from koopman_search.search.storage.artifacts import open_artifact_store
 
     store = open_artifact_store(str(tmp_path / "artifacts"))
     store.write("good", io.BytesIO(b"whole checkpoint"))

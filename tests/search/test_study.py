@@ -9,11 +9,17 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search import layout
-from search.cli import main
-from search.spec import load_spec
-from search.storage import open_storage
-from search.study import OUTCOME_ATTRS, claim_waiting_trial, create_or_load_study, enqueue_retry, ensure_budget
+from koopman_search.search.cli import main
+from koopman_search.search.engine.study import (
+    OUTCOME_ATTRS,
+    claim_waiting_trial,
+    create_or_load_study,
+    enqueue_retry,
+    ensure_budget,
+)
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import open_storage
+from koopman_search.search.studyfile.spec import load_spec
 from tests.search.study_files import write_study as write_tiny_study
 from tests.search.study_files import write_worker_study as write_study
 
@@ -25,7 +31,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_a_trial_claimed_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(tmp_path: Path) -> None:
     # claiming records a heartbeat first: a RUNNING trial without any heartbeat would never be found stale
-    from search.storage import GRACE_FACTOR, fail_stale_trials
+    from koopman_search.search.storage.database import GRACE_FACTOR, fail_stale_trials
 
     study_file = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1)
     assert main(["create", str(study_file)]) == 0
@@ -97,7 +103,7 @@ def test_a_retry_keeps_params_and_checkpoint_but_not_the_outcome_of_its_attempt(
 def test_the_study_definition_is_a_system_attr_and_the_user_attr_a_short_summary(tmp_path: Path) -> None:
     """The dashboard's "Study User Attributes" and `optuna studies` show user attrs as raw JSON: the whole
     definition lives in a system attr, and the user attr says what a reader needs at a glance."""
-    from search.export import stored_spec
+    from koopman_search.search.review.export import stored_spec
 
     spec = load_spec(write_tiny_study(tmp_path))
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
@@ -113,7 +119,7 @@ def test_the_study_definition_is_a_system_attr_and_the_user_attr_a_short_summary
 
 
 def test_a_study_stored_with_the_whole_definition_in_its_user_attr_still_reads(tmp_path: Path) -> None:
-    from search.export import stored_spec
+    from koopman_search.search.review.export import stored_spec
 
     spec = load_spec(write_tiny_study(tmp_path))
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'old.db'}", study_name=spec.name)

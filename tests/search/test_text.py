@@ -6,11 +6,11 @@ import csv
 import io
 import re
 
-from search.cli._output import dump
-from search.cli.status import _cell
-from search.review.notes import trial_note
-from search.review.stored import StoredRules, TrialFacts
-from search.text import csv_cell, printable
+from koopman_search.search.cli._output import dump
+from koopman_search.search.cli.status import _cell
+from koopman_search.search.review.notes import trial_note
+from koopman_search.search.review.stored import StoredRules, TrialFacts
+from koopman_search.search.text import csv_cell, printable
 
 HOSTILE = "![x](http://evil.example/a.png) <img src=x onerror=alert(1)> [link](http://evil.example) |*b*|\x1b[2J\n"
 

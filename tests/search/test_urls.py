@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from search.errors import SpecError
-from search.urls import (
+from koopman_search.search.errors import SpecError
+from koopman_search.search.studyfile.urls import (
     expand_env,
     redact_text,
     redact_url,

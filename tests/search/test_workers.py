@@ -27,17 +27,17 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import main
-from search.errors import SpecError
-from search.spec import load_spec
-from search.storage import open_storage
-from search.workers import MAX_RESTARTS, Slot, Supervisor, parse_gpus, plan_slots, run_worker
-from search.workers.child import _watch_supervisor
-from search.workers.slots import split_trials
+from koopman_search.search.cli import main
+from koopman_search.search.errors import SpecError
+from koopman_search.search.storage.database import open_storage
+from koopman_search.search.studyfile.spec import load_spec
+from koopman_search.search.workers import MAX_RESTARTS, Slot, Supervisor, parse_gpus, plan_slots, run_worker
+from koopman_search.search.workers.child import _watch_supervisor
+from koopman_search.search.workers.slots import split_trials
+from koopman_search.trainer.alloc import GLIBC_TUNED
+from koopman_search.trainer.errors import ConfigError
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import write_worker_study as write_study
-from trainer.alloc import GLIBC_TUNED
-from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -77,7 +77,7 @@ class Worker:
         self.err_path = study.parent / f"{tag}.err"
         with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "search.cli", "worker", str(study), *args],
+                [sys.executable, "-m", "koopman_search.search.cli", "worker", str(study), *args],
                 stdout=out,
                 stderr=err,
                 env=env,
@@ -241,7 +241,7 @@ def tiny_spec(tmp_path: Path) -> Any:
 
 
 def fake_worker(tmp_path: Path, body: str) -> list[str]:
-    """A stand-in for ``python -m search.workers``: reads the job, then runs ``body``. ``emit(event,
+    """A stand-in for ``python -m koopman_search.search.workers``: reads the job, then runs ``body``. ``emit(event,
     **fields)`` writes an event; ``mark(text)`` appends a line to ``marks.txt``."""
     script = tmp_path / "fake_worker.py"
     script.write_text(
@@ -465,7 +465,7 @@ def test_worker_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> Non
 def test_a_trial_that_raises_fails_with_its_reason_and_a_nan_prunes_while_the_worker_goes_on(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import trainer.loop
+    from koopman_search import trainer
 
     base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 2, "fallback_threshold": 8.0, "schedule": "linear"}
     study = write_study(

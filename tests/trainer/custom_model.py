@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
+from koopman_search.trainer.config import ModelConfig
 
 
 class GRUBlock(nn.Module):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer import alloc
-from trainer.alloc import GLIBC_TUNED, allocator_env, chosen_allocator
-from trainer.errors import ConfigError
+from koopman_search.trainer import alloc
+from koopman_search.trainer.alloc import GLIBC_TUNED, allocator_env, chosen_allocator
+from koopman_search.trainer.errors import ConfigError
 
 
 def test_glibc_tuned_adds_the_tunables_and_keeps_the_users_own() -> None:

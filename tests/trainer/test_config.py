@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from trainer.config import (
+from koopman_search.trainer.config import (
     TrainerConfig,
     config_from_dict,
     config_to_dict,
     load_config,
     with_overrides,
 )
-from trainer.errors import ConfigError
+from koopman_search.trainer.errors import ConfigError
 
 _FACTORY_RULE = r'factory must look like "package\.module:function" \(or be empty for the built-in model\)'
 _FLOAT_KEYS = {"fallback_threshold", "fallback_factor", "weight_max", "ridge", "dropout", "lr", "grad_clip"}

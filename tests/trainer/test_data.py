@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from trainer import data
-from trainer.data import (
+from koopman_search.trainer import data
+from koopman_search.trainer.data import (
     EOS,
     UNK,
     Corpus,
@@ -26,7 +26,7 @@ from trainer.data import (
     n_windows,
     window_batches,
 )
-from trainer.errors import ConfigError, DataError, DataUnavailable
+from koopman_search.trainer.errors import ConfigError, DataError, DataUnavailable
 
 # WikiText-2 counts from its README (tokens include one <eos> per line) and pytorch/examples' vocabulary.
 WIKITEXT2_TOKENS = {"train": 2088628, "valid": 217646, "test": 245569}

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import KoopmanConfig
-from trainer.koopman import KoopmanHeads, KoopmanMetrics, dmd_operator, ridge_solve
+from koopman_search.trainer.config import KoopmanConfig
+from koopman_search.trainer.koopman import KoopmanHeads, KoopmanMetrics, dmd_operator, ridge_solve
 
 F64 = torch.float64
 
@@ -360,7 +360,7 @@ def test_well_posed_objectives_are_blind_to_the_scale_of_phi(loss: str, spread: 
 
 
 def test_isotropy_gap_is_zero_for_white_phi_and_near_one_for_one_direction() -> None:
-    from trainer.koopman import _isotropy_gap
+    from koopman_search.trainer.koopman import _isotropy_gap
 
     g = torch.Generator().manual_seed(3)
     q, _ = torch.linalg.qr(torch.randn(400, 8, generator=g, dtype=F64))  # orthonormal columns

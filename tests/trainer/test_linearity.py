@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
+from koopman_search.trainer.config import with_overrides
+from koopman_search.trainer.data import Corpus, load_corpus
+from koopman_search.trainer.linearity import FEATURES_PER_WIDTH, LinearScore, dictionary, fit_linear
+from koopman_search.trainer.loop import HybridKoopmanTrainer
 from tests.trainer.tiny import tiny_config
-from trainer.config import with_overrides
-from trainer.data import Corpus, load_corpus
-from trainer.linearity import FEATURES_PER_WIDTH, LinearScore, dictionary, fit_linear
-from trainer.loop import HybridKoopmanTrainer
 
 
 @pytest.fixture(scope="module")

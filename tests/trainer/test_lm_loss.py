@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from koopman_search.trainer.config import ModelConfig
+from koopman_search.trainer.lm_loss import chunk_tokens, linear_cross_entropy, lm_loss_and_hidden
+from koopman_search.trainer.model import TransformerLM
 from tests.trainer.custom_model import GRULM
-from trainer.config import ModelConfig
-from trainer.lm_loss import chunk_tokens, linear_cross_entropy, lm_loss_and_hidden
-from trainer.model import TransformerLM
 
 N, D, V = 37, 16, 101  # 37 tokens: no chunk size below divides them
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from koopman_search.trainer.config import TrainerConfig, with_overrides
+from koopman_search.trainer.data import Corpus, load_corpus
+from koopman_search.trainer.errors import CheckpointError
+from koopman_search.trainer.koopman import KoopmanHeads
+from koopman_search.trainer.loop import HybridKoopmanTrainer
+from koopman_search.trainer.records import EpochRecord
 from tests.trainer.tiny import comparable, tiny_config
-from trainer.config import TrainerConfig, with_overrides
-from trainer.data import Corpus, load_corpus
-from trainer.errors import CheckpointError
-from trainer.koopman import KoopmanHeads
-from trainer.loop import HybridKoopmanTrainer
-from trainer.records import EpochRecord
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_nan_koopman_loss_in_training_keeps_the_weights_finite_and_is_counted(
 ) -> None:
     nan_on_call(monkeypatch, call=3, how=how)  # epoch 2 (the first Koopman epoch), step 3
     cfg = tiny_config({"koopman.fit": fit, "koopman.update_interval": 2})
-    with caplog.at_level(logging.WARNING, logger="trainer"):
+    with caplog.at_level(logging.WARNING, logger="koopman_search.trainer"):
         trainer = run(cfg, corpus)
     _, second, third = trainer.records
     assert all_finite(trainer)
@@ -553,7 +553,7 @@ def test_dmd_refit_grows_k_while_the_other_fits_keep_it_near_the_identity(corpus
 
 
 def test_hooks_capture_the_same_states_as_the_protocol(corpus: Corpus) -> None:
-    from trainer.model import HookedBlocks
+    from koopman_search.trainer.model import HookedBlocks
 
     trainer = HybridKoopmanTrainer(tiny_config(), corpus)
     model = trainer.model.eval()
@@ -585,7 +585,7 @@ def test_a_notebook_style_model_plugs_in_unchanged_and_resumes_exactly(corpus: C
     [("layers", "must name a non-empty torch.nn.ModuleList"), ("lm_head", "must name a non-empty torch.nn.ModuleList")],
 )
 def test_a_wrong_blocks_attr_names_the_key_and_value(corpus: Corpus, attr: str, match: str) -> None:
-    from trainer.errors import ConfigError
+    from koopman_search.trainer.errors import ConfigError
 
     cfg = tiny_config({"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": attr})
     with pytest.raises(ConfigError, match=f"{match}.*blocks_attr='{attr}'"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.errors import ConfigError
-from trainer.model import Block, TransformerLM, build_model
+from koopman_search.trainer.config import ModelConfig
+from koopman_search.trainer.errors import ConfigError
+from koopman_search.trainer.model import Block, TransformerLM, build_model
 
 CFG = ModelConfig(d_model=16, n_layers=3, n_heads=2, dropout=0.0)
 

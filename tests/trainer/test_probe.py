@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import TrainerConfig, with_overrides
-from trainer.loop import HybridKoopmanTrainer
-from trainer.probe import PROBE, ProbePoint, frozen_backbone_probe
+from koopman_search.trainer.config import TrainerConfig, with_overrides
+from koopman_search.trainer.loop import HybridKoopmanTrainer
+from koopman_search.trainer.probe import PROBE, ProbePoint, frozen_backbone_probe
 
 STEPS = 200
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from trainer.config import SCHEDULES, KoopmanConfig
-from trainer.schedule import EXP_RANGE, FallbackState, koopman_weight
+from koopman_search.trainer.config import SCHEDULES, KoopmanConfig
+from koopman_search.trainer.schedule import EXP_RANGE, FallbackState, koopman_weight
 
 
 def weights(schedule: str, weight_max: float, start: int, epochs: int) -> list[float]:

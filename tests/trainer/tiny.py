@@ -10,8 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainer.config import TrainerConfig, config_from_dict, with_overrides
-from trainer.records import EpochRecord
+from koopman_search.trainer.config import TrainerConfig, config_from_dict, with_overrides
+from koopman_search.trainer.records import EpochRecord
 
 # Wall-clock fields: the only record fields allowed to differ between two runs of the same computation.
 TIMING_FIELDS = ("seconds", "tokens_per_s")

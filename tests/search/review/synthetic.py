@@ -1,9 +1,9 @@
 """A small finished study, as the search would have stored it, for the review tests and the browser test.
 
-The study is built directly in SQLite with the stored layout the search writes (:mod:`search.layout`:
+The study is built directly in SQLite with the stored layout the search writes (:mod:`search.storage.layout`:
 the ``koopman_search`` and ``baseline:seed=0`` study attrs, each trial through
-:func:`search.layout.finished_trial`), its prune decisions made by :class:`search.rules.PruneRules`, so no
-training runs here.
+:func:`search.storage.layout.finished_trial`), its prune decisions made by
+:class:`search.pruning.rules.PruneRules`, so no training runs here.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from search import layout
-from search.layout import records_to_columns, round_significant
-from search.review import (
+from koopman_search.search.pruning.rules import PruneRules
+from koopman_search.search.review import (
     trial_facts,
 )
-from search.rules import PruneRules
-from search.spec import spec_from_dict
-from trainer.records import EpochRecord
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.layout import records_to_columns, round_significant
+from koopman_search.search.studyfile.spec import spec_from_dict
+from koopman_search.trainer.records import EpochRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -17,7 +17,7 @@ import optuna
 import optuna_dashboard
 import pytest
 
-from search.cli import main
+from koopman_search.search.cli import main
 from tests.search.review.synthetic import (
     EPOCHS,
     STUDY_NAME,
@@ -170,7 +170,7 @@ def test_dashboard_command_serves_the_api_until_stopped(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "dashboard", "--storage", storage_url, "--port", str(port)],
+        [sys.executable, "-m", "koopman_search.search.cli", "dashboard", "--storage", storage_url, "--port", str(port)],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,8 +10,8 @@ import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
 
-from search.layout import ROLE_ATTR, records_to_columns
-from search.review import (
+from koopman_search.search.pruning.rules import PruneRules
+from koopman_search.search.review import (
     FIGURE_IDS,
     annotate_storage,
     annotate_study,
@@ -19,10 +19,10 @@ from search.review import (
     build_report,
     is_loopback,
 )
-from search.review.dashboard import Refresher
-from search.review.notes import CELL_PAD
-from search.rules import PruneRules
-from search.spec import spec_from_dict
+from koopman_search.search.review.dashboard import Refresher
+from koopman_search.search.review.notes import CELL_PAD
+from koopman_search.search.storage.layout import ROLE_ATTR, records_to_columns
+from koopman_search.search.studyfile.spec import spec_from_dict
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     DISTRIBUTIONS,
@@ -131,7 +131,7 @@ def test_annotate_trial_logs_and_returns_false_when_the_note_cannot_be_written(
 
     monkeypatch.setattr(optuna_dashboard, "save_note", broken)
     trial = study.ask(DISTRIBUTIONS)
-    with caplog.at_level(logging.WARNING, logger="search.review"):
+    with caplog.at_level(logging.WARNING, logger="koopman_search.search.review"):
         assert annotate_trial(study, trial, values=[1.0, 1.0]) is False
     assert f"could not write the dashboard note of trial {trial.number}" in caplog.text
     assert "database is locked" in caplog.text

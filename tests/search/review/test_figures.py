@@ -8,8 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import layout
-from search.review import (
+from koopman_search.search.review import (
     loss_figure,
     pareto_front_figure,
     read_baseline,
@@ -19,6 +18,7 @@ from search.review import (
     val_ppl_figure,
     weight_figure,
 )
+from koopman_search.search.storage import layout
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     EPOCHS,
@@ -98,7 +98,7 @@ def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: op
 def test_trial_curves_menu_keeps_the_latest_trials_and_the_selected_one(
     study: optuna.Study, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from search.review import figures
+    from koopman_search.search.review import figures
 
     monkeypatch.setattr(figures, "MAX_DROPDOWN_TRIALS", 2)
     facts = [trial_facts(t) for t in study.get_trials()]

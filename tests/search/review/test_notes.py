@@ -5,14 +5,14 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from search import layout
-from search.review import (
+from koopman_search.search.review import (
     read_baseline,
     read_rules,
     trial_facts,
     trial_note,
 )
-from search.review.notes import CELL_PAD
+from koopman_search.search.review.notes import CELL_PAD
+from koopman_search.search.storage import layout
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     _facts,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from search.review.reach import findings, rules_reach, weight_bought_text
-from search.review.stored import StoredBaseline, StoredRules, TrialFacts
+from koopman_search.search.review.reach import findings, rules_reach, weight_bought_text
+from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 
 
 def trial(number: int, weights: list[float], totals: list[float], ppl: list[float], **params: Any) -> TrialFacts:

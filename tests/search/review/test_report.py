@@ -13,14 +13,14 @@ import pytest
 import tomllib
 from optuna.trial import TrialState
 
-from search.review import (
+from koopman_search.search.review import (
     build_report,
     params_toml,
     trial_facts,
     write_report,
 )
-from search.review import report as report_module
-from search.review.report import SECTION_TITLES
+from koopman_search.search.review import report as report_module
+from koopman_search.search.review.report import SECTION_TITLES
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     EPOCHS,
@@ -105,7 +105,7 @@ def test_report_of_a_single_objective_study_shows_the_best_trial(tmp_path: Path)
 
 
 def test_best_config_is_toml_with_the_trainer_config_tables(study: optuna.Study) -> None:
-    from search.review.summary import best_trials
+    from koopman_search.search.review.summary import best_trials
 
     best = best_trials(study)[0]
     text = params_toml(study, best, ["val_ppl", "val_koopman_nre"])
@@ -121,7 +121,7 @@ def test_best_config_is_toml_with_the_trainer_config_tables(study: optuna.Study)
 
 
 def test_report_exports_the_best_trials_full_trainer_config(study: optuna.Study) -> None:
-    from search.review.summary import best_trials
+    from koopman_search.search.review.summary import best_trials
 
     best = best_trials(study)[0]
     text = build_report(study)

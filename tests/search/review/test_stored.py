@@ -5,11 +5,11 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from search import layout
-from search.review import (
+from koopman_search.search.review import (
     read_baseline,
     read_rules,
 )
+from koopman_search.search.storage import layout
 from tests.search.review.synthetic import (
     EPOCHS,
     _facts,

@@ -17,7 +17,7 @@ What goes through the proxy, and how:
   (``RetryHeartbeatStaleTrialCallback``), which workers behind a proxy cannot do themselves.
 
 What does not, and is done on the database directly: ``create`` (it tops up the trial budget under a
-database lock, see ``search.storage.exclusive``, which the gRPC protocol cannot hold), the dashboard and
+database lock, see ``search.storage.database.exclusive``, which the gRPC protocol cannot hold), the dashboard and
 ``report`` (they read whole studies and write notes; no gain from the proxy), and ``delete_study``. The
 proxy speaks plain gRPC without TLS or authentication: keep it on a private network (a cluster-internal
 Service, a node's loopback). Workers and the proxy must use the same heartbeat interval
@@ -32,15 +32,24 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 
-from search.errors import SpecError, StorageError
-from search.proxy_client import DEFAULT_PORT, HEARTBEAT_KEY, _grpc, is_proxy_url, open_proxy_storage, parse_proxy_url
-from search.storage import GRACE_FACTOR, HEARTBEAT_INTERVAL, TRANSIENT, open_storage
-from search.urls import redact_url
+from koopman_search.search.errors import SpecError, StorageError
+from koopman_search.search.storage import optuna_private
+from koopman_search.search.storage.database import GRACE_FACTOR, HEARTBEAT_INTERVAL, open_storage
+from koopman_search.search.storage.proxy_client import (
+    DEFAULT_PORT,
+    HEARTBEAT_KEY,
+    _grpc,
+    is_proxy_url,
+    open_proxy_storage,
+    parse_proxy_url,
+)
+from koopman_search.search.storage.retry import TRANSIENT
+from koopman_search.search.studyfile.urls import redact_url
 
 __all__ = [
     "DEFAULT_PORT",
@@ -59,21 +68,8 @@ logger = logging.getLogger(__name__)
 
 
 def _servicer_class(grpc: Any) -> type:
-    from optuna.storages._grpc.auto_generated import api_pb2
-    from optuna.storages._grpc.servicer import OptunaStorageProxyService
-
-    class Servicer(OptunaStorageProxyService):
-        """Optuna's servicer, plus heartbeats, and database outages answered as UNAVAILABLE (the workers
-        retry) instead of UNKNOWN."""
-
-        def SetTrialSystemAttribute(self, request: Any, context: Any) -> Any:
-            if request.key != HEARTBEAT_KEY:
-                return super().SetTrialSystemAttribute(request, context)
-            try:
-                cast(Any, self._backend).record_heartbeat(request.trial_id)
-            except KeyError as exc:
-                context.abort(code=grpc.StatusCode.NOT_FOUND, details=str(exc))
-            return api_pb2.SetTrialSystemAttributeReply()
+    """Optuna's servicer, plus heartbeats, and database outages answered as UNAVAILABLE (the workers retry)
+    instead of UNKNOWN."""
 
     def transient_as_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: Any, request: Any, context: Any) -> Any:
@@ -86,23 +82,18 @@ def _servicer_class(grpc: Any) -> type:
         call.__name__ = method.__name__
         return call
 
-    for name in dir(OptunaStorageProxyService):
-        if name[:1].isupper() and callable(getattr(OptunaStorageProxyService, name)):
-            setattr(Servicer, name, transient_as_unavailable(getattr(Servicer, name)))
-    return Servicer
+    return optuna_private.proxy_servicer_class(grpc, HEARTBEAT_KEY, transient_as_unavailable)
 
 
 def make_server(storage: BaseStorage, host: str, port: int, threads: int) -> tuple[Any, int]:
     """A gRPC server (not started) for ``storage`` on ``host:port`` (0: a free port), ``threads`` requests at
     a time, and the port it listens on."""
     grpc = _grpc()
-    from optuna.storages._grpc.auto_generated import api_pb2_grpc
-
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
         options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
     )
-    api_pb2_grpc.add_StorageServiceServicer_to_server(_servicer_class(grpc)(storage), server)
+    optuna_private.add_servicer(_servicer_class(grpc)(storage), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise StorageError(f"storage proxy: cannot listen on {host}:{port} (in use, or not an address here)")
@@ -140,7 +131,7 @@ def serve(
     interval = heartbeat_interval or HEARTBEAT_INTERVAL
     rdb = open_storage(database_url, heartbeat=True, heartbeat_interval=interval)
     # Optuna's cache: finished trials are read once, so a claim reads only the unfinished ones
-    storage = optuna.storages._CachedStorage(rdb)
+    storage = optuna_private.cached(rdb)
     server, port = make_server(storage, host, port, threads)
     stop = stop or threading.Event()
 

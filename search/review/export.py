@@ -9,10 +9,11 @@ from typing import Any
 
 import optuna
 
-from search.errors import StorageError
-from search.layout import SPEC_DEFINITION_ATTR, WORKER, stored_definition
-from search.spec import StudySpec, spec_from_dict
-from trainer.config import TrainerConfig, config_to_dict
+from koopman_search.search.errors import StorageError
+from koopman_search.search.storage.layout import SPEC_DEFINITION_ATTR, WORKER, stored_definition
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of
+from koopman_search.search.studyfile.spec import StudySpec, spec_from_dict
+from koopman_search.trainer.config import TrainerConfig, config_to_dict
 
 __all__ = ["dump_toml", "stored_spec", "trial_config", "trial_config_toml"]
 
@@ -44,7 +45,7 @@ def dump_toml(sections: Mapping[str, Mapping[str, Any]], header: str = "") -> st
 
 def stored_spec(study: optuna.Study) -> StudySpec:
     """The study definition stored in the study by ``create``/``launch``."""
-    system = study._storage.get_study_system_attrs(study._study_id)
+    system = storage_of(study).get_study_system_attrs(study_id_of(study))
     values = stored_definition(system, study.user_attrs)
     if values is None:
         raise StorageError(

@@ -19,10 +19,10 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     asha_min_epochs = 1               # asha's first rung, in Koopman epochs (< trainer.train.epochs)
     shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
     objectives = [{ metric = "val_ppl", direction = "minimize" },
-                  { metric = "val_koopman_nre", direction = "minimize" }]   # the default
+                  { metric = "val_linear_nre", direction = "minimize" }]    # the default
 
     [trainer.data] / [trainer.model] / [trainer.koopman] / [trainer.train]   # trainer.config sections
-    [search.<param>]                  # type = "float" | "int" | "categorical" | "fixed"; see search.space
+    [search.<param>]                  # type = "float" | "int" | "categorical" | "fixed"; see search.studyfile.space
     [rules]                           # total_loss_max = 7.0, val_ppl_ratio_max = 1.3 (the defaults)
     [baseline]                        # val_ppl = "auto" | a number | a list with one number per epoch
     [[enqueue]]                       # label = "...", then a value for every searched parameter
@@ -43,14 +43,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search.asha import ASHA_KEYS, AshaSettings
-from search.errors import SpecError
-from search.rules import DEFAULT_FINITE_METRICS, RuleSettings
-from search.space import PARAM_NAMES, CategoricalParam, FixedParam, SearchSpace
-from search.urls import expand_env, resolve_artifacts, resolve_path, resolve_storage_url
-from trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict, with_overrides
-from trainer.errors import ConfigError
-from trainer.records import RECORD_FIELDS
+from koopman_search.search.errors import SpecError
+from koopman_search.search.studyfile.prune_settings import ASHA_KEYS, DEFAULT_FINITE_METRICS, AshaSettings, RuleSettings
+from koopman_search.search.studyfile.space import PARAM_NAMES, CategoricalParam, FixedParam, SearchSpace
+from koopman_search.search.studyfile.urls import expand_env, resolve_artifacts, resolve_path, resolve_storage_url
+from koopman_search.trainer.config import SECTIONS, TrainerConfig, config_from_dict, config_to_dict, with_overrides
+from koopman_search.trainer.errors import ConfigError
+from koopman_search.trainer.records import RECORD_FIELDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -225,7 +224,7 @@ class StudySpec:
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         """Optuna's pruner for single-objective studies; ``NopPruner`` for "none" and for "asha", which the
-        search applies itself (search/asha.py; ``create_study`` would otherwise default to a median pruner).
+        search applies itself (search/pruning/asha.py; ``create_study`` would otherwise default to a median pruner).
         The prune rules apply either way."""
         import optuna
 
@@ -289,21 +288,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
 
     study = values.get("study", {})
     _known_keys(study, STUDY_KEYS, origin, "study")
-    name = _get(study, "name", str, origin, "study", required=True)
-    if len(name) > MAX_NAME_LENGTH:
-        raise SpecError.at(
-            f"name must be at most {MAX_NAME_LENGTH} characters (the database keeps it with the baseline's and "
-            f"the companion study's suffixes), but got a name of {len(name)} characters: {name[:40]!r}...",
-            origin,
-            "study.name",
-        )
-    if not NAME_PATTERN.fullmatch(name):
-        raise SpecError.at(
-            f"name must start with a letter or digit and use only letters, digits, '.', '_' and '-', "
-            f"but got name={name!r}",
-            origin,
-            "study.name",
-        )
+    name = _name(study, origin)
     n_trials = _get(study, "n_trials", int, origin, "study", default=30)
     if n_trials < 1:
         raise SpecError.at(f"n_trials must be >= 1, but got n_trials={n_trials}", origin, "study.n_trials")
@@ -318,21 +303,7 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
 
     trainer = _trainer(values.get("trainer", {}), origin, base)
     objectives = _objectives(study, trainer, origin)
-    asha = AshaSettings.from_study(study, pruner, trainer.train.epochs, origin)
-    if asha is not None and sampler == "nsgaii":
-        logger.warning(
-            "%s: NSGA-II learns from complete trials only, so the trials asha prunes do not inform it and its "
-            'generations fill slowly (docs/asha.md); sampler = "tpe" learns from them',
-            origin,
-        )
-    if pruner in ("median", "hyperband") and len(objectives) > 1:
-        raise SpecError.at(
-            f"pruner works only with one objective, but got pruner={pruner!r} with {len(objectives)} "
-            'objectives; set pruner = "asha" (successive halving on several objectives) or "none" (the prune '
-            "rules still apply), or keep one objective",
-            origin,
-            "study.pruner",
-        )
+    asha = _asha(study, pruner, sampler, objectives, trainer.train.epochs, origin)
     storage_url = resolve_storage_url(_get(study, "storage", str, origin, "study", default=""), name, origin, base)
     artifacts = resolve_artifacts(_get(study, "artifacts", str, origin, "study", default=""), name, origin, base)
 
@@ -370,6 +341,53 @@ def spec_from_dict(values: Mapping[str, Any], origin: str = "", base_dir: str | 
 
 
 # ---- sections ----------------------------------------------------------------------------------------------
+
+
+def _name(study: Mapping[str, Any], origin: str) -> str:
+    name = _get(study, "name", str, origin, "study", required=True)
+    if len(name) > MAX_NAME_LENGTH:
+        raise SpecError.at(
+            f"name must be at most {MAX_NAME_LENGTH} characters (the database keeps it with the baseline's and "
+            f"the companion study's suffixes), but got a name of {len(name)} characters: {name[:40]!r}...",
+            origin,
+            "study.name",
+        )
+    if not NAME_PATTERN.fullmatch(name):
+        raise SpecError.at(
+            f"name must start with a letter or digit and use only letters, digits, '.', '_' and '-', "
+            f"but got name={name!r}",
+            origin,
+            "study.name",
+        )
+    return str(name)
+
+
+def _asha(
+    study: Mapping[str, Any],
+    pruner: str,
+    sampler: str,
+    objectives: tuple[Objective, ...],
+    epochs: int,
+    origin: str,
+) -> AshaSettings | None:
+    """The asha settings (None unless pruner = "asha"); Optuna's one-objective pruners refuse several."""
+    asha = AshaSettings.from_study(study, pruner, epochs, origin)
+    if asha is not None and sampler == "nsgaii":
+        logger.warning(
+            "%s: NSGA-II learns from complete trials only, so the trials asha prunes do not inform it and its "
+            'generations fill slowly (docs/asha.md); sampler = "tpe" learns from them',
+            origin,
+        )
+    if pruner in ("median", "hyperband") and len(objectives) > 1:
+        raise SpecError.at(
+            f"pruner works only with one objective, but got pruner={pruner!r} with {len(objectives)} "
+            'objectives; set pruner = "asha" (successive halving on several objectives) or "none" (the prune '
+            "rules still apply), or keep one objective",
+            origin,
+            "study.pruner",
+        )
+    return asha
+
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

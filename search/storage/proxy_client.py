@@ -1,8 +1,8 @@
-"""The workers' side of the storage proxy (search/proxy.py): ``grpc://HOST:PORT`` URLs, and Optuna's
+"""The workers' side of the storage proxy (search/storage/proxy.py): ``grpc://HOST:PORT`` URLs, and Optuna's
 ``GrpcStorageProxy`` client with heartbeats sent as a reserved trial system attr (:data:`HEARTBEAT_KEY`).
 
-Apart from the proxy server so that ``search.storage`` can open a proxy URL without importing the server,
-which itself opens the database through ``search.storage``.
+Apart from the proxy server so that ``search.storage.database`` can open a proxy URL without importing the server,
+which itself opens the database through ``koopman_search.search.storage.database``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.trial import FrozenTrial
 
-from search.errors import SpecError, StorageError
+from koopman_search.search.errors import SpecError, StorageError
+from koopman_search.search.storage import optuna_private
 
 __all__ = ["DEFAULT_PORT", "HEARTBEAT_KEY", "is_proxy_url", "open_proxy_storage", "parse_proxy_url"]
 
@@ -29,7 +28,7 @@ DEFAULT_PORT = 13000
 HEARTBEAT_KEY = "koopman-search:heartbeat"  # a reserved trial system attr: a beat, never stored
 INSTALL_HINT = "the storage proxy needs grpcio: pip install 'koopman-search[grpc]'"
 # gRPC status codes that mean "the proxy (or its database) is out of reach for now": retried by
-# search.storage.retrying like a database restart.
+# koopman_search.search.storage.retry.retrying like a database restart.
 _TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
 
@@ -65,7 +64,7 @@ def _grpc() -> Any:
 
 class _TransientStub:
     """Optuna's gRPC stub, with "proxy unreachable" errors raised as StorageInternalError: a transient error
-    for search.storage.retrying, as a database restart is on a direct connection."""
+    for koopman_search.search.storage.retry.retrying, as a database restart is on a direct connection."""
 
     def __init__(self, stub: Any, grpc: Any) -> None:
         self._stub = stub
@@ -95,39 +94,14 @@ def _proxy_class() -> type:
     heartbeats (sent as :data:`HEARTBEAT_KEY`), with "proxy unreachable" raised as a transient error. Made
     here, not at import, because grpcio is an optional extra."""
     grpc = _grpc()
-    from optuna.storages import GrpcStorageProxy
-    from optuna.storages._grpc.client import GrpcClientCache
-
-    class _ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
-        def __init__(self, *, host: str, port: int, heartbeat_interval: int | None) -> None:
-            self.heartbeat_interval = heartbeat_interval
-            super().__init__(host=host, port=port)
-
-        def _setup(self) -> None:
-            super()._setup()
-            self._stub = cast(Any, _TransientStub(self._stub, grpc))
-            self._cache = GrpcClientCache(self._stub)
-
-        def record_heartbeat(self, trial_id: int) -> None:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, None)
-
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            return []  # the proxy fails stale trials itself (serve)
-
-        def get_heartbeat_interval(self) -> int | None:
-            return self.heartbeat_interval
-
-        def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-            return None
-
-    return _ProxyStorage
+    return optuna_private.proxy_client_class(HEARTBEAT_KEY, lambda stub: _TransientStub(stub, grpc))
 
 
 def open_proxy_storage(
     url: str, heartbeat: bool = True, heartbeat_interval: int | None = None, timeout: float = 60.0
 ) -> Any:
     """The storage proxy at ``grpc://HOST:PORT``, once it answers (waits up to ``timeout`` s). With ``heartbeat``
-    and a ``heartbeat_interval`` (``search.storage.open_storage`` passes the study's, which must be the
+    and a ``heartbeat_interval`` (``search.storage.database.open_storage`` passes the study's, which must be the
     proxy's), running trials send a heartbeat every that many seconds."""
     host, port = parse_proxy_url(url)
     with warnings.catch_warnings():

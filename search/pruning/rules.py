@@ -15,21 +15,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from search.errors import BaselineError
-from trainer.errors import ConfigError
-from trainer.records import RECORD_FIELDS, EpochRecord
+from koopman_search.search.errors import BaselineError
+from koopman_search.search.studyfile.prune_settings import (
+    RuleSettings,
+    check_floor,
+    check_metrics,
+    positive_finite,
+)
+from koopman_search.trainer.errors import ConfigError
+from koopman_search.trainer.records import EpochRecord
 
 __all__ = [
-    "DEFAULT_FINITE_METRICS",
     "KOOPMAN_METRICS",
     "FloorRule",
     "NonFiniteRule",
     "PruneRule",
     "PruneRules",
-    "RuleSettings",
     "TotalLossRule",
     "ValPplRatioRule",
     "unjudged_epochs",
@@ -50,21 +53,11 @@ KOOPMAN_METRICS = frozenset(
         "koopman_k_norm",
     }
 )
-# Checked for NaN/Inf after every epoch (plus the study's objective metrics).
-DEFAULT_FINITE_METRICS = ("lm_loss", "total_loss", "val_loss", "val_ppl", "koopman_loss", "val_koopman_nre")
 
 
 class PruneRule(Protocol):
     def check(self, record: EpochRecord) -> str | None:
         """A prune reason for this epoch, or None to keep going."""
-
-
-def _positive_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, but got {name}={value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, but got {name}={value!r}")
-    return float(value)
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -100,7 +93,7 @@ class TotalLossRule:
     there would be blamed for the language model. The ratio rule still judges those epochs."""
 
     def __init__(self, max_value: float, baseline_total_loss: Sequence[float | None] = ()) -> None:
-        self._max_value = _positive_finite("total_loss_max", max_value)
+        self._max_value = positive_finite("total_loss_max", max_value)
         self._unjudged = frozenset(unjudged_epochs(self._max_value, baseline_total_loss))
 
     def check(self, record: EpochRecord) -> str | None:
@@ -124,10 +117,10 @@ class ValPplRatioRule:
     with the final one (that would prune every trial at its first epoch)."""
 
     def __init__(self, ratio: float, baseline: Sequence[float]) -> None:
-        self._ratio = _positive_finite("val_ppl_ratio_max", ratio)
+        self._ratio = positive_finite("val_ppl_ratio_max", ratio)
         if not baseline:
             raise ConfigError("the baseline curve must have one val_ppl per epoch, but got baseline=[]")
-        self._baseline = tuple(_positive_finite(f"baseline[{i}]", value) for i, value in enumerate(baseline))
+        self._baseline = tuple(positive_finite(f"baseline[{i}]", value) for i, value in enumerate(baseline))
 
     def check(self, record: EpochRecord) -> str | None:
         epoch = record.epoch
@@ -153,16 +146,8 @@ class FloorRule:
     direction) and ``val_koopman_gain`` (K no better than the identity)."""
 
     def __init__(self, metric: str, min_value: float) -> None:
-        if metric not in RECORD_FIELDS:
-            raise ConfigError(f"metric must be an EpochRecord field, but got metric={metric!r}")
-        if (
-            isinstance(min_value, bool)
-            or not isinstance(min_value, (int, float))
-            or not (math.isfinite(min_value) and min_value >= 0)
-        ):
-            raise ConfigError(f"the {metric} floor must be a finite number >= 0, but got {min_value!r}")
         self._metric = metric
-        self._min = float(min_value)
+        self._min = check_floor(metric, min_value)
 
     def check(self, record: EpochRecord) -> str | None:
         if self._min == 0 or record.koopman_weight <= 0:
@@ -181,11 +166,7 @@ class NonFiniteRule:
     only in epochs where the Koopman loss is on (``record.koopman_weight > 0``)."""
 
     def __init__(self, metrics: Sequence[str]) -> None:
-        unknown = [m for m in metrics if m not in RECORD_FIELDS]
-        if unknown:
-            known = ", ".join(RECORD_FIELDS)
-            raise ConfigError(f"metrics must be EpochRecord fields ({known}), but got metric={unknown[0]!r}")
-        self._metrics = tuple(dict.fromkeys(metrics))
+        self._metrics = check_metrics(metrics)
 
     def check(self, record: EpochRecord) -> str | None:
         koopman_on = record.koopman_weight > 0
@@ -197,34 +178,6 @@ class NonFiniteRule:
                 continue
             return f"{metric} is {value} at epoch {record.epoch}"
         return None
-
-
-@dataclass(frozen=True)
-class RuleSettings:
-    """The ``[rules]`` table of a study file, plus the metrics that must stay finite."""
-
-    total_loss_max: float = 7.0  # the user's "retune above 7.0"
-    val_ppl_ratio_max: float = 1.3  # the user's "val perplexity < 1.3 × baseline"
-    finite_metrics: tuple[str, ...] = DEFAULT_FINITE_METRICS
-    # collapse guards, off (0) by default: the default objective cannot collapse (docs/koopman-objective.md)
-    phi_rank_min: float = 0.0
-    koopman_gain_min: float = 0.0
-
-    def __post_init__(self) -> None:
-        _positive_finite("total_loss_max", self.total_loss_max)
-        _positive_finite("val_ppl_ratio_max", self.val_ppl_ratio_max)
-        NonFiniteRule(self.finite_metrics)
-        FloorRule("phi_effective_rank", self.phi_rank_min)
-        FloorRule("val_koopman_gain", self.koopman_gain_min)
-
-    def to_dict(self) -> dict[str, float]:
-        """As stored with the study (and as written in ``[rules]``); the collapse guards only where on."""
-        out = {"total_loss_max": self.total_loss_max, "val_ppl_ratio_max": self.val_ppl_ratio_max}
-        if self.phi_rank_min:
-            out["phi_rank_min"] = self.phi_rank_min
-        if self.koopman_gain_min:
-            out["koopman_gain_min"] = self.koopman_gain_min
-        return out
 
 
 class PruneRules:

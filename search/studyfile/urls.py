@@ -4,8 +4,8 @@ A study file may name its storage with environment variables (``postgresql+psyco
 and relative paths (``sqlite:///runs/x.db`` next to the file). This module turns those into the absolute
 URL and location that every process uses, and shows a URL anywhere (logs, errors) only through
 :func:`redact_url`, so that a password never leaves the process. It depends on nothing of the search but its
-errors, so that both the study-file parser (:mod:`search.spec`) and the storage (:mod:`search.storage`)
-import it.
+errors, so that both the study-file parser (:mod:`search.studyfile.spec`) and the storage
+(:mod:`search.storage.database`) import it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from search.errors import SpecError
+from koopman_search.search.errors import SpecError
 
 __all__ = [
     "STORAGE_BACKENDS",
@@ -132,7 +132,7 @@ def resolve_storage_url(template: str, name: str, origin: str, base_dir: Path) -
         return URL.create("sqlite", database=resolve_path(base_dir, f"{name}.db")).render_as_string(hide_password=False)
     raw = expand_env(template, origin, key, in_url=True)
     shown = redact_url(raw)
-    if raw.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/proxy.py)
+    if raw.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/storage/proxy.py)
         host, _, port = raw.removeprefix("grpc://").rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise SpecError.at(

@@ -1,5 +1,5 @@
 """Running one trial end to end (:class:`TrialRunner`); the loop that feeds it is
-:func:`search.workers.run_worker`.
+:func:`koopman_search.search.workers.run_worker`.
 
 A trial: parameters from the sampler (or the queue) → trainer config → start from scratch, from the
 baseline's warmup checkpoint, or from its own last checkpoint when it is a retry → after every epoch store
@@ -10,7 +10,6 @@ PRUNED with the reason and the epoch, or FAIL with a reason. A trial's failure n
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -23,21 +22,21 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from search import layout
-from search.asha import BASELINE_RELATIVE
-from search.job import CheckpointCorrupt, TrainingJob, file_digest
-from search.layout import MatchedBaseline
-from search.rules import PruneRules
-from search.rungs import AshaPruner
-from search.settings import env_setting
-from search.spec import StudySpec
-from search.storage import exclusive, retrying
-from trainer.errors import CheckpointError
-from trainer.records import EpochRecord
+from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, file_digest
+from koopman_search.search.pruning.judge import EpochJudge
+from koopman_search.search.settings import env_setting
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import exclusive
+from koopman_search.search.storage.layout import MatchedBaseline
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of, trial_id_of
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.search.studyfile.spec import StudySpec
+from koopman_search.trainer.errors import CheckpointError
+from koopman_search.trainer.records import EpochRecord
 
 if TYPE_CHECKING:
-    from trainer.config import TrainerConfig
-    from trainer.loop import HybridKoopmanTrainer
+    from koopman_search.trainer.config import TrainerConfig
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
 __all__ = ["ENV_RETRY_MAX", "TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
 
@@ -54,8 +53,8 @@ def is_environment_fault(exc: BaseException) -> bool:
     write a checkpoint file."""
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    from search.errors import StorageError
-    from search.storage import TRANSIENT
+    from koopman_search.search.errors import StorageError
+    from koopman_search.search.storage.retry import TRANSIENT
 
     seen: BaseException | None = exc
     while seen is not None:
@@ -107,7 +106,7 @@ def format_outcome(o: TrialOutcome, metrics: list[str]) -> str:
 
 
 class TrialRunner:
-    """Runs claimed trials of one study, each as a :class:`~search.job.TrainingJob`."""
+    """Runs claimed trials of one study, each as a :class:`~koopman_search.search.engine.job.TrainingJob`."""
 
     def __init__(
         self,
@@ -126,21 +125,7 @@ class TrialRunner:
         self._baseline = baseline
         self._stop = stop or threading.Event()
         self._on_epoch = on_epoch
-        self._rules = PruneRules.from_spec(spec.rules, baseline.val_ppl, [r.total_loss for r in baseline.records])
-        self._asha = (
-            AshaPruner(
-                spec.asha,
-                spec.metrics,
-                spec.directions,
-                spec.epochs,
-                spec.trainer.koopman.start_epoch,
-                baseline.val_ppl,
-                spec.name,
-                {m: [getattr(r, m) for r in baseline.records] for m in spec.metrics if m in BASELINE_RELATIVE},
-            )
-            if spec.asha is not None
-            else None
-        )
+        self._judge = EpochJudge.for_study(spec, baseline, storage, study_id_of(study))
 
     def run(self, trial: optuna.Trial) -> TrialOutcome:
         with TrainingJob(self._storage, self._store, trial, f"trial {trial.number}") as job:
@@ -149,8 +134,8 @@ class TrialRunner:
     def _start(self, job: TrainingJob, cfg: TrainerConfig) -> tuple[HybridKoopmanTrainer, int, int]:
         """The trainer to continue: (trainer, epochs_from_warmup, epochs_resumed). A retry resumes from its
         newest checkpoint, else the one before it, else the baseline's warmup checkpoint, else epoch 0; every
-        step down is logged and kept in the :data:`~search.layout.RESUME_FALLBACK` attr."""
-        from trainer.loop import HybridKoopmanTrainer
+        step down is logged and kept in the :data:`~koopman_search.search.storage.layout.RESUME_FALLBACK` attr."""
+        from koopman_search.trainer.loop import HybridKoopmanTrainer
 
         warm = int(job.frozen.user_attrs.get(layout.EPOCHS_FROM_WARMUP, 0))
         resumed = job.resume(cfg)
@@ -190,12 +175,13 @@ class TrialRunner:
         rerunning the baseline's first ``s`` epochs (the same computation, so the same checkpoint), once per
         study and epoch, under a lock, and published in the main study's baseline attr for every worker.
         A worker that finds it rebuilt by another takes that one. None when it cannot be had."""
-        from trainer.loop import HybridKoopmanTrainer
+        from koopman_search.trainer.loop import HybridKoopmanTrainer
 
         key = layout.baseline_key(self._spec.trainer.train.seed)
         study = self._study
-        with exclusive(study._storage, f"koopman-search warmup {self._spec.name} {key} epoch {s}"):
-            attrs = retrying(lambda: layout.study_attrs(study), "read the baseline")
+        with exclusive(storage_of(study), f"koopman-search warmup {self._spec.name} {key} epoch {s}"):
+            with storage_task("read the baseline"):
+                attrs = layout.study_attrs(study)
             stored = dict(attrs.get(key) or {})
             checkpoints = dict(stored.get("checkpoints") or {})
             digests = dict(stored.get("digests") or {})
@@ -217,88 +203,33 @@ class TrialRunner:
             base.fit(callback=lambda record: record.epoch >= s)
             path = base.save_checkpoint(job.scratch / f"warmup-rebuilt-{s}.pt")
             digest = file_digest(path)
-            new = retrying(
-                lambda: optuna.artifacts.upload_artifact(
+            with storage_task("upload the rebuilt warmup checkpoint"):
+                new = optuna.artifacts.upload_artifact(
                     artifact_store=self._store, file_path=str(path), study_or_trial=study
-                ),
-                "upload the rebuilt warmup checkpoint",
-            )
+                )
             checkpoints[str(s)], digests[new], rebuilt[str(s)] = new, digest, True
             stored.update(checkpoints=checkpoints, digests=digests, rebuilt=rebuilt)
-            retrying(lambda: layout.set_study_attr(study, key, stored), "publish the rebuilt warmup checkpoint")
+            with storage_task("publish the rebuilt warmup checkpoint"):
+                layout.set_study_attr(study, key, stored)
             self._baseline.checkpoints[s] = new
             self._baseline.digests[new] = digest
             return path
 
     def _run(self, trial: optuna.Trial, job: TrainingJob) -> TrialOutcome:
         spec = self._spec
-        label = job.frozen.user_attrs.get(layout.LABEL)
         params: dict[str, Any] = {}
-        state, reason, values, pruned_epoch, pruned_by = "FAIL", None, None, None, None
-        epochs_run = warm = resumed = 0
+        state, reason, values = "FAIL", None, None
+        pruned: tuple[int | None, str | None] = (None, None)
+        progress = {"epochs_run": 0, "warm": 0, "resumed": 0}
         interrupted = env = lost = False
         try:
-            # the sampler reads the study and stores each parameter: a database outage here is retried, and
-            # a retry finds the parameters already stored (Optuna returns a stored parameter as it is)
-            params = retrying(lambda: spec.space.suggest(trial), f"draw the parameters of trial {trial.number}")
-            cfg = spec.trial_config(params)
-            # which process runs it: the one to look at when the trial goes quiet
-            # and its torch thread count: CPU results depend on it, so an exported trial names it
-            worker = {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "device": cfg.train.device,
-                "torch_threads": _torch_threads(),
-            }
-            retrying(lambda: trial.set_user_attr(layout.WORKER, worker), "record the trial's worker")
-            trainer, warm, resumed = self._start(job, cfg)
-            first_epoch = trainer.epoch + 1
-            start_attrs = {
-                layout.EPOCHS_FROM_WARMUP: warm,
-                **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
-                **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {}),
-            }
-
-            def record_start() -> None:
-                for key, value in start_attrs.items():
-                    trial.set_user_attr(key, value)
-
-            retrying(record_start, f"record how trial {trial.number} starts")
-            prune: list[tuple[str, int, str]] = []
-            rungs: list[dict[str, Any]] = list(job.frozen.user_attrs.get(layout.ASHA_RUNGS) or [])
-
-            def on_epoch(record: EpochRecord) -> bool:
-                nonlocal epochs_run
-                epochs_run = record.epoch - first_epoch + 1
-                _artifact_id, dropped = job.save_epoch(trainer, record, first_epoch)
-                if dropped is not None:  # keep the newest checkpoint and the one before it, for a fallback
-                    job.remove(dropped)
-                if self._on_epoch is not None:
-                    self._on_epoch(trial.number, record)
-                why, by = self._rules.check(record), "rules"
-                if why is None and self._asha is not None:
-                    why, decision = self._asha.check(
-                        self._storage, self._study._study_id, trial._trial_id, params, record.epoch
-                    )
-                    by = self._asha.name
-                    if decision is not None:
-                        rungs.append(decision)
-                        retrying(lambda: trial.set_user_attr(layout.ASHA_RUNGS, rungs), "record the rung's decision")
-                if why is None and not spec.is_multi_objective:
-                    value = getattr(record, spec.metrics[0])
-                    if math.isfinite(value):
-                        retrying(lambda: trial.report(value, record.epoch), "report")
-                        if retrying(trial.should_prune, "ask the pruner"):
-                            why, by = f"{spec.pruner} pruner at epoch {record.epoch}", spec.pruner
-                if why is not None:
-                    prune.append((why, record.epoch, by))
-                    return True
-                return self._stop.is_set()
-
-            trainer.fit(callback=on_epoch)
+            params, cfg = self._draw(trial)
+            trainer, progress["warm"], progress["resumed"] = self._begin(trial, job, cfg)
+            verdicts = self._train(trial, job, trainer, params, progress)
             last = trainer.records[-1] if trainer.records else None
-            if prune:
-                state, (reason, pruned_epoch, pruned_by) = "PRUNED", prune[0]
+            if verdicts:
+                reason, pruned_epoch, pruned_by = verdicts[0]
+                state, pruned = "PRUNED", (pruned_epoch, pruned_by)
             elif trainer.epoch < spec.epochs:
                 interrupted = True
                 reason = f"interrupted after epoch {trainer.epoch}; queued to resume from its checkpoint"
@@ -306,7 +237,6 @@ class TrialRunner:
                 values = tuple(float(getattr(last, m)) for m in spec.metrics)
                 state = "COMPLETE"
         except KeyboardInterrupt:
-            interrupted = True
             reason = "interrupted (Ctrl-C); queued to resume from its last checkpoint"
             self._finish(trial, job, "FAIL", None, reason, (None, None), interrupted=True)
             raise
@@ -317,28 +247,93 @@ class TrialRunner:
             logger.warning("trial %d failed: %s", trial.number, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
         requeue = interrupted or (env and not lost)
-        stored = self._finish(trial, job, state, values, reason, (pruned_epoch, pruned_by), interrupted=requeue)
+        stored = self._finish(trial, job, state, values, reason, (pruned[0], pruned[1]), interrupted=requeue)
         return TrialOutcome(
             trial.number,
             "FAIL" if interrupted else state,
             _clean(params),
             values,
             reason,
-            epochs_run,
-            warm,
-            resumed,
-            label,
-            trial._trial_id,
+            progress["epochs_run"],
+            progress["warm"],
+            progress["resumed"],
+            job.frozen.user_attrs.get(layout.LABEL),
+            trial_id_of(trial),
             stored,
             requeued=requeue and stored,  # interrupted, or failed by its environment: queued to run again
             lost=lost,
         )
 
+    def _draw(self, trial: optuna.Trial) -> tuple[dict[str, Any], TrainerConfig]:
+        """The trial's parameters and trainer config; records which process runs it."""
+        # the sampler reads the study and stores each parameter: a database outage here is retried, and
+        # a retry finds the parameters already stored (Optuna returns a stored parameter as it is)
+        with storage_task(f"draw the parameters of trial {trial.number}"):
+            params = self._spec.space.suggest(trial)
+        cfg = self._spec.trial_config(params)
+        # which process runs it: the one to look at when the trial goes quiet
+        # and its torch thread count: CPU results depend on it, so an exported trial names it
+        worker = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": cfg.train.device,
+            "torch_threads": _torch_threads(),
+        }
+        with storage_task("record the trial's worker"):
+            trial.set_user_attr(layout.WORKER, worker)
+        return params, cfg
+
+    def _begin(
+        self, trial: optuna.Trial, job: TrainingJob, cfg: TrainerConfig
+    ) -> tuple[HybridKoopmanTrainer, int, int]:
+        """The trainer to continue (:meth:`_start`), with how it starts recorded in the trial's attrs."""
+        trainer, warm, resumed = self._start(job, cfg)
+        start_attrs = {
+            layout.EPOCHS_FROM_WARMUP: warm,
+            **({layout.EPOCHS_RESUMED: resumed} if resumed else {}),
+            **({layout.RESUME_FALLBACK: job.fallback} if job.fallback else {}),
+        }
+        with storage_task(f"record how trial {trial.number} starts"):
+            for key, value in start_attrs.items():
+                trial.set_user_attr(key, value)
+        return trainer, warm, resumed
+
+    def _train(
+        self,
+        trial: optuna.Trial,
+        job: TrainingJob,
+        trainer: HybridKoopmanTrainer,
+        params: dict[str, Any],
+        progress: dict[str, int],
+    ) -> list[tuple[str, int, str]]:
+        """Train to the end, a prune verdict or a stop; after every epoch checkpoint, record and judge it.
+        Returns the verdicts (reason, epoch, who), at most one."""
+        first_epoch = trainer.epoch + 1
+        verdicts: list[tuple[str, int, str]] = []
+        rungs: list[dict[str, Any]] = list(job.frozen.user_attrs.get(layout.ASHA_RUNGS) or [])
+
+        def on_epoch(record: EpochRecord) -> bool:
+            progress["epochs_run"] = record.epoch - first_epoch + 1
+            _artifact_id, dropped = job.save_epoch(trainer, record, first_epoch)
+            if dropped is not None:  # keep the newest checkpoint and the one before it, for a fallback
+                job.remove(dropped)
+            if self._on_epoch is not None:
+                self._on_epoch(trial.number, record)
+            verdict = self._judge.judge(trial, params, record, rungs)
+            if verdict is not None:
+                verdicts.append((verdict[0], record.epoch, verdict[1]))
+                return True
+            return self._stop.is_set()
+
+        trainer.fit(callback=on_epoch)
+        return verdicts
+
     def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
         """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
         failures = int(job.frozen.user_attrs.get(layout.ENV_FAILURES, 0)) + 1
         try:
-            retrying(lambda: trial.set_user_attr(layout.ENV_FAILURES, failures), "count an environment failure")
+            with storage_task("count an environment failure"):
+                trial.set_user_attr(layout.ENV_FAILURES, failures)
         except Exception:
             logger.warning("trial %d: its environment failure could not be counted", trial.number)
         lost = failures > ENV_RETRY_MAX
@@ -367,20 +362,18 @@ class TrialRunner:
         """Tell the study how the attempt ended; False when it was failed elsewhere meanwhile."""
         study = self._study
 
-        def tell() -> None:
-            if state == "PRUNED":
-                trial.set_user_attr(layout.PRUNE_REASON, reason)
-                trial.set_user_attr(layout.PRUNED_EPOCH, pruned[0])
-                trial.set_user_attr(layout.PRUNED_BY, pruned[1])
-                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-            elif state == "COMPLETE" and values is not None:
-                study.tell(trial, list(values), skip_if_finished=True)
-            else:
-                trial.set_user_attr(layout.FAIL_REASON, reason or "unknown error")
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-
         try:
-            retrying(tell, f"finish trial {trial.number}")
+            with storage_task(f"finish trial {trial.number}"):
+                if state == "PRUNED":
+                    trial.set_user_attr(layout.PRUNE_REASON, reason)
+                    trial.set_user_attr(layout.PRUNED_EPOCH, pruned[0])
+                    trial.set_user_attr(layout.PRUNED_BY, pruned[1])
+                    study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+                elif state == "COMPLETE" and values is not None:
+                    study.tell(trial, list(values), skip_if_finished=True)
+                else:
+                    trial.set_user_attr(layout.FAIL_REASON, reason or "unknown error")
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
             # its heartbeat went stale (the database was out of reach longer than the grace period), so
             # another worker failed it and queued a retry, which carries on from its last checkpoint

@@ -12,8 +12,8 @@ of a companion study named ``<study>.baseline-seed<N>`` in the same storage:
 
 Its end-of-epoch checkpoints (the epochs a trial may start its Koopman loss after) go to the artifact store:
 a trial with start epoch s starts from the baseline's epoch-s checkpoint (shared warmup, docs/design.md). The
-per-epoch curve is also copied to the main study's user attr ``baseline:seed=<N>``
-(:func:`search.layout.baseline_key`) for status and review.
+per-epoch curve is also copied to the main study's system attr ``koopman_search:baseline:seed=<N>``
+(:func:`search.storage.layout.baseline_key`; docs/design.md, "The stored layout") for status and review.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from search import layout
-from search.errors import BaselineError
-from search.job import TrainingJob
-from search.layout import MatchedBaseline
-from search.spec import StudySpec
-from search.storage import fail_stale_trials, retrying
-from search.study import claim_waiting_trial
-from trainer.records import EpochRecord
+from koopman_search.search.engine.job import TrainingJob
+from koopman_search.search.engine.study import claim_waiting_trial
+from koopman_search.search.errors import BaselineError
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import fail_stale_trials
+from koopman_search.search.storage.layout import MatchedBaseline
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.search.studyfile.spec import StudySpec
+from koopman_search.trainer.records import EpochRecord
 
 __all__ = [
     "baseline_attr",
@@ -65,8 +66,8 @@ def baseline_study_name(spec: StudySpec) -> str:
 
 def baseline_config_hash(spec: StudySpec) -> str:
     """What decides the baseline's curve: its trainer config without the keys of where it runs."""
-    from trainer.checkpoint import RUNTIME_KEYS
-    from trainer.config import config_to_dict
+    from koopman_search.trainer.checkpoint import RUNTIME_KEYS
+    from koopman_search.trainer.config import config_to_dict
 
     values = config_to_dict(spec.baseline_config)
     for section, key in RUNTIME_KEYS:
@@ -92,7 +93,8 @@ def warmup_epochs(spec: StudySpec) -> set[int]:
 
 def _publish(study: optuna.Study, spec: StudySpec, value: dict[str, Any]) -> None:
     value = {**value, CONFIG_HASH_ATTR: baseline_config_hash(spec)}
-    retrying(lambda: layout.set_study_attr(study, baseline_attr(spec), value), "store the baseline in the study")
+    with storage_task("store the baseline in the study"):
+        layout.set_study_attr(study, baseline_attr(spec), value)
 
 
 def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
@@ -153,11 +155,13 @@ def ensure_baseline(
             _publish(main_study, spec, baseline.to_attr())
         return baseline
     stop = stop or threading.Event()
-    study = retrying(lambda: _open_baseline_study(spec, storage), "open the baseline study")
+    with storage_task("open the baseline study"):
+        study = _open_baseline_study(spec, storage)
     delay, announced, waited_empty = POLL_MIN, False, 0.0
     while True:
         fail_stale_trials(study)
-        trials = retrying(lambda: study.get_trials(deepcopy=False), "read the baseline study")
+        with storage_task("read the baseline study"):
+            trials = study.get_trials(deepcopy=False)
         if not trials and waited_empty < EMPTY_GRACE:
             # the worker that just created the baseline study has not queued its run yet
             if stop.wait(POLL_MIN):
@@ -167,7 +171,8 @@ def ensure_baseline(
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             baseline = MatchedBaseline.from_trial(done[-1])
-            stored = retrying(lambda: layout.study_attrs(main_study), "read the baseline").get(baseline_attr(spec), {})
+            with storage_task("read the baseline"):
+                stored = layout.study_attrs(main_study).get(baseline_attr(spec), {})
             if stored.get("state") != "complete" or stored.get(CONFIG_HASH_ATTR) != baseline_config_hash(spec):
                 _publish(main_study, spec, baseline.to_attr())
             return baseline
@@ -199,10 +204,6 @@ def _run(
     stop: threading.Event,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> MatchedBaseline:
-    from trainer.loop import HybridKoopmanTrainer
-
-    keep = warmup_epochs(spec) if spec.shared_warmup else set()
-    cfg = spec.baseline_config
     _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
         checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
@@ -215,59 +216,79 @@ def _run(
             f", resuming after epoch {last['epoch']}" if last else "",
         )
         try:
-            trainer = job.resume(cfg) or HybridKoopmanTrainer(cfg)
-
-            def record_epoch(record: EpochRecord) -> bool:
-                # the checkpoints of the warmup epochs stay: trials start from them (shared warmup)
-                artifact_id, dropped = job.save_epoch(trainer, record)
-                if dropped is not None and dropped not in checkpoints.values():
-                    job.remove(dropped)  # only the warmup epochs' checkpoints and the newest two stay
-                if record.epoch in keep:
-                    checkpoints[record.epoch] = artifact_id
-                    digests[artifact_id] = job.digests[artifact_id]
-
-                    def record_warmup() -> None:
-                        trial.set_user_attr(layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
-                        trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
-
-                    retrying(record_warmup, "record a warmup checkpoint")
-                logger.info(
-                    "baseline epoch %d/%d: val PPL %.2f (%.1f s)",
-                    record.epoch,
-                    record.epochs,
-                    record.val_ppl,
-                    record.seconds,
-                )
-                if on_epoch is not None:
-                    on_epoch(record)
-                return stop.is_set()
-
-            records = trainer.fit(callback=record_epoch)
-            if trainer.stopped and trainer.epoch < spec.epochs:
-                raise InterruptedError(f"stopped after epoch {trainer.epoch}")
-            bad = [r.epoch for r in records if not math.isfinite(r.val_ppl)]
-            if bad:  # a diverged baseline is no curve to compare with: it fails, and --rerun-baseline reruns it
-                raise FloatingPointError(
-                    f"the baseline diverged: val PPL {records[bad[0] - 1].val_ppl} at epoch "
-                    f"{bad[0]} (non-finite at epochs {', '.join(map(str, bad))})"
-                )
+            records = _train(spec, job, trial, (checkpoints, digests), stop, on_epoch)
         except (Exception, KeyboardInterrupt) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            job.fail(study, reason)
-            if isinstance(exc, (KeyboardInterrupt, InterruptedError)):
-                job.hand_back(study)  # the next worker resumes from its last checkpoint
-                logger.warning(
-                    "baseline run of study %s interrupted; queued to resume from its last checkpoint", spec.name
-                )
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
-            _publish(main_study, spec, layout.baseline_state_attr("failed", reason))
-            logger.error("baseline of study %s failed: %s", spec.name, reason)
-            raise _failed(spec, reason) from exc
+            _failed_run(spec, study, main_study, job, exc)
     final = records[-1]
-    retrying(lambda: study.tell(trial, final.val_ppl), "complete the baseline run")
+    with storage_task("complete the baseline run"):
+        study.tell(trial, final.val_ppl)
     baseline = MatchedBaseline(tuple(r.val_ppl for r in records), "auto", tuple(records), checkpoints, digests)
     _publish(main_study, spec, baseline.to_attr())
     logger.info("baseline of study %s done: val PPL %s", spec.name, ", ".join(f"{v:.1f}" for v in baseline.val_ppl))
     return baseline
+
+
+def _train(
+    spec: StudySpec,
+    job: TrainingJob,
+    trial: optuna.Trial,
+    warmup: tuple[dict[int, str], dict[str, dict[str, Any]]],
+    stop: threading.Event,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> list[EpochRecord]:
+    """The baseline's epochs (resumed from its last checkpoint where there is one), each checkpointed; the
+    warmup epochs' checkpoints are kept and recorded in ``warmup`` (epoch -> artifact id, artifact id ->
+    digest) and in the trial's attrs. Raises on a stop before the end and on a diverged curve."""
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
+
+    checkpoints, digests = warmup
+    keep = warmup_epochs(spec) if spec.shared_warmup else set()
+    cfg = spec.baseline_config
+    trainer = job.resume(cfg) or HybridKoopmanTrainer(cfg)
+
+    def record_epoch(record: EpochRecord) -> bool:
+        # the checkpoints of the warmup epochs stay: trials start from them (shared warmup)
+        artifact_id, dropped = job.save_epoch(trainer, record)
+        if dropped is not None and dropped not in checkpoints.values():
+            job.remove(dropped)  # only the warmup epochs' checkpoints and the newest two stay
+        if record.epoch in keep:
+            checkpoints[record.epoch] = artifact_id
+            digests[artifact_id] = job.digests[artifact_id]
+            with storage_task("record a warmup checkpoint"):
+                trial.set_user_attr(layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
+                trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
+        logger.info(
+            "baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs, record.val_ppl, record.seconds
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+        return stop.is_set()
+
+    records = trainer.fit(callback=record_epoch)
+    if trainer.stopped and trainer.epoch < spec.epochs:
+        raise InterruptedError(f"stopped after epoch {trainer.epoch}")
+    bad = [r.epoch for r in records if not math.isfinite(r.val_ppl)]
+    if bad:  # a diverged baseline is no curve to compare with: it fails, and --rerun-baseline reruns it
+        raise FloatingPointError(
+            f"the baseline diverged: val PPL {records[bad[0] - 1].val_ppl} at epoch "
+            f"{bad[0]} (non-finite at epochs {', '.join(map(str, bad))})"
+        )
+    return records
+
+
+def _failed_run(
+    spec: StudySpec, study: optuna.Study, main_study: optuna.Study, job: TrainingJob, exc: BaseException
+) -> NoReturn:
+    """End a baseline run that raised: an interrupted one is queued to resume, a failed one is published as
+    failed (``launch --rerun-baseline`` reruns it). Always raises."""
+    reason = f"{type(exc).__name__}: {exc}"
+    job.fail(study, reason)
+    if isinstance(exc, (KeyboardInterrupt, InterruptedError)):
+        job.hand_back(study)  # the next worker resumes from its last checkpoint
+        logger.warning("baseline run of study %s interrupted; queued to resume from its last checkpoint", spec.name)
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        raise BaselineError(f"baseline of study {spec.name} interrupted; it resumes on the next run") from None
+    _publish(main_study, spec, layout.baseline_state_attr("failed", reason))
+    logger.error("baseline of study %s failed: %s", spec.name, reason)
+    raise _failed(spec, reason) from exc

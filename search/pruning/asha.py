@@ -15,7 +15,8 @@ that epoch for the same reason. For several
 objectives "top" is the order of non-dominated sorting, ties within a front broken by crowding distance
 (NSGA-II's), so that a front's extremes go first; equal points share a place.
 
-This module holds the settings and the decision on plain numbers; :class:`search.rungs.AshaPruner` reads a
+This module holds the decision on plain numbers (its settings, :class:`AshaSettings`, are the study file's:
+search/studyfile/prune_settings.py); :class:`koopman_search.search.pruning.rungs.AshaPruner` reads a
 rung from the storage and decides with them.
 
     decide((1.2, 1.4), [(1.1, 1.6), (1.3, 1.3), (1.5, 1.5)], reduction_factor=3)
@@ -29,73 +30,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from search.errors import SpecError
-
 __all__ = [
-    "ASHA_KEYS",
     "BASELINE_RELATIVE",
     "PRUNED_BY",
-    "AshaSettings",
     "RungDecision",
     "decide",
     "order_keys",
     "rung_values",
 ]
 
-ASHA_KEYS = ("asha_reduction_factor", "asha_min_epochs")
 PRUNED_BY = "asha"
-
-
-@dataclass(frozen=True)
-class AshaSettings:
-    """The ``asha_*`` keys of ``[study]``: η (``asha_reduction_factor``) and the first rung's Koopman epochs."""
-
-    reduction_factor: int = 3
-    min_epochs: int = 1
-
-    def rungs(self, koopman_epochs: int) -> list[int]:
-        """The Koopman epochs at which a trial with ``koopman_epochs`` of them is judged (its last is not a
-        rung: it ends the trial)."""
-        out, k = [], self.min_epochs
-        while k < koopman_epochs:
-            out.append(k)
-            k *= self.reduction_factor
-        return out
-
-    def to_dict(self) -> dict[str, int]:
-        return {"asha_reduction_factor": self.reduction_factor, "asha_min_epochs": self.min_epochs}
-
-    @classmethod
-    def from_study(cls, study: Mapping[str, Any], pruner: str, epochs: int, origin: str) -> AshaSettings | None:
-        """The settings of a ``[study]`` table; None when the pruner is not "asha". Raises SpecError."""
-        given = [k for k in ASHA_KEYS if k in study]
-        if pruner != "asha":
-            if given:
-                raise SpecError.at(
-                    f'{given[0]} applies only with pruner = "asha", but got pruner={pruner!r}',
-                    origin,
-                    f"study.{given[0]}",
-                )
-            return None
-        values: dict[str, int] = {}
-        for key, default, low in (
-            ("asha_reduction_factor", cls.reduction_factor, 2),
-            ("asha_min_epochs", cls.min_epochs, 1),
-        ):
-            value = study.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise SpecError.at(
-                    f"{key} must be an integer >= {low}, but got {key}={value!r}", origin, f"study.{key}"
-                )
-            values[key] = value
-        if values["asha_min_epochs"] >= epochs:
-            raise SpecError.at(
-                f"asha_min_epochs must be < trainer.train.epochs ({epochs}), but got "
-                f"asha_min_epochs={values['asha_min_epochs']}: no trial would reach a rung",
-                origin,
-                "study.asha_min_epochs",
-            )
-        return cls(values["asha_reduction_factor"], values["asha_min_epochs"])
 
 
 # ---- the decision, on plain numbers ------------------------------------------------------------------------

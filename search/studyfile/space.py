@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
-from search.errors import SpecError
-from trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, with_overrides
-from trainer.errors import ConfigError
+from koopman_search.search.errors import SpecError
+from koopman_search.trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, with_overrides
+from koopman_search.trainer.errors import ConfigError
 
 if TYPE_CHECKING:  # optuna is imported only by whoever hands us a trial
     import optuna

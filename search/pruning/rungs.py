@@ -1,5 +1,5 @@
 """The asha pruner against the storage: a trial's rung, read from what every worker has stored, decided by
-:func:`search.asha.decide` (docs/asha.md).
+:func:`koopman_search.search.pruning.asha.decide` (docs/asha.md).
 
 The decision reads what the storage holds when the trial reaches its rung (every worker writes its epoch's
 record before it decides), under a storage-wide lock, so two workers at one rung decide one after the other.
@@ -17,9 +17,12 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from search import layout
-from search.asha import PRUNED_BY, AshaSettings, decide, rung_values
-from search.storage import exclusive, retrying
+from koopman_search.search.pruning.asha import PRUNED_BY, decide, rung_values
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import exclusive
+from koopman_search.search.storage.optuna_private import trial_id_of
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.search.studyfile.prune_settings import AshaSettings
 
 __all__ = ["AshaPruner"]
 
@@ -70,10 +73,8 @@ class AshaPruner:
             return None, None
         k = epoch - start
         states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-        with exclusive(storage, self._lock):
-            trials = retrying(
-                lambda: storage.get_all_trials(study_id, deepcopy=False, states=states), "read the rung's trials"
-            )
+        with exclusive(storage, self._lock), storage_task("read the rung's trials"):
+            trials = storage.get_all_trials(study_id, deepcopy=False, states=states)
             mine, others = None, []
             for t in trials:
                 other_start = self.start_epoch(t.params)
@@ -87,7 +88,7 @@ class AshaPruner:
                 )
                 if values is None:
                     continue
-                if t._trial_id == trial_id:
+                if trial_id_of(t) == trial_id:
                     mine = values
                 else:
                     others.append(values)

@@ -20,11 +20,13 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from search import layout
-from search.errors import SpecError, StudyNotFoundError
-from search.layout import SPEC_ATTR, is_retry
-from search.spec import StudySpec
-from search.storage import exclusive, retrying
+from koopman_search.search.errors import SpecError, StudyNotFoundError
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import exclusive
+from koopman_search.search.storage.layout import SPEC_ATTR, is_retry
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of, trial_id_of
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.search.studyfile.spec import StudySpec
 
 __all__ = [
     "OUTCOME_ATTRS",
@@ -36,7 +38,6 @@ __all__ = [
     "ensure_budget",
     "is_retry",
     "load_study",
-    "remaining_budget",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,22 +55,18 @@ def create_or_load_study(
     sampler = spec.make_sampler(seed_offset)
     pruner = spec.make_pruner()
     try:
-        study = retrying(
-            lambda: optuna.create_study(
+        with storage_task(f"create study {spec.name}"):
+            study = optuna.create_study(
                 storage=storage,
                 study_name=spec.name,
                 directions=list(spec.directions),  # type: ignore[arg-type]
                 sampler=sampler,
                 pruner=pruner,
-            ),
-            f"create study {spec.name}",
-        )
+            )
         created = True
     except optuna.exceptions.DuplicatedStudyError:
-        study = retrying(
-            lambda: optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner),
-            f"load study {spec.name}",
-        )
+        with storage_task(f"load study {spec.name}"):
+            study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
         created = False
         if check_stored_definition(study, spec, redefine=redefine):
             layout.store_definition(study, spec)
@@ -135,10 +132,11 @@ def check_stored_definition(study: optuna.Study, spec: StudySpec, redefine: bool
     the changes are logged and True is returned: the caller records the file's definition (``--redefine``).
     A study made by something else is refused whatever ``redefine`` says."""
     where = f" ({spec.path}, [study.name])" if spec.path else ""
-    storage, study_id = study._storage, study._study_id
+    storage, study_id = storage_of(study), study_id_of(study)
     stored = layout.stored_definition(storage.get_study_system_attrs(study_id), study.user_attrs)
     if stored is None:
-        n = len(retrying(lambda: study.get_trials(deepcopy=False), f"read the trials of {spec.name}"))
+        with storage_task(f"read the trials of {spec.name}"):
+            n = len(study.get_trials(deepcopy=False))
         if n:
             raise SpecError(
                 f"study {spec.name} exists in this storage but was not made by koopman-search (no stored "
@@ -181,7 +179,7 @@ def ensure_budget(study: optuna.Study, spec: StudySpec, n_trials: int | None = N
     """
     target = n_trials if n_trials is not None else spec.n_trials
     # several launches may start together: count and top up under one lock, or each adds the missing trials
-    with exclusive(study._storage, f"koopman-search budget {spec.name}"):
+    with exclusive(storage_of(study), f"koopman-search budget {spec.name}"):
         return _top_up(study, spec, target)
 
 
@@ -208,36 +206,34 @@ def _top_up(study: optuna.Study, spec: StudySpec, target: int) -> int:
     return added
 
 
-def remaining_budget(study: optuna.Study) -> int:
-    """Trials still waiting to be claimed."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
 def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     """Claim the oldest waiting trial (atomically: WAITING → RUNNING in the database), or None when the
     queue is empty. Never creates a trial, so the budget cannot overshoot."""
-    storage = study._storage
+    storage = storage_of(study)
     beats = getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
     def claim() -> int | None:
-        for frozen in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        for frozen in storage.get_all_trials(study_id_of(study), deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = trial_id_of(frozen)
             try:
                 if beats:
                     # Beat before the trial turns RUNNING: a RUNNING trial without any heartbeat is never
                     # found stale, so a worker dying between the claim and its first beat (or a claim
                     # committed just before the connection dropped) would leave it RUNNING for ever.
-                    storage.record_heartbeat(frozen._trial_id)  # type: ignore[attr-defined]
-                if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                    return frozen._trial_id
+                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         return None
 
-    trial_id = retrying(claim, "claim a trial")
+    with storage_task("claim a trial"):
+        trial_id = claim()
     if trial_id is None:
         return None
     # a Trial reads the study for the sampler's relative search space: an outage here is retried too
-    return retrying(lambda: optuna.Trial(study, trial_id), "start the claimed trial")
+    with storage_task("start the claimed trial"):
+        return optuna.Trial(study, trial_id)
 
 
 def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -248,8 +244,8 @@ def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:")}
     # the attempt's outcome stays with the attempt: a retry that completes must not show the old reason
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in OUTCOME_ATTRS}
-    retrying(
-        lambda: study.add_trial(
+    with storage_task(f"queue trial {trial.number} again"):
+        study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,
                 params=trial.params,
@@ -257,6 +253,4 @@ def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 user_attrs=user_attrs,
                 system_attrs=system_attrs,
             )
-        ),
-        f"queue trial {trial.number} again",
-    )
+        )

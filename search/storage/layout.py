@@ -11,10 +11,11 @@ study system attrs (:data:`SEARCH_ATTR_PREFIX`; :func:`study_attrs` reads them w
                                 studies stored before it keep it as the user attr ``baseline:seed=<N>``)
 trial user attrs
     ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
-    ``checkpoint``              ``{"epoch", "artifact_id"}`` of the attempt's newest checkpoint
+    ``checkpoint``              ``{"epoch", "artifact_id", "size", "sha256", "previous"}`` of the attempt's newest
+                                checkpoint (its size and digest; ``previous``: the one before it, to fall back to)
     ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
     ``fail_reason`` / ``prune_reason`` / ``pruned_epoch`` / ``pruned_by``   how the attempt ended
-    ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/asha.py)
+    ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/pruning/asha.py)
     ``koopman_search:definition``   the whole study file as stored at creation (:data:`SPEC_DEFINITION_ATTR`)
 the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
     ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
@@ -39,14 +40,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from search.errors import StorageError
-from trainer.records import RECORD_FIELDS, EpochRecord
+from koopman_search.search.errors import StorageError
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of
+from koopman_search.trainer.records import RECORD_FIELDS, EpochRecord
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial, TrialState
 
-    from search.spec import StudySpec
+    from koopman_search.search.studyfile.spec import StudySpec
 
 __all__ = [
     "ASHA_RUNGS",
@@ -172,7 +174,7 @@ def records_to_columns(records: Sequence[EpochRecord]) -> dict[str, list[Any]]:
 def columns_to_records(columns: Mapping[str, Sequence[Any]]) -> list[EpochRecord]:
     """The records back from their columns. ``None`` becomes NaN; unknown columns are ignored.
 
-    Raises :class:`~search.errors.StorageError` when a field is missing or the columns differ in length,
+    Raises :class:`~koopman_search.search.errors.StorageError` when a field is missing or the columns differ in length,
     which means the stored attr was not written by :func:`records_to_columns`.
     """
     missing = [name for name in RECORD_FIELDS if name not in columns and name not in _DEFAULTED]
@@ -250,7 +252,7 @@ def spec_attr(spec: StudySpec) -> dict[str, Any]:
 def study_attrs(study: Any) -> dict[str, Any]:
     """The study's attrs as the search reads them: its user attrs, with the search's own system attrs
     (prefix stripped, the definition left out) over them."""
-    storage, study_id = study._storage, study._study_id
+    storage, study_id = storage_of(study), study_id_of(study)
     attrs = dict(storage.get_study_user_attrs(study_id))
     for key, value in storage.get_study_system_attrs(study_id).items():
         if key.startswith(SEARCH_ATTR_PREFIX) and key != SPEC_DEFINITION_ATTR:
@@ -260,12 +262,12 @@ def study_attrs(study: Any) -> dict[str, Any]:
 
 def set_study_attr(study: Any, key: str, value: Any) -> None:
     """Store one of the search's bulky study attrs (as a system attr; :func:`study_attrs` reads it)."""
-    study._storage.set_study_system_attr(study._study_id, SEARCH_ATTR_PREFIX + key, value)
+    storage_of(study).set_study_system_attr(study_id_of(study), SEARCH_ATTR_PREFIX + key, value)
 
 
 def store_definition(study: Any, spec: StudySpec) -> None:
     """Write the study's definition (:data:`SPEC_DEFINITION_ATTR`) and its summary (:data:`SPEC_ATTR`)."""
-    study._storage.set_study_system_attr(study._study_id, SPEC_DEFINITION_ATTR, spec.to_dict())
+    storage_of(study).set_study_system_attr(study_id_of(study), SPEC_DEFINITION_ATTR, spec.to_dict())
     study.set_user_attr(SPEC_ATTR, spec_attr(spec))
 
 
@@ -350,7 +352,7 @@ class MatchedBaseline:
     digests: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact id -> {"size", "sha256"}
 
     def to_attr(self) -> dict[str, Any]:
-        """The value of the main study's :func:`~search.layout.baseline_key` attr."""
+        """The value of the main study's :func:`~koopman_search.search.storage.layout.baseline_key` attr."""
         return {
             "state": "complete" if self.source == "auto" else "fixed",
             "val_ppl": [v if math.isfinite(v) else None for v in self.val_ppl],

@@ -1,4 +1,4 @@
-"""Storage URLs → Optuna RDB storage with heartbeats; the artifact store for checkpoints; retries.
+"""Storage URLs → Optuna RDB storage with heartbeats, every call retried; a lock shared by the workers.
 
 Studies are plain Optuna RDB studies, so ``optuna studies --storage URL`` and ``optuna-dashboard URL`` read
 them directly. SQLite is the embedded default (nothing to start); PostgreSQL (``postgresql+psycopg://``)
@@ -9,41 +9,34 @@ Passwords never reach logs or errors: every message shows URLs through :func:`re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from search.errors import StorageError
-from search.settings import env_setting
-from search.urls import redact_text, redact_url
-from trainer.checkpoint import probe_dir
-from trainer.errors import ConfigError
+from koopman_search.search.errors import StorageError
+from koopman_search.search.settings import env_setting
+from koopman_search.search.storage import optuna_private
+from koopman_search.search.storage.retry import TRANSIENT, RetryingStorage, connect, storage_task, unretried
+from koopman_search.search.studyfile.urls import redact_text, redact_url
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
-    "OUTAGE_TIMEOUT",
     "Heartbeat",
     "exclusive",
     "fail_stale_trials",
-    "open_artifact_store",
     "open_storage",
-    "retrying",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +47,7 @@ HEARTBEAT_INTERVAL = int(env_setting("KOOPMAN_HEARTBEAT_INTERVAL"))  # search/se
 GRACE_FACTOR = 4
 MAX_RETRY = 3  # retries of one trial after its worker died
 
-T = TypeVar("T")
+CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL connection to be made (libpq's connect_timeout)
 
 
 def _sqlite_setup(engine: sqlalchemy.engine.Engine) -> None:
@@ -122,18 +115,19 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return kwargs
 
 
-def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RDBStorage:
-    """Open (and create the tables of) the RDB storage at ``url``.
+def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RetryingStorage:
+    """Open (and create the tables of) the RDB storage at ``url``, in Optuna's cache, every call retried
+    through a database outage (search/storage/retry.py).
 
     With ``heartbeat``, running trials record heartbeats and a stale trial is failed and retried up to
     :data:`MAX_RETRY` times. Connections are checked before use (``pool_pre_ping``) so that workers
     survive a database restart. ``grpc://HOST:PORT`` is a storage proxy in front of the database instead.
     """
     interval = heartbeat_interval or HEARTBEAT_INTERVAL
-    if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/proxy.py)
-        from search.proxy_client import open_proxy_storage
+    if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/storage/proxy.py)
+        from koopman_search.search.storage.proxy_client import open_proxy_storage
 
-        return open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval)
+        return RetryingStorage(open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval))
     if url.startswith("sqlite"):
         db = sqlalchemy.engine.make_url(url).database
         if db and db != ":memory:":
@@ -158,121 +152,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
         ) from None
     if url.startswith("sqlite"):
         _sqlite_setup(storage.engine)
-    return storage
-
-
-def open_artifact_store(location: str) -> optuna.artifacts.FileSystemArtifactStore | Any:
-    """The artifact store for checkpoints: a directory shared by the workers, or ``s3://bucket/prefix``
-    (needs boto3; endpoint from ``AWS_ENDPOINT_URL`` for S3-compatible stores)."""
-    if location.startswith("s3://"):
-        try:
-            import boto3
-        except ImportError:
-            raise StorageError(f"artifact store {location} needs boto3: pip install 'koopman-search[s3]'") from None
-        bucket, _, prefix = location[len("s3://") :].partition("/")
-        from optuna.artifacts import Boto3ArtifactStore
-
-        store = Boto3ArtifactStore(bucket, client=boto3.client("s3"))
-        if prefix:
-            logger.warning(
-                "artifact store %s: the prefix %r is ignored by Optuna's Boto3ArtifactStore", location, prefix
-            )
-        return store
-    path = Path(location)
-    path.mkdir(parents=True, exist_ok=True)
-    return AtomicFileSystemArtifactStore(str(path))
-
-
-def check_artifacts(location: str) -> None:
-    """Raise :class:`ConfigError` (bad input, exit 2) unless ``location`` is a directory this process can
-    create and write to (an ``s3://`` store is checked when it is opened). Commands call this before they
-    write to the database, so a bad ``artifacts`` leaves nothing behind."""
-    if location.startswith("s3://"):
-        return
-    path = Path(location)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(
-            f"artifacts must be a directory, but got artifacts={location!r}, which is a file; "
-            "give a directory (it is created when missing)"
-        )
-    try:
-        probe_dir(path)
-    except OSError as exc:
-        raise ConfigError(
-            f"artifacts must be a directory this process can write to, but got artifacts={location!r} "
-            f"({exc.strerror or exc}); give a writable directory"
-        ) from None
-
-
-class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
-    """Optuna's directory store, writing each artifact to a temporary name beside it and renaming it into
-    place once it is whole and on disk: a write that fails (a full disk, a killed worker) leaves no partial
-    file under the artifact's name, and the temporary one is removed when the failure is an exception."""
-
-    def write(self, artifact_id: str, content_body: Any) -> None:
-        target = Path(self._get_filepath(artifact_id))
-        # a directory removed while the study runs is the environment's fault: make it again and go on
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                shutil.copyfileobj(content_body, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-
-# Errors a database restart or a network blip produces; anything else is a real error.
-TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
-
-
-# How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
-# database restart or failover; a trial whose heartbeat went stale meanwhile is retried from its checkpoint
-# (docs/design.md, "Fault model").
-OUTAGE_TIMEOUT = float(env_setting("KOOPMAN_OUTAGE_TIMEOUT"))
-RETRY_DELAY_MAX = 30.0
-CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL connection to be made (libpq's connect_timeout)
-
-
-def retrying(
-    fn: Callable[[], T],
-    what: str,
-    timeout: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """Call ``fn`` until it stops raising a transient database error, backing off (1 s doubling, at most
-    :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default :data:`OUTAGE_TIMEOUT`), with one status line per
-    attempt that says since when the database is unreachable. The time counted is the wall time since the
-    first failure (a call that hangs before it fails counts too) or the pauses slept, whichever is longer."""
-    limit = OUTAGE_TIMEOUT if timeout is None else timeout
-    delay, slept, since = 1.0, 0.0, ""
-    first: float | None = None
-    while True:
-        try:
-            return fn()
-        except TRANSIENT as exc:
-            now = clock()
-            first = now if first is None else first
-            waited = max(slept, now - first)
-            if waited >= limit:
-                raise StorageError(f"{what}: the database stayed unreachable for {waited:.0f} s") from exc
-            since = since or time.strftime("%H:%M:%S")
-            logger.warning(
-                "%s: database unreachable since %s (%s), retrying in %.0f s (gives up after %.0f s)",
-                what,
-                since,
-                type(exc).__name__,
-                delay,
-                limit,
-            )
-            sleep(delay)
-            slept += delay
-            delay = min(delay * 2, RETRY_DELAY_MAX)
+    return RetryingStorage(optuna_private.cached(storage), storage)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -281,7 +161,8 @@ def fail_stale_trials(study: optuna.Study) -> None:
     the heartbeat design documents."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retrying(lambda: optuna.storages.fail_stale_trials(study), "check stale trials")
+        with storage_task("check stale trials"):
+            optuna.storages.fail_stale_trials(study)
 
 
 class Heartbeat:
@@ -299,7 +180,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while True:
             try:
-                self._storage.record_heartbeat(self._trial_id)
+                unretried(self._storage).record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
             except TRANSIENT as exc:
                 logger.warning("heartbeat of trial id %d not recorded: %s", self._trial_id, type(exc).__name__)
             except Exception as exc:
@@ -328,22 +209,21 @@ def exclusive(storage: Any, name: str) -> Iterator[None]:
     read-then-write that must not interleave (topping up a study's trial queue). PostgreSQL and MySQL lock
     in the server; SQLite locks a small file beside the database (``<db>.lock``). A lock dies with its
     holder's connection, so a crashed worker never leaves it held. Other storages are not locked."""
-    backend = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
-    engine: sqlalchemy.engine.Engine | None = getattr(backend, "engine", None)
+    engine: sqlalchemy.engine.Engine | None = getattr(optuna_private.database_of(storage), "engine", None)
     if engine is None:
         yield
         return
     dialect = engine.dialect.name
     if dialect == "postgresql":
         key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-        with engine.connect() as conn:
+        with connect(engine, f"lock {name}") as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
                 yield
             finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
     elif dialect in ("mysql", "mariadb"):
-        with engine.connect() as conn:
+        with connect(engine, f"lock {name}") as conn:
             conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, -1)"), {"name": name[:64]})
             try:
                 yield

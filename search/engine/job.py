@@ -3,7 +3,7 @@
 A job is one attempt of an Optuna trial (a trial of the study, or the baseline's trial in its companion
 study). While it runs it records heartbeats; it starts from its own newest checkpoint when it is a retry;
 after every epoch it checkpoints into the artifact store and writes its records and the checkpoint's id
-into the trial's user attrs (:mod:`search.layout`); when it is stopped or interrupted it is failed and
+into the trial's user attrs (:mod:`search.storage.layout`); when it is stopped or interrupted it is failed and
 queued again, so that the next worker resumes it from that checkpoint (docs/design.md, "Fault tolerance").
 
     with TrainingJob(storage, store, trial, "trial 3") as job:
@@ -25,15 +25,17 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from search import layout
-from search.storage import Heartbeat, retrying
-from search.study import enqueue_retry
-from trainer.errors import CheckpointError
-from trainer.records import EpochRecord
+from koopman_search.search.engine.study import enqueue_retry
+from koopman_search.search.storage import layout
+from koopman_search.search.storage.database import Heartbeat
+from koopman_search.search.storage.optuna_private import trial_id_of
+from koopman_search.search.storage.retry import storage_task
+from koopman_search.trainer.errors import CheckpointError
+from koopman_search.trainer.records import EpochRecord
 
 if TYPE_CHECKING:
-    from trainer.config import TrainerConfig
-    from trainer.loop import HybridKoopmanTrainer
+    from koopman_search.trainer.config import TrainerConfig
+    from koopman_search.trainer.loop import HybridKoopmanTrainer
 
 __all__ = ["CheckpointCorrupt", "TrainingJob", "file_digest"]
 
@@ -73,9 +75,10 @@ class TrainingJob:
         self._store = artifact_store
         self._trial = trial
         self._what = what
-        self._heartbeat = Heartbeat(storage, trial._trial_id)
+        self._heartbeat = Heartbeat(storage, trial_id_of(trial))
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        self.frozen: FrozenTrial = retrying(lambda: storage.get_trial(trial._trial_id), f"read {what}")
+        with storage_task(f"read {what}"):
+            self.frozen: FrozenTrial = storage.get_trial(trial_id_of(trial))
         self.fallback: str | None = None  # why the attempt did not start from its newest checkpoint
         self.digests: dict[str, dict[str, Any]] = {}  # checkpoints written by this attempt
         newest = self.frozen.user_attrs.get(layout.CHECKPOINT)
@@ -109,12 +112,7 @@ class TrainingJob:
         (its recorded size and sha256) when given. Raises :class:`CheckpointCorrupt`."""
         path = self._tmp / name
         try:
-            retrying(
-                lambda: optuna.artifacts.download_artifact(
-                    artifact_store=self._store, file_path=str(path), artifact_id=artifact_id
-                ),
-                "download a checkpoint",
-            )
+            optuna.artifacts.download_artifact(artifact_store=self._store, file_path=str(path), artifact_id=artifact_id)
         except ArtifactNotFound:
             raise CheckpointCorrupt(f"checkpoint {artifact_id} is missing from the artifact store") from None
         if digest and {"size", "sha256"} <= digest.keys():
@@ -130,7 +128,7 @@ class TrainingJob:
     def resume(self, cfg: TrainerConfig) -> HybridKoopmanTrainer | None:
         """The trainer restored from this trial's own newest checkpoint (a retry), else from the one before
         it; None for a first attempt, or when neither can be used (:attr:`fallback` then says why)."""
-        from trainer.loop import HybridKoopmanTrainer
+        from koopman_search.trainer.loop import HybridKoopmanTrainer
 
         own = self.frozen.user_attrs.get(layout.CHECKPOINT)
         if not own:
@@ -161,18 +159,16 @@ class TrainingJob:
         self, trainer: HybridKoopmanTrainer, record: EpochRecord, first_epoch: int | None = None
     ) -> tuple[str, str | None]:
         """Checkpoint the trainer into the artifact store, read it back to check it, and record the epoch in
-        the trial's user attrs (:func:`search.layout.epoch_attrs`; with ``first_epoch``, what the attempt
+        the trial's user attrs (:func:`search.storage.layout.epoch_attrs`; with ``first_epoch``, what the attempt
         spent too). The pointer keeps the checkpoint before it, for a retry to fall back to. Returns the new
         checkpoint's artifact id and the id of the one that no pointer names any more (the caller may drop
         it), or None."""
         path = trainer.save_checkpoint(self._tmp / f"epoch_{record.epoch}.pt")
         digest = file_digest(path)
-        artifact_id = retrying(
-            lambda: optuna.artifacts.upload_artifact(
+        with storage_task(f"upload a checkpoint of {self._what}"):
+            artifact_id = optuna.artifacts.upload_artifact(
                 artifact_store=self._store, file_path=str(path), study_or_trial=self._trial
-            ),
-            f"upload a checkpoint of {self._what}",
-        )
+            )
         path.unlink()
         stored = _stored_digest(self._store, artifact_id)
         if stored != digest:
@@ -190,11 +186,9 @@ class TrainingJob:
         return artifact_id, dropped
 
     def _write_attrs(self, values: dict[str, Any]) -> None:
-        def write() -> None:
+        with storage_task(f"record an epoch of {self._what}"):
             for key, value in values.items():
                 self._trial.set_user_attr(key, value)
-
-        retrying(write, f"record an epoch of {self._what}")
 
     def remove(self, artifact_id: str) -> None:
         """Drop a checkpoint that nothing refers to any more (one already gone is no error)."""
@@ -207,12 +201,12 @@ class TrainingJob:
     def fail(self, study: optuna.Study, reason: str) -> None:
         """FAIL the attempt with ``reason`` (a no-op if it was already failed elsewhere)."""
 
-        def tell() -> None:
+        with storage_task(f"fail {self._what}"):
             self._trial.set_user_attr(layout.FAIL_REASON, reason)
             study.tell(self._trial, state=TrialState.FAIL, skip_if_finished=True)
 
-        retrying(tell, f"fail {self._what}")
-
     def hand_back(self, study: optuna.Study) -> None:
         """Queue the (finished) attempt again: the next worker resumes from its newest checkpoint."""
-        enqueue_retry(study, retrying(lambda: self._storage.get_trial(self._trial._trial_id), f"read {self._what}"))
+        with storage_task(f"read {self._what}"):
+            frozen = self._storage.get_trial(trial_id_of(self._trial))
+        enqueue_retry(study, frozen)
