@@ -33,6 +33,15 @@ fi
 
 if [ "$with_tests" = 1 ]; then
   "${pip[@]}" -e ".[test]"
+  if ! command -v kubectl >/dev/null; then  # the k8s tests cross-check their renderer with `kubectl kustomize`
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "setup.sh: installing Debian's kubernetes-client (kubectl) for the k8s tests" >&2
+      apt-get install -y -q kubernetes-client >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q kubernetes-client >/dev/null; }
+    else
+      echo "setup.sh: the k8s tests need kubectl: sudo apt-get install kubernetes-client" >&2
+    fi
+  fi
   if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "setup.sh: installing Debian's chromium and chromium-driver for the browser tests" >&2

@@ -6,11 +6,8 @@ check_artifacts("runs/artifacts")                # ConfigError (exit 2) unless w
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import optuna
 
 from koopman_search.search.errors import StorageError
 from koopman_search.search.storage import optuna_private
-from koopman_search.trainer.checkpoint import probe_dir
+from koopman_search.trainer.checkpoint import atomic_write, probe_dir
 from koopman_search.trainer.errors import ConfigError
 
 __all__ = ["AtomicFileSystemArtifactStore", "check_artifacts", "open_artifact_store"]
@@ -75,17 +72,7 @@ class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):
     file under the artifact's name, and the temporary one is removed when the failure is an exception."""
 
     def write(self, artifact_id: str, content_body: Any) -> None:
+        # the trainer's atomic write; a directory removed while the study runs is the environment's fault, so
+        # it is made again (parents=True) and the study goes on
         target = Path(optuna_private.artifact_path(self, artifact_id))
-        # a directory removed while the study runs is the environment's fault: make it again and go on
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                shutil.copyfileobj(content_body, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(target, lambda fh: shutil.copyfileobj(content_body, fh), parents=True)

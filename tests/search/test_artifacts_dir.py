@@ -35,14 +35,12 @@ def test_artifacts_naming_a_file_is_refused_before_the_database_is_written(
 def test_artifacts_on_a_read_only_file_system_is_refused_before_the_database_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import koopman_search.search.storage.artifacts
+    import tempfile
 
     def read_only(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(
-        koopman_search.search.storage.artifacts.tempfile, "NamedTemporaryFile", read_only
-    )  # as on a read-only mount
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)  # as on a read-only mount
     assert main(["create", str(study_file(tmp_path, "art"))]) == 2
     err = capsys.readouterr().err
     assert "artifacts must be a directory this process can write to" in err and "Read-only file system" in err

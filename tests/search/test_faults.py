@@ -47,15 +47,13 @@ from tests.search.pg_cluster import own_cluster
 from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import interruptible, logging_restored, study_names, trials_of
 from tests.search.study_files import write_worker_study as write_study
-from tests.search.test_workers import (  # noqa: F401 - worker_env and processes are fixtures
+from tests.search.worker_processes import (
     Worker,
     open_study,
     originals,
-    processes,
     retries_of,
     running_with_checkpoint,
     wait_for,
-    worker_env,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -436,8 +434,8 @@ def test_a_machine_that_cannot_run_the_study_stops_before_the_baseline_or_any_tr
 def test_a_killed_slots_trial_is_queued_again_at_once_and_the_command_ends_with_nothing_running(
     tmp_path: Path,
     postgres_url: str,
-    worker_env: dict[str, str],  # noqa: F811
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    worker_env: dict[str, str],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     worker_env["KOOPMAN_HEARTBEAT_INTERVAL"] = "30"  # no stale heartbeat within the test: the supervisor acts
     study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
@@ -590,8 +588,8 @@ def _cmdlines() -> list[str]:
 def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_output(
     tmp_path: Path,
     postgres_url: str,
-    worker_env: dict[str, str],  # noqa: F811
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    worker_env: dict[str, str],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     password = "s3cr3t-pa55"
     secret = postgres_url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{password}@")
@@ -624,8 +622,8 @@ def test_a_storage_url_from_a_secret_file_never_shows_its_password_in_argv_or_ou
 @pytest.mark.postgres
 def test_a_database_outage_longer_than_a_workers_patience_never_gives_its_slot_up(
     tmp_path: Path,
-    worker_env: dict[str, str],  # noqa: F811
-    processes: list[subprocess.Popen[bytes]],  # noqa: F811
+    worker_env: dict[str, str],
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     worker_env["KOOPMAN_OUTAGE_TIMEOUT"] = "3"  # each worker process gives up on the database after 3 s
     with own_cluster() as pg:

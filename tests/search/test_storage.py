@@ -12,6 +12,7 @@ import sqlalchemy
 
 from koopman_search.search.errors import StorageError
 from koopman_search.search.storage.database import Heartbeat, exclusive, open_storage
+from koopman_search.search.storage.optuna_private import database_of
 from koopman_search.search.storage.retry import retrying
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -118,16 +119,28 @@ def test_exclusive_on_postgresql_lets_one_holder_in_at_a_time(postgres_url: str)
 # ---- heartbeats ----------------------------------------------------------------------------------------------
 
 
-def test_heartbeat_records_beats_while_it_is_open(tmp_path: Path) -> None:
+def test_heartbeat_records_beats_while_it_is_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'beat.db'}", heartbeat_interval=1)
     study = optuna.create_study(storage=storage, study_name="beat")
     with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna expects heartbeats under Study.optimize only
         trial = study.ask()
+    database = database_of(storage)
+    record, beats = database.record_heartbeat, []
+
+    def counted(trial_id: int) -> None:
+        beats.append(trial_id)
+        record(trial_id)
+
+    monkeypatch.setattr(database, "record_heartbeat", counted)
     with Heartbeat(storage, trial._trial_id, interval=0.05):
-        time.sleep(0.3)
+        time.sleep(0.5)
+    closed = len(beats)
+    time.sleep(0.3)
+    assert closed >= 3 and len(beats) == closed  # it beat again and again while open, and not after
+    assert set(beats) == {trial._trial_id}
     with sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'beat.db'}").connect() as conn:
         rows = conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats")).scalar()
-    assert rows == 1
+    assert rows == 1  # the database keeps the trial's latest beat
 
 
 # ---- opening ---------------------------------------------------------------------------------------------------

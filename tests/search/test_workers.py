@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import optuna
 import pytest
 import sqlalchemy
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from koopman_search.search.cli import main
 from koopman_search.search.errors import SpecError
@@ -36,124 +35,19 @@ from koopman_search.search.workers.child import _watch_supervisor
 from koopman_search.search.workers.slots import split_trials
 from koopman_search.trainer.alloc import GLIBC_TUNED
 from koopman_search.trainer.errors import ConfigError
-from tests.search.slow_model import STEP_SECONDS_ENV
 from tests.search.study_files import write_worker_study as write_study
+from tests.search.worker_processes import (
+    Worker,
+    assert_study_done,
+    open_study,
+    originals,
+    retries_of,
+    running_with_checkpoint,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-
-# ---- study files and helpers -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The environment of worker processes (and of supervisors started in this process)."""
-    monkeypatch.setenv("KOOPMAN_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # tests.search.slow_model, from any working directory
-    monkeypatch.setenv(STEP_SECONDS_ENV, "0.05")
-    return dict(os.environ)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Supervisors started by a test; any left running at the end are killed (their workers see their
-    stdin close and stop by themselves)."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
-class Worker:
-    """``koopman-search worker STUDY ARGS...`` in a process of its own, output in files."""
-
-    def __init__(
-        self, study: Path, args: Sequence[str], env: dict[str, str], tag: str, processes: list[subprocess.Popen[bytes]]
-    ) -> None:
-        self.out_path = study.parent / f"{tag}.out"
-        self.err_path = study.parent / f"{tag}.err"
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "koopman_search.search.cli", "worker", str(study), *args],
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=REPO,
-            )
-        processes.append(self.proc)
-
-    def wait(self, timeout: float = 180) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"worker did not finish in {timeout} s; stderr:\n{self.err[-3000:]}")
-
-    @property
-    def out(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def err(self) -> str:
-        return self.err_path.read_text()
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 120, alive: Sequence[Worker] = ()) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for w in alive:
-            if w.proc.poll() is not None:
-                pytest.fail(f"worker exited ({w.proc.returncode}) while waiting for {what}:\n{w.err[-3000:]}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def open_study(url: str, name: str = "w") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(url, heartbeat=False))
-
-
-def originals(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if "failed_trial" not in t.system_attrs]
-
-
-def retries_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
-    return [t for t in trials if t.system_attrs.get("failed_trial") == number]
-
-
-def assert_records_complete(trial: FrozenTrial) -> None:
-    """Every epoch from 1 to the trial's last is stored, in every column."""
-    columns = trial.user_attrs["records"]
-    last = columns["epoch"][-1]
-    assert columns["epoch"] == list(range(1, last + 1)), trial.number
-    assert {len(values) for values in columns.values()} == {last}, trial.number
-
-
-def assert_study_done(trials: Sequence[FrozenTrial], n_trials: int) -> None:
-    """Exactly the budget issued, nothing left running or queued, every result with all its records."""
-    assert len(originals(trials)) == n_trials
-    assert len({t.number for t in trials}) == len(trials)
-    assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            assert_records_complete(t)
-
-
-def running_with_checkpoint(url: str, epochs: Sequence[int]) -> Callable[[], FrozenTrial | None]:
-    """A RUNNING trial whose last stored checkpoint is after one of ``epochs``."""
-    study = open_study(url)
-
-    def find() -> FrozenTrial | None:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("checkpoint", {}).get("epoch") in epochs and "worker" in t.user_attrs:
-                return t
-        return None
-
-    return find
 
 
 # ---- GPU slots (no GPU needed) ---------------------------------------------------------------------------
@@ -414,8 +308,21 @@ def test_supervisor_passes_a_stop_request_on_to_every_slot(tmp_path: Path) -> No
 
 
 def test_worker_process_stops_when_its_supervisor_goes_away() -> None:
+    # a real process holds the other end of the pipe, as the supervisor holds a worker's stdin
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('job', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert supervisor.stdout is not None
     stop = threading.Event()
-    _watch_supervisor(io.StringIO("anything\n"), stop)  # end of file: the supervisor's end of the pipe closed
+    watcher = threading.Thread(target=_watch_supervisor, args=(supervisor.stdout, stop), daemon=True)
+    watcher.start()
+    watcher.join(timeout=1.0)
+    assert watcher.is_alive() and not stop.is_set()  # the supervisor lives: the worker goes on
+    supervisor.kill()  # SIGKILL: no goodbye, only the pipe's end of file
+    supervisor.wait(timeout=10)
+    watcher.join(timeout=10)
     assert stop.is_set()
 
 

@@ -461,9 +461,22 @@ def test_custom_model_trains_and_reports_val_koopman_nre(corpus: Corpus, tmp_pat
     assert comparable(resumed.records) == comparable(trainer.records)
 
 
-def test_checkpoints_are_written_atomically_without_leftovers(corpus: Corpus, tmp_path: Path) -> None:
-    run(tiny_config({"train.epochs": 2}), corpus, checkpoint_dir=tmp_path)
+def test_checkpoints_are_written_atomically_without_leftovers(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = run(tiny_config({"train.epochs": 2}), corpus, checkpoint_dir=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def save_half_then_fail(obj: object, fh: Any, *args: object, **kwargs: object) -> None:
+        fh.write(b"half a checkpoint")  # as a full disk or a killed write leaves it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before  # the old checkpoint is whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # and the partial one is gone
 
 
 # ----------------------------------------------------------------------------------------------- Koopman metrics
