@@ -4,9 +4,12 @@
     KOOPMAN_OUTAGE_TIMEOUT       seconds a worker waits out a database outage      number >= 0, default 1800
     KOOPMAN_ENV_RETRY_MAX        attempts of a trial its environment may fail      integer >= 0, default 3
 
-The modules that use them read them at import through :func:`env_setting`, which falls back to the default
-(and logs why) on a bad value; every command checks them first through :func:`check_environment`, so a bad
-value stops a command with one line and exit code 2 before it touches anything.
+They are read and checked once, at a process's entry point, into one :class:`RuntimeSettings`: every command
+(``koopman-search ...``) and every worker process reads them with :meth:`RuntimeSettings.from_environment`,
+so a bad value stops it with one line and exit code 2 before it touches anything, and runs under them
+(:func:`configured`). The code that needs one asks :func:`runtime` when it needs it. A library user who never
+goes through an entry point gets them from the environment on first use, a bad value replaced by its default
+with a warning.
 """
 
 from __future__ import annotations
@@ -14,11 +17,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from koopman_search.trainer.errors import ConfigError
 
-__all__ = ["ENV_SETTINGS", "EnvSetting", "check_environment", "env_setting"]
+__all__ = [
+    "ENV_SETTINGS",
+    "EnvSetting",
+    "RuntimeSettings",
+    "check_environment",
+    "configured",
+    "env_setting",
+    "runtime",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +85,55 @@ def env_setting(name: str) -> float:
 
 def check_environment() -> None:
     """Raise :class:`ConfigError` for the first setting in the environment with a bad value."""
-    for name, setting in ENV_SETTINGS.items():
-        raw = os.environ.get(name)
-        if raw:
-            setting.parse(raw)
+    RuntimeSettings.from_environment(strict=True)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The settings a process runs under (the KOOPMAN_* variables above)."""
+
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
+    outage_timeout: float = 1800.0  # seconds a worker waits out a database outage
+    env_retry_max: int = 3  # attempts of a trial its environment may fail
+
+    @classmethod
+    def from_environment(cls, strict: bool = True) -> RuntimeSettings:
+        """Read from the environment. ``strict``: a bad value raises :class:`ConfigError`; else it is
+        replaced by its default, with a warning."""
+        values: list[float] = []
+        for name, setting in ENV_SETTINGS.items():
+            raw = os.environ.get(name)
+            if raw is None or raw == "":
+                values.append(setting.default)
+            elif strict:
+                values.append(setting.parse(raw))
+            else:
+                values.append(env_setting(name))
+        heartbeat, outage, retries = values
+        return cls(int(heartbeat), float(outage), int(retries))
+
+
+_current: RuntimeSettings | None = None
+
+
+def runtime() -> RuntimeSettings:
+    """The settings this process runs under: its entry point's (:func:`configured`), else read from the
+    environment once."""
+    global _current
+    if _current is None:
+        _current = RuntimeSettings.from_environment(strict=False)
+    return _current
+
+
+@contextmanager
+def configured(settings: RuntimeSettings) -> Iterator[RuntimeSettings]:
+    """Run under ``settings`` inside the block (a command, a worker process); the ones before come back after."""
+    global _current
+    before, _current = _current, settings
+    try:
+        yield settings
+    finally:
+        _current = before
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

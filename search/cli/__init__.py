@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from koopman_search.search.settings import check_environment, configure_logging
+from koopman_search.search.settings import RuntimeSettings, configure_logging, configured
 from koopman_search.trainer.errors import ConfigError, DataError, KoopmanError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.debug, args.quiet, args._name)
     try:
-        check_environment()  # a bad KOOPMAN_* setting stops here, before anything is touched
-        return int(args._run(args) or 0)
+        # the KOOPMAN_* settings, read once: a bad one stops here, before anything is touched
+        with configured(RuntimeSettings.from_environment()):
+            return int(args._run(args) or 0)
     except (ConfigError, DataError) as exc:  # bad input: a value, a file, a corpus
         if args.debug:
             raise

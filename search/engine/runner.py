@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, file_digest
 from koopman_search.search.pruning.judge import EpochJudge
-from koopman_search.search.settings import env_setting
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import exclusive
 from koopman_search.search.storage.layout import MatchedBaseline
@@ -38,13 +38,12 @@ if TYPE_CHECKING:
     from koopman_search.trainer.config import TrainerConfig
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["ENV_RETRY_MAX", "TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
+__all__ = ["TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
 
 logger = logging.getLogger(__name__)
 
 # Attempts of one trial that its environment may fail (a full disk, the artifact store, the database) before
 # the trial is given up as lost; each failed attempt is queued again with its parameters and checkpoint.
-ENV_RETRY_MAX = int(env_setting("KOOPMAN_ENV_RETRY_MAX"))  # search/settings.py
 
 
 def is_environment_fault(exc: BaseException) -> bool:
@@ -82,7 +81,7 @@ class TrialOutcome:
     trial_id: int | None = None
     stored: bool = True  # False when the attempt was failed elsewhere meanwhile and its end was dropped
     requeued: bool = False  # interrupted, or failed by its environment, and queued again: not a trial used up
-    lost: bool = False  # failed by its environment ENV_RETRY_MAX times: not queued again
+    lost: bool = False  # failed by its environment more than KOOPMAN_ENV_RETRY_MAX times: not queued again
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -336,7 +335,8 @@ class TrialRunner:
                 trial.set_user_attr(layout.ENV_FAILURES, failures)
         except Exception:
             logger.warning("trial %d: its environment failure could not be counted", trial.number)
-        lost = failures > ENV_RETRY_MAX
+        allowed = runtime().env_retry_max  # KOOPMAN_ENV_RETRY_MAX
+        lost = failures > allowed
         if lost:
             logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures, reason)
         else:
@@ -345,7 +345,7 @@ class TrialRunner:
                 "parameters and checkpoint",
                 trial.number,
                 failures,
-                ENV_RETRY_MAX,
+                allowed,
             )
         return True, lost
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from koopman_search.search.errors import SpecError, StudyNotFoundError
@@ -38,6 +38,7 @@ __all__ = [
     "ensure_budget",
     "is_retry",
     "load_study",
+    "requeue_dead_trial",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ OUTCOME_ATTRS = (layout.FAIL_REASON, layout.PRUNE_REASON, layout.PRUNED_EPOCH, l
 
 
 def create_or_load_study(
-    spec: StudySpec, storage: RDBStorage, seed_offset: int = 0, redefine: bool = False
+    spec: StudySpec, storage: BaseStorage, seed_offset: int = 0, redefine: bool = False
 ) -> tuple[optuna.Study, bool]:
     """The study named in ``spec``: created if absent (idempotent), else loaded and checked against the
     file (:func:`check_stored_definition`; with ``redefine``, a changed definition is recorded instead of
@@ -157,7 +158,7 @@ def check_stored_definition(study: optuna.Study, spec: StudySpec, redefine: bool
     )
 
 
-def load_study(storage: RDBStorage, name: str, seed_offset: int = 0, spec: StudySpec | None = None) -> optuna.Study:
+def load_study(storage: BaseStorage, name: str, seed_offset: int = 0, spec: StudySpec | None = None) -> optuna.Study:
     """Load an existing study by name, with the sampler and pruner of its study file when given."""
     kwargs: dict[str, Any] = {}
     if spec is not None:
@@ -234,6 +235,25 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     # a Trial reads the study for the sampler's relative search space: an outage here is retried too
     with storage_task("start the claimed trial"):
         return optuna.Trial(study, trial_id)
+
+
+def requeue_dead_trial(storage: BaseStorage, study_name: str, number: int, reason: str) -> bool:
+    """Fail the RUNNING trial ``number`` of a worker process that died, with ``reason``, and queue it again
+    at once (its retry resumes from its checkpoint). False when it is no longer RUNNING. The database gets
+    10 s: a supervisor does not wait out an outage for a dead child (the heartbeat does it later)."""
+    with storage_task(f"fail trial {number}", timeout=10.0):
+        study = load_study(storage, study_name)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        frozen = next((t for t in running if t.number == number), None)
+        if frozen is None:
+            return False
+        trial_id = trial_id_of(frozen)
+        storage.set_trial_user_attr(trial_id, layout.FAIL_REASON, reason)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+        frozen = storage.get_trial(trial_id)
+    enqueue_retry(study, frozen)
+    return True
 
 
 def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 from koopman_search.search.storage.artifacts import check_artifacts, open_artifact_store
 from koopman_search.search.storage.database import (
-    HEARTBEAT_INTERVAL,
     MAX_RETRY,
     Heartbeat,
     exclusive,
     fail_stale_trials,
     open_storage,
 )
-from koopman_search.search.storage.retry import OUTAGE_TIMEOUT, TRANSIENT, RetryingStorage, storage_task
+from koopman_search.search.storage.retry import TRANSIENT, RetryingStorage, storage_task
 
 __all__ = [
-    "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
-    "OUTAGE_TIMEOUT",
     "TRANSIENT",
     "Heartbeat",
     "RetryingStorage",

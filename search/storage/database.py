@@ -25,13 +25,12 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from koopman_search.search.errors import StorageError
-from koopman_search.search.settings import env_setting
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage import optuna_private
 from koopman_search.search.storage.retry import TRANSIENT, RetryingStorage, connect, storage_task, unretried
 from koopman_search.search.studyfile.urls import redact_text, redact_url
 
 __all__ = [
-    "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
     "Heartbeat",
     "exclusive",
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 # A running trial records a heartbeat this often (seconds); one silent for GRACE_FACTOR intervals is stale
 # and is failed, then retried (RetryHeartbeatStaleTrialCallback) from its last checkpoint.
-HEARTBEAT_INTERVAL = int(env_setting("KOOPMAN_HEARTBEAT_INTERVAL"))  # search/settings.py
 GRACE_FACTOR = 4
 MAX_RETRY = 3  # retries of one trial after its worker died
 
@@ -123,7 +121,7 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
     :data:`MAX_RETRY` times. Connections are checked before use (``pool_pre_ping``) so that workers
     survive a database restart. ``grpc://HOST:PORT`` is a storage proxy in front of the database instead.
     """
-    interval = heartbeat_interval or HEARTBEAT_INTERVAL
+    interval = heartbeat_interval or runtime().heartbeat_interval
     if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/storage/proxy.py)
         from koopman_search.search.storage.proxy_client import open_proxy_storage
 
@@ -172,7 +170,7 @@ class Heartbeat:
     def __init__(self, storage: RDBStorage, trial_id: int, interval: float | None = None) -> None:
         self._storage = storage
         self._trial_id = trial_id
-        self._interval = interval or storage.heartbeat_interval or HEARTBEAT_INTERVAL
+        self._interval = interval or storage.heartbeat_interval or runtime().heartbeat_interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
         self.errors = 0  # beats that failed with an error that is not a database outage

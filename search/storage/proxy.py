@@ -38,8 +38,9 @@ import optuna
 from optuna.storages import BaseStorage
 
 from koopman_search.search.errors import SpecError, StorageError
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage import optuna_private
-from koopman_search.search.storage.database import GRACE_FACTOR, HEARTBEAT_INTERVAL, open_storage
+from koopman_search.search.storage.database import GRACE_FACTOR, open_storage
 from koopman_search.search.storage.proxy_client import (
     DEFAULT_PORT,
     HEARTBEAT_KEY,
@@ -128,7 +129,7 @@ def serve(
             f"storage-proxy serves a database, not another proxy, but got storage={database_url!r}; "
             "give it the postgresql+psycopg:// URL"
         )
-    interval = heartbeat_interval or HEARTBEAT_INTERVAL
+    interval = heartbeat_interval or runtime().heartbeat_interval
     rdb = open_storage(database_url, heartbeat=True, heartbeat_interval=interval)
     # Optuna's cache: finished trials are read once, so a claim reads only the unfinished ones
     storage = optuna_private.cached(rdb)

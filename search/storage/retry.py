@@ -5,7 +5,7 @@
         trial_id = storage.get_all_trials(...)         # retried, 1 s doubling to 30 s apart
 
 A database restart or a network blip raises one of :data:`TRANSIENT`; the call is tried again, backing off,
-until it succeeds or :data:`OUTAGE_TIMEOUT` (``KOOPMAN_OUTAGE_TIMEOUT``) has passed, then it raises
+until it succeeds or the outage timeout (``KOOPMAN_OUTAGE_TIMEOUT``, search/settings.py) has passed, then it raises
 :class:`StorageError` (docs/design.md, "Fault model"). Any other error is raised at once. The storage is
 wrapped once, at the outside (as Optuna wraps an RDB storage in its cache), so no call in the search is
 left unretried and none is retried twice: a call made while another is being retried (the cache reading
@@ -30,10 +30,10 @@ import sqlalchemy
 from optuna.storages import BaseStorage
 
 from koopman_search.search.errors import StorageError
-from koopman_search.search.settings import env_setting
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage.optuna_private import BaseHeartbeat
 
-__all__ = ["OUTAGE_TIMEOUT", "TRANSIENT", "RetryingStorage", "connect", "retrying", "storage_task", "unretried"]
+__all__ = ["TRANSIENT", "RetryingStorage", "connect", "retrying", "storage_task", "unretried"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, opt
 # How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
 # database restart or failover; a trial whose heartbeat went stale meanwhile is retried from its checkpoint
 # (docs/design.md, "Fault model").
-OUTAGE_TIMEOUT = float(env_setting("KOOPMAN_OUTAGE_TIMEOUT"))
 RETRY_DELAY_MAX = 30.0
 
 # What the caller is doing, for the log line and the error ("claim a trial: database unreachable since ...");
@@ -71,10 +70,10 @@ def retrying(
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``fn`` until it stops raising a transient database error, backing off (1 s doubling, at most
-    :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default :data:`OUTAGE_TIMEOUT`), with one status line per
+    :data:`RETRY_DELAY_MAX`) up to ``timeout`` s (default: the outage timeout), with one status line per
     attempt that says since when the database is unreachable. The time counted is the wall time since the
     first failure (a call that hangs before it fails counts too) or the pauses slept, whichever is longer."""
-    limit = OUTAGE_TIMEOUT if timeout is None else timeout
+    limit = runtime().outage_timeout if timeout is None else timeout
     delay, slept, since = 1.0, 0.0, ""
     first: float | None = None
     while True:

@@ -41,17 +41,20 @@ from __future__ import annotations
 
 from koopman_search.search.workers.events import EXIT_FATAL
 from koopman_search.search.workers.loop import WorkerSummary, run_worker
+from koopman_search.search.workers.restart import MAX_RESTARTS, RestartDecision, decide_restart
 from koopman_search.search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots
-from koopman_search.search.workers.supervisor import MAX_RESTARTS, Supervisor, build_supervisor
+from koopman_search.search.workers.supervisor import Supervisor, build_supervisor
 
 __all__ = [
     "EXIT_FATAL",
     "MAX_RESTARTS",
+    "RestartDecision",
     "Slot",
     "Supervisor",
     "WorkerSummary",
     "available_gpus",
     "build_supervisor",
+    "decide_restart",
     "parse_gpus",
     "plan_slots",
     "run_worker",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from koopman_search.search.errors import BaselineError, StorageError, StudyNotFoundError
-from koopman_search.search.settings import configure_logging
+from koopman_search.search.settings import RuntimeSettings, configure_logging, configured
 from koopman_search.search.studyfile.spec import spec_from_dict
 from koopman_search.search.workers import events
 from koopman_search.search.workers.events import EXIT_FATAL, EXIT_OUTAGE, EventWriter
@@ -78,7 +78,8 @@ def child_main() -> int:
     writer.emit(events.READY, pid=os.getpid(), device=job["device"])
 
     try:
-        summary = _run(job, writer, stop)
+        with configured(RuntimeSettings.from_environment()):  # the KOOPMAN_* settings, read once
+            summary = _run(job, writer, stop)
     except KeyboardInterrupt:
         writer.emit(events.EXIT, reason="stopped at once")
         return 0

@@ -22,17 +22,15 @@ from koopman_search.search.settings import LOGGER
 from koopman_search.search.studyfile.spec import StudySpec
 from koopman_search.search.workers import events
 from koopman_search.search.workers.board import Board, BoardHandler, SlotRun
-from koopman_search.search.workers.events import EXIT_FATAL, EXIT_OUTAGE
+from koopman_search.search.workers.restart import decide_restart
 from koopman_search.search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
 from koopman_search.trainer.alloc import allocator_env, chosen_allocator
 from koopman_search.trainer.errors import KoopmanError
 
-__all__ = ["CHILD_COMMAND", "EXIT_FATAL", "MAX_RESTARTS", "Supervisor", "build_supervisor"]
+__all__ = ["CHILD_COMMAND", "Supervisor", "build_supervisor"]
 
 logger = logging.getLogger(__name__)
 
-MAX_RESTARTS = 5  # crashes in a row (no trial finished in between) before a slot is given up
-RESTART_DELAY, RESTART_DELAY_MAX = 1.0, 60.0  # seconds before a crashed slot starts again; doubles per crash
 CHILD_COMMAND = (sys.executable, "-m", "koopman_search.search.workers")
 SEED_OFFSET_RANGE = 2**30
 
@@ -312,66 +310,49 @@ class Supervisor:
             if self._requeue(run.current, _describe_exit(code)):
                 run.started -= 1  # the killed attempt does not count toward --n-trials
             run.current = None
-        if code == 0:
-            self._finish(run, "stopped" if self.stop_requested else f"finished ({run.finished} trial(s))")
-            return
         how = _describe_exit(code)
-        if self.stop_requested:
-            self._finish(run, f"stopped ({how})")
+        share_used = run.share is not None and run.started >= run.share
+        decision = decide_restart(code, self.stop_requested, share_used, run.crashes, run.outages)
+        if decision.action == "restart":
+            run.restart_at = self._clock() + decision.delay
+            if decision.reason == "outage":
+                run.outages += 1
+                logger.warning(
+                    "%s: the database is unreachable; starting it again in %.0f s", run.slot.label, decision.delay
+                )
+                self._board.update(run, f"database unreachable; starting again in {decision.delay:.0f} s")
+            else:
+                run.crashes += 1
+                logger.warning("%s %s; starting it again in %.0f s", run.slot.label, how, decision.delay)
+                self._board.update(run, f"{how}; starting again in {decision.delay:.0f} s")
             return
-        if code == EXIT_FATAL:
-            run.failed = True
-            self._finish(run, f"failed ({how}); not started again")
-            return
-        if run.share is not None and run.started >= run.share:
-            self._finish(run, f"{how} after its last trial")
-            return
-        if code == EXIT_OUTAGE:  # the database is out of reach: wait for it, never give the slot up
-            delay = min(RESTART_DELAY * 2**run.outages, RESTART_DELAY_MAX)
-            run.outages += 1
-            run.restart_at = self._clock() + delay
-            logger.warning("%s: the database is unreachable; starting it again in %.0f s", run.slot.label, delay)
-            self._board.update(run, f"database unreachable; starting again in {delay:.0f} s")
-            return
-        if run.crashes >= MAX_RESTARTS:
-            run.failed = True
-            self._finish(run, f"{how}; gave up after {run.crashes + 1} crashes in a row")
-            return
-        delay = min(RESTART_DELAY * 2**run.crashes, RESTART_DELAY_MAX)
-        run.crashes += 1
-        run.restart_at = self._clock() + delay
-        logger.warning("%s %s; starting it again in %.0f s", run.slot.label, how, delay)
-        self._board.update(run, f"{how}; starting again in {delay:.0f} s")
+        run.failed = decision.action == "give up"
+        self._finish(
+            run,
+            {
+                "finished": f"finished ({run.finished} trial(s))",
+                "stopped": "stopped" if code == 0 else f"stopped ({how})",
+                "fatal": f"failed ({how}); not started again",
+                "share used": f"{how} after its last trial",
+                "too many crashes": f"{how}; gave up after {run.crashes + 1} crashes in a row",
+            }[decision.reason],
+        )
 
     def _requeue(self, number: int, how: str) -> bool:
         """Fail the trial of a process that died and queue it again at once (no wait for its heartbeat to go
         stale); its retry resumes from its checkpoint. False when it was no longer RUNNING, or the
         database could not be reached (the heartbeat then does it later)."""
         import optuna
-        from optuna.trial import TrialState
 
-        from koopman_search.search.engine.study import enqueue_retry, load_study
-        from koopman_search.search.storage import layout
+        from koopman_search.search.engine.study import requeue_dead_trial
         from koopman_search.search.storage.database import open_storage
-        from koopman_search.search.storage.optuna_private import trial_id_of
-        from koopman_search.search.storage.retry import storage_task
 
+        reason = f"its worker process {how}; queued to resume from its last checkpoint"
         try:
-            with storage_task(f"fail trial {number}", timeout=10.0):
-                if self._storage is None:
-                    self._storage = open_storage(self._spec.storage_url, heartbeat=False)
-                study = load_study(self._storage, self._spec.name)
-                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                frozen = next((t for t in running if t.number == number), None)
-                if frozen is None:
-                    return False
-                trial_id = trial_id_of(frozen)
-                reason = f"its worker process {how}; queued to resume from its last checkpoint"
-                self._storage.set_trial_user_attr(trial_id, layout.FAIL_REASON, reason)
-                if not self._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                    return False
-                frozen = self._storage.get_trial(trial_id)
-            enqueue_retry(study, frozen)
+            if self._storage is None:
+                self._storage = open_storage(self._spec.storage_url, heartbeat=False)
+            if not requeue_dead_trial(self._storage, self._spec.name, number, reason):
+                return False
         except (optuna.exceptions.OptunaError, KoopmanError, ValueError) as exc:
             logger.warning("trial %d of a dead process not queued again here (%s); its heartbeat will be", number, exc)
             return False

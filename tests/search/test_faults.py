@@ -31,7 +31,6 @@ import torch
 from optuna.trial import TrialState
 
 from koopman_search.search.cli import main
-from koopman_search.search.engine import runner
 from koopman_search.search.engine.baseline import baseline_config_hash, rerun_baseline
 from koopman_search.search.engine.runner import TrialOutcome
 from koopman_search.search.engine.study import ensure_budget
@@ -278,7 +277,7 @@ def test_a_full_artifact_disk_fails_the_attempt_queues_it_again_and_the_budget_i
 def test_a_trial_its_environment_fails_too_often_is_lost_and_launch_says_so_with_exit_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(runner, "ENV_RETRY_MAX", 1)
+    monkeypatch.setenv("KOOPMAN_ENV_RETRY_MAX", "1")  # read by each command below
     with small_disk() as disk:
         path = write_study(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", n_trials=1, epochs=2, start_epoch=1)
         monkeypatch.setenv("KOOPMAN_ARTIFACTS", str(disk / "artifacts"))
@@ -361,6 +360,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
 def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import koopman_search.trainer.loop  # noqa: F401 - trainer.loop below
     from koopman_search import trainer
 
     url = f"sqlite:///{tmp_path / 'w.db'}"

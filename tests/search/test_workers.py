@@ -372,6 +372,7 @@ def test_worker_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> Non
 def test_a_trial_that_raises_fails_with_its_reason_and_a_nan_prunes_while_the_worker_goes_on(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import koopman_search.trainer.loop  # noqa: F401 - trainer.loop below
     from koopman_search import trainer
 
     base = {"koopman_weight_max": 0.1, "koopman_start_epoch": 2, "fallback_threshold": 8.0, "schedule": "linear"}
