@@ -36,7 +36,7 @@ def set_torch_threads(threads: int) -> int:
         raise ValueError(f"threads must be >= 1, but got threads={threads}")
     torch.set_num_threads(threads)
     try:
-        torch.set_interop_threads(threads)
+        torch.set_num_interop_threads(threads)
     except RuntimeError:  # set already, or parallel work has started: the inter-op pool keeps its size
         logger.debug("torch's inter-op threads stay at %d", torch.get_num_interop_threads())
     return int(torch.get_num_threads())

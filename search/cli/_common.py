@@ -28,6 +28,7 @@ __all__ = [
     "render_table",
     "resolve_target",
     "spec_with_overrides",
+    "use_threads",
     "waiting_trials",
 ]
 
@@ -88,6 +89,17 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
         help="processes, so concurrent trials, per GPU (default 1)",
     )
     p.add_argument("--workers", type=int, metavar="N", help="CPU processes when --gpus is left out (default 1)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads per worker process, GPU slots too (default: $OMP_NUM_THREADS, else the cores "
+        "this process may use divided among its processes)",
+    )
 
 
 def storage_from_file() -> str | None:
@@ -157,11 +169,20 @@ def resolve_target(args: argparse.Namespace) -> StudyTarget:
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """``--n-trials``, ``--workers`` and ``--trials-per-gpu`` are at least 1 when given."""
-    for name in ("n_trials", "workers", "trials_per_gpu"):
+    """``--n-trials``, ``--workers``, ``--trials-per-gpu`` and ``--threads`` are at least 1 when given."""
+    for name in ("n_trials", "workers", "trials_per_gpu", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")
+
+
+def use_threads(threads: int | None) -> int:
+    """This process as the one worker slot: torch's threads from ``--threads``, else ``$OMP_NUM_THREADS``, else
+    every core it may use (search/workers/slots.py). Returns the count set."""
+    from koopman_search.search.workers.slots import omp_threads, threads_per_slot
+    from koopman_search.trainer.threads import set_torch_threads
+
+    return set_torch_threads(threads_per_slot(1, threads=threads or omp_threads()))
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:

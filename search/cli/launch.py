@@ -13,6 +13,7 @@ from koopman_search.search.cli._common import (
     add_worker_args,
     check_counts,
     spec_with_overrides,
+    use_threads,
     waiting_trials,
 )
 from koopman_search.search.studyfile.spec import load_spec
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched
         from koopman_search.search.workers import build_supervisor
 
-        supervisor = build_supervisor(spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers)
+        supervisor = build_supervisor(
+            spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers, threads=args.threads
+        )
     check_source(spec.trainer.data.source)  # this command trains: its data must be here
     check_artifacts(spec.artifacts_dir)  # before the database is written
     storage = open_storage(spec.storage_url)
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         interrupted = supervisor.stop_requested
         failed = code != 0 and not interrupted  # a slot stopped for good, or a trial was lost: said above
     else:
+        use_threads(args.threads)
         interrupted, failed = _run_with_progress(spec, study, lost), False
     _annotate(study)
     print()

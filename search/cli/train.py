@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from koopman_search.search.cli._common import add_threads_arg, check_counts, use_threads
 from koopman_search.trainer.checkpoint import probe_dir
 from koopman_search.trainer.config import FIT_MODES, LOSSES, SCHEDULES, TrainerConfig, load_config, with_overrides
 from koopman_search.trainer.errors import ConfigError
@@ -66,6 +67,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/last.pt of --checkpoint-dir")
     p.add_argument("--json", action="store_true", help="one JSON object per epoch on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_threads_arg(p)
     return p
 
 
@@ -159,7 +161,9 @@ def _json_record(r: EpochRecord) -> str:
 def run(args: argparse.Namespace) -> int:
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
+    check_counts(args)
     cfg = build_config(args)
+    use_threads(args.threads)
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir, but got checkpoint_dir=None")
     if args.checkpoint_dir:

@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     supervisor = build_supervisor(
-        spec, gpus=args.gpus, trials_per_gpu=args.trials_per_gpu, workers=args.workers, max_trials=args.n_trials
+        spec,
+        gpus=args.gpus,
+        trials_per_gpu=args.trials_per_gpu,
+        workers=args.workers,
+        max_trials=args.n_trials,
+        threads=args.threads,
     )
     check_source(spec.trainer.data.source)  # this command trains: its data must be here
     check_artifacts(spec.artifacts_dir)  # before the database is written

@@ -77,6 +77,10 @@ def child_main() -> int:
     threading.Thread(target=_watch_supervisor, args=(sys.stdin, stop), daemon=True, name="supervisor-watch").start()
     writer.emit(events.READY, pid=os.getpid(), device=job["device"])
 
+    if job.get("threads"):
+        from koopman_search.trainer.threads import set_torch_threads
+
+        set_torch_threads(int(job["threads"]))  # the slot's share of the cores, before any torch work
     try:
         with configured(RuntimeSettings.from_environment()):  # the KOOPMAN_* settings, read once
             summary = _run(job, writer, stop)

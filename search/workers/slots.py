@@ -1,14 +1,23 @@
-"""GPU slots: which worker processes to start on this machine, each pinned to its GPU (or on CPU)."""
+"""GPU slots: which worker processes to start on this machine, each pinned to its GPU (or on CPU), and the
+torch threads each may use.
+
+Every slot, CPU or GPU, gets ``threads`` torch threads (intra- and inter-op; ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS`` in its environment too): ``--threads`` when given, else the cores this process may use
+divided evenly among the slots, at least one (:func:`threads_per_slot`). A GPU slot needs its CPU threads
+too (batching, validation metrics, checkpoints); without a setting each would start one per core.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from koopman_search.search.errors import SpecError
+from koopman_search.trainer.threads import THREADS_ENV, usable_cores
 
-__all__ = ["Slot", "available_gpus", "parse_gpus", "plan_slots", "split_trials"]
+__all__ = ["Slot", "available_gpus", "omp_threads", "parse_gpus", "plan_slots", "split_trials", "threads_per_slot"]
 
 _GPU_INDEX = re.compile(r"[0-9]+", re.ASCII)
 
@@ -21,6 +30,7 @@ class Slot:
     gpu: int | None
     env: dict[str, str]
     device: str  # "cuda" (the one GPU the process sees) or "cpu"
+    threads: int = 1  # torch threads of its process
 
     @property
     def label(self) -> str:
@@ -66,22 +76,41 @@ def parse_gpus(spec: str | None, available: int) -> list[int]:
     return gpus
 
 
+def threads_per_slot(n_slots: int, cores: int | None = None, threads: int | None = None) -> int:
+    """torch threads for each of ``n_slots`` worker processes on a machine: ``threads`` (``--threads``) when
+    given, else ``cores`` (default: those this process may use) divided evenly, at least 1."""
+    if threads is not None:
+        if threads < 1:
+            raise SpecError(f"--threads must be >= 1, but got threads={threads}")
+        return threads
+    return max(1, (cores if cores is not None else usable_cores()) // max(1, n_slots))
+
+
 def plan_slots(
-    gpus: Sequence[int], trials_per_gpu: int = 1, workers: int | None = None, visible_devices: str | None = None
+    gpus: Sequence[int],
+    trials_per_gpu: int = 1,
+    workers: int | None = None,
+    visible_devices: str | None = None,
+    *,
+    threads: int | None = None,
+    cores: int | None = None,
 ) -> list[Slot]:
     """The worker processes to start: ``trials_per_gpu`` per GPU, GPU by GPU in the order given, each
     pinned with ``CUDA_VISIBLE_DEVICES`` to its one GPU; or, without GPUs, ``workers`` (default 1) CPU
     processes that see no GPU at all.
 
     ``visible_devices`` is this process's own ``CUDA_VISIBLE_DEVICES``, if any: GPU index i then means its
-    i-th entry, which is what the child must be pinned to."""
+    i-th entry, which is what the child must be pinned to. Each slot's torch threads: :func:`threads_per_slot`
+    of ``threads`` (``--threads``) and ``cores``."""
     if trials_per_gpu < 1:
         raise SpecError(f"--trials-per-gpu must be >= 1, but got trials_per_gpu={trials_per_gpu}")
     if workers is not None and workers < 1:
         raise SpecError(f"--workers must be >= 1, but got workers={workers}")
+    n_slots = len(gpus) * trials_per_gpu if gpus else workers or 1
+    per_slot = threads_per_slot(n_slots, cores, threads)
+    pinned_threads = dict.fromkeys(THREADS_ENV, str(per_slot))
     if not gpus:
-        return [Slot(i, None, {"CUDA_VISIBLE_DEVICES": ""}, "cpu") for i in range(workers or 1)]
-    n_slots = len(gpus) * trials_per_gpu
+        return [Slot(i, None, {"CUDA_VISIBLE_DEVICES": "", **pinned_threads}, "cpu", per_slot) for i in range(n_slots)]
     if workers is not None and workers != n_slots:
         raise SpecError(
             f"--workers must match the GPU slots (GPUs x --trials-per-gpu = {len(gpus)} x {trials_per_gpu} = "
@@ -96,8 +125,15 @@ def plan_slots(
             )
         pinned = names[gpu] if names is not None else str(gpu)
         for _ in range(trials_per_gpu):
-            slots.append(Slot(len(slots), gpu, {"CUDA_VISIBLE_DEVICES": pinned}, "cuda"))
+            slots.append(Slot(len(slots), gpu, {"CUDA_VISIBLE_DEVICES": pinned, **pinned_threads}, "cuda", per_slot))
     return slots
+
+
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` of this process's environment when it is a count >= 1 (a user's own setting), else
+    None."""
+    raw = os.environ.get("OMP_NUM_THREADS", "")
+    return int(raw) if raw.isdigit() and int(raw) >= 1 else None
 
 
 def split_trials(n_slots: int, max_trials: int | None) -> list[int | None]:

@@ -23,7 +23,14 @@ from koopman_search.search.studyfile.spec import StudySpec
 from koopman_search.search.workers import events
 from koopman_search.search.workers.board import Board, BoardHandler, SlotRun
 from koopman_search.search.workers.restart import decide_restart
-from koopman_search.search.workers.slots import Slot, available_gpus, parse_gpus, plan_slots, split_trials
+from koopman_search.search.workers.slots import (
+    Slot,
+    available_gpus,
+    omp_threads,
+    parse_gpus,
+    plan_slots,
+    split_trials,
+)
 from koopman_search.trainer.alloc import allocator_env, chosen_allocator
 from koopman_search.trainer.errors import KoopmanError
 
@@ -183,17 +190,14 @@ class Supervisor:
             "storage_url": self._spec.storage_url,
             "slot": slot.index,
             "device": slot.device,
+            "threads": slot.threads,
             "max_trials": remaining,
             # the sampler's seed is the study's plus this offset: fresh per process, so that processes on
             # several machines, or a slot started again, do not propose the same parameters
             "seed_offset": secrets.randbelow(SEED_OFFSET_RANGE),
             "log_level": logging.getLevelName(logging.getLogger(LOGGER).getEffectiveLevel()),
         }
-        env = {**self._env, **slot.env, "PYTHONUNBUFFERED": "1"}
-        if slot.gpu is None and "OMP_NUM_THREADS" not in env:
-            # CPU slots share the cores; torch's default of one thread per core in each would oversubscribe
-            cpu_slots = sum(1 for r in self._runs if r.slot.gpu is None)
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_slots))
+        env = {**self._env, **slot.env, "PYTHONUNBUFFERED": "1"}  # the slot's threads (search/workers/slots.py)
         proc = subprocess.Popen(
             self._command,
             stdin=subprocess.PIPE,
@@ -387,8 +391,11 @@ def build_supervisor(
     trials_per_gpu: int = 1,
     workers: int | None = None,
     max_trials: int | None = None,
+    threads: int | None = None,
 ) -> Supervisor:
-    """The supervisor for ``--gpus``/``--trials-per-gpu``/``--workers`` on this machine (checked here)."""
+    """The supervisor for ``--gpus``/``--trials-per-gpu``/``--workers``/``--threads`` on this machine (checked
+    here). Without ``threads``, a valid ``OMP_NUM_THREADS`` in the environment is each slot's; else the cores
+    are shared out (:func:`~koopman_search.search.workers.slots.threads_per_slot`)."""
     if isinstance(gpus, str):
         gpu_list = parse_gpus(gpus, available_gpus())
     else:
@@ -400,10 +407,15 @@ def build_supervisor(
                 "no --gpus given: running 1 worker on CPU although %d GPU(s) are visible; add --gpus all to use them",
                 visible,
             )
-    slots = plan_slots(gpu_list, trials_per_gpu, workers, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    slots = plan_slots(
+        gpu_list, trials_per_gpu, workers, os.environ.get("CUDA_VISIBLE_DEVICES"), threads=threads or omp_threads()
+    )
     logger.info(
         "%d worker process(es): %s",
         len(slots),
-        ", ".join(f"{s.label} CUDA_VISIBLE_DEVICES={s.env['CUDA_VISIBLE_DEVICES']!r}" for s in slots),
+        ", ".join(
+            f"{s.label} CUDA_VISIBLE_DEVICES={s.env['CUDA_VISIBLE_DEVICES']!r} {s.threads} torch thread(s)"
+            for s in slots
+        ),
     )
     return Supervisor(spec, slots, max_trials)

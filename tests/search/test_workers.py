@@ -84,7 +84,7 @@ def test_plan_slots_pins_each_process_to_one_gpu_in_a_stable_order() -> None:
     slots = plan_slots([0, 1, 3], trials_per_gpu=2)
     assert [s.index for s in slots] == [0, 1, 2, 3, 4, 5]
     assert [s.gpu for s in slots] == [0, 0, 1, 1, 3, 3]
-    assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0", "0", "1", "1", "3", "3")]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1", "3", "3"]
     assert {s.device for s in slots} == {"cuda"}
     assert plan_slots([0, 1, 3], 2) == slots  # the same every time
 
@@ -97,7 +97,10 @@ def test_plan_slots_maps_indices_through_the_parents_visible_devices() -> None:
 
 
 def test_plan_slots_without_gpus_makes_cpu_processes_that_see_no_gpu() -> None:
-    assert plan_slots([], 1, workers=None) == [Slot(0, None, {"CUDA_VISIBLE_DEVICES": ""}, "cpu")]
+    threads = {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}  # the slot's share of 4 cores (test_threads.py)
+    assert plan_slots([], 1, workers=None, cores=4) == [
+        Slot(0, None, {"CUDA_VISIBLE_DEVICES": "", **threads}, "cpu", 4)
+    ]
     slots = plan_slots([], 1, workers=3)
     assert [(s.index, s.gpu, s.device, s.env["CUDA_VISIBLE_DEVICES"]) for s in slots] == [
         (0, None, "cpu", ""),
