@@ -38,7 +38,7 @@ from torch import nn
 
 from koopman_search.trainer.config import KoopmanConfig
 
-__all__ = ["KoopmanHeads", "KoopmanMetrics", "dmd_operator", "ridge_solve"]
+__all__ = ["KoopmanHeads", "KoopmanMetrics", "dmd_operator", "ridge_solve", "spd_solve"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ def _uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch
     bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init range
     with torch.no_grad():
         return t.uniform_(-bound, bound, generator=generator)
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """X with A X = B for symmetric positive definite A (a ridge system), batched: by Cholesky, which costs
+    half an LU. LU is also what fails, batched, in torch 2.13's CPU build once ``torch.set_num_threads`` was
+    called with 2 or more ("Pivots given to lu_solve must all be greater or equal to 1"); Cholesky does not.
+    Raises ``torch.linalg.LinAlgError`` when A is not positive definite."""
+    return torch.cholesky_solve(b, torch.linalg.cholesky(a))
 
 
 def ridge_solve(
@@ -66,7 +74,7 @@ def ridge_solve(
     a = cxx.double() + lam_t * eye  # (L, k, k), symmetric positive definite
     b = cyx.double() if prior is None else cyx.double() + lam_t * prior.double()
     # K A = B  <=>  A Kᵀ = Bᵀ (A symmetric)
-    kt = torch.linalg.solve(a, b.transpose(-1, -2))
+    kt = spd_solve(a, b.transpose(-1, -2))
     return kt.transpose(-1, -2).to(cxx.dtype)
 
 

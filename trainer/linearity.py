@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from koopman_search.trainer.koopman import spd_solve
+
 __all__ = ["DICTIONARY_SEED", "FEATURES_PER_WIDTH", "RIDGE", "LinearBlockModels", "LinearScore", "fit_linear"]
 
 # m = FEATURES_PER_WIDTH × d random tanh features: with d = 64 the dictionary holds 64 + 256 functions, the
@@ -110,7 +112,7 @@ def fit_linear(h_in: torch.Tensor, h_out: torch.Tensor, ridge: float = RIDGE) ->
     p = cff.shape[-1]
     lam = (ridge * torch.diagonal(cff, dim1=-2, dim2=-1).sum(-1) / p).clamp_min(1e-12)  # (L,)
     eye = torch.eye(p, dtype=torch.float64, device=cff.device)
-    coef = torch.linalg.solve(cff + lam.reshape(-1, 1, 1) * eye, cfy)  # (L, p, d)
+    coef = spd_solve(cff + lam.reshape(-1, 1, 1) * eye, cfy)  # (L, p, d); symmetric positive definite
     bias = y_mean - f_mean @ coef  # (L, 1, d)
     return LinearBlockModels(mean, std, w, b, coef, bias)
 

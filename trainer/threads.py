@@ -34,7 +34,8 @@ def set_torch_threads(threads: int) -> int:
 
     if threads < 1:
         raise ValueError(f"threads must be >= 1, but got threads={threads}")
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:  # a worker process's OMP_NUM_THREADS has set it already
+        torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
     except RuntimeError:  # set already, or parallel work has started: the inter-op pool keeps its size

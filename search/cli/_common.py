@@ -18,6 +18,7 @@ from typing import Any
 
 from koopman_search.search.errors import SpecError
 from koopman_search.search.studyfile.spec import StudySpec, load_spec
+from koopman_search.trainer.errors import ConfigError
 
 __all__ = [
     "StudyTarget",
@@ -25,6 +26,7 @@ __all__ = [
     "add_study_args",
     "add_worker_args",
     "check_counts",
+    "refuse_proxy",
     "render_table",
     "resolve_target",
     "spec_with_overrides",
@@ -200,3 +202,14 @@ def waiting_trials(study: Any, cap: int | None = None) -> int:
 
     n = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     return n if cap is None else min(n, cap)
+
+
+def refuse_proxy(url: str, command: str) -> None:
+    """``create`` and ``launch`` queue the study's budget under a database lock, which the storage proxy cannot
+    hold: refused with one line (exit 2) before anything is written."""
+    if url.startswith("grpc://"):
+        raise ConfigError(
+            f"{command} queues the study's trials under a database lock that the storage proxy cannot hold, but "
+            f"got storage={url!r}; run {command} with the database's own URL (postgresql+psycopg://...) and "
+            "start the workers with --storage grpc://HOST:PORT"
+        )

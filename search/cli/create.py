@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from koopman_search.search.cli._common import add_redefine_arg, add_study_args, spec_with_overrides
+from koopman_search.search.cli._common import add_redefine_arg, add_study_args, refuse_proxy, spec_with_overrides
 from koopman_search.search.studyfile.spec import load_spec
 from koopman_search.search.studyfile.urls import redact_url
 
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from koopman_search.search.storage.database import open_storage
 
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
+    refuse_proxy(spec.storage_url, "create")
     if args.n_trials is not None and args.n_trials < 1:
         from koopman_search.search.errors import SpecError
 

@@ -12,6 +12,7 @@ from koopman_search.search.cli._common import (
     add_study_args,
     add_worker_args,
     check_counts,
+    refuse_proxy,
     spec_with_overrides,
     use_threads,
     waiting_trials,
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             + "; leave --device out"
         )
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
+    refuse_proxy(spec.storage_url, "launch")
     spec = spec.with_device(args.device)
     supervisor = None
     if args.gpus or (args.workers or 1) > 1:  # --gpus/--workers checked before any storage is touched

@@ -201,20 +201,51 @@ class Heartbeat:
             self._thread.join(timeout=10)
 
 
+_UNLOCKED: set[str] = set()
+
+
+def _is_proxy(storage: Any) -> bool:
+    try:
+        from optuna.storages import GrpcStorageProxy
+    except ImportError:  # grpcio is an optional extra: then no storage is a proxy
+        return False
+    return isinstance(storage, GrpcStorageProxy)
+
+
+def _warn_unlocked(name: str) -> None:
+    kind = name.split(" ")[1] if name.count(" ") else name  # "koopman-search warmup ...": "warmup"
+    if kind in _UNLOCKED:
+        return
+    _UNLOCKED.add(kind)
+    logger.warning(
+        "no lock behind the storage proxy: %r runs unlocked (two workers may decide one asha rung at the same "
+        "moment, or rebuild one warmup checkpoint twice); nothing is lost, but run create and launch against "
+        "the database itself",
+        name,
+    )
+
+
 @contextmanager
 def exclusive(storage: Any, name: str) -> Iterator[None]:
     """Hold a lock named ``name`` across processes and machines that share ``storage``, for a short
     read-then-write that must not interleave (topping up a study's trial queue). PostgreSQL and MySQL lock
     in the server; SQLite locks a small file beside the database (``<db>.lock``). A lock dies with its
-    holder's connection, so a crashed worker never leaves it held. Other storages are not locked."""
-    engine: sqlalchemy.engine.Engine | None = getattr(optuna_private.database_of(storage), "engine", None)
+    holder's connection, so a crashed worker never leaves it held, and the connection holds no transaction
+    open meanwhile (autocommit): the lock may be held for minutes (a warmup rebuild trains under it). Behind
+    the storage proxy nothing can be locked: that is said once per lock name, and the work runs unlocked.
+    Other storages (in memory) are not locked."""
+    database = optuna_private.database_of(storage)
+    engine: sqlalchemy.engine.Engine | None = getattr(database, "engine", None)
     if engine is None:
+        if _is_proxy(database):
+            _warn_unlocked(name)
         yield
         return
     dialect = engine.dialect.name
     if dialect == "postgresql":
         key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
         with connect(engine, f"lock {name}") as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
                 yield
@@ -222,6 +253,7 @@ def exclusive(storage: Any, name: str) -> Iterator[None]:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
     elif dialect in ("mysql", "mariadb"):
         with connect(engine, f"lock {name}") as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.execute(sqlalchemy.text("SELECT GET_LOCK(:name, -1)"), {"name": name[:64]})
             try:
                 yield

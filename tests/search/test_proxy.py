@@ -21,10 +21,10 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from koopman_search.search.cli import build_parser
+from koopman_search.search.cli import build_parser, main
 from koopman_search.search.engine.study import claim_waiting_trial
 from koopman_search.search.errors import SpecError, StorageError
-from koopman_search.search.storage.database import GRACE_FACTOR, open_storage
+from koopman_search.search.storage.database import GRACE_FACTOR, exclusive, open_storage
 from koopman_search.search.storage.proxy import HEARTBEAT_KEY, open_proxy_storage, parse_proxy_url
 from koopman_search.search.storage.retry import storage_task
 from tests.search.study_files import KOOPMAN_SEARCH, write_study
@@ -193,6 +193,33 @@ def test_a_trial_finished_elsewhere_cannot_be_claimed_or_finished_through_the_pr
         via._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.0])
     via.tell(trial, 1.0, skip_if_finished=True)  # as the trial runner finishes a trial
     assert [t.state for t in direct.get_trials()] == [TrialState.FAIL]
+
+
+@pytest.mark.postgres
+def test_locks_behind_the_proxy_run_unlocked_and_say_so_once(
+    postgres_url: str, proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = open_storage(proxy.url)
+    ran = []
+    with caplog.at_level("WARNING", logger="koopman_search.search"):
+        for rung in (1, 2):
+            with exclusive(storage, f"koopman-search asha-test rung {rung}"):
+                ran.append(rung)
+    assert ran == [1, 2]
+    said = [r.getMessage() for r in caplog.records if "no lock behind the storage proxy" in r.getMessage()]
+    assert len(said) == 1 and "asha-test rung 1" in said[0]
+
+
+@pytest.mark.parametrize("command", ["create", "launch"])
+def test_create_and_launch_refuse_the_proxy_before_anything_is_written(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path)
+    assert main([command, str(study), "--storage", "grpc://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{command} queues the study's trials under a database lock that the storage proxy cannot hold" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [study.name]
 
 
 @pytest.mark.postgres

@@ -116,6 +116,22 @@ def test_exclusive_on_postgresql_lets_one_holder_in_at_a_time(postgres_url: str)
     assert inside == ["first", "second"]
 
 
+@pytest.mark.postgres
+def test_a_held_postgresql_lock_keeps_no_transaction_open(postgres_url: str) -> None:
+    # a warmup rebuild trains for minutes under this lock: an open transaction would hold back vacuum and
+    # count against idle_in_transaction_session_timeout the whole time
+    storage = open_storage(postgres_url, heartbeat=False)
+    query = sqlalchemy.text(
+        "SELECT state FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+    )
+    with exclusive(storage, "warmup"):
+        with sqlalchemy.create_engine(postgres_url).connect() as watcher:
+            states = [row[0] for row in watcher.execute(query)]
+    assert states == ["idle"]
+    with sqlalchemy.create_engine(postgres_url).connect() as watcher:
+        assert list(watcher.execute(query)) == []  # and released
+
+
 # ---- heartbeats ----------------------------------------------------------------------------------------------
 
 

@@ -3,11 +3,11 @@ or ``--threads``, and the trial records what it ran with."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from koopman_search.search.cli import main
 from koopman_search.search.errors import SpecError
@@ -40,21 +40,33 @@ def test_more_slots_than_cores_get_one_thread_each_and_threads_overrides() -> No
         threads_per_slot(1, threads=0)
 
 
-@pytest.fixture
-def torch_threads_restored() -> Iterator[None]:
-    """An in-process launch sets this process's torch threads; the tests after it get theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_launch_threads_reaches_the_trial_in_process(tmp_path: Path, torch_threads_restored: None) -> None:
+def test_launch_threads_reaches_the_trial_of_a_launch_in_one_process(tmp_path: Path) -> None:
+    # its own process: a launch sets the torch threads of the process it runs in
     url = f"sqlite:///{tmp_path / 'w.db'}"
     path = write_study(tmp_path, url, n_trials=1, epochs=2, start_epoch=1)
-    with logging_restored():
-        assert main(["launch", str(path), "--threads", "1"]) == 0
+    command = [sys.executable, "-m", "koopman_search.search.cli", "-q", "launch", str(path), "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
     [trial] = trials_of(url, "w")
     assert trial.user_attrs["worker"]["torch_threads"] == 1
+
+
+def test_the_ridge_solves_work_after_torch_set_num_threads() -> None:
+    # torch 2.13's CPU build fails batched LU solves once set_num_threads(>= 2) was called; the trainer's
+    # solves are Cholesky (trainer/koopman.py, spd_solve) and must keep working there
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from koopman_search.trainer.koopman import ridge_solve\n"
+        "from koopman_search.trainer.linearity import fit_linear\n"
+        "x = torch.randn(3, 2000, 256)\n"  # the user's Koopman dim: LU fails at this size, not at a small one
+        "k = ridge_solve(torch.einsum('lni,lnj->lij', x, x), torch.einsum('lni,lnj->lij', x, x), 1e-3)\n"
+        "assert torch.allclose(k, torch.eye(256).expand(3, 256, 256), atol=1e-3), k\n"
+        "fit_linear(torch.randn(3, 1000, 64), torch.randn(3, 1000, 64))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.slow
