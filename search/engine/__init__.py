@@ -11,8 +11,8 @@ Workers (search/workers/) call it; it calls the pruners (search/pruning/) and th
 from __future__ import annotations
 
 from koopman_search.search.engine.baseline import ensure_baseline, rerun_baseline, warmup_epochs
-from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob
-from koopman_search.search.engine.runner import TrialOutcome, TrialRunner, format_outcome, is_environment_fault
+from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, is_environment_fault
+from koopman_search.search.engine.runner import TrialOutcome, TrialRunner, format_outcome
 from koopman_search.search.engine.study import (
     check_stored_definition,
     claim_waiting_trial,

@@ -30,9 +30,10 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from koopman_search.search.engine.job import TrainingJob
+from koopman_search.search.engine.job import TrainingJob, is_environment_fault
 from koopman_search.search.engine.study import claim_waiting_trial
 from koopman_search.search.errors import BaselineError
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import fail_stale_trials
 from koopman_search.search.storage.layout import MatchedBaseline
@@ -179,7 +180,11 @@ def ensure_baseline(
         if any(t.state == TrialState.WAITING for t in trials):
             trial = claim_waiting_trial(study)
             if trial is not None:
-                return _run(spec, storage, study, main_study, trial, artifact_store, stop, on_epoch)
+                try:
+                    return _run(spec, storage, study, main_study, trial, artifact_store, stop, on_epoch)
+                except _QueuedAgain as again:  # failed by its environment: run it again after a pause
+                    if stop.wait(again.pause):
+                        raise BaselineError("stopped while waiting to run the baseline again") from None
             continue
         if any(t.state == TrialState.RUNNING for t in trials):
             if not announced:
@@ -276,12 +281,48 @@ def _train(
     return records
 
 
+class _QueuedAgain(Exception):
+    """The baseline run failed by its environment and is queued again; run it after ``pause`` seconds."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__(f"queued again, after {pause:.0f} s")
+        self.pause = pause
+
+
+ENV_RETRY_PAUSE_MAX = 60.0  # seconds; the pause doubles from 2 s with each environment failure
+
+
 def _failed_run(
     spec: StudySpec, study: optuna.Study, main_study: optuna.Study, job: TrainingJob, exc: BaseException
 ) -> NoReturn:
-    """End a baseline run that raised: an interrupted one is queued to resume, a failed one is published as
-    failed (``launch --rerun-baseline`` reruns it). Always raises."""
+    """End a baseline run that raised: an interrupted one is queued to resume; one failed by its environment
+    (a full disk, the artifact store or the database out of reach) is queued again to resume from its last
+    checkpoint, up to ``KOOPMAN_ENV_RETRY_MAX`` times as a trial is, a doubling pause apart; any other failure
+    is published as failed (``launch --rerun-baseline`` reruns it). Always raises."""
     reason = f"{type(exc).__name__}: {exc}"
+    allowed = runtime().env_retry_max
+    if (
+        is_environment_fault(exc)
+        and not isinstance(exc, (KeyboardInterrupt, InterruptedError))  # a stop, not a fault
+        and (failures := job.count_environment_failure()) <= allowed
+    ):
+        try:
+            job.fail(study, reason)
+            job.hand_back(study)
+        except Exception as problem:  # the environment is still down: fall through to a failed baseline
+            logger.warning("the baseline's retry could not be queued: %s", problem)
+        else:
+            pause = min(2.0**failures, ENV_RETRY_PAUSE_MAX)
+            logger.warning(
+                "baseline of study %s failed by its environment (%d of %d allowed): %s; queued again, resuming "
+                "from its last checkpoint in %.0f s",
+                spec.name,
+                failures,
+                allowed,
+                reason,
+                pause,
+            )
+            raise _QueuedAgain(pause) from exc
     job.fail(study, reason)
     if isinstance(exc, (KeyboardInterrupt, InterruptedError)):
         job.hand_back(study)  # the next worker resumes from its last checkpoint

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from koopman_search.trainer.config import TrainerConfig
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["CheckpointCorrupt", "TrainingJob", "file_digest"]
+__all__ = ["CheckpointCorrupt", "TrainingJob", "file_digest", "is_environment_fault"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,27 @@ def _stored_digest(store: Any, artifact_id: str) -> dict[str, Any]:
             sha.update(block)
             size += len(block)
     return {"size": size, "sha256": sha.hexdigest()}
+
+
+def is_environment_fault(exc: BaseException) -> bool:
+    """True for a failure of where the trial runs, not of what it computes: an OS error (a full disk, a
+    missing or corrupt checkpoint file), the storage or the artifact store out of reach, or torch failing to
+    write a checkpoint file."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from koopman_search.search.errors import StorageError
+    from koopman_search.search.storage.retry import TRANSIENT
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, StorageError, ArtifactNotFound, *TRANSIENT)):
+            return True
+        if isinstance(seen, RuntimeError) and any(
+            mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class TrainingJob:
@@ -198,6 +219,17 @@ class TrainingJob:
             logger.debug("checkpoint %s not removed: %s", artifact_id, exc)
 
     # -- ending ----------------------------------------------------------------------------------------------
+    def count_environment_failure(self) -> int:
+        """One more failure of this job's environment, counted in its attrs (a retry inherits the count);
+        returns the count. A count that cannot be stored (the environment still down) is logged, not raised."""
+        failures = int(self.frozen.user_attrs.get(layout.ENV_FAILURES, 0)) + 1
+        try:
+            with storage_task(f"count an environment failure of {self._what}"):
+                self._trial.set_user_attr(layout.ENV_FAILURES, failures)
+        except Exception:
+            logger.warning("%s: its environment failure could not be counted", self._what)
+        return failures
+
     def fail(self, study: optuna.Study, reason: str) -> None:
         """FAIL the attempt with ``reason`` (a no-op if it was already failed elsewhere)."""
 

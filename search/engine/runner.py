@@ -22,7 +22,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, file_digest
+from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, file_digest, is_environment_fault
 from koopman_search.search.pruning.judge import EpochJudge
 from koopman_search.search.settings import runtime
 from koopman_search.search.storage import layout
@@ -38,33 +38,12 @@ if TYPE_CHECKING:
     from koopman_search.trainer.config import TrainerConfig
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["TrialOutcome", "TrialRunner", "format_outcome", "is_environment_fault"]
+__all__ = ["TrialOutcome", "TrialRunner", "format_outcome"]
 
 logger = logging.getLogger(__name__)
 
 # Attempts of one trial that its environment may fail (a full disk, the artifact store, the database) before
 # the trial is given up as lost; each failed attempt is queued again with its parameters and checkpoint.
-
-
-def is_environment_fault(exc: BaseException) -> bool:
-    """True for a failure of where the trial runs, not of what it computes: an OS error (a full disk, a
-    missing or corrupt checkpoint file), the storage or the artifact store out of reach, or torch failing to
-    write a checkpoint file."""
-    from optuna.artifacts.exceptions import ArtifactNotFound
-
-    from koopman_search.search.errors import StorageError
-    from koopman_search.search.storage.retry import TRANSIENT
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (OSError, StorageError, ArtifactNotFound, *TRANSIENT)):
-            return True
-        if isinstance(seen, RuntimeError) and any(
-            mark in str(seen) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 @dataclass(frozen=True)
@@ -329,12 +308,7 @@ class TrialRunner:
 
     def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
         """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
-        failures = int(job.frozen.user_attrs.get(layout.ENV_FAILURES, 0)) + 1
-        try:
-            with storage_task("count an environment failure"):
-                trial.set_user_attr(layout.ENV_FAILURES, failures)
-        except Exception:
-            logger.warning("trial %d: its environment failure could not be counted", trial.number)
+        failures = job.count_environment_failure()
         allowed = runtime().env_retry_max  # KOOPMAN_ENV_RETRY_MAX
         lost = failures > allowed
         if lost:

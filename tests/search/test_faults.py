@@ -8,6 +8,7 @@ never on the shared server. The studies are the tiny ones of :mod:`tests.search.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from koopman_search.search.engine.baseline import baseline_config_hash, rerun_ba
 from koopman_search.search.engine.runner import TrialOutcome
 from koopman_search.search.engine.study import ensure_budget
 from koopman_search.search.errors import BaselineError
+from koopman_search.search.settings import RuntimeSettings, configured
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import open_storage
 from koopman_search.search.studyfile.space import SearchSpace
@@ -380,6 +382,43 @@ def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
     summary = run_worker(load_spec(path))
     assert [o.state for o in summary.outcomes] == ["COMPLETE"]
     assert [t.state for t in trials_of(url, "w.baseline-seed0")] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("faults", "allowed"), [(1, "3"), (2, "1")])
+def test_a_baseline_failed_by_its_environment_is_run_again_from_its_checkpoint_a_bounded_number_of_times(
+    faults: int, allowed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from koopman_search.search.engine import baseline, job
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path = write_study(tmp_path, url, n_trials=1, epochs=3, start_epoch=1)
+    with logging_restored():
+        assert main(["create", str(path)]) == 0
+    monkeypatch.setenv("KOOPMAN_ENV_RETRY_MAX", allowed)
+    monkeypatch.setattr(baseline, "ENV_RETRY_PAUSE_MAX", 0.0)  # no pause between attempts in a test
+    save_epoch, failed = job.TrainingJob.save_epoch, []
+
+    def disk_full_at_epoch_2(self: job.TrainingJob, trainer: Any, record: EpochRecord, *args: Any) -> Any:
+        if record.epoch == 2 and len(failed) < faults and "baseline" in self._what:
+            failed.append(record.epoch)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_epoch(self, trainer, record, *args)
+
+    monkeypatch.setattr(job.TrainingJob, "save_epoch", disk_full_at_epoch_2)
+    with configured(RuntimeSettings.from_environment()):
+        if faults > int(allowed):
+            with pytest.raises(BaselineError, match="No space left on device"):
+                run_worker(load_spec(path))
+            states = [t.state for t in trials_of(url, "w.baseline-seed0")]
+            assert states == [TrialState.FAIL, TrialState.FAIL]  # one retry allowed, then a failed baseline
+            return
+        summary = run_worker(load_spec(path))
+    assert [o.state for o in summary.outcomes] == ["COMPLETE"]
+    runs = trials_of(url, "w.baseline-seed0")
+    assert [t.state for t in runs] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert runs[1].user_attrs["env_failures"] == 1
+    assert runs[1].user_attrs["records"]["epoch"] == [1, 2, 3]  # epoch 1 kept, 2 and 3 trained by the retry
 
 
 @pytest.mark.slow
