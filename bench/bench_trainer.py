@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ from koopman_search.trainer.config import TrainerConfig, config_from_dict, with_
 from koopman_search.trainer.data import Corpus, epoch_order, load_corpus, n_windows, window_batches  # noqa: E402
 from koopman_search.trainer.koopman import KoopmanHeads  # noqa: E402
 from koopman_search.trainer.lm_loss import chunk_tokens, linear_cross_entropy  # noqa: E402
-from koopman_search.trainer.loop import HybridKoopmanTrainer, resolve_device  # noqa: E402
+from koopman_search.trainer.loop import HybridKoopmanTrainer, _koopman_block_hook, resolve_device  # noqa: E402
 from koopman_search.trainer.model import TransformerLM  # noqa: E402
 
 logger = logging.getLogger("bench_trainer")
@@ -318,6 +319,17 @@ def bench_epoch(args: argparse.Namespace, corpus: Corpus, device: torch.device) 
             f"{wall:.3f}",
         )
 
+    # where it goes: validation alone (the same trainer, after its epochs), and the forward perplexity's pass
+    on = trainers["on"]
+    heads = on.koopman
+    val_blocks = {
+        "validation, Koopman off": lambda: on.evaluate(koopman=False),
+        "validation, Koopman on": lambda: on.evaluate(koopman=True),
+        "forward perplexity's pass alone": lambda: on._replaced_ppl(functools.partial(_koopman_block_hook, heads)),
+    }
+    with torch.no_grad():
+        val_clocks = measure(val_blocks, rounds, device, "validation")
+    clocks.update(val_clocks)
     rows = [
         row("Koopman on ÷ off (the shipped trainer: linearity measure in both)", "on", "off"),
         row(
@@ -327,7 +339,17 @@ def bench_epoch(args: argparse.Namespace, corpus: Corpus, device: torch.device) 
         ),
         row("linearity measure's cost: off ÷ off without it", "off", "off, no linearity measure"),
         row("linearity measure's cost: on ÷ on without it", "on", "on, no linearity measure"),
+        row("validation alone: Koopman on ÷ off", "validation, Koopman on", "validation, Koopman off"),
+        row(
+            "the forward perplexity's pass ÷ the validation with Koopman off",
+            "forward perplexity's pass alone",
+            "validation, Koopman off",
+        ),
     ]
+    seconds = {n: median([c[which] for c in clocks[n]]) for n in clocks}
+    extra_train = (seconds["on"] - seconds["validation, Koopman on"]) / (
+        seconds["off"] - seconds["validation, Koopman off"]
+    )
     steps, batches = args.epoch_steps, args.epoch_eval_batches
     return (
         f"A whole Koopman epoch: {steps} training steps and a validation of {batches} batches (the user's "
@@ -335,9 +357,11 @@ def bench_epoch(args: argparse.Namespace, corpus: Corpus, device: torch.device) 
         f"about 10:1), Koopman loss at full weight from epoch 1 (default objective and fit), {args.repeats} "
         f"rounds after a warm-up round, the four variants interleaved in one process. Goal ≤ {EPOCH_GOAL:.2f}× "
         f"(stretch ≤ {EPOCH_STRETCH:.2f}×); the notebook's was {NOTEBOOK_EPOCH_RATIO:.2f}× (78 s → 96 s). "
-        f"Ratio: median over rounds of the paired per-round ratio ({clock} time).\n\n"
+        f"Ratio: median over rounds of the paired per-round ratio ({clock} time). The validation rows time "
+        f"`evaluate` alone on the Koopman-on trainer after its epochs; the training steps of an epoch (the epoch "
+        f"less its validation, from the medians) cost {extra_train:.3f}× with the Koopman loss on.\n\n"
         + table(
-            ("ratio", f"median {clock} s per epoch (numerator)", f"ratio ({clock})", "min–max", "ratio (wall)"),
+            ("ratio", f"median {clock} s (numerator)", f"ratio ({clock})", "min–max", "ratio (wall)"),
             rows,
         )
     )
