@@ -415,11 +415,15 @@ def _write_cache(path: Path, key: str, corpus: Corpus) -> None:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_corpus(source: str, vocab_size: int, cache_dir: str = "") -> Corpus:
+def load_corpus(
+    source: str, vocab_size: int, cache_dir: str = "", check: Callable[[Corpus], None] | None = None
+) -> Corpus:
     """Load ``source`` (``builtin``, ``files:DIR`` or ``hf:NAME/CONFIG``) with at most ``vocab_size`` words.
 
-    The encoded splits are cached under ``cache_dir`` (default: :func:`default_cache_dir`). Raises
-    :class:`DataError` for an unknown source, a missing directory or split file, or an empty split.
+    The encoded splits are cached under ``cache_dir`` (default: :func:`default_cache_dir`), once ``check``
+    (the caller's own test of the corpus, e.g. that a split holds a window) has passed: a run refused for its
+    input writes nothing. Raises :class:`DataError` for an unknown source, a missing directory or split file,
+    or an empty split, and whatever ``check`` raises.
     """
     if vocab_size < len(SPECIALS):
         raise ConfigError(
@@ -434,9 +438,13 @@ def load_corpus(source: str, vocab_size: int, cache_dir: str = "") -> Corpus:
     cached = _read_cache(path, key, source)
     if cached is not None:
         logger.info("corpus %s: token cache hit %s (%.2f s)", source, path, time.perf_counter() - start)
+        if check is not None:
+            check(cached)
         return cached
 
     corpus = _tokenize_splits(source, read_texts(), where, vocab_size)
+    if check is not None:
+        check(corpus)
     _write_cache(path, key, corpus)
     logger.info(
         "corpus %s: token cache miss; tokenized %d/%d/%d tokens (vocab %d) in %.2f s, cached at %s",

@@ -97,9 +97,13 @@ class HybridKoopmanTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         d = cfg.data
-        corpus = corpus if corpus is not None else load_corpus(d.source, d.vocab_size, d.cache_dir)
-        check_length(corpus.train, d.seq_len, "train")
-        check_length(corpus.valid, d.seq_len, "valid")
+
+        def long_enough(c: Corpus) -> None:
+            check_length(c.train, d.seq_len, "train")
+            check_length(c.valid, d.seq_len, "valid")
+
+        corpus = corpus if corpus is not None else load_corpus(d.source, d.vocab_size, d.cache_dir, long_enough)
+        long_enough(corpus)
         self.vocab_size = corpus.vocab_size
         self.corpus_fingerprint = corpus_fingerprint(corpus.vocab, (corpus.train, corpus.valid))
         # The token streams live on the device: batches are gathered there, no host→device copy per step.

@@ -238,6 +238,22 @@ def test_missing_corpus_directory_is_bad_input_naming_it(train: Runner, tmp_path
     assert f"the corpus directory must exist, but got {tmp_path / 'absent'}" in err
 
 
+def test_a_split_too_short_for_one_window_exits_2_and_writes_no_token_cache(
+    train: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, cache = tmp_path / "corpus", tmp_path / "cache"
+    data.mkdir()
+    (data / "train.txt").write_text("the cat sat on the mat\n" * 200, encoding="utf-8")
+    for name in ("valid.txt", "test.txt"):
+        (data / name).write_text("a few words here\n", encoding="utf-8")  # 5 tokens: no window of 16
+    monkeypatch.setenv("KOOPMAN_CACHE_DIR", str(cache))
+    code, _, err = train(*TINY_FLAGS, "--data", f"files:{data}")
+    assert code == 2
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "the valid split must hold at least seq_len + 1 = 17 tokens" in lines[0]
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
 def test_an_unreadable_split_file_is_bad_input_naming_it(train: Runner, tmp_path: Path) -> None:
     """A split that is not a regular file (here a directory where train.txt should be) cannot be read."""
     data = tmp_path / "corpus"
