@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -172,6 +173,9 @@ def load_study(storage: BaseStorage, name: str, seed_offset: int = 0, spec: Stud
         ) from None
 
 
+PROGRESS_EVERY = 5.0  # seconds between progress lines while a large budget is queued
+
+
 def ensure_budget(study: optuna.Study, spec: StudySpec, n_trials: int | None = None) -> int:
     """Enqueue the study file's listed trials (once) and empty trials up to ``n_trials`` in all.
 
@@ -199,9 +203,14 @@ def _top_up(study: optuna.Study, spec: StudySpec, target: int) -> int:
         study.enqueue_trial(dict(item.params), user_attrs=user_attrs, skip_if_exists=item.label is None)
         # Optuna skips an unlabelled entry whose parameters a trial already has: count only what it added
         added += len(study.get_trials(deepcopy=False)) - before
-    for _ in range(target - len(issued) - added):
+    empty = target - len(issued) - added
+    shown = time.monotonic()
+    for i in range(empty):
         study.enqueue_trial({})
         added += 1
+        if time.monotonic() - shown >= PROGRESS_EVERY:  # a budget of many thousands takes minutes to queue
+            shown = time.monotonic()
+            logger.info("study %s: queued %d of %d empty trial(s) so far", spec.name, i + 1, empty)
     if added:
         logger.info("study %s: %d trial(s) added to the queue (budget %d)", spec.name, added, target)
     return added

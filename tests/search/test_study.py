@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
@@ -142,3 +143,19 @@ def test_raising_the_budget_counts_only_the_unlabelled_entries_optuna_added(tmp_
     # raised to the file's 3: Optuna skips the first entry (its trial exists), adds the second and one empty
     assert ensure_budget(study, spec) == 2
     assert len(study.get_trials()) == 3
+
+
+def test_queuing_a_large_budget_says_how_far_it_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from koopman_search.search.engine import study as study_module
+
+    monkeypatch.setattr(study_module, "PROGRESS_EVERY", 0.0)  # a line per trial instead of one per 5 s
+    spec = load_spec(write_tiny_study(tmp_path, n_trials=5))
+    study = create_or_load_study(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"))[0]
+    with caplog.at_level("INFO", logger="koopman_search.search"):
+        assert ensure_budget(study, spec) == 5
+    lines = [r.getMessage() for r in caplog.records if "empty trial(s) so far" in r.getMessage()]
+    assert lines[0].endswith("queued 1 of 5 empty trial(s) so far") and lines[-1].endswith(
+        "queued 5 of 5 empty trial(s) so far"
+    )
