@@ -5,8 +5,9 @@
 Runs `koopman-search worker --workers N` on a tiny study (the test suite's slow model: d_model 16, one
 block, 8 steps of 8 x 16 tokens per epoch with a pause of 0.05 s per step) against a PostgreSQL cluster of
 its own and an artifact store on a small tmpfs, and meanwhile, every 3 to 8 s, injects one fault drawn at
-random: kill -9 of a worker process in a trial, a restart of the database (down 2 to 8 s), or a full
-artifact disk (2 to 6 s). Then it prints faults injected, trials finished, trials lost (goal 0), retries
+random: kill -9 of a worker process in a trial, a restart of the database (down 2 to 8 s), a full
+artifact disk (2 to 6 s), the artifacts folder removed (its checkpoints with it), or the artifact disk
+made read-only (2 to 6 s). Then it prints faults injected, trials finished, trials lost (goal 0), retries
 and epochs re-trained. Needs root (tmpfs, and the cluster belongs to the postgres user) and the PostgreSQL
 server binaries. Exit status 1 when a trial was lost.
 """
@@ -35,6 +36,8 @@ from tests.search.pg_cluster import own_cluster  # noqa: E402
 from tests.search.study_files import write_worker_study  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FAULTS = ("kill -9 of a worker", "database restart", "disk full", "artifacts folder removed", "artifacts read-only")
 
 
 def _trials(url: str) -> list[FrozenTrial] | None:
@@ -148,7 +151,7 @@ def main() -> int:
                 time.sleep(rng.uniform(3.0, 8.0))
                 if worker.poll() is not None:
                     break
-                kind = rng.choice(["kill -9 of a worker", "database restart", "disk full"])
+                kind = rng.choice(FAULTS)
                 if kind == "kill -9 of a worker":
                     if not _kill_a_worker(pg.url, rng):
                         continue
@@ -156,10 +159,16 @@ def main() -> int:
                     pg.stop()
                     time.sleep(rng.uniform(2.0, 8.0))
                     pg.start()
-                else:
+                elif kind == "disk full":
                     ballast = _fill(disk)
                     time.sleep(rng.uniform(2.0, 6.0))
                     ballast.unlink()
+                elif kind == "artifacts folder removed":
+                    shutil.rmtree(disk / "artifacts", ignore_errors=True)
+                else:  # read-only: as root, a mode bit stops nothing; the mount does
+                    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+                    time.sleep(rng.uniform(2.0, 6.0))
+                    subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
                 faults[kind] += 1
             try:
                 code = worker.wait(timeout=max(1.0, args.timeout - (time.monotonic() - started)))
@@ -177,7 +186,7 @@ def main() -> int:
     )
     print("| what | count |")
     print("|---|---|")
-    for kind in ("kill -9 of a worker", "database restart", "disk full"):
+    for kind in FAULTS:
         print(f"| faults injected: {kind} | {faults[kind]} |")
     for key, value in result.items():
         print(f"| {key} | {value} |")

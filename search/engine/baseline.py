@@ -30,7 +30,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from koopman_search.search.engine.job import TrainingJob, is_environment_fault
+from koopman_search.search.engine.job import TrainingJob, env_retry_pause, is_environment_fault
 from koopman_search.search.engine.study import claim_waiting_trial
 from koopman_search.search.errors import BaselineError
 from koopman_search.search.settings import runtime
@@ -289,9 +289,6 @@ class _QueuedAgain(Exception):
         self.pause = pause
 
 
-ENV_RETRY_PAUSE_MAX = 60.0  # seconds; the pause doubles from 2 s with each environment failure
-
-
 def _failed_run(
     spec: StudySpec, study: optuna.Study, main_study: optuna.Study, job: TrainingJob, exc: BaseException
 ) -> NoReturn:
@@ -312,7 +309,7 @@ def _failed_run(
         except Exception as problem:  # the environment is still down: fall through to a failed baseline
             logger.warning("the baseline's retry could not be queued: %s", problem)
         else:
-            pause = min(2.0**failures, ENV_RETRY_PAUSE_MAX)
+            pause = env_retry_pause(failures)
             logger.warning(
                 "baseline of study %s failed by its environment (%d of %d allowed): %s; queued again, resuming "
                 "from its last checkpoint in %.0f s",

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from koopman_search.trainer.config import TrainerConfig
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
-__all__ = ["CheckpointCorrupt", "TrainingJob", "file_digest", "is_environment_fault"]
+__all__ = ["CheckpointCorrupt", "TrainingJob", "env_retry_pause", "file_digest", "is_environment_fault"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,16 @@ def _stored_digest(store: Any, artifact_id: str) -> dict[str, Any]:
             sha.update(block)
             size += len(block)
     return {"size": size, "sha256": sha.hexdigest()}
+
+
+ENV_RETRY_PAUSE_MAX = 60.0  # seconds
+
+
+def env_retry_pause(failures: int) -> float:
+    """How long a job failed by its environment ``failures`` times waits before its retry may start: 2 s,
+    doubling, at most :data:`ENV_RETRY_PAUSE_MAX` (a full disk or an artifact store out of reach is given
+    time to pass, instead of the retries failing at once; docs/design.md, "Fault model")."""
+    return float(min(2.0**failures, ENV_RETRY_PAUSE_MAX))
 
 
 def is_environment_fault(exc: BaseException) -> bool:
@@ -237,8 +247,9 @@ class TrainingJob:
             self._trial.set_user_attr(layout.FAIL_REASON, reason)
             study.tell(self._trial, state=TrialState.FAIL, skip_if_finished=True)
 
-    def hand_back(self, study: optuna.Study) -> None:
-        """Queue the (finished) attempt again: the next worker resumes from its newest checkpoint."""
+    def hand_back(self, study: optuna.Study, pause: float = 0.0) -> None:
+        """Queue the (finished) attempt again: the next worker resumes from its newest checkpoint, not before
+        ``pause`` seconds."""
         with storage_task(f"read {self._what}"):
             frozen = self._storage.get_trial(trial_id_of(self._trial))
-        enqueue_retry(study, frozen)
+        enqueue_retry(study, frozen, pause)

@@ -22,7 +22,13 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from koopman_search.search.engine.job import CheckpointCorrupt, TrainingJob, file_digest, is_environment_fault
+from koopman_search.search.engine.job import (
+    CheckpointCorrupt,
+    TrainingJob,
+    env_retry_pause,
+    file_digest,
+    is_environment_fault,
+)
 from koopman_search.search.pruning.judge import EpochJudge
 from koopman_search.search.settings import runtime
 from koopman_search.search.storage import layout
@@ -196,7 +202,7 @@ class TrialRunner:
     def _run(self, trial: optuna.Trial, job: TrainingJob) -> TrialOutcome:
         spec = self._spec
         params: dict[str, Any] = {}
-        state, reason, values = "FAIL", None, None
+        state, reason, values, pause = "FAIL", None, None, 0.0
         pruned: tuple[int | None, str | None] = (None, None)
         progress = {"epochs_run": 0, "warm": 0, "resumed": 0}
         interrupted = env = lost = False
@@ -221,11 +227,13 @@ class TrialRunner:
         except Exception as exc:  # a failing trial never takes its worker down
             reason = f"{type(exc).__name__}: {exc}".strip()
             if is_environment_fault(exc):
-                env, lost = self._environment_failed(trial, job, reason)
+                env, lost, pause = self._environment_failed(trial, job, reason)
             logger.warning("trial %d failed: %s", trial.number, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
             _free_device()
         requeue = interrupted or (env and not lost)
-        stored = self._finish(trial, job, state, values, reason, (pruned[0], pruned[1]), interrupted=requeue)
+        stored = self._finish(
+            trial, job, state, values, reason, (pruned[0], pruned[1]), interrupted=requeue, pause=pause
+        )
         return TrialOutcome(
             trial.number,
             "FAIL" if interrupted else state,
@@ -306,8 +314,9 @@ class TrialRunner:
         trainer.fit(callback=on_epoch)
         return verdicts
 
-    def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool]:
-        """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost)."""
+    def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool, float]:
+        """Count an environment failure in the trial's attrs (its retry inherits the count); (True, lost, the
+        retry's pause)."""
         failures = job.count_environment_failure()
         allowed = runtime().env_retry_max  # KOOPMAN_ENV_RETRY_MAX
         lost = failures > allowed
@@ -316,12 +325,13 @@ class TrialRunner:
         else:
             logger.warning(
                 "trial %d failed by its environment (%d of %d allowed); queued again with its "
-                "parameters and checkpoint",
+                "parameters and checkpoint, to start in %.0f s",
                 trial.number,
                 failures,
                 allowed,
+                env_retry_pause(failures),
             )
-        return True, lost
+        return True, lost, env_retry_pause(failures)
 
     def _finish(
         self,
@@ -332,8 +342,10 @@ class TrialRunner:
         reason: str | None,
         pruned: tuple[int | None, str | None],
         interrupted: bool,
+        pause: float = 0.0,
     ) -> bool:
-        """Tell the study how the attempt ended; False when it was failed elsewhere meanwhile."""
+        """Tell the study how the attempt ended; False when it was failed elsewhere meanwhile. An interrupted
+        attempt is queued again, not to start for ``pause`` seconds."""
         study = self._study
 
         try:
@@ -358,7 +370,7 @@ class TrialRunner:
             )
             return False
         if interrupted:
-            job.hand_back(study)
+            job.hand_back(study, pause)
         return True
 
 

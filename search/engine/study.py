@@ -39,6 +39,7 @@ __all__ = [
     "ensure_budget",
     "is_retry",
     "load_study",
+    "next_due",
     "requeue_dead_trial",
 ]
 
@@ -223,7 +224,10 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
     beats = getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
     def claim() -> int | None:
+        now = time.time()
         for frozen in storage.get_all_trials(study_id_of(study), deepcopy=False, states=(TrialState.WAITING,)):
+            if frozen.system_attrs.get(layout.NOT_BEFORE, 0.0) > now:
+                continue  # a retry pausing after a fault of its environment
             trial_id = trial_id_of(frozen)
             try:
                 if beats:
@@ -246,6 +250,16 @@ def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
         return optuna.Trial(study, trial_id)
 
 
+def next_due(study: optuna.Study) -> float | None:
+    """Seconds until the earliest WAITING trial that is pausing after a fault may be claimed; None when none
+    is pausing."""
+    with storage_task("read the queued retries"):
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    due = [t.system_attrs.get(layout.NOT_BEFORE, 0.0) for t in waiting]
+    pausing = [d for d in due if d > 0]
+    return max(0.0, min(pausing) - time.time()) if pausing else None
+
+
 def requeue_dead_trial(storage: BaseStorage, study_name: str, number: int, reason: str) -> bool:
     """Fail the RUNNING trial ``number`` of a worker process that died, with ``reason``, and queue it again
     at once (its retry resumes from its checkpoint). False when it is no longer RUNNING. The database gets
@@ -265,12 +279,15 @@ def requeue_dead_trial(storage: BaseStorage, study_name: str, number: int, reaso
     return True
 
 
-def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def enqueue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, pause: float = 0.0) -> None:
     """Queue ``trial`` again with the same parameters and user attrs (its last checkpoint among them),
-    marked the way Optuna's RetryHeartbeatStaleTrialCallback marks a retry."""
+    marked the way Optuna's RetryHeartbeatStaleTrialCallback marks a retry. With ``pause``, no worker claims
+    it for that many seconds (a fault of the environment is given time to pass)."""
     system_attrs: dict[str, Any] = {layout.FAILED_TRIAL: trial.number, layout.RETRY_HISTORY: [], **trial.system_attrs}
     system_attrs[layout.RETRY_HISTORY] = [*system_attrs[layout.RETRY_HISTORY], trial.number]
-    system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:")}
+    system_attrs = {k: v for k, v in system_attrs.items() if not k.startswith("artifacts:") and k != layout.NOT_BEFORE}
+    if pause > 0:
+        system_attrs[layout.NOT_BEFORE] = time.time() + pause
     # the attempt's outcome stays with the attempt: a retry that completes must not show the old reason
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in OUTCOME_ATTRS}
     with storage_task(f"queue trial {trial.number} again"):

@@ -60,6 +60,7 @@ __all__ = [
     "FAIL_REASON",
     "FIXED_PARAMS",
     "LABEL",
+    "NOT_BEFORE",
     "PRUNED_BY",
     "PRUNED_EPOCH",
     "PRUNE_REASON",
@@ -128,6 +129,7 @@ WARMUP_CHECKPOINTS = "checkpoints"  # the baseline's trial: epoch -> artifact id
 # ---- trial system attrs: Optuna's own marks (RetryHeartbeatStaleTrialCallback, enqueue_trial)
 FAILED_TRIAL = "failed_trial"
 RETRY_HISTORY = "retry_history"
+NOT_BEFORE = SEARCH_ATTR_PREFIX + "not_before"  # a queued retry's earliest start (Unix time): a pause after a fault
 FIXED_PARAMS = "fixed_params"
 
 _BASELINE_KEY = re.compile(r"^baseline:seed=(-?\d+)$")

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from koopman_search.search.engine.baseline import ensure_baseline
 from koopman_search.search.engine.runner import TrialOutcome, TrialRunner
-from koopman_search.search.engine.study import claim_waiting_trial, load_study
+from koopman_search.search.engine.study import claim_waiting_trial, load_study, next_due
 from koopman_search.search.pruning.rules import unjudged_epochs
 from koopman_search.search.storage.artifacts import open_artifact_store
 from koopman_search.search.storage.database import fail_stale_trials, open_storage
@@ -92,10 +92,12 @@ def run_worker(
         if trial is None:
             with storage_task("read running trials"):
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not running:
+            due = next_due(study)  # a retry pausing after a fault of its environment
+            if not running and due is None:
                 break
-            # another worker's trial is running: if that worker dies, its trial is queued again
-            if wait(delay):
+            # another worker's trial is running (if that worker dies, its trial is queued again), or a retry
+            # is pausing: look again when it is due
+            if wait(delay if due is None else max(0.05, min(delay, due))):
                 break
             delay = min(delay * 1.5, IDLE_MAX)
             continue

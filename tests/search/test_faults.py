@@ -389,14 +389,14 @@ def test_a_diverged_baseline_fails_instead_of_completing_and_reruns_on_request(
 def test_a_baseline_failed_by_its_environment_is_run_again_from_its_checkpoint_a_bounded_number_of_times(
     faults: int, allowed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from koopman_search.search.engine import baseline, job
+    from koopman_search.search.engine import job
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
     path = write_study(tmp_path, url, n_trials=1, epochs=3, start_epoch=1)
     with logging_restored():
         assert main(["create", str(path)]) == 0
     monkeypatch.setenv("KOOPMAN_ENV_RETRY_MAX", allowed)
-    monkeypatch.setattr(baseline, "ENV_RETRY_PAUSE_MAX", 0.0)  # no pause between attempts in a test
+    monkeypatch.setattr(job, "ENV_RETRY_PAUSE_MAX", 0.0)  # no pause between attempts in a test
     save_epoch, failed = job.TrainingJob.save_epoch, []
 
     def disk_full_at_epoch_2(self: job.TrainingJob, trainer: Any, record: EpochRecord, *args: Any) -> Any:

@@ -17,6 +17,7 @@ from koopman_search.search.engine.study import (
     create_or_load_study,
     enqueue_retry,
     ensure_budget,
+    next_due,
 )
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import open_storage
@@ -159,3 +160,24 @@ def test_queuing_a_large_budget_says_how_far_it_got(
     assert lines[0].endswith("queued 1 of 5 empty trial(s) so far") and lines[-1].endswith(
         "queued 5 of 5 empty trial(s) so far"
     )
+
+
+def test_a_retry_queued_with_a_pause_is_not_claimed_before_it_is_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from koopman_search.search.engine import study as study_module
+
+    spec = load_spec(write_tiny_study(tmp_path, n_trials=1))
+    study = create_or_load_study(spec, open_storage(f"sqlite:///{tmp_path / 's.db'}"))[0]
+    ensure_budget(study, spec)
+    first = claim_waiting_trial(study)
+    assert first is not None
+    study.tell(first, state=TrialState.FAIL)
+    enqueue_retry(study, study.get_trials()[0], pause=30.0)  # as after a full disk
+    assert next_due(study) == pytest.approx(30.0, abs=2.0)
+    assert claim_waiting_trial(study) is None  # queued, but not due
+    now = time.time()
+    monkeypatch.setattr(study_module.time, "time", lambda: now + 31.0)
+    retry = claim_waiting_trial(study)
+    assert retry is not None and retry.number == 1
+    assert next_due(study) is None
