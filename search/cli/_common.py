@@ -165,7 +165,8 @@ def resolve_target(args: argparse.Namespace) -> StudyTarget:
     if not name or not url:
         raise SpecError(
             "name a study: give STUDY.toml, or --study-name NAME with --storage URL "
-            f"(or ${STORAGE_ENV}), but got study_name={name!r}, storage={'set' if url else None}"
+            f"(or ${STORAGE_ENV}), but got {f'--study-name {name}' if name else 'no study name'} and "
+            f"{'a storage' if url else 'no storage'}"
         )
     return StudyTarget(url, name, None)
 

@@ -190,3 +190,13 @@ def test_storage_comes_from_optuna_storage_and_the_flag_wins_over_it(
     code, out, err = cli(capsys, "status", "--study-name", "tiny", "--format", "json")
     assert code == 0, err
     assert [t["state"] for t in json.loads(out)["trials"]] == ["WAITING"] * 4
+
+
+def test_a_read_command_without_a_study_says_what_is_missing_in_words(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("KOOPMAN_STORAGE_FILE", raising=False)
+    assert main(["status", "--study-name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("but got --study-name x and no storage") and "None" not in err
