@@ -67,6 +67,7 @@ class TrialOutcome:
     stored: bool = True  # False when the attempt was failed elsewhere meanwhile and its end was dropped
     requeued: bool = False  # interrupted, or failed by its environment, and queued again: not a trial used up
     lost: bool = False  # failed by its environment more than KOOPMAN_ENV_RETRY_MAX times: not queued again
+    environment: bool = False  # failed by its environment (a full disk, the artifact store or database away)
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +249,7 @@ class TrialRunner:
             stored,
             requeued=requeue and stored,  # interrupted, or failed by its environment: queued to run again
             lost=lost,
+            environment=env,
         )
 
     def _draw(self, trial: optuna.Trial) -> tuple[dict[str, Any], TrainerConfig]:

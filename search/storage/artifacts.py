@@ -7,7 +7,9 @@ check_artifacts("runs/artifacts")                # ConfigError (exit 2) unless w
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from koopman_search.search.storage import optuna_private
 from koopman_search.trainer.checkpoint import atomic_write, probe_dir
 from koopman_search.trainer.errors import ConfigError
 
-__all__ = ["AtomicFileSystemArtifactStore", "check_artifacts", "open_artifact_store"]
+__all__ = ["AtomicFileSystemArtifactStore", "check_artifacts", "open_artifact_store", "store_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,27 @@ def check_artifacts(location: str) -> None:
             f"artifacts must be a directory this process can write to, but got artifacts={location!r} "
             f"({exc.strerror or exc}); give a writable directory"
         ) from None
+
+
+PROBE_BYTES = 1 << 20  # what a probe writes: a store that cannot take 1 MiB cannot take a checkpoint either
+
+
+def store_problem(location: str) -> str | None:
+    """Why a directory artifact store cannot take a write right now (full, read-only, gone and not to be
+    made again), or None when a probe of :data:`PROBE_BYTES` went in and was removed. An ``s3://`` store is
+    not probed (None)."""
+    if location.startswith("s3://"):
+        return None
+    try:
+        path = Path(location)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-") as fh:
+            fh.write(b"\0" * PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class AtomicFileSystemArtifactStore(optuna.artifacts.FileSystemArtifactStore):

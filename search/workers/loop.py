@@ -20,10 +20,11 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from koopman_search.search.engine.baseline import ensure_baseline
+from koopman_search.search.engine.job import env_retry_pause
 from koopman_search.search.engine.runner import TrialOutcome, TrialRunner
 from koopman_search.search.engine.study import claim_waiting_trial, load_study, next_due
 from koopman_search.search.pruning.rules import unjudged_epochs
-from koopman_search.search.storage.artifacts import open_artifact_store
+from koopman_search.search.storage.artifacts import open_artifact_store, store_problem
 from koopman_search.search.storage.database import fail_stale_trials, open_storage
 from koopman_search.search.storage.layout import MatchedBaseline
 from koopman_search.search.storage.optuna_private import storage_of, trial_id_of
@@ -86,6 +87,7 @@ def run_worker(
     runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
     summary = WorkerSummary()
     delay = IDLE_MIN
+    env_in_a_row = 0
     while not stop.is_set() and (max_trials is None or summary.counted < max_trials):
         fail_stale_trials(study)
         trial = claim_waiting_trial(study)
@@ -116,6 +118,12 @@ def run_worker(
         summary.outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
+        # A fault of this machine's environment (a full disk, the artifact store away) fails whatever trial
+        # comes next as well: wait it out before the next claim, instead of running through the queue and
+        # using up every trial's retries at once.
+        env_in_a_row = env_in_a_row + 1 if outcome.environment else 0
+        if env_in_a_row and _wait_out_the_environment(spec.artifacts_dir, wait, env_in_a_row):
+            break
     summary.interrupted = stop.is_set()
     return summary
 
@@ -156,6 +164,25 @@ def check_machine(spec: StudySpec) -> None:
         ) from None
     if spec.trainer.model.factory:
         _load_factory(spec.trainer.model.factory)
+
+
+def _wait_out_the_environment(artifacts: str, wait: Callable[[float], bool], failures: int) -> bool:
+    """After ``failures`` trials in a row failed by the environment: pause (2 s doubling, at most 60 s), then
+    go on only once the artifact store takes a probe write; until then keep waiting, saying so. True when
+    stopped meanwhile."""
+    pause = env_retry_pause(failures)
+    while not wait(pause):
+        problem = store_problem(artifacts)
+        if problem is None:
+            return False
+        logger.warning(
+            "the artifact store %s cannot take a write (%s); waiting %.0f s before the next trial",
+            artifacts,
+            problem,
+            pause,
+        )
+        pause = env_retry_pause(failures := failures + 1)
+    return True
 
 
 def _annotate(

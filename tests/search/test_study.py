@@ -181,3 +181,28 @@ def test_a_retry_queued_with_a_pause_is_not_claimed_before_it_is_due(
     retry = claim_waiting_trial(study)
     assert retry is not None and retry.number == 1
     assert next_due(study) is None
+
+
+def test_a_worker_waits_out_an_unwritable_artifact_store_before_its_next_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from koopman_search.search.workers import loop
+
+    problems = iter(["No space left on device", "Read-only file system", None])
+    monkeypatch.setattr(loop, "store_problem", lambda _location: next(problems))
+    pauses: list[float] = []
+    assert not loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or False, 1)
+    assert pauses == [2.0, 4.0, 8.0]  # waited, probed, waited longer, until the store took a write
+
+    pauses.clear()
+    assert loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or True, 1)  # stopped
+    assert pauses == [2.0]
+
+
+def test_the_artifact_store_probe_finds_a_store_that_cannot_be_written(tmp_path: Path) -> None:
+    from koopman_search.search.storage.artifacts import store_problem
+
+    assert store_problem(str(tmp_path / "new" / "artifacts")) is None  # made when missing
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    assert store_problem(str(tmp_path / "file" / "artifacts")) is not None
+    assert list((tmp_path / "new" / "artifacts").iterdir()) == []  # the probe leaves nothing
