@@ -24,6 +24,7 @@ from koopman_search.search.engine.job import env_retry_pause
 from koopman_search.search.engine.runner import TrialOutcome, TrialRunner
 from koopman_search.search.engine.study import claim_waiting_trial, load_study, next_due
 from koopman_search.search.pruning.rules import unjudged_epochs
+from koopman_search.search.settings import runtime
 from koopman_search.search.storage.artifacts import open_artifact_store, store_problem
 from koopman_search.search.storage.database import fail_stale_trials, open_storage
 from koopman_search.search.storage.layout import MatchedBaseline
@@ -166,23 +167,29 @@ def check_machine(spec: StudySpec) -> None:
         _load_factory(spec.trainer.model.factory)
 
 
-def _wait_out_the_environment(artifacts: str, wait: Callable[[float], bool], failures: int) -> bool:
+def _wait_out_the_environment(
+    artifacts: str, wait: Callable[[float], bool], failures: int, probes: int | None = None
+) -> bool:
     """After ``failures`` trials in a row failed by the environment: pause (2 s doubling, at most 60 s), then
-    go on only once the artifact store takes a probe write; until then keep waiting, saying so. True when
-    stopped meanwhile."""
+    go on once the artifact store takes a probe write, waiting longer each time it does not, at most
+    ``probes`` times more (default ``KOOPMAN_ENV_RETRY_MAX``): a fault that lasts is left to the trials'
+    own retries, which then end in a lost trial and exit 1. True when stopped meanwhile."""
+    probes = runtime().env_retry_max if probes is None else probes
     pause = env_retry_pause(failures)
-    while not wait(pause):
+    for attempt in range(probes + 1):
+        if wait(pause):
+            return True
         problem = store_problem(artifacts)
-        if problem is None:
+        if problem is None or attempt == probes:
             return False
         logger.warning(
-            "the artifact store %s cannot take a write (%s); waiting %.0f s before the next trial",
+            "the artifact store %s cannot take a write (%s); waiting %.0f s more before the next trial",
             artifacts,
             problem,
-            pause,
+            env_retry_pause(failures + attempt + 1),
         )
-        pause = env_retry_pause(failures := failures + 1)
-    return True
+        pause = env_retry_pause(failures + attempt + 1)
+    return False
 
 
 def _annotate(

@@ -191,8 +191,13 @@ def test_a_worker_waits_out_an_unwritable_artifact_store_before_its_next_trial(
     problems = iter(["No space left on device", "Read-only file system", None])
     monkeypatch.setattr(loop, "store_problem", lambda _location: next(problems))
     pauses: list[float] = []
-    assert not loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or False, 1)
+    assert not loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or False, 1, probes=3)
     assert pauses == [2.0, 4.0, 8.0]  # waited, probed, waited longer, until the store took a write
+
+    pauses.clear()
+    monkeypatch.setattr(loop, "store_problem", lambda _location: "No space left on device")  # for good
+    assert not loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or False, 1, probes=2)
+    assert pauses == [2.0, 4.0, 8.0]  # bounded: then the trials' own retries decide
 
     pauses.clear()
     assert loop._wait_out_the_environment(str(tmp_path), lambda s: pauses.append(s) or True, 1)  # stopped
