@@ -73,13 +73,17 @@ UNREADABLE = (
 )
 
 
-def probe_dir(path: str | Path) -> None:
-    """Make the directory ``path`` (and its parents) and write and remove a file in it, so that a folder that
-    cannot hold checkpoints is found before any work; raises ``OSError``."""
+def probe_dir(path: str | Path, size: int = 0) -> None:
+    """Make the directory ``path`` (and its parents) and write and remove a file of ``size`` bytes in it
+    (flushed to disk when not empty), so that a folder that cannot hold checkpoints is found before any work;
+    raises ``OSError``."""
     where = Path(path)
     where.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
-        pass
+    with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-") as fh:
+        if size:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int = 0o644, parents: bool = True) -> Path:

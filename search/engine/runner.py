@@ -321,7 +321,7 @@ class TrialRunner:
         retry's pause)."""
         failures = job.count_environment_failure()
         allowed = runtime().env_retry_max  # KOOPMAN_ENV_RETRY_MAX
-        lost = failures > allowed
+        lost, pause = failures > allowed, env_retry_pause(failures)
         if lost:
             logger.error("trial %d lost: its environment failed it %d times (last: %s)", trial.number, failures, reason)
         else:
@@ -331,9 +331,9 @@ class TrialRunner:
                 trial.number,
                 failures,
                 allowed,
-                env_retry_pause(failures),
+                pause,
             )
-        return True, lost, env_retry_pause(failures)
+        return True, lost, pause
 
     def _finish(
         self,

@@ -7,9 +7,7 @@ check_artifacts("runs/artifacts")                # ConfigError (exit 2) unless w
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +76,7 @@ def store_problem(location: str) -> str | None:
     if location.startswith("s3://"):
         return None
     try:
-        path = Path(location)
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-") as fh:
-            fh.write(b"\0" * PROBE_BYTES)
-            fh.flush()
-            os.fsync(fh.fileno())
+        probe_dir(location, PROBE_BYTES)
     except OSError as exc:
         return exc.strerror or str(exc)
     return None

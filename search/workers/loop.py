@@ -182,13 +182,13 @@ def _wait_out_the_environment(
         problem = store_problem(artifacts)
         if problem is None or attempt == probes:
             return False
+        pause = env_retry_pause(failures + attempt + 1)
         logger.warning(
             "the artifact store %s cannot take a write (%s); waiting %.0f s more before the next trial",
             artifacts,
             problem,
-            env_retry_pause(failures + attempt + 1),
+            pause,
         )
-        pause = env_retry_pause(failures + attempt + 1)
     return False
 
 
