@@ -412,6 +412,8 @@ class KoopmanMetrics:
       a spread φ, 1 for a φ whose variance lies in one direction);
     * ``state_effective_rank``: the same of the block outputs h_out themselves, the scale to read the
       former against (a trained residual stream is itself far from isotropic);
+    * ``scale``: the centred RMS of φ(h_out) per lifted coordinate, √(Σ‖ỹ‖² / (n k)): a φ that shrinks toward
+      a constant (the trivial minimum of a latent-only loss, docs/koopman-objective.md) reads near 0;
     * ``rank_ratio``: the participation ratio of φ(h_out)'s correlation matrix over that of h_out's: both
       read on standardised coordinates, so a few large residual directions do not dominate; below 1 φ is
       less spread than the states it encodes.
@@ -464,7 +466,7 @@ class KoopmanMetrics:
 
     def per_block(self) -> dict[str, list[float]]:
         """nre, gain and effective_rank of every block (NaN lists when nothing was seen)."""
-        names = ("nre", "gain", "effective_rank", "state_effective_rank", "rank_ratio")
+        names = ("nre", "gain", "effective_rank", "state_effective_rank", "rank_ratio", "scale")
         if not self._sums or self.n == 0:
             return {name: [] for name in names}
         srk, srk2, sri, sri2, sy, syy, sh, shh = self._sums
@@ -481,6 +483,7 @@ class KoopmanMetrics:
             "effective_rank": rank.tolist(),
             "state_effective_rank": state_rank.tolist(),
             "rank_ratio": ratio.tolist(),
+            "scale": (var.clamp_min(0.0) / (self.n * sy.shape[-1])).sqrt().tolist(),
         }
 
     def values(self) -> dict[str, float]:

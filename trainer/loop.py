@@ -317,6 +317,7 @@ class HybridKoopmanTrainer:
             state_effective_rank=val["state_effective_rank"],
             val_koopman_forward_ppl=val["val_koopman_forward_ppl"],
             phi_rank_ratio=val["phi_rank_ratio"],
+            phi_scale=val["phi_scale"],
             val_linear_nre=val["val_linear_nre"],
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
@@ -360,6 +361,7 @@ class HybridKoopmanTrainer:
             "state_effective_rank": math.nan,
             "val_koopman_forward_ppl": math.nan,
             "phi_rank_ratio": math.nan,
+            "phi_scale": math.nan,
             "val_linear_nre": math.nan,
             "val_linear_nre_blocks": [],
             "val_linear_ppl": math.nan,
@@ -377,6 +379,7 @@ class HybridKoopmanTrainer:
                 phi_effective_rank=means["effective_rank"],
                 state_effective_rank=means["state_effective_rank"],
                 phi_rank_ratio=means["rank_ratio"],
+                phi_scale=means["scale"],
             )
         if heads is not None and heads.has_decoder:
             out["val_koopman_forward_ppl"] = self._replaced_ppl(functools.partial(_koopman_block_hook, heads))

@@ -43,6 +43,8 @@ class EpochRecord:
     val_linear_ppl: float = math.nan  # val PPL with every block replaced by its linear model (chained)
     val_linear_ppl_ratio: float = math.nan  # val_linear_ppl ÷ val_ppl: what replacing the blocks costs
     phi_rank_ratio: float = math.nan  # phi_effective_rank ÷ the standardised states' own (1 = as spread)
+    phi_scale: float = math.nan  # centred RMS of φ(h_out) per lifted coordinate, mean over blocks: a φ that
+    #                              shrinks (the trivial minimum of a latent-only loss) shows here
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

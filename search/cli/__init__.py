@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "best": "koopman_search.search.cli.best",
     "dashboard": "koopman_search.search.cli.dashboard",
     "report": "koopman_search.search.cli.report",
+    "recommend": "koopman_search.search.cli.recommend",
     "storage-proxy": "koopman_search.search.cli.storage_proxy",
 }
 

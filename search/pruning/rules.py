@@ -51,6 +51,8 @@ KOOPMAN_METRICS = frozenset(
         "state_effective_rank",
         "val_koopman_forward_ppl",
         "koopman_k_norm",
+        "phi_rank_ratio",
+        "phi_scale",
     }
 )
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
+import tomli_w
 
 from koopman_search.search.errors import StorageError
 from koopman_search.search.storage.layout import SPEC_DEFINITION_ATTR, WORKER, stored_definition
@@ -18,29 +18,16 @@ from koopman_search.trainer.config import TrainerConfig, config_to_dict
 __all__ = ["dump_toml", "stored_spec", "trial_config", "trial_config_toml"]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"TOML cannot hold {value!r}")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for every JSON string
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def dump_toml(sections: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
-    """``{"section": {"key": scalar}}`` as TOML (the only shape trainer configs have)."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    """``{"section": {"key": value}}`` as TOML (tomli-w), under ``header`` as comment lines. A non-finite
+    float has no TOML spelling a trainer config accepts: it is refused with the key named."""
     for name, body in sections.items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
-    return "\n".join(lines) + "\n"
+        for key, value in body.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TOML cannot hold {value!r}, but got [{name}] {key} = {value!r}")
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    text = tomli_w.dumps({name: dict(body) for name, body in sections.items()})
+    return ("\n".join(lines) + "\n\n" if lines else "") + text
 
 
 def stored_spec(study: optuna.Study) -> StudySpec:

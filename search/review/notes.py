@@ -29,6 +29,14 @@ FIGURES_HINT = "Curves: the *Training losses*, *Val perplexity* and *Koopman wei
 CELL_PAD = "&nbsp;" * 3
 
 
+# Where the study's answer is written out in full (search/review/recommend.py)
+RECOMMEND_LINE = (
+    "**Recommendation:** `koopman-search recommend STUDY.toml` (`--lang ja` in Japanese) writes the study's answer "
+    "as a hand-tuning report: the problems found, three options from the front with their settings and "
+    "effects, and the success and retune indicators."
+)
+
+
 def _pad_tables(lines: list[str]) -> list[str]:
     out = []
     for line in lines:
@@ -210,6 +218,7 @@ def study_note(
         for trial in best:
             values = [fmt(v) for v in trial.values or ()]
             lines.append("| " + " | ".join([str(trial.number), _escape(trial.label or ""), *values]) + " |")
+        lines += ["", RECOMMEND_LINE]
     else:
         lines.append("No trial has completed yet.")
     return "\n".join(_pad_tables(lines)) + "\n"

@@ -207,6 +207,14 @@ def _summary_section(ctx: _Context) -> str:
     rows.append(["compute", s.compute_text()])
     for line in findings(ctx.facts, ctx.rules, ctx.baseline, ctx.best, ctx.names):
         rows.append(["finding", line])
+    if ctx.best:
+        rows.append(
+            [
+                "recommendation",
+                "koopman-search recommend STUDY.toml (--lang ja in Japanese): the problems found, three options "
+                "from the front with their settings and effects, and the success and retune indicators",
+            ]
+        )
     parts.append(_table(["", ""], rows).replace("<thead><tr><th></th><th></th></tr></thead>", ""))
     return "".join(parts)
 

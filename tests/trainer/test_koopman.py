@@ -264,6 +264,18 @@ def test_nre_of_a_useless_k_is_about_one() -> None:
     assert streamed_nre(x, y, torch.zeros(3, 5, 5, dtype=F64), chunk=40) == pytest.approx(1.0, rel=1e-12)
 
 
+def test_phi_scale_is_the_centred_rms_per_coordinate_and_shows_a_shrinking_phi() -> None:
+    x, y, kt = nre_data(13)
+    yc = y - y.mean(1, keepdim=True)
+    expected = yc.pow(2).mean((1, 2)).sqrt().mean()  # per block: RMS over tokens and coordinates, centred
+    assert streamed(x, y, kt, chunk=17).values()["scale"] == pytest.approx(float(expected), rel=1e-12)
+    # the offset does not count, a shrunk φ does: nre is blind to it, the scale is not
+    assert streamed(x, y + 5.0, kt, chunk=40).values()["scale"] == pytest.approx(float(expected), rel=1e-12)
+    shrunk = streamed(x / 100, y / 100, kt, chunk=40).values()
+    assert shrunk["scale"] == pytest.approx(float(expected) / 100, rel=1e-12)
+    assert shrunk["nre"] == pytest.approx(streamed_nre(x, y, kt, 40), rel=1e-9)
+
+
 def test_nre_without_tokens_is_nan() -> None:
     assert all(math.isnan(v) for v in KoopmanMetrics().values().values())
 
