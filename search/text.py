@@ -9,12 +9,31 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["csv_cell", "printable"]
+__all__ = ["SHOWN_DIGITS", "csv_cell", "number", "printable"]
+
+# Every number a person reads (status, best, the launch lines, the progress lines, the review) has this many
+# significant digits, formatted from the one value the storage holds (docs/design.md, "Numbers").
+SHOWN_DIGITS = 5
 
 # C0 controls (tab and newline included: one value stays on one line), DEL and the C1 controls
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A cell a spreadsheet would read as a formula (OWASP, "CSV injection")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def number(value: Any, missing: str = "-") -> str:
+    """A number for people: :data:`SHOWN_DIGITS` significant digits, an int as it is, a float that reads as
+    an int with ``.0`` (``7.0``, as the rules are written), ``missing`` for None and NaN."""
+    if value is None or isinstance(value, bool):
+        return missing if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return missing
+    text = f"{value:.{SHOWN_DIGITS}g}"
+    return text if any(c in text for c in ".en") else text + ".0"
 
 
 def printable(text: str, replacement: str = "\ufffd") -> str:

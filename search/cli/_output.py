@@ -78,6 +78,9 @@ def flat_rows(trials: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
+    # a nested field that is missing in one row (``values`` of a pruned trial) has its own dotted columns:
+    # its bare name would be one more column, empty in every row
+    columns = [c for c in columns if not any(other.startswith(f"{c}.") for other in columns)]
     params = [f"params.{p}" for p in param_order(c[len("params.") :] for c in columns if c.startswith("params."))]
     rest = [c for c in columns if not c.startswith("params.")]
     at = rest.index("label") + 1 if "label" in rest else len(rest)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from koopman_search.search.cli._common import add_study_args, render_table, resolve_target
 from koopman_search.search.cli._output import add_format_args, dump, param_header, param_legend, param_order
 from koopman_search.search.errors import StudyNotFoundError
-from koopman_search.search.text import printable
+from koopman_search.search.text import number, printable
 
 if TYPE_CHECKING:
     import optuna
@@ -145,4 +145,4 @@ def _why(study: optuna.Study, names: list[str], front: list[int]) -> str:
 
 
 def _cell(v: Any) -> str:
-    return "-" if v is None else f"{v:.5g}" if isinstance(v, float) else str(v)
+    return number(v) if v is None or isinstance(v, (int, float)) else printable(str(v))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import textwrap
 from typing import Any
 
 from koopman_search.search.cli._common import add_study_args, render_table, resolve_target
 from koopman_search.search.cli._output import add_format_args, dump, param_header, param_legend, param_order
-from koopman_search.search.text import printable
+from koopman_search.search.text import number, printable
 
 __all__ = ["add_parser", "run", "status_text"]
 
 logger = logging.getLogger(__name__)
+
+TABLE_WIDTH = 120  # the table's width by default: a terminal and a code review both show it whole
 
 EXAMPLE = """examples:
   koopman-search status studies/quickstart.toml
@@ -32,23 +35,42 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     add_study_args(p, file_required=False)
     add_format_args(p)
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help=f"the table with every metric and whole notes (default: the objectives and total_loss, within "
+        f"{TABLE_WIDTH} columns)",
+    )
     return p
 
 
 def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return printable(str(v))
+    return number(v) if v is None or isinstance(v, (int, float)) else printable(str(v))
 
 
-def status_text(data: dict[str, Any], full_names: bool = False) -> str:
-    """``data`` (:func:`koopman_search.search.review.status.status_data`) as the table that ``status`` prints."""
+def _metrics(data: dict[str, Any], wide: bool) -> list[str]:
+    """The metric columns: every shown metric with ``wide``, else total_loss (the rule's) and the objectives."""
     from koopman_search.search.review.status import SHOWN_METRICS
 
+    if wide:
+        return list(SHOWN_METRICS)
+    return [m for m in SHOWN_METRICS if m == "total_loss" or m in data["objectives"]]
+
+
+def _fit(headers: list[str], rows: list[list[str]], width: int) -> str:
+    """The table, its last column (the note) cut with ``…`` so that no line is wider than ``width``."""
+    fixed = render_table(headers[:-1], [r[:-1] for r in rows])
+    room = max(12, width - max(len(line) for line in fixed.splitlines()) - 2)
+    cut = [[*r[:-1], r[-1] if len(r[-1]) <= room else r[-1][: room - 1] + "…"] for r in rows]
+    return render_table(headers, cut)
+
+
+def status_text(data: dict[str, Any], full_names: bool = False, wide: bool = False) -> str:
+    """``data`` (:func:`koopman_search.search.review.status.status_data`) as the table that ``status`` prints:
+    within :data:`TABLE_WIDTH` columns, or every metric and whole notes with ``wide``."""
+    metrics = _metrics(data, wide)
     names = param_order(k for t in data["trials"] for k in t["params"])
-    headers = ["#", "state", *[param_header(n, full_names) for n in names], "epochs", *SHOWN_METRICS, "note"]
+    headers = ["#", "state", *[param_header(n, full_names) for n in names], "epochs", *metrics, "note"]
     rows = []
     for t in data["trials"]:
         epochs = str(t["epochs_run"]) + (f"+{t['epochs_from_warmup']}w" if t["epochs_from_warmup"] else "")
@@ -65,11 +87,12 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
                 t["state"],
                 *[_cell(t["params"].get(n)) for n in names],
                 epochs,
-                *[_cell(t["final"][m]) for m in SHOWN_METRICS],
+                *[_cell(t["final"][m]) for m in metrics],
                 note,
             ]
         )
-    lines = [f"study {data['study']} (objectives: {', '.join(data['objectives'])})", render_table(headers, rows)]
+    table = render_table(headers, rows) if wide else _fit(headers, rows, TABLE_WIDTH)
+    lines = [f"study {data['study']} (objectives: {', '.join(data['objectives'])})", table]
     legend = param_legend(names, full_names)
     if legend:
         lines.append(legend)
@@ -87,6 +110,13 @@ def status_text(data: dict[str, Any], full_names: bool = False) -> str:
     lines += [f"rule {r['text']}" for r in (data.get("rules") or {}).values()]
     if data.get("tradeoff"):
         lines.append(f"trade-off: {data['tradeoff']}")
+    if not wide:
+        lines.append(
+            "the note cut to fit; --wide for every metric and whole notes"
+            if table != render_table(headers, rows)
+            else ""
+        )
+        lines = lines[:2] + [textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ") for line in lines[2:] if line]
     return "\n".join(lines)
 
 
@@ -99,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(open_existing_storage(target.storage_url), target.study_name)
     data = status_data(study)
     if args.format == "table":
-        print(status_text(data, args.full_names))
+        print(status_text(data, args.full_names, args.wide))
     else:
         print(dump(data, args.format, data["trials"]))
     return 0

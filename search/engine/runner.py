@@ -33,10 +33,11 @@ from koopman_search.search.pruning.judge import EpochJudge
 from koopman_search.search.settings import runtime
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import exclusive
-from koopman_search.search.storage.layout import MatchedBaseline
+from koopman_search.search.storage.layout import MatchedBaseline, round_significant
 from koopman_search.search.storage.optuna_private import storage_of, study_id_of, trial_id_of
 from koopman_search.search.storage.retry import storage_task
 from koopman_search.search.studyfile.spec import StudySpec
+from koopman_search.search.text import number
 from koopman_search.trainer.errors import CheckpointError
 from koopman_search.trainer.records import EpochRecord
 
@@ -74,9 +75,14 @@ def _clean(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}
 
 
+def _stored(value: float) -> float:
+    rounded = round_significant(value)
+    return value if rounded is None else rounded
+
+
 def format_outcome(o: TrialOutcome, metrics: list[str]) -> str:
     """One progress line per finished trial."""
-    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.params.items())
+    params = " ".join(f"{k}={number(v)}" for k, v in o.params.items())
     label = f" [{o.label}]" if o.label else ""
     epochs = f"{o.epochs_run} epochs run"
     if o.epochs_from_warmup:
@@ -84,7 +90,7 @@ def format_outcome(o: TrialOutcome, metrics: list[str]) -> str:
     if o.epochs_resumed:
         epochs += f", resumed after epoch {o.epochs_resumed}"
     if o.state == "COMPLETE" and o.values is not None:
-        result = "COMPLETE " + " ".join(f"{m}={v:.4g}" for m, v in zip(metrics, o.values, strict=True))
+        result = "COMPLETE " + " ".join(f"{m}={number(v)}" for m, v in zip(metrics, o.values, strict=True))
     else:
         result = f"{o.state}: {o.reason}"
     return f"trial {o.number}{label} {params} | {epochs} | {result}"
@@ -219,7 +225,8 @@ class TrialRunner:
                 interrupted = True
                 reason = f"interrupted after epoch {trainer.epoch}; queued to resume from its checkpoint"
             elif last is not None:
-                values = tuple(float(getattr(last, m)) for m in spec.metrics)
+                # rounded once, as the records are stored: every command then shows the same number
+                values = tuple(_stored(float(getattr(last, m))) for m in spec.metrics)
                 state = "COMPLETE"
         except KeyboardInterrupt:
             reason = "interrupted (Ctrl-C); queued to resume from its last checkpoint"

@@ -13,6 +13,7 @@ from koopman_search.search.errors import StorageError
 from koopman_search.search.storage.layout import SPEC_DEFINITION_ATTR, WORKER, stored_definition
 from koopman_search.search.storage.optuna_private import storage_of, study_id_of
 from koopman_search.search.studyfile.spec import StudySpec, spec_from_dict
+from koopman_search.search.text import number
 from koopman_search.trainer.config import TrainerConfig, config_to_dict
 
 __all__ = ["dump_toml", "stored_spec", "trial_config", "trial_config_toml"]
@@ -49,7 +50,7 @@ def trial_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Traine
 
 def trial_config_toml(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     cfg = trial_config(study, trial)
-    values = ", ".join(f"{v:.6g}" for v in trial.values) if trial.values else "none"
+    values = ", ".join(number(v) for v in trial.values) if trial.values else "none"
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     header = (
         f"koopman-search: trial {trial.number} of study {study.study_name} ({trial.state.name})\n"

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from koopman_search.search.review.stored import StoredBaseline, TrialFacts, trial_facts
+from koopman_search.search.text import number
 
 __all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "state_word", "summarize"]
 
@@ -31,16 +32,9 @@ def state_word(state: str) -> str:
     return _STATE_WORDS.get(state, state.lower())
 
 
-def fmt(value: float | int | None, digits: int = 5) -> str:
-    """A number for people: 5 significant digits, ints as they are, ``n/a`` for missing or NaN."""
-    if value is None or isinstance(value, bool):
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return "n/a"
-    text = f"{value:.{digits}g}"
-    return text if any(c in text for c in ".en") else text + ".0"  # 7.0 reads as a float, like the rules
+def fmt(value: float | int | None) -> str:
+    """A number for people (:func:`search.text.number`), ``n/a`` for missing or NaN."""
+    return number(value, missing="n/a")
 
 
 def fmt_param(value: object) -> str:

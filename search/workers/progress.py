@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from koopman_search.search.text import number
 from koopman_search.trainer.records import EpochRecord
 
 __all__ = [
@@ -73,7 +74,7 @@ def epoch_text(fields: Mapping[str, Any]) -> str:
         value = fields.get(name)
         if value is None:
             continue
-        parts.append(f"{name} {value:.4g}")
+        parts.append(f"{name} {number(value)}")
     return "  ".join(parts)
 
 

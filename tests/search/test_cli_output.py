@@ -175,3 +175,53 @@ def test_optunas_own_log_lines_come_in_the_same_format_as_ours(
         r"^\d\d:\d\d:\d\d INFO optuna\.[\w.]+: A new study created in RDB with name: tiny$", err, re.MULTILINE
     )
     assert "[I 20" not in err
+
+
+def shows(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\S){re.escape(word)}(?!\S)", text) is not None
+
+
+def test_one_number_everywhere_the_launch_line_status_best_and_the_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from koopman_search.search.text import number
+
+    path = write_study(tmp_path, name="numbers", n_trials=2, epochs=2, steps=2, baseline=[1e4, 1e4])
+    code, launched, err = cli(capsys, "launch", str(path))
+    assert code == 0, err
+    data = run_json(capsys, "status", str(path), "-f", "json")
+    _, status, _ = cli(capsys, "status", str(path))
+    _, best, _ = cli(capsys, "best", str(path))
+    lines = {int(line.split()[1]): line for line in launched.splitlines() if line.startswith("trial ")}
+    for t in data["trials"]:
+        for metric, value in (t["values"] or {}).items():
+            # rounded once, where the records are: the objective value is the last record's stored value
+            assert value == t["final"][metric]
+            shown = number(value)
+            assert f"{metric}={shown}" in lines[t["number"]]
+            assert shows(status, shown)
+        threshold = number(t["params"]["fallback_threshold"])
+        assert f"fallback_threshold={threshold}" in lines[t["number"]] and shows(status, threshold)
+    for row in run_json(capsys, "best", str(path), "-f", "json")["pareto_front"]:
+        assert all(shows(best, number(v)) for v in row["values"].values())
+
+
+def test_the_status_table_fits_120_columns_and_wide_shows_everything(
+    study: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from koopman_search.search.cli.status import status_text
+
+    data = run_json(capsys, "status", str(study), "-f", "json")
+    data["trials"][0]["label"] = "a label far longer than the room a table of 120 columns leaves for it " * 3
+    narrow, wide = status_text(data), status_text(data, wide=True)
+    assert max(len(line) for line in narrow.splitlines()) <= 120
+    assert "…" in narrow and "--wide" in narrow
+    assert "val_koopman_forward_ppl" in wide and "val_koopman_forward_ppl" not in narrow.splitlines()[1]
+    assert data["trials"][0]["label"].strip() in wide
+
+
+def test_csv_has_no_empty_parent_column_for_a_nested_field(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from koopman_search.search.cli._output import flat_rows
+
+    columns, _ = flat_rows([{"number": 0, "values": {"a": 1.0}}, {"number": 1, "values": None}])
+    assert columns == ["number", "values.a"]
