@@ -32,7 +32,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_study_args(p)
-    p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        metavar="N",
+        help="raise the study's trial budget to N trials in all, over every worker (default: the "
+        "file's n_trials; a budget is never lowered)",
+    )
     add_redefine_arg(p)
     return p
 

@@ -47,7 +47,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_study_args(p)
-    p.add_argument("--n-trials", type=int, metavar="N", help="the study's trial budget (default: the file's)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        metavar="N",
+        help="raise the study's trial budget to N trials in all, over every worker (default: the "
+        "file's n_trials; a budget is never lowered)",
+    )
     add_worker_args(p)
     p.add_argument("--device", metavar="D", help="override the study's trainer device (cpu, cuda, auto)")
     p.add_argument("--rerun-baseline", action="store_true", help="run the baseline again after it failed")

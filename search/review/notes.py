@@ -95,7 +95,7 @@ def _comparison(trial: TrialFacts, baseline: StoredBaseline | None, rules: Store
     ]
     nre = _at(trial.metric("val_koopman_nre"), i)
     if nre is not None:
-        lines.append(f"| val Koopman NRE (1 − R²) | {fmt(nre, 4)} | | |")
+        lines.append(f"| val Koopman NRE (1 − R²) | {fmt(nre)} | | |")
     forward = _at(trial.metric("val_koopman_forward_ppl"), i)
     if forward is not None:
         lines.append(
@@ -104,11 +104,11 @@ def _comparison(trial: TrialFacts, baseline: StoredBaseline | None, rules: Store
         )
     gain = _at(trial.metric("val_koopman_gain"), i)
     if gain is not None:
-        lines.append(f"| K's gain over the identity | {fmt(gain, 3)}× | | |")
+        lines.append(f"| K's gain over the identity | {fmt(gain)}× | | |")
     rank = _at(trial.metric("phi_effective_rank"), i)
     if rank is not None:
         state_rank = _at(trial.metric("state_effective_rank"), i)
-        lines.append(f"| φ effective rank | {fmt(rank, 3)} | | the states' own: {fmt(state_rank, 3)} |")
+        lines.append(f"| φ effective rank | {fmt(rank)} | | the states' own: {fmt(state_rank)} |")
     if baseline is None:
         lines.append("")
         lines.append("No baseline is stored for this study, so there is nothing to compare with.")

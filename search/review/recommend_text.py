@@ -296,7 +296,7 @@ def render(rec: Recommendation, configs: Mapping[int, str], lang: str = "en") ->
 
     totals = t(
         "totals",
-        n=sum(v for k, v in rec.totals.items() if k in ("complete", "pruned", "fail", "running", "waiting")),
+        n=sum(v for k, v in rec.totals.items() if k in ("complete", "pruned", "fail", "interrupted", "running", "waiting")),
         **rec.totals,
     )
     objectives = ", ".join(f"{n} ({t(d)})" for n, d in zip(rec.objectives, rec.directions, strict=False))

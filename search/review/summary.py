@@ -18,11 +18,13 @@ __all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "st
 
 logger = logging.getLogger(__name__)
 
-STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "INTERRUPTED", "RUNNING", "WAITING")
 _STATE_WORDS = {
     "COMPLETE": "complete",
     "PRUNED": "pruned",
     "FAIL": "failed",
+    # a FAIL attempt stopped on purpose (Ctrl-C, SIGTERM) and queued to resume: not a failure of the settings
+    "INTERRUPTED": "interrupted (queued to resume)",
     "RUNNING": "running",
     "WAITING": "waiting",
 }
@@ -108,8 +110,14 @@ class StudySummary:
         return f"{spent}; {saved}."
 
 
+def _state(trial: TrialFacts) -> str:
+    if trial.state == "FAIL" and (trial.fail_reason or "").startswith("interrupted"):
+        return "INTERRUPTED"
+    return trial.state
+
+
 def summarize(trials: Sequence[TrialFacts], baseline: StoredBaseline | None) -> StudySummary:
-    counts = Counter(t.state for t in trials)
+    counts = Counter(_state(t) for t in trials)
     states = {s: counts.get(s, 0) for s in STATE_ORDER}
     states.update({s: n for s, n in counts.items() if s not in states})
     baseline_epochs = 0

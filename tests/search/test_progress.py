@@ -60,9 +60,9 @@ def _logging() -> Iterator[None]:
 
 def test_epoch_line_shows_both_objectives_and_leaves_out_the_koopman_numbers_while_it_is_off() -> None:
     on = epoch_text(epoch_fields(record(2)))
-    assert on.startswith("val_ppl 512.3  val_koopman_forward_ppl 640.1  total_loss 6.25  lm_loss 6.2")
+    assert on.startswith("val_ppl 512.34  val_koopman_forward_ppl 640.06  total_loss 6.25  lm_loss 6.2")
     off = epoch_text(epoch_fields(dataclasses.replace(record(1, forward=math.nan), koopman_weight=0.0)))
-    assert off == "val_ppl 512.3  total_loss 6.25  lm_loss 6.2"
+    assert off == "val_ppl 512.34  total_loss 6.25  lm_loss 6.2"
 
 
 def test_durations_read_as_seconds_minutes_and_hours() -> None:
@@ -112,10 +112,10 @@ def test_in_a_log_every_event_is_one_timestamped_line_and_finished_trials_go_to_
     lines = err.getvalue().splitlines()
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines)
     assert [line[9:] for line in lines] == [
-        "baseline epoch 1/4  val_ppl 512.3  total_loss 6.25  lm_loss 6.2  koopman_loss 0.41  "
+        "baseline epoch 1/4  val_ppl 512.34  total_loss 6.25  lm_loss 6.2  koopman_loss 0.41  "
         "effective_weight 0.1  ETA 30 s",
         "trial 0 started (trials 0/2 done, 1 running, ETA ?)",
-        "trial 0 epoch 3/4  val_ppl 512.3  val_koopman_forward_ppl 640.1  total_loss 6.25  lm_loss 6.2  "
+        "trial 0 epoch 3/4  val_ppl 512.34  val_koopman_forward_ppl 640.06  total_loss 6.25  lm_loss 6.2  "
         "koopman_loss 0.41  effective_weight 0.1  ETA 10 s",
         "trials 1/2 done, ETA 20 s",
     ]
@@ -133,7 +133,7 @@ def test_on_a_terminal_the_bars_are_redrawn_in_place_and_results_print_above_the
         progress.on_outcome(SimpleNamespace(number=0, state="COMPLETE"))
     screen = err.getvalue()
     assert "\r" in screen  # redrawn in place
-    assert re.search(r"\|#{10} {10}\| trial 0 epoch 2/4  val_ppl 512\.3  val_koopman_forward_ppl 640\.1", screen)
+    assert re.search(r"\|#{10} {10}\| trial 0 epoch 2/4  val_ppl 512\.34  val_koopman_forward_ppl 640\.06", screen)
     assert re.search(r"\|#{10} {10}\| trials 1/2 done, ETA ", screen)
     assert "\n" not in screen.split("trial 0 epoch 2/4")[0].split("\r")[-1]  # no line of its own: redrawn
     assert out.getvalue() == "trial 0 | done\n"

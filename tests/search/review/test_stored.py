@@ -60,3 +60,22 @@ def test_read_baseline_prefers_the_baseline_of_the_study_files_trainer_seed(stud
     assert read_baseline(old).seed == 1  # type: ignore[union-attr]
     assert read_baseline(attrs, seed=0).at(10) == 477.2  # type: ignore[union-attr]
     assert read_baseline(attrs, seed=7) is None
+
+
+def test_an_interrupted_attempt_is_counted_apart_from_the_failed_ones() -> None:
+    from koopman_search.search.review.stored import TrialFacts
+    from koopman_search.search.review.summary import summarize
+
+    def failed(number: int, reason: str) -> TrialFacts:
+        return TrialFacts(number, number, "FAIL", {}, None, None, {layout.FAIL_REASON: reason})
+
+    summary = summarize(
+        [
+            failed(0, "interrupted after epoch 2; queued to resume from its checkpoint"),
+            failed(1, "CUDA out of memory"),
+            TrialFacts(2, 2, "COMPLETE", {}, (1.0,), None),
+        ],
+        None,
+    )
+    assert summary.states["FAIL"] == 1 and summary.states["INTERRUPTED"] == 1
+    assert summary.states_text() == "1 complete, 1 failed, 1 interrupted (queued to resume)"
