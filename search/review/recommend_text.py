@@ -18,6 +18,7 @@ from koopman_search.search.text import printable
 __all__ = ["LANGUAGES", "render"]
 
 LANGUAGES = ("en", "ja")
+STATES = ("complete", "pruned", "fail", "interrupted", "running", "waiting")  # the trial counts in the totals
 
 TEXT: dict[str, dict[str, str]] = {
     "en": {
@@ -296,7 +297,7 @@ def render(rec: Recommendation, configs: Mapping[int, str], lang: str = "en") ->
 
     totals = t(
         "totals",
-        n=sum(v for k, v in rec.totals.items() if k in ("complete", "pruned", "fail", "interrupted", "running", "waiting")),
+        n=sum(v for k, v in rec.totals.items() if k in STATES),
         **rec.totals,
     )
     objectives = ", ".join(f"{n} ({t(d)})" for n, d in zip(rec.objectives, rec.directions, strict=False))
