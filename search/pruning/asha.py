@@ -91,19 +91,26 @@ def order_keys(points: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
 class RungDecision:
     rank: int  # 1 + the number of trials strictly ahead of this one
     of: int  # trials with a record at this rung, this one included
-    keep: int  # how many continue: max(1, of // η)
+    keep: int  # how many continue: max(1, of // η), or all of them while fewer than min_trials are there
 
     @property
     def kept(self) -> bool:
         return self.rank <= self.keep
 
 
-def decide(mine: Sequence[float], others: Sequence[Sequence[float]], reduction_factor: int) -> RungDecision:
-    """Where ``mine`` stands among ``others`` (values already signed so that lower is better)."""
+def decide(
+    mine: Sequence[float], others: Sequence[Sequence[float]], reduction_factor: int, min_trials: int = 1
+) -> RungDecision:
+    """Where ``mine`` stands among ``others`` (values already signed so that lower is better).
+
+    The rung keeps its top ``max(1, n // η)`` of the n trials there; while fewer than ``min_trials`` trials
+    are there it keeps them all (too few to rank). The ends of the first front are never pruned by a rung:
+    their crowding distance is infinite, so they share the first place (docs/asha.md, "The decision")."""
     keys = order_keys([mine, *others])
     ahead = sum(1 for k in keys[1:] if k < keys[0])
     n = len(keys)
-    return RungDecision(rank=ahead + 1, of=n, keep=max(1, n // reduction_factor))
+    keep = n if n < min_trials else max(1, n // reduction_factor)
+    return RungDecision(rank=ahead + 1, of=n, keep=keep)
 
 
 # Objectives the Koopman-off baseline has a value of at every epoch (trainer/linearity.py): read at a rung

@@ -95,7 +95,8 @@ class AshaPruner:
             if mine is None:
                 logger.warning("asha: trial %d has no stored record at epoch %d; not judged", trial_id, epoch)
                 return None, None
-            d = decide(mine, others, self.settings.reduction_factor)
+            s = self.settings
+            d = decide(mine, others, s.reduction_factor, s.min_trials)
             decision = {
                 "rung": rung + 1,
                 "koopman_epoch": k,

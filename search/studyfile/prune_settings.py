@@ -88,15 +88,17 @@ class RuleSettings:
         return out
 
 
-ASHA_KEYS = ("asha_reduction_factor", "asha_min_epochs")
+ASHA_KEYS = ("asha_reduction_factor", "asha_min_epochs", "asha_min_trials")
 
 
 @dataclass(frozen=True)
 class AshaSettings:
-    """The ``asha_*`` keys of ``[study]``: η (``asha_reduction_factor``) and the first rung's Koopman epochs."""
+    """The ``asha_*`` keys of ``[study]``: η (``asha_reduction_factor``), the first rung's Koopman epochs and
+    the trials a rung needs before it prunes (``asha_min_trials``); docs/asha.md."""
 
     reduction_factor: int = 3
     min_epochs: int = 1
+    min_trials: int = 1
 
     def rungs(self, koopman_epochs: int) -> list[int]:
         """The Koopman epochs at which a trial with ``koopman_epochs`` of them is judged (its last is not a
@@ -108,7 +110,11 @@ class AshaSettings:
         return out
 
     def to_dict(self) -> dict[str, int]:
-        return {"asha_reduction_factor": self.reduction_factor, "asha_min_epochs": self.min_epochs}
+        return {
+            "asha_reduction_factor": self.reduction_factor,
+            "asha_min_epochs": self.min_epochs,
+            "asha_min_trials": self.min_trials,
+        }
 
     @classmethod
     def from_study(cls, study: Mapping[str, Any], pruner: str, epochs: int, origin: str) -> AshaSettings | None:
@@ -126,6 +132,7 @@ class AshaSettings:
         for key, default, low in (
             ("asha_reduction_factor", cls.reduction_factor, 2),
             ("asha_min_epochs", cls.min_epochs, 1),
+            ("asha_min_trials", cls.min_trials, 1),
         ):
             value = study.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -140,4 +147,4 @@ class AshaSettings:
                 origin,
                 "study.asha_min_epochs",
             )
-        return cls(values["asha_reduction_factor"], values["asha_min_epochs"])
+        return cls(values["asha_reduction_factor"], values["asha_min_epochs"], values["asha_min_trials"])

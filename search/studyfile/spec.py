@@ -17,6 +17,7 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     pruner = "none"                   # none | asha | median | hyperband (median, hyperband: one objective only)
     asha_reduction_factor = 3         # asha's η: a rung keeps the top 1/η (integer >= 2)
     asha_min_epochs = 1               # asha's first rung, in Koopman epochs (< trainer.train.epochs)
+    asha_min_trials = 1               # asha prunes at a rung once this many trials have a record there
     shared_warmup = true              # trials start from the baseline's checkpoint at their start epoch
     objectives = [{ metric = "val_ppl", direction = "minimize" },
                   { metric = "val_linear_nre", direction = "minimize" }]    # the default

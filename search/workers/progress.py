@@ -35,6 +35,9 @@ __all__ = [
 EPOCH_FIELDS = ("val_ppl", "val_koopman_forward_ppl", "total_loss", "lm_loss", "koopman_loss", "effective_weight")
 
 
+FALLBACK_COLUMNS = 100  # the bars' width where the terminal reports none
+
+
 def is_live(stream: TextIO) -> bool:
     """A terminal that can redraw lines in place (not a log file, a pipe or TERM=dumb)."""
     try:
@@ -110,9 +113,20 @@ class TrialsProgress:
     done: int = 0
     durations: list[float] = field(default_factory=list)
     running: dict[int, _Running] = field(default_factory=dict)
+    baseline: _Running | None = None  # the matched baseline while it runs here: its epochs time a trial's
+
+    def baseline_epoch(self, fields: Mapping[str, Any]) -> None:
+        """Note an epoch of the baseline: its time left comes before the trials', and until a trial has an
+        epoch of its own, a trial is guessed as long as the baseline (the same model, epochs and data)."""
+        run = self.baseline or _Running(self.clock())
+        run.eta, run.at = trial_eta(fields), self.clock()
+        run.per_epoch, run.epochs = fields.get("seconds"), int(fields["epochs"])
+        self.baseline = run
 
     def started(self, number: int) -> None:
         self.running[number] = _Running(self.clock())
+        if self.baseline is not None:  # trials start here once the baseline is done (or runs elsewhere)
+            self.baseline.eta = 0.0
 
     def epoch(self, number: int, fields: Mapping[str, Any]) -> float | None:
         """Note an epoch event; returns the trial's ETA in seconds."""
@@ -138,7 +152,12 @@ class TrialsProgress:
             per_trial: float | None = sum(self.durations) / len(self.durations)
         else:
             guesses = [r.per_epoch * r.epochs for r in self.running.values() if r.per_epoch and r.epochs]
+            if not guesses and self.baseline is not None and self.baseline.per_epoch and self.baseline.epochs:
+                guesses = [self.baseline.per_epoch * self.baseline.epochs]
             per_trial = max(guesses) if guesses else None
+        ahead = 0.0  # the baseline's time left, when it is still running here
+        if self.baseline is not None and self.baseline.eta is not None:
+            ahead = max(0.0, self.baseline.eta - (now - self.baseline.at))
         left_running = []
         for run in self.running.values():
             if run.eta is not None:
@@ -151,7 +170,7 @@ class TrialsProgress:
         if waiting and per_trial is None:
             return None
         slots = max(1, self.parallel)
-        return max(left_running, default=0.0) + math.ceil(waiting / slots) * (per_trial or 0.0)
+        return ahead + max(left_running, default=0.0) + math.ceil(waiting / slots) * (per_trial or 0.0)
 
     def line(self) -> str:
         """``trials 3/8 done, 1 running, ETA 4 min 10 s``."""
@@ -202,7 +221,8 @@ class LiveProgress:
         if self._bars is None:
             from tqdm import tqdm
 
-            ncols = self._ncols or shutil.get_terminal_size().columns
+            # a terminal that reports no size (0 × 0: a serial console, some container runtimes) still gets bars
+            ncols = self._ncols or shutil.get_terminal_size().columns or FALLBACK_COLUMNS
             overall = tqdm(
                 total=self.trials.total,
                 desc=self.trials.line(),
@@ -254,11 +274,12 @@ class LiveProgress:
     # -- the callbacks of run_worker -------------------------------------------------------------------
     def on_baseline_epoch(self, record: EpochRecord) -> None:
         fields = epoch_fields(record)
+        self.trials.baseline_epoch(fields)
         text = f"epoch {record.epoch}/{record.epochs}  {epoch_text(fields)}  ETA {format_duration(trial_eta(fields))}"
         if self.live:
             self._redraw(f"baseline {text}", record.epoch, record.epochs)
         else:
-            self._line(f"baseline {text}")
+            self._line(f"baseline {text} ({self.trials.line()})")
 
     def on_trial_start(self, number: int) -> None:
         self.trials.started(number)

@@ -64,6 +64,32 @@ def test_two_objectives_sort_by_front_then_by_crowding_distance() -> None:
     assert ranks == {"A": (1, True), "C": (1, True), "B": (3, False), "D": (4, False), "E": (5, False)}
 
 
+def test_a_rung_with_fewer_than_min_trials_keeps_them_all_then_decides() -> None:
+    # 4th of a rung at η 3, ranked 4 of 4: 4 // 3 = 1 continues; with min_trials 5 the rung has too few to rank
+    mine, others = (4.0,), [(1.0,), (2.0,), (3.0,)]
+    assert decide(mine, others, reduction_factor=3) == decide(mine, others, 3, min_trials=4)
+    assert not decide(mine, others, reduction_factor=3).kept
+    d = decide(mine, others, reduction_factor=3, min_trials=5)
+    assert (d.rank, d.of, d.keep, d.kept) == (4, 4, 4, True)
+    # the 5th reaches min_trials: the rung decides as before, 5 // 3 = 1
+    d = decide((4.0,), [*others, (5.0,)], reduction_factor=3, min_trials=5)
+    assert (d.rank, d.of, d.keep, d.kept) == (4, 5, 1, False)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_best_trial_of_each_objective_is_never_pruned_by_a_rung(seed: int) -> None:
+    # the ends of the first front have infinite crowding distance and share the first place
+    import random
+
+    rng = random.Random(seed)
+    points = [(rng.random(), rng.random()) for _ in range(rng.randint(2, 12))]
+    for eta in (2, 3, 4):
+        for m in (0, 1):
+            best = min(range(len(points)), key=lambda i: points[i][m])
+            rest = points[:best] + points[best + 1 :]
+            assert decide(points[best], rest, eta).kept, (points, eta, m)
+
+
 def test_nan_counts_as_worst() -> None:
     assert not decide((math.nan, 1.0), [(2.0, 2.0), (3.0, 3.0)], reduction_factor=2).kept
     assert decide((1.0, 1.0), [(math.nan, 0.5)], reduction_factor=2).kept
@@ -102,6 +128,9 @@ def _study_dict(**study: Any) -> dict[str, Any]:
         ({"pruner": "asha", "asha_min_epochs": 4}, "asha_min_epochs", "must be < trainer.train.epochs (4)"),
         ({"pruner": "asha", "asha_min_epochs": 0}, "asha_min_epochs", "must be an integer >= 1"),
         ({"pruner": "none", "asha_min_epochs": 1}, "asha_min_epochs", 'applies only with pruner = "asha"'),
+        ({"pruner": "asha", "asha_min_trials": 0}, "asha_min_trials", "must be an integer >= 1"),
+        ({"pruner": "asha", "asha_min_trials": True}, "asha_min_trials", "must be an integer >= 1"),
+        ({"pruner": "none", "asha_min_trials": 3}, "asha_min_trials", 'applies only with pruner = "asha"'),
         (
             {"pruner": "asha", "objectives": [{"metric": "val_perplexity", "direction": "minimize"}]},
             "objectives",

@@ -113,8 +113,9 @@ def test_in_a_log_every_event_is_one_timestamped_line_and_finished_trials_go_to_
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines)
     assert [line[9:] for line in lines] == [
         "baseline epoch 1/4  val_ppl 512.34  total_loss 6.25  lm_loss 6.2  koopman_loss 0.41  "
-        "effective_weight 0.1  ETA 30 s",
-        "trial 0 started (trials 0/2 done, 1 running, ETA ?)",
+        "effective_weight 0.1  ETA 30 s (trials 0/2 done, ETA 1 min 50 s)",
+        # before a trial has an epoch of its own, it is timed as the baseline: 10 s × 4 epochs
+        "trial 0 started (trials 0/2 done, 1 running, ETA 1 min 20 s)",
         "trial 0 epoch 3/4  val_ppl 512.34  val_koopman_forward_ppl 640.06  total_loss 6.25  lm_loss 6.2  "
         "koopman_loss 0.41  effective_weight 0.1  ETA 10 s",
         "trials 1/2 done, ETA 20 s",
@@ -152,3 +153,16 @@ def test_launch_prints_the_baseline_each_trial_start_every_epoch_and_the_run_cou
     assert len(re.findall(epoch_line, err, re.MULTILINE)) == 2
     assert re.search(r"^\d\d:\d\d:\d\d trials 2/2 done, ETA 0 s$", err, re.MULTILINE)
     assert [line.split()[1] for line in out.splitlines() if " | COMPLETE " in line] == ["0", "1"]
+
+
+def test_a_terminal_that_reports_no_size_still_gets_its_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import shutil
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((0, 0)))
+    out, err = io.StringIO(), io.StringIO()
+    progress = LiveProgress(2, out=out, err=err, live=True, clock=Clock(), format_outcome=lambda o: "done")
+    with progress.session():
+        progress.on_trial_start(0)
+        progress.on_epoch(0, record(2))
+    assert re.search(r"\|#{10} {10}\| trial 0 epoch 2/4  val_ppl 512\.34", err.getvalue())
