@@ -58,11 +58,16 @@ def _metrics(data: dict[str, Any], wide: bool) -> list[str]:
 
 
 def _fit(headers: list[str], rows: list[list[str]], width: int) -> str:
-    """The table, its last column (the note) cut with ``…`` so that no line is wider than ``width``."""
-    fixed = render_table(headers[:-1], [r[:-1] for r in rows])
-    room = max(12, width - max(len(line) for line in fixed.splitlines()) - 2)
-    cut = [[*r[:-1], r[-1] if len(r[-1]) <= room else r[-1][: room - 1] + "…"] for r in rows]
-    return render_table(headers, cut)
+    """The table within ``width`` columns: with its last column (the note) where every note fits, else without
+    it and each trial's note whole on lines of its own under the table (wrapped at ``width``)."""
+    whole = render_table(headers, rows)
+    if max(len(line) for line in whole.splitlines()) <= width:
+        return whole
+    lines = [render_table(headers[:-1], [r[:-1] for r in rows])]
+    for r in rows:
+        if r[-1]:
+            lines.append(textwrap.fill(f"#{r[0]}: {r[-1]}", width, subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def status_text(data: dict[str, Any], full_names: bool = False, wide: bool = False) -> str:
@@ -111,12 +116,8 @@ def status_text(data: dict[str, Any], full_names: bool = False, wide: bool = Fal
     if data.get("tradeoff"):
         lines.append(f"trade-off: {data['tradeoff']}")
     if not wide:
-        lines.append(
-            "the note cut to fit; --wide for every metric and whole notes"
-            if table != render_table(headers, rows)
-            else ""
-        )
-        lines = lines[:2] + [textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ") for line in lines[2:] if line]
+        lines.append("--wide for every metric, and the notes in the table")
+        lines = lines[:2] + [textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ") for line in lines[2:]]
     return "\n".join(lines)
 
 
