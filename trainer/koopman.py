@@ -397,6 +397,18 @@ class KoopmanHeads(nn.Module):
         return True
 
     @torch.no_grad()
+    def k_spectrum(self, top: int) -> tuple[float, list[float], list[float]]:
+        """K's spectrum: its spectral radius (mean over blocks), and the real and imaginary parts of each
+        block's ``top`` eigenvalues largest in modulus, block after block (NaN and empty where K is not
+        finite)."""
+        kt = self.kt.double()
+        if not bool(torch.isfinite(kt).all()):
+            return math.nan, [], []
+        eig = torch.linalg.eigvals(kt)  # (L, k): Kᵀ and K have the same eigenvalues
+        picked = torch.gather(eig, 1, eig.abs().argsort(dim=-1, descending=True)[:, :top])
+        return float(eig.abs().amax(-1).mean()), picked.real.flatten().tolist(), picked.imag.flatten().tolist()
+
+    @torch.no_grad()
     def k_norm(self) -> float:
         """‖K‖₂ (largest singular value), mean over blocks."""
         return float(torch.linalg.matrix_norm(self.kt.double(), ord=2).mean())

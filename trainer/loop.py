@@ -42,7 +42,7 @@ from koopman_search.trainer.koopman import KoopmanHeads, KoopmanMetrics
 from koopman_search.trainer.linearity import LinearBlockModels, LinearScore, fit_linear
 from koopman_search.trainer.lm_loss import lm_loss_and_hidden
 from koopman_search.trainer.model import build_model, model_blocks
-from koopman_search.trainer.records import EpochRecord
+from koopman_search.trainer.records import K_EIGS_PER_BLOCK, EpochRecord
 from koopman_search.trainer.schedule import FallbackState, koopman_weight
 
 __all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "resolve_device"]
@@ -298,6 +298,8 @@ class HybridKoopmanTrainer:
         cut, nonfinite = counts
         finite_batches = steps - nonfinite
         val_loss = val["val_loss"]
+        heads = self.koopman if koopman_on else None
+        radius, eig_re, eig_im = heads.k_spectrum(K_EIGS_PER_BLOCK) if heads is not None else (math.nan, [], [])
         return EpochRecord(
             epoch=epoch,
             epochs=cfg.train.epochs,
@@ -322,7 +324,10 @@ class HybridKoopmanTrainer:
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
             val_linear_ppl_ratio=_ratio(val["val_linear_ppl"], _ppl(val_loss)),
-            koopman_k_norm=self.koopman.k_norm() if koopman_on and self.koopman is not None else math.nan,
+            koopman_k_norm=heads.k_norm() if heads is not None else math.nan,
+            koopman_k_radius=radius,
+            koopman_k_eig_re=eig_re,
+            koopman_k_eig_im=eig_im,
             seconds=time.perf_counter() - started,
             tokens_per_s=steps * cfg.data.batch_size * cfg.data.seq_len / train_seconds,
             steps=steps,

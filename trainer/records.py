@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["RECORD_FIELDS", "EpochRecord"]
+__all__ = ["K_EIGS_PER_BLOCK", "RECORD_FIELDS", "EpochRecord"]
+
+K_EIGS_PER_BLOCK = 8  # K's eigenvalues kept per block and epoch: the largest in modulus, which decide stability
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class EpochRecord:
     state_effective_rank: float = math.nan  # the same of the block outputs h_out: what φ's is read against
     val_koopman_forward_ppl: float = math.nan  # val PPL with every block replaced by ψ ∘ K ∘ φ (decoder only)
     koopman_k_norm: float = math.nan  # ‖K‖₂ at the end of the epoch, mean over blocks
+    koopman_k_radius: float = math.nan  # K's spectral radius max |λ| at the end of the epoch, mean over blocks:
+    #                                     above 1, K amplifies (a linear model iterated from it explodes)
+    # K's K_EIGS_PER_BLOCK largest eigenvalues (by modulus) of every block, block after block: real, imaginary
+    koopman_k_eig_re: list[float] = field(default_factory=list)
+    koopman_k_eig_im: list[float] = field(default_factory=list)
     # The closed-form linear replacement of every block, fitted afresh on the frozen backbone at each evaluation
     # (trainer/linearity.py): it does not depend on the trial's heads, so the baseline has it too.
     val_linear_nre: float = math.nan  # share of a block's update its linear model misses, mean over blocks

@@ -72,6 +72,7 @@ FIGURE_IDS = {
     "losses": "koopman-losses",
     "weight": "koopman-weight",
     "pareto": "koopman-pareto-front",
+    "spectrum": "koopman-k-spectrum",
 }
 _DIGEST_PREFIX = "koopman_search:digest:"
 
@@ -266,6 +267,7 @@ def study_figures(
         )
     if len(study.directions) >= 2 and any(f.values is not None for f in facts):
         out[FIGURE_IDS["pareto"]] = figures.pareto_front_figure(study, names, facts, baseline)
+    out[FIGURE_IDS["spectrum"]] = figures.spectrum_figure(facts, selected=selected, names=names)
     return out
 
 

@@ -24,11 +24,13 @@ from optuna.trial import TrialState
 
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from koopman_search.search.review.summary import fmt, state_word
+from koopman_search.trainer.records import K_EIGS_PER_BLOCK
 
 __all__ = [
     "KINDS",
     "loss_figure",
     "pareto_front_figure",
+    "spectrum_figure",
     "trial_curves_figure",
     "trial_figure",
     "trial_label",
@@ -497,4 +499,81 @@ def pareto_front_figure(
         margin={"l": 60, "r": 20, "t": 40, "b": 110},
     )
     fig.update_xaxes(title={"standoff": 2})
+    return fig
+
+
+def _spectrum_points(trial: TrialFacts) -> list[tuple[list[float], list[float]]]:
+    """K's stored eigenvalues at the trial's last epoch with a spectrum, per block: (real parts, imaginary)."""
+    re_cols, im_cols = trial.metric("koopman_k_eig_re"), trial.metric("koopman_k_eig_im")
+    for re_values, im_values in zip(reversed(re_cols), reversed(im_cols), strict=False):
+        if re_values and im_values and len(re_values) == len(im_values):
+            per = K_EIGS_PER_BLOCK
+            return [
+                ([v if v is not None else math.nan for v in re_values[b : b + per]],
+                 [v if v is not None else math.nan for v in im_values[b : b + per]])
+                for b in range(0, len(re_values), per)
+            ]  # fmt: skip
+    return []
+
+
+def spectrum_figure(
+    trials: Sequence[TrialFacts], *, selected: int | None = None, names: Sequence[str] = ()
+) -> go.Figure:
+    """K's eigenvalues per block at a trial's last Koopman epoch on the complex plane, with the unit circle: a
+    K whose eigenvalues lie outside it amplifies (iterated, the linear model explodes), as the notebook's DMD
+    refit made. One colour per block; a dropdown switches the trial (``selected`` first)."""
+    shown = sorted((t for t in trials if _spectrum_points(t)), key=lambda t: t.number)[-MAX_DROPDOWN_TRIALS:]
+    theta = [2 * math.pi * i / 120 for i in range(121)]
+    fig = go.Figure(
+        go.Scatter(
+            x=[math.cos(a) for a in theta],
+            y=[math.sin(a) for a in theta],
+            mode="lines",
+            name="|λ| = 1",
+            line={"color": COLORS["limit"], "dash": "dash", "width": 1},
+            hoverinfo="skip",
+        )
+    )
+    title = "K's eigenvalues per block (last epoch): outside the circle, K amplifies"
+    layout: dict[str, Any] = {
+        "title": {"text": title, "x": 0.01, "font": {"size": 14}},
+        "height": _HEIGHT,
+        "template": "plotly_white",
+        "xaxis": {"title": {"text": "Re λ"}, "zeroline": True, "tickformat": ".3~g"},
+        "yaxis": {"title": {"text": "Im λ"}, "scaleanchor": "x", "scaleratio": 1, "tickformat": ".3~g"},
+        "legend": {"orientation": "h", "y": -0.2, "x": 0},
+        "margin": {"l": 60, "r": 20, "t": 60, "b": 90},
+    }
+    if not shown:
+        layout["title"]["text"] = "K's eigenvalues: no trial with the Koopman loss on yet"
+        fig.update_layout(layout)
+        return fig
+    numbers = [t.number for t in shown]
+    active = numbers.index(selected) if selected in numbers else 0
+    blocks = max(len(_spectrum_points(t)) for t in shown)
+    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+    for b in range(blocks):
+        fig.add_trace(
+            go.Scatter(
+                x=[], y=[], mode="markers", name=f"block {b + 1}",
+                marker={"size": 9, "color": palette[b % len(palette)], "line": {"color": "#000", "width": 0.5}},
+                hovertemplate=f"block {b + 1}: λ = %{{x:.4g}} %{{y:+.4g}}i<extra></extra>",
+            )
+        )  # fmt: skip
+    slots = list(range(1, 1 + blocks))
+    buttons = []
+    for trial in shown:
+        points = _spectrum_points(trial) + [([], [])] * (blocks - len(_spectrum_points(trial)))
+        restyle = {"x": [p[0] for p in points], "y": [p[1] for p in points]}
+        buttons.append({"label": trial_label(trial, names), "method": "restyle", "args": [restyle, slots]})
+    for i, slot in enumerate(slots):
+        fig.data[slot].x = buttons[active]["args"][0]["x"][i]
+        fig.data[slot].y = buttons[active]["args"][0]["y"][i]
+    layout["updatemenus"] = [
+        {"type": "dropdown", "buttons": buttons, "active": active, "x": 0.0, "xanchor": "left", "y": 1.02,
+         "yanchor": "bottom", "bgcolor": "#e3f2fd", "bordercolor": "#90caf9", "font": {"size": 12}}
+    ]  # fmt: skip
+    layout["title"]["y"] = 0.98
+    layout["margin"]["t"] = 80
+    fig.update_layout(layout)
     return fig

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from optuna.trial import TrialState
 
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
-from koopman_search.search.review.summary import StudySummary, fmt, fmt_param, fmt_seconds, state_word
+from koopman_search.search.review.summary import (
+    MIN_TRIALS_FOR_IMPORTANCE,
+    StudySummary,
+    fmt,
+    fmt_param,
+    fmt_seconds,
+    state_word,
+)
 from koopman_search.search.text import printable
 
 __all__ = ["study_note", "trial_note"]
@@ -206,6 +213,13 @@ def study_note(
             text += f"; error: {_escape(baseline.error)}"
         lines.append(text + ".")
     lines += ["", f"**Trials:** {summary.states_text()}.", f"**Compute:** {summary.compute_text()}", ""]
+    complete = summary.states.get("COMPLETE", 0)
+    if complete < MIN_TRIALS_FOR_IMPORTANCE:
+        lines += [
+            f"**Hyperparameter importance** (the dashboard's own plot) is fitted on {complete} complete trial(s) "
+            f"here: below {MIN_TRIALS_FOR_IMPORTANCE} it is noise, so the HTML report shows none.",
+            "",
+        ]
     if findings:
         lines += ["**Findings:**", "", *(f"- {_escape(line)}." for line in findings), ""]
     if best:

@@ -40,7 +40,15 @@ from koopman_search.search.review.stored import (
     read_rules,
     trial_facts,
 )
-from koopman_search.search.review.summary import StudySummary, best_trials, fmt, fmt_param, fmt_seconds, summarize
+from koopman_search.search.review.summary import (
+    MIN_TRIALS_FOR_IMPORTANCE,
+    StudySummary,
+    best_trials,
+    fmt,
+    fmt_param,
+    fmt_seconds,
+    summarize,
+)
 from koopman_search.search.storage.layout import study_attrs
 from koopman_search.search.studyfile.space import PARAM_NAMES, PARAM_TO_PATH
 from koopman_search.trainer.checkpoint import atomic_write
@@ -60,12 +68,10 @@ SECTION_TITLES = {
     "importances": "Parameter importances",
     "parallel": "Parallel coordinates",
     "curves": "Per-trial curves",
+    "spectrum": "K's eigenvalues",
     "pruned": "Prune reasons",
     "config": "Best config",
 }
-# fANOVA's importances from fewer complete trials than this are noise (with 8, both objectives of the
-# quickstart study got the same ranking); they are shown from here on, with a caveat
-MIN_TRIALS_FOR_IMPORTANCE = 10
 ROUGH_IMPORTANCE_BELOW = 50
 
 _CSS = """
@@ -396,6 +402,20 @@ def _curves_section(ctx: _Context) -> str:
     return "".join(parts)
 
 
+def _spectrum_section(ctx: _Context) -> str:
+    with_spectrum = [t for t in ctx.finished if any(t.metric("koopman_k_eig_re"))]
+    if not with_spectrum:
+        return _note("No finished trial has K's eigenvalues stored (they are recorded from the first Koopman epoch).")
+    selected = ctx.best[0].number if ctx.best else None
+    spectrum = figures.spectrum_figure(with_spectrum, selected=selected, names=ctx.names)
+    lead = (
+        "K's largest eigenvalues per block at each trial's last epoch (pick a trial in the figure's menu): "
+        "outside the dashed unit circle K amplifies, and a linear model iterated from it explodes, as the "
+        "notebook's DMD refit made."
+    )
+    return f'<p class="lead">{_esc(lead)}</p>' + _figure_html(spectrum, "k-spectrum")
+
+
 def _pruned_section(ctx: _Context) -> str:
     pruned = [t for t in ctx.finished if t.state == TrialState.PRUNED.name]
     failed = [t for t in ctx.finished if t.state == TrialState.FAIL.name]
@@ -502,6 +522,7 @@ def build_report(study: optuna.Study, *, best_config: BestConfig | None = None, 
         "importances": lambda: _importances_section(ctx),
         "parallel": lambda: _parallel_section(ctx),
         "curves": lambda: _curves_section(ctx),
+        "spectrum": lambda: _spectrum_section(ctx),
         "pruned": lambda: _pruned_section(ctx),
         "config": lambda: _config_section(ctx, best_config),
     }

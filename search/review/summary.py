@@ -14,9 +14,23 @@ from optuna.trial import TrialState
 from koopman_search.search.review.stored import StoredBaseline, TrialFacts, trial_facts
 from koopman_search.search.text import number
 
-__all__ = ["StudySummary", "best_trials", "fmt", "fmt_param", "fmt_seconds", "state_word", "summarize"]
+__all__ = [
+    "MIN_TRIALS_FOR_IMPORTANCE",
+    "StudySummary",
+    "best_trials",
+    "fmt",
+    "fmt_param",
+    "fmt_seconds",
+    "state_word",
+    "summarize",
+]
 
 logger = logging.getLogger(__name__)
+
+# fANOVA's importances from fewer complete trials than this are noise (with 8, both objectives of the
+# quickstart study got the same ranking): the report shows them from here on, with a caveat, and the study
+# note says so under it
+MIN_TRIALS_FOR_IMPORTANCE = 10
 
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "INTERRUPTED", "RUNNING", "WAITING")
 _STATE_WORDS = {

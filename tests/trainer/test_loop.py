@@ -603,3 +603,21 @@ def test_a_wrong_blocks_attr_names_the_key_and_value(corpus: Corpus, attr: str, 
     cfg = tiny_config({"model.factory": "tests.trainer.notebook_model:build", "model.blocks_attr": attr})
     with pytest.raises(ConfigError, match=f"{match}.*blocks_attr='{attr}'"):
         HybridKoopmanTrainer(cfg, corpus)
+
+
+def test_records_hold_ks_spectrum_once_the_koopman_loss_is_on(corpus: Corpus) -> None:
+    from koopman_search.trainer.records import K_EIGS_PER_BLOCK
+
+    trainer = run(tiny_config({"koopman.start_epoch": 1, "train.epochs": 2, "koopman.dim": 12}), corpus)
+    off, on = trainer.records
+    assert math.isnan(off.koopman_k_radius) and off.koopman_k_eig_re == [] == off.koopman_k_eig_im
+    assert trainer.koopman is not None
+    eig = torch.linalg.eigvals(trainer.koopman.kt.double())  # (blocks, k)
+    assert on.koopman_k_radius == pytest.approx(float(eig.abs().amax(-1).mean()), rel=1e-9)
+    assert len(on.koopman_k_eig_re) == len(on.koopman_k_eig_im) == 2 * K_EIGS_PER_BLOCK
+    for block in range(2):
+        kept = on.koopman_k_eig_re[block * K_EIGS_PER_BLOCK : (block + 1) * K_EIGS_PER_BLOCK]
+        im = on.koopman_k_eig_im[block * K_EIGS_PER_BLOCK : (block + 1) * K_EIGS_PER_BLOCK]
+        moduli = sorted((abs(complex(r, i)) for r, i in zip(kept, im, strict=True)), reverse=True)
+        largest = sorted(eig[block].abs().tolist(), reverse=True)[:K_EIGS_PER_BLOCK]
+        assert moduli == pytest.approx(largest, rel=1e-9)  # the largest in modulus, the radius first

@@ -26,7 +26,7 @@ from koopman_search.search.review import (
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.layout import records_to_columns, round_significant
 from koopman_search.search.studyfile.spec import spec_from_dict
-from koopman_search.trainer.records import EpochRecord
+from koopman_search.trainer.records import K_EIGS_PER_BLOCK, EpochRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -112,6 +112,11 @@ def _weight(plan: Plan, epoch: int) -> float:
     return plan.weight_max * 0.5 * (1 - math.cos(math.pi * frac))
 
 
+def _eigs(radius: float, part: Callable[[float], float]) -> list[float]:
+    """One part (cos: real, sin: imaginary) of 2 blocks × K_EIGS_PER_BLOCK eigenvalues on a circle."""
+    return [radius * (1 - 0.05 * i) * part(0.7 * i + b) for b in range(2) for i in range(K_EIGS_PER_BLOCK)]
+
+
 def plan_records(plan: Plan) -> list[EpochRecord]:
     records = []
     for e in range(1, EPOCHS + 1):
@@ -147,6 +152,10 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
                 state_effective_rank=9.0 if on else math.nan,
                 val_koopman_forward_ppl=ppl * (1 + 2 * nre) if on else math.nan,
                 koopman_k_norm=1.1 if on else math.nan,
+                # two blocks, K_EIGS_PER_BLOCK eigenvalues each, on a circle whose radius grows with the Koopman loss
+                koopman_k_radius=0.3 * koopman if on else math.nan,
+                koopman_k_eig_re=_eigs(0.3 * koopman, math.cos) if on else [],
+                koopman_k_eig_im=_eigs(0.3 * koopman, math.sin) if on else [],
                 val_linear_nre=BASELINE_LINEAR_NRE[e - 1] * (1 - 0.5 * weight),  # the weight buys linearity
                 val_linear_ppl=ppl * 1.02,
             )

@@ -192,3 +192,12 @@ def test_annotate_study_notes_its_baseline_companion_as_such(study: optuna.Study
     assert note.startswith(f"## Baseline companion of study {STUDY_NAME}\n\nNot a search: ")
     assert "review that study" in note
     assert annotate_study(study).notes_written == 0  # idempotent, the companion's note included
+
+
+def test_the_study_note_says_the_stock_importance_is_noise_under_ten_complete_trials(study: optuna.Study) -> None:
+    annotate_study(study)
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    note = optuna_dashboard._note.get_note_from_system_attrs(system_attrs, None)["body"]
+    complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
+    assert complete < 10
+    assert f"fitted on {complete} complete trial(s) here: below 10 it is noise" in note

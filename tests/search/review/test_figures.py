@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
@@ -169,3 +170,26 @@ def test_weights_are_drawn_as_steps_so_a_step_schedule_jumps(study: optuna.Study
     fig = weight_figure(_facts(study, TrialState.COMPLETE, "hand-tuned 1"))
     assert _trace(fig, "scheduled weight").line.shape == "hv"
     assert _trace(fig, "applied weight").line.shape == "hv"
+
+
+def test_the_spectrum_figure_draws_each_blocks_eigenvalues_and_the_unit_circle(study: optuna.Study) -> None:
+    from koopman_search.search.review.figures import spectrum_figure
+    from koopman_search.trainer.records import K_EIGS_PER_BLOCK
+
+    facts = [trial_facts(t) for t in study.get_trials()]
+    with_spectrum = [f for f in facts if f.metric("koopman_k_eig_re") and any(f.metric("koopman_k_eig_re"))]
+    selected = with_spectrum[-1]
+    fig = spectrum_figure(facts, selected=selected.number)
+    circle, *blocks = fig.data
+    assert circle.name == "|λ| = 1"
+    assert max(math.hypot(x, y) for x, y in zip(circle.x, circle.y, strict=True)) == pytest.approx(1.0)
+    assert [b.name for b in blocks] == ["block 1", "block 2"]
+    last_re = [v for v in selected.metric("koopman_k_eig_re") if v][-1]
+    last_im = [v for v in selected.metric("koopman_k_eig_im") if v][-1]
+    assert list(blocks[0].x) == pytest.approx(last_re[:K_EIGS_PER_BLOCK])
+    assert list(blocks[1].y) == pytest.approx(last_im[K_EIGS_PER_BLOCK:])
+    (menu,) = fig.layout.updatemenus
+    assert len(menu.buttons) == len(with_spectrum)
+    assert fig.layout.yaxis.scaleanchor == "x"  # a circle looks like one
+    empty = spectrum_figure([f for f in facts if f not in with_spectrum])
+    assert len(empty.data) == 1 and "no trial" in empty.layout.title.text

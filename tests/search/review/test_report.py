@@ -39,13 +39,14 @@ PLOTLY_HEADER = re.compile(r"\* plotly\.js v\d+\.\d+\.\d+")
 
 def test_report_has_every_section_and_embeds_plotly_js_once(study: optuna.Study) -> None:
     text = build_report(study)
-    headings = re.findall(r"<h2>([^<]+)</h2>", text)
+    headings = [html.unescape(h) for h in re.findall(r"<h2>([^<]+)</h2>", text)]
     expected = [("Pareto front" if k == "best" else v) for k, v in SECTION_TITLES.items()]
     assert headings == expected
     assert len(PLOTLY_HEADER.findall(text)) == 1
     assert "<script src=" not in text and "<link " not in text  # nothing to fetch: opens offline
-    # pareto, 2 histories, 2 parallel, 3 curves (importances need 10 complete trials; this study has 6)
-    assert text.count('class="plotly-graph-div"') >= 8
+    # pareto, 2 histories, 2 parallel, 3 curves, K's spectrum (importances need 10 complete trials; this has 6)
+    assert text.count('class="plotly-graph-div"') >= 9
+    assert 'id="k-spectrum"' in text
 
 
 def test_report_tables_list_the_prune_reasons_and_failures(study: optuna.Study) -> None:
@@ -96,7 +97,7 @@ def test_report_of_a_study_without_trials_explains_each_empty_section(tmp_path: 
 def test_report_of_a_single_objective_study_shows_the_best_trial(tmp_path: Path) -> None:
     study = make_review_study(f"sqlite:///{tmp_path / 'one.db'}", objectives=["val_ppl"])
     text = build_report(study)
-    headings = re.findall(r"<h2>([^<]+)</h2>", text)
+    headings = [html.unescape(h) for h in re.findall(r"<h2>([^<]+)</h2>", text)]
     assert headings == list(SECTION_TITLES.values())  # "Best trial", not "Pareto front"
     best = study.best_trial
     section = text.split('<section id="best">', 1)[1].split("</section>", 1)[0]
