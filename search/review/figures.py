@@ -504,7 +504,8 @@ def pareto_front_figure(
 
 def _spectrum_points(trial: TrialFacts) -> list[tuple[list[float], list[float]]]:
     """K's stored eigenvalues at the trial's last epoch with a spectrum, per block: (real parts, imaginary)."""
-    re_cols, im_cols = trial.metric("koopman_k_eig_re"), trial.metric("koopman_k_eig_im")
+    re_cols: list[Any] = trial.metric("koopman_k_eig_re")  # one list per epoch
+    im_cols: list[Any] = trial.metric("koopman_k_eig_im")
     for re_values, im_values in zip(reversed(re_cols), reversed(im_cols), strict=False):
         if re_values and im_values and len(re_values) == len(im_values):
             per = K_EIGS_PER_BLOCK
@@ -562,13 +563,15 @@ def spectrum_figure(
         )  # fmt: skip
     slots = list(range(1, 1 + blocks))
     buttons = []
+    padded = []
     for trial in shown:
-        points = _spectrum_points(trial) + [([], [])] * (blocks - len(_spectrum_points(trial)))
+        points = _spectrum_points(trial)
+        points += [([], [])] * (blocks - len(points))
+        padded.append(points)
         restyle = {"x": [p[0] for p in points], "y": [p[1] for p in points]}
         buttons.append({"label": trial_label(trial, names), "method": "restyle", "args": [restyle, slots]})
-    for i, slot in enumerate(slots):
-        fig.data[slot].x = buttons[active]["args"][0]["x"][i]
-        fig.data[slot].y = buttons[active]["args"][0]["y"][i]
+    for slot, (xs, ys) in zip(slots, padded[active], strict=True):
+        fig.data[slot].x, fig.data[slot].y = xs, ys
     layout["updatemenus"] = [
         {"type": "dropdown", "buttons": buttons, "active": active, "x": 0.0, "xanchor": "left", "y": 1.02,
          "yanchor": "bottom", "bgcolor": "#e3f2fd", "bordercolor": "#90caf9", "font": {"size": 12}}
