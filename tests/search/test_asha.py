@@ -318,3 +318,35 @@ def test_a_rung_reads_the_linearity_measure_against_the_baselines_own_at_that_ep
     # no baseline curve for it (a fixed baseline): the raw value
     raw = rung_values(columns, 3, ("val_ppl", "val_linear_nre"), (1.0, 1.0), [1000.0, 800.0, 500.0])
     assert raw == pytest.approx((1.2, 0.06))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_worker_processes_with_asha_decide_each_rung_once_per_trial_and_run_the_exact_budget(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from koopman_search.search.cli import main
+    from tests.search.study_files import write_worker_study
+    from tests.search.worker_processes import assert_study_done, open_study
+
+    # start epoch 1 of 4: rungs at Koopman epochs 1 and 2 (epochs 2 and 3), eta 2, a rung decides from its 3rd
+    path = write_worker_study(tmp_path, postgres_url, n_trials=8, epochs=4, start_epoch=1)
+    text = path.read_text().replace(
+        'sampler = "random"', 'sampler = "random"\npruner = "asha"\nasha_reduction_factor = 2\nasha_min_trials = 3', 1
+    )
+    path.write_text(text)
+    assert main(["launch", str(path), "--workers", "2"]) == 0, capsys.readouterr().err[-3000:]
+    trials = open_study(postgres_url).get_trials()
+    assert_study_done(trials, 8)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    decided = [d for t in trials for d in t.user_attrs.get("asha_rungs", []) if d["of"] >= 3]
+    assert decided, "no rung had 3 trials: the test would see no decision"
+    for t in trials:
+        rungs = [d["rung"] for d in t.user_attrs.get("asha_rungs", [])]
+        assert rungs == sorted(set(rungs)), (t.number, rungs)  # each rung decided once, in order
+        for d in t.user_attrs.get("asha_rungs", []):
+            # the minimum count: fewer than 3 at the rung keeps them all
+            assert d["keep"] == (d["of"] if d["of"] < 3 else max(1, d["of"] // 2)), d
+    for t in pruned:
+        assert t.user_attrs["prune_reason"].startswith("asha: rung ")
