@@ -19,6 +19,8 @@ __all__ = ["add_parser", "print_best", "run"]
 
 logger = logging.getLogger(__name__)
 
+HAND_TUNED = "★"  # the mark of a labelled [[enqueue]] trial, here and in the figures (search/review/figures.py)
+
 EXAMPLE = """examples:
   koopman-search best studies/quickstart.toml
   koopman-search best studies/quickstart.toml --format toml > /tmp/best.toml
@@ -113,10 +115,10 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
         ["#", *[param_header(p, full_names) for p in params], *names, "label"],
         [
             [
-                ("*" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
+                ("→" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
                 *[_cell(r["params"].get(p)) for p in params],
                 *[_cell((r["values"] or {}).get(n)) for n in names],
-                printable(r["label"] or ""),
+                f"{HAND_TUNED} {printable(r['label'])}" if r["label"] else "",
             ]
             for r in shown
         ],
@@ -126,7 +128,11 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
     if legend:
         lines.append(legend)
     if chosen is not None and trial is None:
-        lines.append(f"--format toml exports {why}")
+        lines.append(f"--format toml exports {why}" + (" (→)" if multi else ""))
+    if any(r["label"] for r in shown):
+        lines.append(
+            f"{HAND_TUNED} a hand-tuned trial: one of the study file's [[enqueue]] entries (★ in the figures too)"
+        )
     print("\n".join(lines))
 
 

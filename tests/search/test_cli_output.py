@@ -117,7 +117,7 @@ def test_best_says_which_trial_of_the_front_it_exports_and_why(study: Path, caps
     assert "export another with --trial N" in err
     code, out, err = cli(capsys, "best", str(study))
     assert f"--format toml exports {why}" in out
-    assert f"*{lowest} " in out  # the exported row is marked
+    assert f"→{lowest} " in out and "(→)" in out  # the exported row is marked, and the mark explained
 
 
 @pytest.mark.parametrize("fmt", ["table", "json", "csv", "yaml", "toml"])
