@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from koopman_search.search.review.open import open_existing_storage
 
     target = resolve_target(args)
-    study = load_study(open_existing_storage(target.storage_url), target.study_name)
+    study = load_study(open_existing_storage(target.storage_url, read_only=True), target.study_name)
     print_best(study, args.format, args.trial, full_names=args.full_names)
     return 0
 

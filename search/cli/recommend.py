@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out(out, own_files(args, target))
-    study = load_study(open_existing_storage(target.storage_url), target.study_name)
+    study = load_study(open_existing_storage(target.storage_url, read_only=True), target.study_name)
     rec = recommendation(study)
     frozen = study.get_trials(deepcopy=False)
     configs = {o.trial.number: trial_config_toml(study, frozen[o.trial.number]) for o in rec.options}

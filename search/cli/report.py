@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     target = resolve_target(args)
     check_out(out, own_files(args, target))
-    study = load_study(open_existing_storage(target.storage_url), target.study_name)
+    study = load_study(open_existing_storage(target.storage_url, read_only=True), target.study_name)
     logger.info("report of study %s (%d trials)", study.study_name, len(study.get_trials(deepcopy=False)))
     write_report(study, out)
     return 0

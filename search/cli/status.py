@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from koopman_search.search.review.status import status_data
 
     target = resolve_target(args)
-    study = load_study(open_existing_storage(target.storage_url), target.study_name)
+    study = load_study(open_existing_storage(target.storage_url, read_only=True), target.study_name)
     data = status_data(study)
     if args.format == "table":
         print(status_text(data, args.full_names, args.wide))

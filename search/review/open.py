@@ -22,8 +22,9 @@ __all__ = ["open_existing_storage"]
 logger = logging.getLogger(__name__)
 
 
-def open_existing_storage(url: str) -> RDBStorage:
-    """The storage at ``url`` (no heartbeat: review only reads and annotates). Raises ConfigError for a
+def open_existing_storage(url: str, read_only: bool = False) -> RDBStorage:
+    """The storage at ``url`` (no heartbeat: review only reads and annotates; ``read_only`` for the commands
+    that write nothing: a SQLite file opened read-only, its journal mode left alone). Raises ConfigError for a
     missing or malformed URL or a SQLite file that does not exist (bad input, exit 2)."""
     if not url:
         raise ConfigError(
@@ -42,4 +43,4 @@ def open_existing_storage(url: str) -> RDBStorage:
                 f"storage file must exist, but got storage={redact_url(url)!r} (no file {database!r}); "
                 "check the path, or create the study first"
             )
-    return open_storage(url, heartbeat=False)
+    return open_storage(url, heartbeat=False, read_only=read_only)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy
@@ -48,24 +49,36 @@ MAX_RETRY = 3  # retries of one trial after its worker died
 CONNECT_TIMEOUT = 10  # seconds for a PostgreSQL connection to be made (libpq's connect_timeout)
 
 
-def _sqlite_setup(engine: sqlalchemy.engine.Engine) -> None:
+def _sqlite_setup(engine: sqlalchemy.engine.Engine, read_only: bool = False) -> None:
     """Make SQLite safe for several processes: WAL journal, a busy timeout, and BEGIN IMMEDIATE so that a
     read-then-write transaction (popping a waiting trial) takes the write lock up front instead of failing
-    with 'database is locked' when two workers race."""
+    with 'database is locked' when two workers race. ``read_only``: the busy timeout alone; the file's journal
+    mode is left as it is (a reader must not turn a plain Optuna study's file into a WAL one)."""
 
     @sqlalchemy.event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN itself
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        if not read_only:
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=60000")
         cur.close()
 
     @sqlalchemy.event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     engine.dispose()  # connections made before the listeners existed must not be reused
+
+
+def read_only_url(url: str) -> str:
+    """A SQLite URL that opens its file read-only (SQLite's ``mode=ro`` URI): nothing is written, not even a
+    journal, so a file on a read-only mount or without write permission can be read. Others are unchanged."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return url
+    path = Path(parsed.database).resolve().as_posix()
+    return f"sqlite:///file:{quote(path)}?mode=ro&uri=true"
 
 
 # Workers that open a fresh database together all try to create Optuna's tables; the losers of that race
@@ -113,20 +126,27 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return kwargs
 
 
-def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | None = None) -> RetryingStorage:
+def open_storage(
+    url: str, heartbeat: bool = True, heartbeat_interval: int | None = None, read_only: bool = False
+) -> RetryingStorage:
     """Open (and create the tables of) the RDB storage at ``url``, in Optuna's cache, every call retried
     through a database outage (search/storage/retry.py).
 
     With ``heartbeat``, running trials record heartbeats and a stale trial is failed and retried up to
     :data:`MAX_RETRY` times. Connections are checked before use (``pool_pre_ping``) so that workers
     survive a database restart. ``grpc://HOST:PORT`` is a storage proxy in front of the database instead.
+    ``read_only`` (the commands that only read: status, best, recommend, report) opens a SQLite file read-only
+    and leaves its journal mode as it is.
     """
     interval = heartbeat_interval or runtime().heartbeat_interval
     if url.startswith("grpc://"):  # workers behind `koopman-search storage-proxy` (search/storage/proxy.py)
         from koopman_search.search.storage.proxy_client import open_proxy_storage
 
         return RetryingStorage(open_proxy_storage(url, heartbeat=heartbeat, heartbeat_interval=interval))
-    if url.startswith("sqlite"):
+    shown = url
+    if url.startswith("sqlite") and read_only:
+        url = read_only_url(url)
+    elif url.startswith("sqlite"):
         db = sqlalchemy.engine.make_url(url).database
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
@@ -145,11 +165,11 @@ def open_storage(url: str, heartbeat: bool = True, heartbeat_interval: int | Non
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
         detail = redact_text(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], url)
         raise StorageError(
-            f"cannot open storage {redact_url(url)}: {detail}; check that the database server is up and "
+            f"cannot open storage {redact_url(shown)}: {detail}; check that the database server is up and "
             "the URL is right (see --storage / OPTUNA_STORAGE)"
         ) from None
     if url.startswith("sqlite"):
-        _sqlite_setup(storage.engine)
+        _sqlite_setup(storage.engine, read_only=read_only)
     return RetryingStorage(optuna_private.cached(storage), storage)
 
 

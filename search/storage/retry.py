@@ -42,6 +42,27 @@ T = TypeVar("T")
 # Errors a database restart or a network blip produces; anything else is a real error.
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
 
+# SQLite's answer to a write on a file opened read-only (or without write permission): not an outage
+_READ_ONLY = ("readonly database", "read-only database")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
+def _read_only(exc: BaseException) -> str | None:
+    """The database's words when the error, or one it was raised from (Optuna wraps a failed commit in
+    StorageInternalError), is a write refused by a read-only database; None otherwise."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if any(words in _first_line(seen) for words in _READ_ONLY):
+            return _first_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 # How long a worker waits out a database outage before the operation fails (seconds). Long enough for a
 # database restart or failover; a trial whose heartbeat went stale meanwhile is retried from its checkpoint
 # (docs/design.md, "Fault model").
@@ -80,6 +101,9 @@ def retrying(
         try:
             return fn()
         except TRANSIENT as exc:
+            refused = _read_only(exc)
+            if refused:  # no outage: waiting would not make the file writable
+                raise StorageError(f"{what}: the database is read-only here ({refused})") from exc
             now = clock()
             first = now if first is None else first
             waited = max(slept, now - first)

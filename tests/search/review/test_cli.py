@@ -18,6 +18,7 @@ import optuna_dashboard
 import pytest
 
 from koopman_search.search.cli import main
+from koopman_search.search.errors import StorageError
 from tests.search.review.synthetic import (
     EPOCHS,
     STUDY_NAME,
@@ -197,3 +198,31 @@ def test_dashboard_command_serves_the_api_until_stopped(
     assert proc.returncode == 0, err
     assert f"optuna-dashboard at http://127.0.0.1:{port}/dashboard" in err
     assert "Traceback" not in err
+
+
+def test_the_reading_commands_leave_a_plain_optuna_files_journal_mode_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from koopman_search.search.review.open import open_existing_storage
+
+    db = tmp_path / "plain.db"
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(study_name="plain", storage=url, directions=["minimize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
+    del study
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    before = db.read_bytes()
+    target = ["--study-name", "plain", "--storage", url]
+    for command in (["status"], ["best"], ["recommend"], ["report", "--out", str(tmp_path / "r.html")]):
+        assert main([*command, *target]) in (0, 1), command  # recommend: no koopman-search trial to recommend
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.db", "r.html"]  # no -wal, -shm or journal
+    # opened read-only: a write fails instead of changing the file
+    storage = open_existing_storage(url, read_only=True)
+    loaded = optuna.load_study(study_name="plain", storage=storage)
+    with pytest.raises(StorageError, match="the database is read-only here"):
+        loaded.set_user_attr("x", 1)
+    assert db.read_bytes() == before
