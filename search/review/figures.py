@@ -89,11 +89,24 @@ def _limit_curve(baseline: StoredBaseline, ratio: float) -> list[float | None]:
     return [None if v is None else ratio * v for v in baseline.val_ppl]
 
 
+def _pruned_on(trial: TrialFacts) -> str | None:
+    """The metric whose curve shows why the trial was pruned: the total loss for the total-loss rule, val_ppl
+    for the ratio rule and for the pruner (whose first objective is val_ppl in the shipped studies), None for
+    another reason (a NaN, a collapse floor)."""
+    reason = trial.prune_reason or ""
+    if reason.startswith("total_loss"):
+        return "total_loss"
+    if reason.startswith("val_ppl") or trial.pruned_by not in (None, "rules"):
+        return "val_ppl"
+    return None
+
+
 def _prune_marker(trial: TrialFacts, metric: str) -> dict[str, Any]:
-    """The point where the trial was pruned, on ``metric``'s curve, hovering the reason. Empty otherwise."""
+    """The point where the trial was pruned, on ``metric``'s curve when that is what it was pruned on,
+    hovering the reason. Empty otherwise."""
     epoch = trial.pruned_epoch if trial.prune_reason else None
     epochs = _epochs(trial)
-    if epoch is None or epoch not in epochs:
+    if epoch is None or epoch not in epochs or _pruned_on(trial) != metric:
         return {"x": [], "y": [], "text": []}
     value = trial.metric(metric)[epochs.index(epoch)]
     return {"x": [epoch], "y": [value], "text": [trial.prune_reason or ""]}

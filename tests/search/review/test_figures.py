@@ -193,3 +193,21 @@ def test_the_spectrum_figure_draws_each_blocks_eigenvalues_and_the_unit_circle(s
     assert fig.layout.yaxis.scaleanchor == "x"  # a circle looks like one
     empty = spectrum_figure([f for f in facts if f not in with_spectrum])
     assert len(empty.data) == 1 and "no trial" in empty.layout.title.text
+
+
+def test_a_pruned_trial_is_marked_on_the_curve_it_was_pruned_on(study: optuna.Study) -> None:
+    import dataclasses
+
+    attrs = layout.study_attrs(study)
+    baseline, rules = read_baseline(attrs), read_rules(attrs)
+    by_rule = _facts(study, TrialState.PRUNED, "original settings")  # the total-loss rule
+    assert by_rule.prune_reason.startswith("total_loss")
+    assert list(_trace(loss_figure(by_rule, rules), "pruned here").x) == [by_rule.pruned_epoch]
+    assert list(_trace(val_ppl_figure(by_rule, baseline, rules), "pruned here").x) == []
+    reason = "asha: rung 1 (Koopman epoch 1, epoch 4): rank 5 of 6 on (val_ppl, val_linear_nre), keeps top 2"
+    by_asha = dataclasses.replace(
+        by_rule, user_attrs={**by_rule.user_attrs, layout.PRUNE_REASON: reason, layout.PRUNED_BY: "asha"}
+    )
+    assert list(_trace(loss_figure(by_asha, rules), "pruned here").x) == []  # no limit was crossed there
+    marker = _trace(val_ppl_figure(by_asha, baseline, rules), "pruned here")
+    assert list(marker.x) == [by_asha.pruned_epoch] and marker.text[0] == reason
