@@ -110,12 +110,21 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
         print(f"study {study.study_name}: no complete trial yet")
         return
     title = f"trial {trial}" if trial is not None else "Pareto front" if multi else "best trial"
+    marked = chosen if multi and trial is None else None
+    lines = [f"{title} of study {study.study_name}:", *_table_lines(shown, names, marked, full_names)]
+    if chosen is not None and trial is None:
+        lines.append(f"--format toml exports {why}" + (" (→)" if multi else ""))
+    print("\n".join(lines))
+
+
+def _table_lines(shown: list[dict[str, Any]], names: list[str], marked: int | None, full_names: bool) -> list[str]:
+    """The trials as a table, the exported one marked →, a hand-tuned one ★, and the legends under it."""
     params = param_order(k for r in shown for k in r["params"])
     table = render_table(
         ["#", *[param_header(p, full_names) for p in params], *names, "label"],
         [
             [
-                ("→" if r["number"] == chosen and multi and trial is None else "") + str(r["number"]),
+                ("→" if r["number"] == marked else "") + str(r["number"]),
                 *[_cell(r["params"].get(p)) for p in params],
                 *[_cell((r["values"] or {}).get(n)) for n in names],
                 f"{HAND_TUNED} {printable(r['label'])}" if r["label"] else "",
@@ -123,17 +132,15 @@ def print_best(study: optuna.Study, output: str = "table", trial: int | None = N
             for r in shown
         ],
     )
-    lines = [f"{title} of study {study.study_name}:", table]
+    lines = [table]
     legend = param_legend(params, full_names)
     if legend:
         lines.append(legend)
-    if chosen is not None and trial is None:
-        lines.append(f"--format toml exports {why}" + (" (→)" if multi else ""))
     if any(r["label"] for r in shown):
         lines.append(
             f"{HAND_TUNED} a hand-tuned trial: one of the study file's [[enqueue]] entries (★ in the figures too)"
         )
-    print("\n".join(lines))
+    return lines
 
 
 def _why(study: optuna.Study, names: list[str], front: list[int]) -> str:

@@ -181,7 +181,7 @@ def test_supervisor_prints_finished_trials_on_stdout_and_one_status_line_per_cha
     assert sorted(out.getvalue().splitlines()) == ["trial 7 | COMPLETE", "trial 8 | COMPLETE"]
     assert sorted(marks(tmp_path)) == ["slot 0 device cuda cuda '0'", "slot 1 device cuda cuda '1'"]
     log = err.getvalue()
-    assert "slot 0 (GPU 0): trial 7 epoch 1/3  val_ppl 123.5  ETA ? (pid " in log
+    assert "slot 0 (GPU 0): trial 7 epoch 1/3  val_ppl 123.46  ETA ? (pid " in log
     assert "trials 1/? done" in log  # the n/N line after each finished trial
     assert "slot 1 (GPU 1): trial 8 COMPLETE" in log
     assert "[slot 0] a log line" in log and "[slot 1] a stray print" in log
