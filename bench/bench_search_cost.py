@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import re
 import statistics
 import sys
 import tempfile
@@ -582,6 +583,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at the same time (default: %(default)s)")
     p.add_argument("--json", default=str(RESULTS), help="where the numbers go ('' for nowhere; default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="show the search's and trainer's own INFO logs")
+    p.add_argument(
+        "--recover",
+        metavar="DIR",
+        help="summarize the finished runs left in the scratch directory DIR of an interrupted run (with --log, "
+        "its stderr, for the CPU times) instead of running anything",
+    )
+    p.add_argument("--log", metavar="FILE", help="the interrupted run's stderr (with --recover)")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -596,6 +604,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"{args.start_low}, {args.start_high}, {args.epochs}"
         )
     return args
+
+
+_DONE = re.compile(r"INFO bench\.search_cost: (\S+) seed (\d+) done: \d+ epochs, ([\d.]+) CPU s")
+
+
+def recover(args: argparse.Namespace) -> list[Run]:
+    """The finished runs of an interrupted benchmark, read back from its scratch directory (``--recover DIR``,
+    left behind when the run is stopped with SIGTERM or SIGKILL) and, for CPU times, its log (``--log``):
+    the product variants from their SQLite studies (every trial finished), one-epoch-topk from its trials'
+    checkpoints (all of them one Koopman epoch or more, 1/eta of them to the end). A run still going is left
+    out."""
+    import optuna
+
+    cpu: dict[tuple[str, int], float] = {}
+    if args.log:
+        for line in Path(args.log).read_text().splitlines():
+            m = _DONE.search(line)
+            if m:
+                cpu[(m[1], int(m[2]))] = float(m[3])
+    scratch, seed0 = Path(args.recover), int(study_file_dict()["trainer"]["train"]["seed"])
+    spec = argparse.Namespace(trainer=argparse.Namespace(train=argparse.Namespace(seed=seed0)))
+    runs = []
+    for variant in args.variants.split(","):
+        for seed in args.seeds:
+            name = f"cost-{variant}-{seed}"
+            if (scratch / f"{name}.db").exists():
+                study = optuna.load_study(study_name=name, storage=f"sqlite:///{scratch / name}.db")
+                if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                                optuna.trial.TrialState.FAIL))) < args.trials:  # fmt: skip
+                    continue
+                run = collect(variant, seed, spec, study, cpu.get((variant, seed), math.nan), math.nan)
+            elif variant == "one-epoch-topk" and (scratch / f"{name}-baseline" / "last.pt").exists():
+                run = _recover_topk(args, scratch, name, seed, cpu.get((variant, seed), math.nan))
+                if run is None:
+                    continue
+            else:
+                continue
+            runs.append(run)
+            log_run(run)
+    return runs
+
+
+_CONTINUED = re.compile(r"one-epoch-topk/(\d+): trial (\d+) continued to epoch (\d+): \(([^,]+), ([^)]+)\)")
+
+
+def _recover_topk(args: argparse.Namespace, scratch: Path, name: str, seed: int, cpu: float) -> Run | None:
+    """A finished one-epoch-topk run: its trials' one-epoch checkpoints, and from the log (``--log``) the
+    trials that continued to the end with their final values; None while unfinished."""
+    from koopman_search.search.storage.layout import round_significant
+    from koopman_search.trainer.checkpoint import read_checkpoint
+    from koopman_search.trainer.records import EpochRecord
+
+    base = [EpochRecord.from_dict(r) for r in read_checkpoint(scratch / f"{name}-baseline" / "last.pt")["records"]]
+    starts = {
+        int(d.name[len(name) + 1 :]): int(read_checkpoint(d / "last.pt")["config"]["koopman"]["start_epoch"])
+        for d in scratch.glob(f"{name}-*")
+        if d.name[len(name) + 1 :].isdigit()
+    }
+    continued = {}
+    for line in Path(args.log).read_text().splitlines() if args.log else []:
+        m = _CONTINUED.search(line)
+        if m and int(m[1]) == seed:
+            continued[int(m[2])] = (int(m[3]), (float(m[4]), float(m[5])))
+    keep = max(1, args.trials // 3)
+    if len(starts) < args.trials or len(continued) < keep:
+        return None
+    trained = len(starts) + sum(epoch - (starts[n] + 1) for n, (epoch, _) in continued.items())
+    finals = [values for _, values in continued.values() if all(math.isfinite(v) for v in values)]
+    return Run(
+        "one-epoch-topk",
+        seed,
+        cpu,
+        math.nan,
+        trained,
+        len(base),
+        {"COMPLETE": len(continued), "PRUNED": len(starts) - len(continued)},
+        finals,
+        baseline_final_ppl=round_significant(base[-1].val_ppl),
+        baseline_final_nre=round_significant(base[-1].val_linear_nre),
+        pruned_by={"one-epoch": len(starts) - len(continued)},
+    )
 
 
 def log_run(run: Run) -> None:
@@ -613,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             import syne_tune  # noqa: F401
         except ImportError:
             raise SystemExit('syne-moasha needs syne-tune: .venv/bin/python -m pip install -e ".[bench]"') from None
+    if args.recover:
+        return finish(args, recover(args))
     from koopman_search.trainer.data import load_corpus
 
     load_corpus(f"files:{Path(args.data).resolve()}", args.vocab)  # tokenize (or hit the cache) before timing
@@ -628,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         for variant, seed in solo:  # alone on the machine: its wall clock is its own
             runs.append(run_one(args, variant, seed, tmp))
             log_run(runs[-1])
+    return finish(args, runs)
+
+
+def finish(args: argparse.Namespace, runs: list[Run]) -> int:
     summary = summarize(args, runs)
     summary["runs"] = [asdict(r) for r in runs]
     if args.json:
