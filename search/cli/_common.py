@@ -65,6 +65,17 @@ def add_study_args(p: argparse.ArgumentParser, file_required: bool = True) -> No
     add_storage_args(p)
 
 
+def add_budget_arg(p: argparse.ArgumentParser) -> None:
+    """``--n-trials`` of create and launch: the study's budget (worker's caps its own trials instead)."""
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        metavar="N",
+        help="raise the study's trial budget to N trials in all, over every worker (default: the "
+        "file's n_trials; a budget is never lowered)",
+    )
+
+
 def add_redefine_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redefine",

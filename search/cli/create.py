@@ -6,7 +6,13 @@ import argparse
 import logging
 from typing import Any
 
-from koopman_search.search.cli._common import add_redefine_arg, add_study_args, refuse_proxy, spec_with_overrides
+from koopman_search.search.cli._common import (
+    add_budget_arg,
+    add_redefine_arg,
+    add_study_args,
+    refuse_proxy,
+    spec_with_overrides,
+)
 from koopman_search.search.studyfile.spec import load_spec
 from koopman_search.search.studyfile.urls import redact_url
 
@@ -32,13 +38,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_study_args(p)
-    p.add_argument(
-        "--n-trials",
-        type=int,
-        metavar="N",
-        help="raise the study's trial budget to N trials in all, over every worker (default: the "
-        "file's n_trials; a budget is never lowered)",
-    )
+    add_budget_arg(p)
     add_redefine_arg(p)
     return p
 

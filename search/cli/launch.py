@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from koopman_search.search.cli._common import (
+    add_budget_arg,
     add_redefine_arg,
     add_study_args,
     add_worker_args,
@@ -47,13 +48,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_study_args(p)
-    p.add_argument(
-        "--n-trials",
-        type=int,
-        metavar="N",
-        help="raise the study's trial budget to N trials in all, over every worker (default: the "
-        "file's n_trials; a budget is never lowered)",
-    )
+    add_budget_arg(p)
     add_worker_args(p)
     p.add_argument("--device", metavar="D", help="override the study's trainer device (cpu, cuda, auto)")
     p.add_argument("--rerun-baseline", action="store_true", help="run the baseline again after it failed")
