@@ -17,6 +17,9 @@ runs go at a time, in separate processes, then the ``ks-2workers`` runs alone:
                       baseline) and pruner = "asha" (eta and the first rung from the study file)
   ks-min6             the same with asha_min_trials = 6: a rung prunes only once 6 trials have a record there
   ks-random           the same as koopman-search with the random sampler: what TPE's learning adds
+  ks-tpe-rungs        the same with sampler = "tpe-rungs": TPE fitted on the values trials reached at the
+                      highest fidelity (end of training, else an asha rung) that enough trials reached
+  ks-tpe-rungs-min6   tpe-rungs with asha_min_trials = 6
   one-epoch-topk      every trial one Koopman epoch (shared warmup from the baseline's checkpoints; TPE on the
                       one-epoch values), then the best 1/eta by non-dominated sorting and crowding at that epoch
                       continue to the end (Egele et al. 2023, "Is one epoch all you need ...")
@@ -81,6 +84,8 @@ VARIANTS = (
     "koopman-search",
     "ks-min6",
     "ks-random",
+    "ks-tpe-rungs",
+    "ks-tpe-rungs-min6",
     "one-epoch-topk",
     "optuna-gp",
     "optuna-hyperband",
@@ -147,8 +152,10 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
     study.update(name=name, storage=f"sqlite:///{tmp / name}.db", artifacts=str(tmp / f"{name}-artifacts"), seed=seed)
     if variant == "ks-random":
         study["sampler"] = "random"
-    if variant == "ks-min6":  # asha's rung decides from the 6th trial there on (2 x eta)
+    if variant in ("ks-min6", "ks-tpe-rungs-min6"):  # asha's rung decides from the 6th trial there on (2 x eta)
         study["asha_min_trials"] = 6
+    if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6"):
+        study["sampler"] = "tpe-rungs"
     if variant in ("plain", "optuna-hyperband"):
         for key in [k for k in study if k.startswith("asha_")]:
             del study[key]
@@ -590,6 +597,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its stderr, for the CPU times) instead of running anything",
     )
     p.add_argument("--log", metavar="FILE", help="the interrupted run's stderr (with --recover)")
+    p.add_argument(
+        "--reuse",
+        metavar="JSON",
+        help="keep the runs of the variants not in --variants from this earlier result file (its settings must "
+        "match this run's) and report them beside this run's",
+    )
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -702,8 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             import syne_tune  # noqa: F401
         except ImportError:
             raise SystemExit('syne-moasha needs syne-tune: .venv/bin/python -m pip install -e ".[bench]"') from None
+    reused = reuse(args) if args.reuse else []
     if args.recover:
-        return finish(args, recover(args))
+        return finish(args, recover(args) + reused)
     from koopman_search.trainer.data import load_corpus
 
     load_corpus(f"files:{Path(args.data).resolve()}", args.vocab)  # tokenize (or hit the cache) before timing
@@ -719,7 +733,32 @@ def main(argv: list[str] | None = None) -> int:
         for variant, seed in solo:  # alone on the machine: its wall clock is its own
             runs.append(run_one(args, variant, seed, tmp))
             log_run(runs[-1])
-    return finish(args, runs)
+    return finish(args, runs + reused)
+
+
+SIZE_SETTINGS = ("trials", "epochs", "start_low", "start_high", "steps", "eval_batches", "vocab", "seq_len", "lr",
+                 "batch_size", "d_model", "n_layers", "n_heads", "threads")  # fmt: skip
+
+
+def reuse(args: argparse.Namespace) -> list[Run]:
+    """The runs of an earlier result file (``--reuse``) for the variants this run does not run, after
+    checking that they were made with this run's sizes and seeds."""
+    earlier = json.loads(Path(args.reuse).read_text())
+    theirs = earlier["settings"]
+    differ = [k for k in SIZE_SETTINGS if theirs.get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(
+            f"--reuse {args.reuse}: its {differ[0]} is {theirs.get(differ[0])!r}, this run's {getattr(args, differ[0])!r}"
+        )
+    running = set(args.variants.split(","))
+    runs = []
+    for entry in earlier["runs"]:
+        if entry["variant"] in running or entry["seed"] not in args.seeds:
+            continue
+        entry = dict(entry, finals=[tuple(v) for v in entry["finals"]])
+        runs.append(Run(**entry))
+    logger.info("reused %d runs of %s from %s", len(runs), sorted({r.variant for r in runs}), args.reuse)
+    return runs
 
 
 def finish(args: argparse.Namespace, runs: list[Run]) -> int:

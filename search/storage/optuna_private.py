@@ -7,13 +7,13 @@ changes one of them, this module is the one to change (docs/design.md, "Where th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
     "BaseHeartbeat",
@@ -24,6 +24,7 @@ __all__ = [
     "proxy_client_class",
     "proxy_servicer_class",
     "storage_of",
+    "study_with_trials",
     "study_id_of",
     "trial_id_of",
 ]
@@ -122,3 +123,33 @@ def proxy_client_class(heartbeat_key: str, wrap_stub: Callable[[Any], Any]) -> t
             return None
 
     return ProxyStorage
+
+
+class _StudyWithTrials:
+    """A study whose trials are the given list, as Optuna's TPE reads them (``study._get_trials``)."""
+
+    def __init__(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+        self._study = study
+        self._trials = trials
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Iterable[TrialState] | None = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        wanted = None if states is None else tuple(states)
+        return [t for t in self._trials if wanted is None or t.state in wanted]
+
+    def get_trials(self, deepcopy: bool = True, states: Iterable[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return list(self._trials)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def study_with_trials(study: optuna.Study, trials: list[FrozenTrial]) -> Any:
+    """``study`` for a sampler's call, but with ``trials`` in place of its own (the rest is the study's:
+    directions, storage, ...). Optuna's TPE reads a study's trials through the private ``_get_trials``."""
+    return _StudyWithTrials(study, trials)

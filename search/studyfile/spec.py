@@ -12,7 +12,7 @@ The file's shape (see ``studies/quickstart.toml`` for a commented example)::
     storage = ""                      # "" = sqlite:///<study file dir>/<name>.db; ${VAR} expands from the env
     artifacts = ""                    # "" = <study file dir>/<name>-artifacts; a path, or s3://bucket/prefix
     n_trials = 30                     # 1..100000 and >= the number of [[enqueue]] trials
-    sampler = "tpe"                   # tpe | random | nsgaii
+    sampler = "tpe"                   # tpe | tpe-rungs (with asha) | random | nsgaii
     seed = 0                          # the sampler's seed, 0..2**31-1
     pruner = "none"                   # none | asha | median | hyperband (median, hyperband: one objective only)
     asha_reduction_factor = 3         # asha's η: a rung keeps the top 1/η (integer >= 2)
@@ -75,7 +75,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "nsgaii")
+SAMPLERS = ("tpe", "tpe-rungs", "random", "nsgaii")
 PRUNERS = ("none", "asha", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 OBJECTIVE_METRICS = tuple(f for f in RECORD_FIELDS if f not in ("epoch", "epochs"))
@@ -221,6 +221,20 @@ class StudySpec:
             return optuna.samplers.RandomSampler(seed=seed)
         if self.sampler == "nsgaii":
             return optuna.samplers.NSGAIISampler(seed=seed)
+        if self.sampler == "tpe-rungs" and self.asha is not None:
+            from koopman_search.search.pruning.rung_sampler import RungTPESampler
+            from koopman_search.search.storage.layout import baseline_key
+
+            return RungTPESampler(
+                self.asha,
+                self.metrics,
+                self.directions,
+                self.epochs,
+                self.trainer.koopman.start_epoch,
+                baseline_key(self.trainer.train.seed),
+                len(self.space.searched) + 2,
+                seed=seed,
+            )
         return optuna.samplers.TPESampler(seed=seed)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
@@ -373,6 +387,13 @@ def _asha(
 ) -> AshaSettings | None:
     """The asha settings (None unless pruner = "asha"); Optuna's one-objective pruners refuse several."""
     asha = AshaSettings.from_study(study, pruner, epochs, origin)
+    if asha is None and sampler == "tpe-rungs":
+        raise SpecError.at(
+            f'sampler "tpe-rungs" learns from asha\'s rungs, but got sampler="tpe-rungs" with pruner={pruner!r}; '
+            'set pruner = "asha", or sampler = "tpe"',
+            origin,
+            "study.sampler",
+        )
     if asha is not None and sampler == "nsgaii":
         logger.warning(
             "%s: NSGA-II learns from complete trials only, so the trials asha prunes do not inform it and its "
