@@ -103,6 +103,7 @@ def _records(epoch: int, epochs: int) -> list[Any]:
 
 def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds: float, values: list[float]) -> float:
     """One stand-in trial, storage calls as the trial runner makes them; the seconds spent in them."""
+    from koopman_search.search.storage import layout
     from koopman_search.search.storage.database import Heartbeat
     from koopman_search.search.storage.layout import records_to_columns
     from koopman_search.search.storage.retry import retrying
@@ -121,9 +122,9 @@ def _run_trial(study: Any, storage: Any, trial: Any, epochs: int, epoch_seconds:
             artifact = f"{trial.number}-{epoch}"
 
             def record(epoch: int = epoch, columns: Any = columns, artifact: str = artifact) -> None:
-                trial.set_user_attr("records", columns)
+                layout.set_trial_attr(trial, layout.RECORDS, columns)
                 trial.set_user_attr("train_seconds", 96.0 * epoch)
-                trial.set_user_attr("checkpoint", {"epoch": epoch, "artifact_id": artifact})
+                layout.set_trial_attr(trial, layout.CHECKPOINT, {"epoch": epoch, "artifact_id": artifact})
                 trial.set_user_attr("epochs_run", epoch)
                 storage.set_trial_system_attr(
                     trial._trial_id, f"artifacts:{artifact}", json.dumps({"artifact_id": artifact})

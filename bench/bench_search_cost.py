@@ -217,7 +217,7 @@ def collect(variant: str, seed: int, spec: Any, study: Any, cpu: float, wall: fl
             by = str(t.user_attrs.get(layout.PRUNED_BY) or "rules")
             pruned_by[by] = pruned_by.get(by, 0) + 1
         if t.state == TrialState.COMPLETE:
-            final = _finals_of(t.user_attrs.get(layout.RECORDS))
+            final = _finals_of(layout.trial_attrs(t).get(layout.RECORDS))
             if final is not None:
                 finals.append(final)
     attr = layout.study_attrs(study).get(layout.baseline_key(spec.trainer.train.seed)) or {}
@@ -748,7 +748,8 @@ def reuse(args: argparse.Namespace) -> list[Run]:
     differ = [k for k in SIZE_SETTINGS if theirs.get(k) != getattr(args, k)]
     if differ:
         raise SystemExit(
-            f"--reuse {args.reuse}: its {differ[0]} is {theirs.get(differ[0])!r}, this run's {getattr(args, differ[0])!r}"
+            f"--reuse {args.reuse}: its {differ[0]} is {theirs.get(differ[0])!r}, "
+            f"this run's {getattr(args, differ[0])!r}"
         )
     running = set(args.variants.split(","))
     runs = []

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from koopman_search.search.storage import layout  # noqa: E402
 from tests.search.pg_cluster import own_cluster  # noqa: E402
 from tests.search.study_files import write_worker_study  # noqa: E402
 
@@ -78,10 +79,10 @@ def _fill(disk: Path) -> Path:
 
 def _own_epochs(trial: FrozenTrial, parent: FrozenTrial | None) -> int:
     """Epochs an attempt trained and checkpointed itself (0 when its checkpoint is its parent's)."""
-    pointer = trial.user_attrs.get("checkpoint") or {}
-    if parent is not None and pointer.get("artifact_id") == (parent.user_attrs.get("checkpoint") or {}).get(
-        "artifact_id"
-    ):
+    pointer = layout.trial_attrs(trial).get(layout.CHECKPOINT) or {}
+    if parent is not None and pointer.get("artifact_id") == (
+        layout.trial_attrs(parent).get(layout.CHECKPOINT) or {}
+    ).get("artifact_id"):
         return 0
     start = int(trial.user_attrs.get("epochs_resumed") or trial.user_attrs.get("epochs_from_warmup") or 0)
     return max(0, int(pointer.get("epoch", start)) - start)
@@ -100,7 +101,7 @@ def summarize(trials: list[FrozenTrial], epochs: int) -> dict[str, int]:
         else:
             lost += 1
         trained = sum(_own_epochs(t, by_number.get(t.system_attrs.get("failed_trial", -1))) for t in chain)
-        needed = (done[0].user_attrs["records"]["epoch"][-1] if done else 0) - int(
+        needed = (layout.trial_attrs(done[0])[layout.RECORDS]["epoch"][-1] if done else 0) - int(
             first.user_attrs.get("epochs_from_warmup", 0)
         )
         retrained += max(0, trained - needed)

@@ -23,6 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from koopman_search.search.storage.layout import trial_attrs
 from tests.search.study_files import KOOPMAN_SEARCH, write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def test_sigterm_hands_the_trial_back_and_requeues_the_task(tmp_path: Path) -> N
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # until a trial has checkpointed an epoch
             trials = optuna.load_study(storage=url, study_name="tiny").get_trials()
-            if any(t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint") for t in trials):
+            if any(t.state == TrialState.RUNNING and trial_attrs(t).get("checkpoint") for t in trials):
                 break
             time.sleep(0.5)
         else:
@@ -202,5 +203,5 @@ def test_sigterm_hands_the_trial_back_and_requeues_the_task(tmp_path: Path) -> N
     retry = [t for t in trials if "failed_trial" in t.system_attrs]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING
     assert retry[0].system_attrs["failed_trial"] == stopped[0].number
-    assert retry[0].user_attrs["checkpoint"]["epoch"] >= 1  # it resumes from there, not from scratch
+    assert trial_attrs(retry[0])["checkpoint"]["epoch"] >= 1  # it resumes from there, not from scratch
     assert _scontrol_calls(tmp_path) == ["requeue 4242"]

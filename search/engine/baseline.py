@@ -211,9 +211,10 @@ def _run(
 ) -> MatchedBaseline:
     _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
-        checkpoints = layout.warmup_checkpoints(job.frozen.user_attrs)
-        digests: dict[str, dict[str, Any]] = dict(job.frozen.user_attrs.get(layout.CHECKPOINT_DIGESTS, {}))
-        last = job.frozen.user_attrs.get(layout.CHECKPOINT)
+        attrs = layout.trial_attrs(job.frozen)
+        checkpoints = layout.warmup_checkpoints(attrs)
+        digests: dict[str, dict[str, Any]] = dict(attrs.get(layout.CHECKPOINT_DIGESTS, {}))
+        last = attrs.get(layout.CHECKPOINT)
         logger.info(
             "baseline of study %s: %d epochs with the Koopman loss off%s",
             spec.name,
@@ -260,8 +261,8 @@ def _train(
             checkpoints[record.epoch] = artifact_id
             digests[artifact_id] = job.digests[artifact_id]
             with storage_task("record a warmup checkpoint"):
-                trial.set_user_attr(layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
-                trial.set_user_attr(layout.CHECKPOINT_DIGESTS, digests)
+                layout.set_trial_attr(trial, layout.WARMUP_CHECKPOINTS, {str(k): v for k, v in checkpoints.items()})
+                layout.set_trial_attr(trial, layout.CHECKPOINT_DIGESTS, digests)
         logger.info(
             "baseline epoch %d/%d: val PPL %.2f (%.1f s)", record.epoch, record.epochs, record.val_ppl, record.seconds
         )

@@ -112,7 +112,7 @@ class TrainingJob:
             self.frozen: FrozenTrial = storage.get_trial(trial_id_of(trial))
         self.fallback: str | None = None  # why the attempt did not start from its newest checkpoint
         self.digests: dict[str, dict[str, Any]] = {}  # checkpoints written by this attempt
-        newest = self.frozen.user_attrs.get(layout.CHECKPOINT)
+        newest = layout.trial_attrs(self.frozen).get(layout.CHECKPOINT)
         self._newest: dict[str, Any] | None = dict(newest) if newest else None
 
     def __enter__(self) -> TrainingJob:
@@ -161,7 +161,7 @@ class TrainingJob:
         it; None for a first attempt, or when neither can be used (:attr:`fallback` then says why)."""
         from koopman_search.trainer.loop import HybridKoopmanTrainer
 
-        own = self.frozen.user_attrs.get(layout.CHECKPOINT)
+        own = layout.trial_attrs(self.frozen).get(layout.CHECKPOINT)
         if not own:
             return None
         problems: list[str] = []
@@ -219,7 +219,7 @@ class TrainingJob:
     def _write_attrs(self, values: dict[str, Any]) -> None:
         with storage_task(f"record an epoch of {self._what}"):
             for key, value in values.items():
-                self._trial.set_user_attr(key, value)
+                layout.set_trial_attr(self._trial, key, value)
 
     def remove(self, artifact_id: str) -> None:
         """Drop a checkpoint that nothing refers to any more (one already gone is no error)."""

@@ -305,7 +305,7 @@ class TrialRunner:
         Returns the verdicts (reason, epoch, who), at most one."""
         first_epoch = trainer.epoch + 1
         verdicts: list[tuple[str, int, str]] = []
-        rungs: list[dict[str, Any]] = list(job.frozen.user_attrs.get(layout.ASHA_RUNGS) or [])
+        rungs: list[dict[str, Any]] = list(layout.trial_attrs(job.frozen).get(layout.ASHA_RUNGS) or [])
 
         def on_epoch(record: EpochRecord) -> bool:
             progress["epochs_run"] = record.epoch - first_epoch + 1

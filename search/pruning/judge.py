@@ -82,7 +82,7 @@ class EpochJudge:
             if decision is not None:
                 rungs.append(decision)
                 with storage_task("record the rung's decision"):
-                    trial.set_user_attr(layout.ASHA_RUNGS, rungs)
+                    layout.set_trial_attr(trial, layout.ASHA_RUNGS, rungs)
             if why is not None:
                 return why, self._asha.name
         if self._metric is not None:

@@ -5,7 +5,7 @@ Plain TPE sees a trial stopped at a rung as "pruned", no more. This sampler show
 which every trial that reached one chosen fidelity carries its values *there*, the way BOHB and MOBSTER fit
 their model: the fidelity is the highest one that at least ``min_points`` trials reached, from the end of
 training down through the asha rungs (Koopman epochs 1, η, η², ...). Trials that stopped below it stay
-"pruned" in the view. Values at a rung are the ones asha ranks on (:func:`~koopman_search.search.pruning.asha.rung_values`:
+"pruned" in the view. Values at a rung are the ones asha ranks on (:func:`search.pruning.asha.rung_values`:
 perplexities over the baseline's at that epoch), so trials that switched their Koopman loss on at different
 epochs compare at the same Koopman epoch.
 
@@ -131,7 +131,7 @@ class RungTPESampler(optuna.samplers.TPESampler):
 
         def levels(trial: FrozenTrial) -> Levels:
             start = int(trial.params.get("koopman_start_epoch", self._default_start))
-            columns = trial.user_attrs.get(layout.RECORDS)
+            columns = layout.trial_attrs(trial).get(layout.RECORDS)
             out: dict[int, tuple[float, ...]] = {}
             for k in self._asha.rungs(self._epochs - start):
                 values = rung_values(columns, start + k, self._metrics, self._signs, val_ppl, curves)

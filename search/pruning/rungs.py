@@ -79,7 +79,7 @@ class AshaPruner:
             for t in trials:
                 other_start = self.start_epoch(t.params)
                 values = rung_values(
-                    t.user_attrs.get(layout.RECORDS),
+                    layout.trial_attrs(t).get(layout.RECORDS),
                     other_start + k,
                     self._metrics,
                     self._signs,

@@ -300,7 +300,7 @@ def objective_directions(study: optuna.Study) -> list[str]:
 def trial_facts(trial: FrozenTrial | optuna.Trial, values: Sequence[float] | None = None) -> TrialFacts:
     """The review's view of a trial. A running ``optuna.Trial`` (not yet told to the study) is read as
     PRUNED when it has a prune reason, FAIL with a fail reason, else COMPLETE with ``values``."""
-    user_attrs = dict(trial.user_attrs)
+    user_attrs = layout.trial_attrs(trial)
     if isinstance(trial, FrozenTrial):
         state = trial.state.name
         stored_values = trial.values if values is None else values

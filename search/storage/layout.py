@@ -9,20 +9,24 @@ study user attrs
 study system attrs (:data:`SEARCH_ATTR_PREFIX`; :func:`study_attrs` reads them with the user attrs)
     ``koopman_search:baseline:seed=<N>``   the matched baseline of trainer seed N (:func:`baseline_key`;
                                 studies stored before it keep it as the user attr ``baseline:seed=<N>``)
+trial system attrs (:data:`SEARCH_ATTR_PREFIX`; the bulky ones, :data:`BULKY_TRIAL_ATTRS`, out of the
+dashboard's "User Attributes" table; :func:`trial_attrs` reads them with the user attrs, prefix stripped)
+    ``koopman_search:records``     per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
+    ``koopman_search:checkpoint``  ``{"epoch", "artifact_id", "size", "sha256", "previous"}`` of the attempt's
+                                newest checkpoint (its size and digest; ``previous``: the one before it)
+    ``koopman_search:asha_rungs``  the asha pruner's decision at each rung the trial reached (search/pruning/asha.py)
+    (trials stored before keep them as user attrs ``records``, ``checkpoint``, ``asha_rungs``; read the same)
 trial user attrs
-    ``records``                 per-epoch records in columns (:func:`records_to_columns`), warmup epochs included
-    ``checkpoint``              ``{"epoch", "artifact_id", "size", "sha256", "previous"}`` of the attempt's newest
-                                checkpoint (its size and digest; ``previous``: the one before it, to fall back to)
     ``epochs_run`` / ``epochs_from_warmup`` / ``epochs_resumed`` / ``train_seconds`` / ``worker`` / ``label``
     ``fail_reason`` / ``prune_reason`` / ``pruned_epoch`` / ``pruned_by``   how the attempt ended
-    ``asha_rungs``              the asha pruner's decision at each rung the trial reached (search/pruning/asha.py)
     ``koopman_search:definition``   the whole study file as stored at creation (:data:`SPEC_DEFINITION_ATTR`)
 the baseline's own trial (in the companion study ``<study>.baseline-seed<N>``)
-    ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints)
+    ``records``, ``checkpoint`` as above, ``checkpoints`` (epoch -> artifact id of the warmup checkpoints) and
+    ``checkpoint_digests``, system attrs like them
 trial system attrs (Optuna's retry marks)
     ``failed_trial`` / ``retry_history``: set on a trial queued again after its attempt died or stopped
 
-A trial's ``records`` attr is one list per :data:`trainer.records.RECORD_FIELDS` name, epoch by epoch::
+A trial's ``records`` is one list per :data:`trainer.records.RECORD_FIELDS` name, epoch by epoch::
 
     {"epoch": [1, 2, 3], "lm_loss": [6.91, 6.52, 6.40], ..., "val_koopman_nre": [None, None, 0.41]}
 
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from koopman_search.search.errors import StorageError
-from koopman_search.search.storage.optuna_private import storage_of, study_id_of
+from koopman_search.search.storage.optuna_private import storage_of, study_id_of, trial_id_of
 from koopman_search.trainer.records import RECORD_FIELDS, EpochRecord
 
 if TYPE_CHECKING:
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASHA_RUNGS",
+    "BULKY_TRIAL_ATTRS",
     "CHECKPOINT",
     "EPOCHS_FROM_WARMUP",
     "EPOCHS_RESUMED",
@@ -89,10 +94,13 @@ __all__ = [
     "retry_of",
     "round_significant",
     "set_study_attr",
+    "set_trial_attr",
     "spec_attr",
+    "split_trial_attrs",
     "store_definition",
     "stored_definition",
     "study_attrs",
+    "trial_attrs",
     "warmup_checkpoints",
 ]
 
@@ -125,6 +133,10 @@ ENV_FAILURES = "env_failures"  # attempts of this trial failed by its environmen
 RESUME_FALLBACK = "resume_fallback"  # why an attempt did not start from its newest checkpoint
 CHECKPOINT_DIGESTS = "checkpoint_digests"  # the baseline's trial: artifact id -> {"size", "sha256"}
 WARMUP_CHECKPOINTS = "checkpoints"  # the baseline's trial: epoch -> artifact id, the epochs trials may start at
+
+# Trial attrs written as system attrs (SEARCH_ATTR_PREFIX + key): one-line JSON of thousands of characters
+# that would widen the dashboard's trial page past any window. trial_attrs() reads them with the user attrs.
+BULKY_TRIAL_ATTRS = frozenset({RECORDS, CHECKPOINT, ASHA_RUNGS, CHECKPOINT_DIGESTS, WARMUP_CHECKPOINTS})
 
 # ---- trial system attrs: Optuna's own marks (RetryHeartbeatStaleTrialCallback, enqueue_trial)
 FAILED_TRIAL = "failed_trial"
@@ -223,6 +235,37 @@ def checkpoint_pointer(
     if previous:
         pointer["previous"] = {k: v for k, v in previous.items() if k != "previous"}
     return pointer
+
+
+def trial_attrs(trial: Any) -> dict[str, Any]:
+    """A trial's attrs as the search reads them: its user attrs, with the search's own system attrs (prefix
+    stripped) over them. ``trial``: a FrozenTrial, or a live ``optuna.Trial`` (read from the storage)."""
+    import optuna
+
+    attrs = dict(trial.user_attrs)
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        system = trial.system_attrs
+    else:
+        system = storage_of(trial.study).get_trial_system_attrs(trial_id_of(trial))
+    for key, value in system.items():
+        if key.startswith(SEARCH_ATTR_PREFIX):
+            attrs[key[len(SEARCH_ATTR_PREFIX) :]] = value
+    return attrs
+
+
+def split_trial_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user attrs, system attrs) to store ``attrs`` as: the :data:`BULKY_TRIAL_ATTRS` as prefixed system attrs."""
+    user = {k: v for k, v in attrs.items() if k not in BULKY_TRIAL_ATTRS}
+    system = {SEARCH_ATTR_PREFIX + k: v for k, v in attrs.items() if k in BULKY_TRIAL_ATTRS}
+    return user, system
+
+
+def set_trial_attr(trial: Any, key: str, value: Any) -> None:
+    """Store one attr of a live ``optuna.Trial`` where :func:`trial_attrs` reads it."""
+    if key in BULKY_TRIAL_ATTRS:
+        storage_of(trial.study).set_trial_system_attr(trial_id_of(trial), SEARCH_ATTR_PREFIX + key, value)
+    else:
+        trial.set_user_attr(key, value)
 
 
 def is_retry(trial: Any) -> bool:
@@ -330,12 +373,14 @@ def finished_trial(
         attrs[PRUNED_EPOCH] = records[-1].epoch
     if fail_reason:
         attrs[FAIL_REASON] = fail_reason
+    user_attrs, system_attrs = split_trial_attrs(attrs)
     return optuna.trial.create_trial(
         state=state,
         params=dict(params),
         distributions=dict(distributions),
         values=list(values) if values is not None else None,
-        user_attrs=attrs,
+        user_attrs=user_attrs,
+        system_attrs=system_attrs,
     )
 
 
@@ -367,13 +412,14 @@ class MatchedBaseline:
     @classmethod
     def from_trial(cls, trial: FrozenTrial) -> MatchedBaseline:
         """The baseline from its own COMPLETE trial (in the companion study)."""
-        records = columns_to_records(trial.user_attrs[RECORDS])
+        attrs = trial_attrs(trial)
+        records = columns_to_records(attrs[RECORDS])
         return cls(
             tuple(r.val_ppl for r in records),
             "auto",
             tuple(records),
-            warmup_checkpoints(trial.user_attrs),
-            dict(trial.user_attrs.get(CHECKPOINT_DIGESTS, {})),
+            warmup_checkpoints(attrs),
+            dict(attrs.get(CHECKPOINT_DIGESTS, {})),
         )
 
 

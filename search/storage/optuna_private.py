@@ -24,8 +24,8 @@ __all__ = [
     "proxy_client_class",
     "proxy_servicer_class",
     "storage_of",
-    "study_with_trials",
     "study_id_of",
+    "study_with_trials",
     "trial_id_of",
 ]
 

@@ -18,6 +18,7 @@ from koopman_search.search.errors import SpecError
 from koopman_search.search.pruning.asha import decide, order_keys, rung_values
 from koopman_search.search.pruning.rungs import AshaPruner
 from koopman_search.search.storage import layout
+from koopman_search.search.storage.layout import trial_attrs
 from koopman_search.search.studyfile.prune_settings import AshaSettings
 from koopman_search.search.studyfile.spec import spec_from_dict
 from tests.search.study_files import cli, status_json, trials_of
@@ -292,7 +293,7 @@ def test_quickstart_with_asha_prunes_and_finishes_its_whole_budget(
             r"\(val_ppl, val_linear_nre\), keeps top \d+",
             t.user_attrs["prune_reason"],
         ), t.user_attrs["prune_reason"]
-        assert t.user_attrs["asha_rungs"][-1]["rank"] > t.user_attrs["asha_rungs"][-1]["keep"]
+        assert trial_attrs(t)["asha_rungs"][-1]["rank"] > trial_attrs(t)["asha_rungs"][-1]["keep"]
     for t in pruned:  # the rules come first: what they prune carries their reason
         if t.user_attrs["pruned_by"] == "rules":
             assert not t.user_attrs["prune_reason"].startswith("asha:")
@@ -340,12 +341,12 @@ def test_two_worker_processes_with_asha_decide_each_rung_once_per_trial_and_run_
     assert_study_done(trials, 8)
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both processes ran trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
-    decided = [d for t in trials for d in t.user_attrs.get("asha_rungs", []) if d["of"] >= 3]
+    decided = [d for t in trials for d in trial_attrs(t).get("asha_rungs", []) if d["of"] >= 3]
     assert decided, "no rung had 3 trials: the test would see no decision"
     for t in trials:
-        rungs = [d["rung"] for d in t.user_attrs.get("asha_rungs", [])]
+        rungs = [d["rung"] for d in trial_attrs(t).get("asha_rungs", [])]
         assert rungs == sorted(set(rungs)), (t.number, rungs)  # each rung decided once, in order
-        for d in t.user_attrs.get("asha_rungs", []):
+        for d in trial_attrs(t).get("asha_rungs", []):
             # the minimum count: fewer than 3 at the rung keeps them all
             assert d["keep"] == (d["of"] if d["of"] < 3 else max(1, d["of"] // 2)), d
     for t in pruned:

@@ -39,6 +39,7 @@ from koopman_search.search.errors import BaselineError
 from koopman_search.search.settings import RuntimeSettings, configured
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.database import open_storage
+from koopman_search.search.storage.layout import trial_attrs
 from koopman_search.search.studyfile.space import SearchSpace
 from koopman_search.search.studyfile.spec import StudySpec, load_spec
 from koopman_search.search.workers import run_worker
@@ -176,7 +177,7 @@ def test_sigterm_stops_a_single_process_launch_after_its_epoch_and_hands_the_tri
         if "w" not in study_names(url):
             return False
         return any(
-            t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint", {}).get("epoch") == 2
+            t.state == TrialState.RUNNING and trial_attrs(t).get("checkpoint", {}).get("epoch") == 2
             for t in trials_of(url, "w")
         )
 
@@ -191,7 +192,7 @@ def test_sigterm_stops_a_single_process_launch_after_its_epoch_and_hands_the_tri
     assert "interrupted after epoch" in stopped.user_attrs["fail_reason"]
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == stopped.number]
     assert retry.state == TrialState.WAITING and retry.params == stopped.params
-    assert retry.user_attrs["checkpoint"]["epoch"] == stopped.user_attrs["records"]["epoch"][-1] >= 2
+    assert trial_attrs(retry)["checkpoint"]["epoch"] == trial_attrs(stopped)["records"]["epoch"][-1] >= 2
 
 
 def test_each_launch_draws_other_first_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,7 +308,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
     first = run_worker(spec, stop=stop, on_epoch=lambda _n, r: stop.set() if r.epoch == 3 else None)
     assert first.interrupted
     trials = trials_of(spec.storage_url, "w")
-    pointer = trials[0].user_attrs["checkpoint"]
+    pointer = trial_attrs(trials[0])["checkpoint"]
     assert pointer["epoch"] == 3 and pointer["previous"]["epoch"] == 2
     assert pointer["size"] == (artifacts / pointer["artifact_id"]).stat().st_size
     newest, before = artifacts / pointer["artifact_id"], artifacts / pointer["previous"]["artifact_id"]
@@ -318,7 +319,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
         before.unlink()
     if damage.endswith("corrupt warmup"):
         baseline = trials_of(spec.storage_url, "w.baseline-seed0")[0]
-        warmup = artifacts / baseline.user_attrs["checkpoints"]["1"]
+        warmup = artifacts / trial_attrs(baseline)["checkpoints"]["1"]
         shutil.copy(warmup, tmp_path / "warmup-before.pt")
         warmup.write_bytes(b"not a checkpoint" + warmup.read_bytes()[16:])
 
@@ -326,7 +327,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
     [outcome] = second.outcomes
     assert outcome.state == "COMPLETE", outcome.reason
     retry = trials_of(spec.storage_url, "w")[1]
-    assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4]
+    assert trial_attrs(retry)["records"]["epoch"] == [1, 2, 3, 4]
     note = retry.user_attrs["resume_fallback"]
     if damage == "truncate newest":
         assert "is corrupt" in note and note.startswith("resumed from epoch 2")
@@ -339,7 +340,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_then_the_warmup_then_
         assert "warmup checkpoint of epoch 1 cannot be used" in note and note.endswith("started from it rebuilt")
         assert retry.user_attrs["epochs_from_warmup"] == 1
         stored = layout.study_attrs(optuna.load_study(study_name="w", storage=spec.storage_url))["baseline:seed=0"]
-        original = baseline.user_attrs["checkpoints"]["1"]
+        original = trial_attrs(baseline)["checkpoints"]["1"]
         rebuilt = stored["checkpoints"]["1"]
         assert rebuilt != original and stored["rebuilt"] == {"1": True}
         before, again = (read_checkpoint(p) for p in (tmp_path / "warmup-before.pt", artifacts / rebuilt))
@@ -418,7 +419,7 @@ def test_a_baseline_failed_by_its_environment_is_run_again_from_its_checkpoint_a
     runs = trials_of(url, "w.baseline-seed0")
     assert [t.state for t in runs] == [TrialState.FAIL, TrialState.COMPLETE]
     assert runs[1].user_attrs["env_failures"] == 1
-    assert runs[1].user_attrs["records"]["epoch"] == [1, 2, 3]  # epoch 1 kept, 2 and 3 trained by the retry
+    assert trial_attrs(runs[1])["records"]["epoch"] == [1, 2, 3]  # epoch 1 kept, 2 and 3 trained by the retry
 
 
 @pytest.mark.slow
@@ -680,7 +681,7 @@ def test_a_database_outage_longer_than_a_workers_patience_never_gives_its_slot_u
         assert [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
         assert len(originals(trials)) == 2
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
-        assert len(finished) == 2 and all(t.user_attrs["records"]["epoch"] == [1, 2, 3] for t in finished)
+        assert len(finished) == 2 and all(trial_attrs(t)["records"]["epoch"] == [1, 2, 3] for t in finished)
 
 
 def test_an_interrupted_trial_is_reported_queued_again_and_not_counted_as_run(tmp_path: Path) -> None:

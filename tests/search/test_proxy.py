@@ -25,6 +25,7 @@ from koopman_search.search.cli import build_parser, main
 from koopman_search.search.engine.study import claim_waiting_trial
 from koopman_search.search.errors import SpecError, StorageError
 from koopman_search.search.storage.database import GRACE_FACTOR, exclusive, open_storage
+from koopman_search.search.storage.layout import trial_attrs
 from koopman_search.search.storage.proxy import HEARTBEAT_KEY, open_proxy_storage, parse_proxy_url
 from koopman_search.search.storage.retry import storage_task
 from tests.search.study_files import KOOPMAN_SEARCH, write_study
@@ -283,5 +284,5 @@ def test_worker_command_runs_a_tiny_study_through_the_proxy(
     trials = optuna.load_study(storage=postgres_url, study_name="tiny").get_trials()
     assert len(trials) == 3 and {t.state for t in trials} == {TrialState.COMPLETE}
     for t in trials:  # what the runner stores, written through the proxy
-        assert t.user_attrs["epochs_run"] == 2 and t.user_attrs["checkpoint"]["epoch"] == 2
+        assert t.user_attrs["epochs_run"] == 2 and trial_attrs(t)["checkpoint"]["epoch"] == 2
     assert sorted(int(line.split()[1]) for line in worker.stdout.splitlines() if line.startswith("trial ")) == [0, 1, 2]

@@ -1,4 +1,5 @@
-"""``sampler = "tpe-rungs"``: TPE fitted on the values trials reached at asha's rungs (search/pruning/rung_sampler.py)."""
+"""``sampler = "tpe-rungs"``: TPE fitted on the values trials reached at asha's rungs
+(search/pruning/rung_sampler.py)."""
 
 from __future__ import annotations
 
@@ -117,5 +118,5 @@ def test_the_study_file_names_it_and_it_needs_asha() -> None:
     sampler = spec.make_sampler(3)
     assert isinstance(sampler, RungTPESampler)
     assert sampler._min_points == len(spec.space.searched) + 2
-    with pytest.raises(SpecError, match='sampler="tpe-rungs" with pruner=\'none\''):
+    with pytest.raises(SpecError, match="sampler=\"tpe-rungs\" with pruner='none'"):
         spec_from_dict(_study_dict(pruner="none", sampler="tpe-rungs"), base_dir=REPO / "studies")

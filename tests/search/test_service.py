@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
+from koopman_search.search.storage.layout import trial_attrs
 from koopman_search.trainer.config import load_config
 from koopman_search.trainer.loop import HybridKoopmanTrainer
 from tests.search.study_files import (
@@ -266,7 +267,7 @@ def test_ratio_rule_compares_each_epoch_with_the_baseline_at_that_epoch(
     assert code == 0, err
 
     for trial in trials_of(url, "tiny"):
-        records = trial.user_attrs["records"]
+        records = trial_attrs(trial)["records"]
         assert trial.state == TrialState.PRUNED
         assert records["epoch"] == list(range(1, pruned_epoch + 1))
         # every epoch is far above 1.3 × 10: held to the low baseline value, any of them would have pruned

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from koopman_search.search.cli import main
 from koopman_search.search.errors import SpecError
 from koopman_search.search.storage.database import open_storage
+from koopman_search.search.storage.layout import trial_attrs
 from koopman_search.search.studyfile.spec import load_spec
 from koopman_search.search.workers import MAX_RESTARTS, Slot, Supervisor, parse_gpus, plan_slots, run_worker
 from koopman_search.search.workers.child import _watch_supervisor
@@ -427,7 +428,7 @@ def test_a_trial_failed_elsewhere_while_it_runs_is_dropped_and_the_worker_goes_o
     assert "UpdateFinishedTrialError" in (summary.outcomes[0].reason or "")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[0].user_attrs["records"]["epoch"] == [1, 2]  # nothing written after it was failed
+    assert trial_attrs(trials[0])["records"]["epoch"] == [1, 2]  # nothing written after it was failed
     assert "fail_reason" not in trials[0].user_attrs
 
 
@@ -456,7 +457,7 @@ def test_shared_warmup_gives_the_records_of_training_from_scratch_and_status_cou
         assert outcome.state == "COMPLETE"
         assert (outcome.epochs_run, outcome.epochs_from_warmup) == ((1, 2) if shared else (3, 0))
         (trial,) = open_study(postgres_url, name).get_trials()
-        records[shared] = trial.user_attrs["records"]
+        records[shared] = trial_attrs(trial)["records"]
         capsys.readouterr()
         assert main(["status", str(study), "--format", "json"]) == 0
         saved[shared] = json.loads(capsys.readouterr().out)["totals"]["epochs_saved_by_warmup"]
@@ -518,8 +519,8 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint_and_nothing_fi
     (retry,) = retries_of(trials, victim.number)
     assert retry.state == TrialState.COMPLETE
     assert retry.params == victim.params
-    assert retry.user_attrs["epochs_resumed"] >= victim.user_attrs["checkpoint"]["epoch"] >= 2
-    assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4]
+    assert retry.user_attrs["epochs_resumed"] >= trial_attrs(victim)["checkpoint"]["epoch"] >= 2
+    assert trial_attrs(retry)["records"]["epoch"] == [1, 2, 3, 4]
     assert {t.number for t in originals(trials) if t.state != TrialState.COMPLETE} == {victim.number}
     assert {n: (trials[n].state, trials[n].values) for n in before} == before
     assert "slot" in supervisor.err and "was killed by SIGKILL; starting it again in 1 s" in supervisor.err
@@ -549,9 +550,9 @@ def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_tr
     assert stopped and {t.state for t in stopped} == {TrialState.FAIL}
     for t in stopped:
         epoch = int(t.user_attrs["fail_reason"].split("after epoch ")[1].split(";")[0])
-        assert t.user_attrs["checkpoint"]["epoch"] == epoch == t.user_attrs["records"]["epoch"][-1]
+        assert trial_attrs(t)["checkpoint"]["epoch"] == epoch == trial_attrs(t)["records"]["epoch"][-1]
         (retry,) = retries_of(trials, t.number)
-        assert retry.state == TrialState.WAITING and retry.user_attrs["checkpoint"]["epoch"] == epoch
+        assert retry.state == TrialState.WAITING and trial_attrs(retry)["checkpoint"]["epoch"] == epoch
         assert "fail_reason" not in retry.user_attrs  # the reason stays with the stopped attempt
 
     run_worker(load_spec(study))  # a later run, here in this process
@@ -560,8 +561,8 @@ def test_sigterm_stops_every_slot_after_its_epoch_and_a_later_run_resumes_the_tr
     for t in stopped:
         (retry,) = retries_of(trials, t.number)
         assert retry.state == TrialState.COMPLETE
-        assert retry.user_attrs["epochs_resumed"] == t.user_attrs["checkpoint"]["epoch"] >= 2
-        assert retry.user_attrs["records"]["epoch"] == [1, 2, 3, 4, 5]
+        assert retry.user_attrs["epochs_resumed"] == trial_attrs(t)["checkpoint"]["epoch"] >= 2
+        assert trial_attrs(retry)["records"]["epoch"] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow

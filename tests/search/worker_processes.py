@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from koopman_search.search.storage.database import open_storage
+from koopman_search.search.storage.layout import trial_attrs
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -79,7 +80,7 @@ def retries_of(trials: Sequence[FrozenTrial], number: int) -> list[FrozenTrial]:
 
 def assert_records_complete(trial: FrozenTrial) -> None:
     """Every epoch from 1 to the trial's last is stored, in every column."""
-    columns = trial.user_attrs["records"]
+    columns = trial_attrs(trial)["records"]
     last = columns["epoch"][-1]
     assert columns["epoch"] == list(range(1, last + 1)), trial.number
     assert {len(values) for values in columns.values()} == {last}, trial.number
@@ -101,7 +102,7 @@ def running_with_checkpoint(url: str, epochs: Sequence[int]) -> Callable[[], Fro
 
     def find() -> FrozenTrial | None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("checkpoint", {}).get("epoch") in epochs and "worker" in t.user_attrs:
+            if trial_attrs(t).get("checkpoint", {}).get("epoch") in epochs and "worker" in t.user_attrs:
                 return t
         return None
 

@@ -21,6 +21,7 @@ from koopman_search.search.review import (
 )
 from koopman_search.search.review import report as report_module
 from koopman_search.search.review.report import SECTION_TITLES
+from koopman_search.search.storage.layout import trial_attrs
 from tests.search.review.synthetic import (
     BASELINE_VAL_PPL,
     EPOCHS,
@@ -161,7 +162,7 @@ def test_the_three_curve_figures_share_one_trial_menu(study: optuna.Study) -> No
     section = build_report(study).split('<section id="curves">', 1)[1].split("</section>", 1)[0]
     assert section.count("<select") == 1
     options = re.findall(r'<option value="(\d+)"( selected)?>([^<]+)</option>', section)
-    with_records = [t for t in study.get_trials() if t.user_attrs.get("records")]
+    with_records = [t for t in study.get_trials() if trial_attrs(t).get("records")]
     assert len(options) == len(with_records) and sum(1 for o in options if o[1]) == 1
     menus = json.loads(re.search(r'<script type="application/json" id="curves-menus">(.*?)</script>', section).group(1))
     assert sorted(menus) == ["curves-losses", "curves-val_ppl", "curves-weight"]
