@@ -83,7 +83,8 @@ header p { margin: 0; color: #cfd8dc; font-size: 13px; }
 nav { background: #eceff1; padding: 8px 32px; position: sticky; top: 0; z-index: 10;
       border-bottom: 1px solid #cfd8dc; font-size: 14px; }
 nav a { margin-right: 16px; color: #1565c0; text-decoration: none; }
-main { padding: 8px 32px 48px 32px; max-width: 1400px; }
+main { padding: 8px 32px 48px 32px; max-width: 1400px; box-sizing: border-box; }
+div.table { overflow-x: auto; }
 section { background: #fff; border: 1px solid #e0e0e0; border-radius: 6px; padding: 8px 20px 16px 20px;
           margin: 18px 0; }
 h2 { font-size: 19px; border-bottom: 1px solid #eee; padding-bottom: 6px; }
@@ -134,14 +135,17 @@ def _note(text: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    """An HTML table; a column empty in every row is left out (e.g. a label no trial has, a parameter the
+    study does not search)."""
+    shown = [i for i in range(len(header)) if not rows or any(str(row[i]) != "" for row in rows)]
+    head = "".join(f"<th>{_esc(header[i])}</th>" for i in shown)
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>" for i, c in enumerate(row)
+            f'<td class="num">{_esc(row[i])}</td>' if i in numeric else f"<td>{_esc(row[i])}</td>" for i in shown
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _params_text(trial: TrialFacts) -> str:

@@ -33,6 +33,7 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 60
+WINDOW_WIDTH = 1400
 CHROME_ARGS = (
     "--headless",
     "--no-sandbox",
@@ -198,6 +199,26 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
     assert len(gaps) >= 2 and min(min(row) for row in gaps) >= 8, gaps
 
 
+def test_no_dashboard_page_is_wider_than_a_1400_px_window(
+    served: tuple[str, optuna.Study], chrome: webdriver.Chrome
+) -> None:
+    """Each trial's page (records, checkpoint, rung decisions stored) and the study's pages fit the window."""
+    base, study = served
+    study_id = _get_json(f"{base}/api/studies")["study_summaries"][0]["study_id"]
+    chrome.set_window_size(WINDOW_WIDTH, 1000)
+    inner = chrome.execute_script("return window.innerWidth")
+    pages = [f"{base}/dashboard/studies/{study_id}", f"{base}/dashboard/studies/{study_id}/note"]
+    pages += [f"{base}/dashboard/studies/{study_id}/trials?numbers={t.number}" for t in study.trials]
+    for page in pages:
+        chrome.get(page)
+        _wait(chrome, f"{page} to render", lambda d: "Trial" in d.find_element(By.TAG_NAME, "body").text)
+        width = chrome.execute_script("return document.documentElement.scrollWidth")
+        if width > inner:
+            ARTIFACTS.mkdir(exist_ok=True)
+            chrome.save_screenshot(str(ARTIFACTS / "too-wide.png"))
+        assert width <= inner, f"{page} is {width} px wide in a {inner} px window"
+
+
 def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: Path, chrome: webdriver.Chrome) -> None:
     study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
     out = write_report(study, tmp_path / "report.html")
@@ -218,6 +239,10 @@ def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: P
     )
     assert "[koopman]" in chrome.find_element(By.ID, "config").text
     assert _severe(chrome) == []
+    chrome.set_window_size(WINDOW_WIDTH, 1000)
+    inner = chrome.execute_script("return window.innerWidth")
+    width = chrome.execute_script("return document.documentElement.scrollWidth")
+    assert width <= inner, f"the report is {width} px wide in a {inner} px window"
     ARTIFACTS.mkdir(exist_ok=True)
     chrome.set_window_size(1280, 1300)  # the first screen: summary and Pareto front
     chrome.save_screenshot(str(ARTIFACTS / "report.png"))
