@@ -70,6 +70,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 FIGURE_IDS = {
     "val_ppl": "koopman-val-ppl",
     "losses": "koopman-losses",
+    "linearity": "koopman-linearity",
     "weight": "koopman-weight",
     "pareto": "koopman-pareto-front",
     "spectrum": "koopman-k-spectrum",
@@ -256,7 +257,7 @@ def study_figures(
     rules: StoredRules,
     best: Sequence[TrialFacts],
 ) -> dict[str, Any]:
-    """The dashboard's study figures by graph-object id: the three trial-curve views (best trial first
+    """The dashboard's study figures by graph-object id: the four trial-curve views (best trial first
     selected) and, for two or more objectives, the Pareto front."""
     selected = best[0].number if best else None
     names = objective_names(study)

@@ -1,10 +1,12 @@
 """Plotly figures built from stored epoch records (never from re-running anything).
 
-Three views of a trial's records, each with the study's limits drawn:
+Four views of a trial's records, each with the study's limits drawn:
 
 - ``"losses"``: LM, Koopman and total loss per epoch, with the total-loss limit (7.0 by default);
 - ``"val_ppl"``: val perplexity with the baseline curve and the band up to ratio × baseline (1.3×);
-- ``"weight"``: scheduled vs effective Koopman weight, fallback batches as bars on a second axis.
+- ``"linearity"``: the linearity error ``val_linear_nre`` (docs/koopman-objective.md) with the baseline's;
+- ``"weight"``: scheduled vs effective Koopman weight, fallback batches as bars on a second axis, each epoch
+  one slot of the x axis (a weight holds over its epoch: its step and its bar span the same slot).
 
 :func:`trial_figure` draws one trial. :func:`trial_curves_figure` draws every finished trial of a study in
 one figure: all of them faint in the background (losses and val_ppl), one highlighted, and a dropdown to
@@ -40,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("losses", "val_ppl", "weight")
+KINDS = ("losses", "val_ppl", "linearity", "weight")
 MAX_DROPDOWN_TRIALS = 500  # menu entries: the most recent trials (the background shows them all)
 
 COLORS = {
@@ -61,6 +63,7 @@ COLORS = {
 _TITLES = {  # short: optuna-dashboard's toolbar takes the right half of a card's top line
     "losses": "Training losses per epoch",
     "val_ppl": "Val perplexity vs baseline",
+    "linearity": "Linearity error vs baseline",
     "weight": "Koopman weight per epoch",
 }
 _HEIGHT = 450  # optuna-dashboard shows study figures in 450 px high cards
@@ -102,11 +105,13 @@ def _pruned_on(trial: TrialFacts) -> str | None:
 
 
 def _prune_marker(trial: TrialFacts, metric: str) -> dict[str, Any]:
-    """The point where the trial was pruned, on ``metric``'s curve when that is what it was pruned on,
-    hovering the reason. Empty otherwise."""
+    """The point where the trial was pruned, on ``metric``'s curve when that is what it was pruned on (a
+    pruner ranks on both objectives: its marker is on the linearity curve too), hovering the reason."""
     epoch = trial.pruned_epoch if trial.prune_reason else None
     epochs = _epochs(trial)
-    if epoch is None or epoch not in epochs or _pruned_on(trial) != metric:
+    on = _pruned_on(trial)
+    by_pruner = trial.pruned_by not in (None, "rules") and metric == "val_linear_nre"
+    if epoch is None or epoch not in epochs or (on != metric and not by_pruner):
         return {"x": [], "y": [], "text": []}
     value = trial.metric(metric)[epochs.index(epoch)]
     return {"x": [epoch], "y": [value], "text": [trial.prune_reason or ""]}
@@ -130,13 +135,24 @@ def _slot_data(kind: str, trial: TrialFacts) -> list[dict[str, Any]]:
         ]
     if kind == "val_ppl":
         return [{"x": x, "y": trial.metric("val_ppl")}, _prune_marker(trial, "val_ppl")]
+    if kind == "linearity":
+        return [{"x": x, "y": trial.metric("val_linear_nre")}, _prune_marker(trial, "val_linear_nre")]
     if kind == "weight":
         return [
-            {"x": x, "y": trial.metric("effective_weight")},
-            {"x": x, "y": trial.metric("koopman_weight")},
+            _epoch_slots(x, trial.metric("effective_weight")),
+            _epoch_slots(x, trial.metric("koopman_weight")),
             {"x": x, "y": trial.metric("fallback_batches")},
         ]
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, but got kind={kind!r}")
+
+
+def _epoch_slots(x: list[int], y: list[float | None]) -> dict[str, Any]:
+    """A per-epoch value drawn as a step over its epoch's slot, e - 0.5 to e + 0.5 (with ``shape="hvh"``):
+    the end points repeat the first and last values half an epoch out, so the last epoch is as wide as the
+    others and lines up with its bar."""
+    if not x:
+        return {"x": [], "y": []}
+    return {"x": [x[0] - 0.5, *x, x[-1] + 0.5], "y": [y[0] if y else None, *y, y[-1] if y else None]}
 
 
 def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
@@ -174,7 +190,7 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
             ),
             go.Scatter(**data[3], **marker_style),
         ]
-    if kind == "val_ppl":
+    if kind in ("val_ppl", "linearity"):
         return [
             go.Scatter(
                 **data[0],
@@ -184,24 +200,25 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
             ),
             go.Scatter(**data[1], **marker_style),
         ]
-    # A weight is constant over its epoch, so both are drawn as steps ("hv": epoch e's value until e + 1):
-    # a `step` schedule then reads as the jump it is, not as a ramp from the last warmup epoch.
+    # A weight is constant over its epoch, so both are drawn as steps over the epoch's slot (_epoch_slots):
+    # a `step` schedule then reads as the jump it is, not as a ramp, and the fallback bar of an epoch sits
+    # under its weight.
     return [  # applied first, so that the dotted schedule stays visible where the two agree
         go.Scatter(
             **data[0],
             name="applied weight (mean over batches)",
-            mode="lines+markers",
-            line={"color": COLORS["effective"], "width": 3, "shape": "hv"},
+            mode="lines",
+            line={"color": COLORS["effective"], "width": 3, "shape": "hvh"},
         ),
         go.Scatter(
             **data[1],
             name="scheduled weight",
-            mode="lines+markers",
-            line={"color": COLORS["scheduled"], "dash": "dot", "width": 2, "shape": "hv"},
-            marker={"size": 5},
+            mode="lines",
+            line={"color": COLORS["scheduled"], "dash": "dot", "width": 2, "shape": "hvh"},
         ),
         go.Bar(
             **data[2],
+            width=0.9,
             name="fallback batches (right axis)",
             marker={"color": COLORS["fallback"]},
             yaxis="y2",
@@ -211,7 +228,7 @@ def _slot_traces(kind: str, trial: TrialFacts) -> list[go.Scatter | go.Bar]:
 
 def _background_trace(kind: str, trials: Sequence[TrialFacts]) -> go.Scatter | None:
     """Every trial's curve as one faint trace (None between trials), for context behind the chosen one."""
-    metric = {"losses": "total_loss", "val_ppl": "val_ppl"}.get(kind)
+    metric = {"losses": "total_loss", "val_ppl": "val_ppl", "linearity": "val_linear_nre"}.get(kind)
     if metric is None:
         return None
     xs: list[int | None] = []
@@ -255,6 +272,18 @@ def _fixed_traces(
                 hovertemplate=f"total loss limit {fmt(limit)}<extra></extra>",
             )
         )
+    if kind == "linearity" and baseline is not None and baseline.columns:
+        own = [None if v is None else float(v) for v in baseline.columns.get("val_linear_nre") or []]
+        if any(v is not None and math.isfinite(v) for v in own):
+            traces.append(
+                go.Scatter(
+                    x=list(range(1, len(own) + 1)),
+                    y=own,
+                    name=f"baseline (Koopman off, seed {baseline.seed})",
+                    mode="lines+markers",
+                    line={"color": COLORS["baseline"], "width": 2},
+                )
+            )
     if kind == "val_ppl" and baseline is not None and baseline.val_ppl:
         x = list(range(1, len(baseline.val_ppl) + 1))
         traces.append(
@@ -289,13 +318,14 @@ def _layout(
     y_titles = {
         "losses": "loss (mean over the epoch's batches)",
         "val_ppl": "validation perplexity",
+        "linearity": "val_linear_nre (lower: more linear)",
         "weight": "Koopman weight",
     }
     layout: dict[str, Any] = {
         "title": {"text": title, "x": 0.01, "xanchor": "left", "y": 0.985, "yanchor": "top", "font": {"size": 15}},
         "height": _HEIGHT,
         "template": "plotly_white",
-        "margin": {"l": 60, "r": 20 if kind == "val_ppl" else 60, "t": 82 if menu else 40, "b": 110},
+        "margin": {"l": 60, "r": 20 if kind in ("val_ppl", "linearity") else 60, "t": 82 if menu else 40, "b": 110},
         "xaxis": {"title": {"text": "epoch", "standoff": 2}, "dtick": 1},
         "yaxis": {"title": {"text": y_titles[kind]}},
         "legend": {"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0, "font": {"size": 11}},
@@ -308,6 +338,16 @@ def _layout(
     if kind == "losses":
         _loss_axes(layout, trials, limit)
     if kind == "weight":
+        last = max((e for t in trials for e in _epochs(t)), default=1)
+        layout["xaxis"]["range"] = [0.5, last + 0.5]  # each epoch one slot, e - 0.5 to e + 0.5
+        weights = [
+            v
+            for t in trials
+            for m in ("effective_weight", "koopman_weight")
+            for v in t.metric(m)
+            if v is not None and math.isfinite(v)
+        ]
+        layout["yaxis"].update(_nice_ticks(max(weights, default=0.0)))
         # one fixed scale for every trial in the menu, in whole batches
         most = max((v for t in trials for v in t.metric("fallback_batches") if v is not None), default=0)
         layout["yaxis2"] = {
@@ -323,6 +363,18 @@ def _layout(
     return layout
 
 
+def _nice_ticks(top: float, count: int = 5) -> dict[str, Any]:
+    """Ticks from 0 to ``top`` at a round step (1, 2 or 5 × 10^k) with one number of decimals for all of them:
+    0, 0.5, 1.0, 1.5 or 0, 0.02, 0.04, never 0.039, 1.2, 2.4."""
+    if not math.isfinite(top) or top <= 0:
+        return {}
+    raw = top / (count + 1)  # at most count + 1 steps
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return {"tick0": 0, "dtick": step, "tickformat": f".{decimals}f"}
+
+
 def _loss_axes(layout: dict[str, Any], trials: Sequence[TrialFacts], limit: float | None) -> None:
     """The Koopman loss on its own right axis: next to a total loss near 7 a falling Koopman loss of 0.05
     would be a flat line. One range for every trial in the menu, with headroom: the Koopman loss is highest at
@@ -335,8 +387,6 @@ def _loss_axes(layout: dict[str, Any], trials: Sequence[TrialFacts], limit: floa
         "overlaying": "y",
         "side": "right",
         "showgrid": False,
-        "tickformat": ".2~g",  # 0.003, not 0.002882
-        "nticks": 6,
     }
     left = [
         v for t in trials for m in ("total_loss", "lm_loss") for v in t.metric(m) if v is not None and math.isfinite(v)
@@ -350,7 +400,9 @@ def _loss_axes(layout: dict[str, Any], trials: Sequence[TrialFacts], limit: floa
         if abs(peak_height - limit_height) < 0.25:
             peak_height = limit_height - 0.3 if limit_height > 0.5 else limit_height + 0.3
     if koopman:
-        layout["yaxis2"]["range"] = [0, max(koopman) / peak_height]
+        top = max(koopman) / peak_height
+        layout["yaxis2"]["range"] = [0, top]
+        layout["yaxis2"].update(_nice_ticks(top))
     else:
         layout["yaxis2"]["rangemode"] = "tozero"
 

@@ -357,10 +357,10 @@ def _curves_section(ctx: _Context) -> str:
     selected = ctx.best[0].number if ctx.best else None
     parts = [
         '<p class="lead">From the epoch records stored with each trial. Pick a trial in the menu: it switches '
-        "all three figures (the best one is shown first); grey lines are all the trials, for comparison. "
+        "all four figures (the best one is shown first); grey lines are all the trials, for comparison. "
         "A red × marks where a trial was pruned; dashed red lines are the prune limits.</p>",
     ]
-    # one menu for the three figures: each figure's own dropdown is taken out, and its entries (the
+    # one menu for the four figures: each figure's own dropdown is taken out, and its entries (the
     # restyle of the highlighted traces per trial, the same trials in the same order) are applied together
     menus: dict[str, list[Any]] = {}
     labels: list[str] = []

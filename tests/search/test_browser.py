@@ -249,11 +249,11 @@ def test_report_opens_offline_without_errors_and_shows_every_section(tmp_path: P
     _full_page_screenshot(chrome, ARTIFACTS / "report-full.png", 1280)
 
 
-def test_report_trial_menu_switches_all_three_curve_figures_together(tmp_path: Path, chrome: webdriver.Chrome) -> None:
+def test_report_trial_menu_switches_all_four_curve_figures_together(tmp_path: Path, chrome: webdriver.Chrome) -> None:
     study = make_review_study(f"sqlite:///{tmp_path / 'review-demo.db'}")
     out = write_report(study, tmp_path / "report.html")
     chrome.get(out.as_uri())
-    ids = ["curves-losses", "curves-val_ppl", "curves-weight"]
+    ids = ["curves-losses", "curves-val_ppl", "curves-linearity", "curves-weight"]
     _wait(
         chrome,
         "the curve figures to render",
@@ -280,6 +280,6 @@ def test_report_trial_menu_switches_all_three_curve_figures_together(tmp_path: P
     options[target].click()
     _wait(chrome, "the figures to switch", lambda d: d.execute_script(shown, ids, menus) != before)
     after = chrome.execute_script(shown, ids, menus)
-    for figure_id in ids:  # one choice, all three figures
+    for figure_id in ids:  # one choice, all four figures
         assert after[figure_id] == menus[figure_id][target][0]["y"], figure_id
     assert _severe(chrome) == []

@@ -149,7 +149,7 @@ def test_ctrl_c_in_launchs_baseline_exits_130_without_a_traceback_and_the_dashbo
     study = write_study(tmp_path, url, n_trials=2, epochs=4, start_epoch=1, slow=True)
     proc = _launch(study, slow_env)
     _wait_until(
-        lambda: any(t.state == TrialState.RUNNING and "checkpoint" in t.user_attrs for t in _baseline_trials(url)),
+        lambda: any(t.state == TrialState.RUNNING and "checkpoint" in trial_attrs(t) for t in _baseline_trials(url)),
         proc,
         "the baseline's first epoch",
     )

@@ -76,26 +76,33 @@ def test_the_budget_is_topped_up_once_and_retries_do_not_count(tmp_path: Path) -
 
 def test_a_retry_keeps_params_and_checkpoint_but_not_the_outcome_of_its_attempt() -> None:
     study = optuna.create_study()
-    attempt = optuna.trial.create_trial(
-        state=TrialState.FAIL,
-        params={"koopman_weight_max": 0.1},
-        distributions={"koopman_weight_max": FloatDistribution(0.01, 0.5)},
-        user_attrs={
+    user_attrs, system_attrs = layout.split_trial_attrs(
+        {
             layout.CHECKPOINT: layout.checkpoint_pointer(2, "a1"),
             layout.LABEL: "hand-tuned 1",
             layout.FAIL_REASON: "interrupted",
             layout.PRUNE_REASON: "x",
             layout.PRUNED_EPOCH: 2,
-        },
-        system_attrs={"artifacts:a1": "{}"},
+        }
+    )
+    attempt = optuna.trial.create_trial(
+        state=TrialState.FAIL,
+        params={"koopman_weight_max": 0.1},
+        distributions={"koopman_weight_max": FloatDistribution(0.01, 0.5)},
+        user_attrs=user_attrs,
+        system_attrs={"artifacts:a1": "{}", **system_attrs},
     )
     study.add_trial(attempt)
     enqueue_retry(study, study.get_trials()[0])
     retry = study.get_trials()[1]
     assert retry.state == TrialState.WAITING
     assert retry.params == {"koopman_weight_max": 0.1}
-    assert retry.user_attrs == {layout.CHECKPOINT: {"epoch": 2, "artifact_id": "a1"}, layout.LABEL: "hand-tuned 1"}
-    assert not set(OUTCOME_ATTRS) & set(retry.user_attrs)
+    assert retry.user_attrs == {layout.LABEL: "hand-tuned 1"}  # the checkpoint is a system attr
+    assert layout.trial_attrs(retry) == {
+        layout.CHECKPOINT: {"epoch": 2, "artifact_id": "a1"},
+        layout.LABEL: "hand-tuned 1",
+    }
+    assert not set(OUTCOME_ATTRS) & set(layout.trial_attrs(retry))
     assert layout.is_retry(retry) and layout.retry_of(retry) == 0
     assert not any(k.startswith("artifacts:") for k in retry.system_attrs)
     enqueue_retry(study, study.get_trials()[1])

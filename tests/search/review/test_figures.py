@@ -10,6 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from koopman_search.search.review import (
+    figures,
     loss_figure,
     pareto_front_figure,
     read_baseline,
@@ -70,13 +71,53 @@ def test_weight_figure_shows_scheduled_effective_and_fallback_bars_on_a_second_a
 ) -> None:
     facts = _facts(study, TrialState.COMPLETE, "hand-tuned 3")
     fig = weight_figure(facts)
-    assert list(_trace(fig, "scheduled").y) == facts.metric("koopman_weight")
-    assert list(_trace(fig, "applied").y) == facts.metric("effective_weight")
+    scheduled, applied = facts.metric("koopman_weight"), facts.metric("effective_weight")
+    # each epoch's weight is a step over its slot e - 0.5 .. e + 0.5: the ends repeat half an epoch out
+    assert list(_trace(fig, "scheduled").y) == [scheduled[0], *scheduled, scheduled[-1]]
+    assert list(_trace(fig, "applied").y) == [applied[0], *applied, applied[-1]]
+    epochs = facts.epoch_numbers
+    assert list(_trace(fig, "applied").x) == [epochs[0] - 0.5, *epochs, epochs[-1] + 0.5]
+    assert _trace(fig, "applied").line.shape == "hvh"
     bars = _trace(fig, "fallback batches")
     assert bars.type == "bar" and bars.yaxis == "y2"
+    assert list(bars.x) == epochs and bars.width == 0.9  # centred in the same slots as the steps
+    assert fig.layout.xaxis.range == (0.5, epochs[-1] + 0.5)  # the last epoch as wide as the others
     assert sum(bars.y) > 0  # threshold 6 is under this trial's Koopman loss at first
     assert fig.layout.yaxis2.overlaying == "y"
     assert fig.layout.yaxis2.dtick == 4 and fig.layout.yaxis2.range == pytest.approx((0, 22))  # up to 20 batches
+
+
+@pytest.mark.parametrize(
+    ("top", "dtick", "tickformat"),
+    [(2.6, 0.5, ".1f"), (0.21, 0.05, ".2f"), (0.0031, 0.001, ".3f"), (48.0, 10, ".0f"), (1.0, 0.2, ".1f")],
+)
+def test_axis_ticks_are_round_steps_with_one_number_of_decimals(top: float, dtick: float, tickformat: str) -> None:
+    ticks = figures._nice_ticks(top)
+    assert ticks["dtick"] == pytest.approx(dtick) and ticks["tickformat"] == tickformat and ticks["tick0"] == 0
+
+
+def test_the_koopman_loss_axis_has_round_ticks(study: optuna.Study) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    fig = trial_curves_figure("losses", facts, None, read_rules(layout.study_attrs(study)))
+    axis = fig.layout.yaxis2
+    steps = axis.range[1] / axis.dtick
+    assert 2 <= steps <= 6 and axis.tick0 == 0
+    assert float(f"{axis.dtick:.0e}") == pytest.approx(axis.dtick)  # 1, 2 or 5 x 10^k
+
+
+def test_the_linearity_view_draws_each_trial_against_the_baselines_own_curve(study: optuna.Study) -> None:
+    facts = [trial_facts(t) for t in study.get_trials()]
+    attrs = layout.study_attrs(study)
+    baseline = read_baseline(attrs)
+    assert baseline is not None and baseline.columns is not None
+    pruned = next(f for f in facts if f.state == "PRUNED")
+    pruned.user_attrs["pruned_by"] = "asha"  # a pruner ranks on both objectives
+    fig = trial_curves_figure("linearity", facts, baseline, read_rules(attrs), selected=pruned.number)
+    assert list(_trace(fig, "baseline").y) == list(baseline.columns["val_linear_nre"])
+    assert list(_trace(fig, "this trial").y) == pruned.metric("val_linear_nre")
+    marker = _trace(fig, "pruned here")
+    assert list(marker.x) == [pruned.pruned_epoch]
+    assert "val_linear_nre" in fig.layout.yaxis.title.text
 
 
 def test_trial_curves_figure_has_one_menu_entry_per_trial_with_records(study: optuna.Study) -> None:
@@ -160,7 +201,7 @@ def test_loss_figure_keeps_the_first_koopman_point_off_the_limits_level_and_the_
     assert 0 < limit_height < 1
     assert abs(max(koopman) / top - limit_height) >= 0.25  # the Koopman peak is nowhere near the limit line
     assert lo <= min(facts.metric("lm_loss")) and max(facts.metric("total_loss")) <= hi
-    assert fig.layout.yaxis2.tickformat == ".2~g"  # short ticks, not 0.002882
+    assert fig.layout.yaxis2.tickformat.endswith("f") and fig.layout.yaxis2.dtick  # round ticks, not 0.002882
     names = [t.name for t in fig.data]
     total = names.index("total loss = LM + weight × Koopman")
     assert names.index("LM loss") > total and fig.data[total].opacity < 1  # drawn over the pale, wide total
@@ -168,8 +209,8 @@ def test_loss_figure_keeps_the_first_koopman_point_off_the_limits_level_and_the_
 
 def test_weights_are_drawn_as_steps_so_a_step_schedule_jumps(study: optuna.Study) -> None:
     fig = weight_figure(_facts(study, TrialState.COMPLETE, "hand-tuned 1"))
-    assert _trace(fig, "scheduled weight").line.shape == "hv"
-    assert _trace(fig, "applied weight").line.shape == "hv"
+    assert _trace(fig, "scheduled weight").line.shape == "hvh"
+    assert _trace(fig, "applied weight").line.shape == "hvh"
 
 
 def test_the_spectrum_figure_draws_each_blocks_eigenvalues_and_the_unit_circle(study: optuna.Study) -> None:

@@ -158,14 +158,14 @@ def test_importances_come_with_a_caveat_naming_what_they_were_fitted_on(
     assert section.count('class="plotly-graph-div"') == 2
 
 
-def test_the_three_curve_figures_share_one_trial_menu(study: optuna.Study) -> None:
+def test_the_four_curve_figures_share_one_trial_menu(study: optuna.Study) -> None:
     section = build_report(study).split('<section id="curves">', 1)[1].split("</section>", 1)[0]
     assert section.count("<select") == 1
     options = re.findall(r'<option value="(\d+)"( selected)?>([^<]+)</option>', section)
     with_records = [t for t in study.get_trials() if trial_attrs(t).get("records")]
     assert len(options) == len(with_records) and sum(1 for o in options if o[1]) == 1
     menus = json.loads(re.search(r'<script type="application/json" id="curves-menus">(.*?)</script>', section).group(1))
-    assert sorted(menus) == ["curves-losses", "curves-val_ppl", "curves-weight"]
+    assert sorted(menus) == ["curves-linearity", "curves-losses", "curves-val_ppl", "curves-weight"]
     assert all(len(entries) == len(options) for entries in menus.values())
     assert '"buttons"' not in section  # no per-figure menus left
 
