@@ -45,11 +45,12 @@ from koopman_search.trainer.model import build_model, model_blocks
 from koopman_search.trainer.records import K_EIGS_PER_BLOCK, EpochRecord
 from koopman_search.trainer.schedule import FallbackState, koopman_weight
 
-__all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "resolve_device"]
+__all__ = ["CHECKPOINT_FORMAT", "EpochCallback", "HybridKoopmanTrainer", "StepCallback", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[EpochRecord], "bool | None"]
+StepCallback = Callable[[int, int, int, int], None]  # (epoch, epochs, steps done in it, its steps): inside an epoch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,12 +133,20 @@ class HybridKoopmanTrainer:
         self._since_refit = 0
         self.records: list[EpochRecord] = []
         self.stopped = False
+        self._on_step: StepCallback | None = None
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def fit(self, callback: EpochCallback | None = None, checkpoint_dir: str | Path | None = None) -> list[EpochRecord]:
+    def fit(
+        self,
+        callback: EpochCallback | None = None,
+        checkpoint_dir: str | Path | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[EpochRecord]:
         """Train the remaining epochs. After each one, save ``epoch_{e}.pt`` and ``last.pt`` under
-        ``checkpoint_dir`` (if given) and call ``callback(record)``; a true return value stops training."""
+        ``checkpoint_dir`` (if given) and call ``callback(record)``; a true return value stops training.
+        ``on_step(epoch, epochs, step, steps)`` follows the steps inside an epoch (after each; no device sync)."""
         self.stopped = False
+        self._on_step = on_step
         for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
             record = self._run_epoch(epoch)
             self.epoch = epoch
@@ -184,9 +193,12 @@ class HybridKoopmanTrainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         steps = 0
         bar = self._progress(epoch)
+        on_step, planned = self._on_step, self._steps_per_epoch()
         for x, y in self._train_batches(epoch):
             sums += self._train_step(x, y, koop, weight, fallback)
             steps += 1
+            if on_step is not None:
+                on_step(epoch, cfg.train.epochs, steps, planned)
             if bar is not None:
                 bar.update(1)
                 if steps % 20 == 0:  # the only host syncs: for the progress bar, when there is one
@@ -338,11 +350,15 @@ class HybridKoopmanTrainer:
             return None
         from tqdm import tqdm
 
+        total = self._steps_per_epoch()
+        return tqdm(total=total, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False)
+
+    def _steps_per_epoch(self) -> int:
         d = self.cfg.data
         total = n_windows(self.train_tokens.numel(), d.seq_len) // d.batch_size
         if self.cfg.train.max_steps_per_epoch:
             total = min(total, self.cfg.train.max_steps_per_epoch)
-        return tqdm(total=total, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="step", leave=False)
+        return total
 
     @torch.no_grad()
     def evaluate(self, koopman: bool = True) -> dict[str, Any]:

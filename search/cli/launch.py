@@ -122,6 +122,7 @@ def _run_with_progress(spec: Any, study: Any, lost: list[int]) -> bool:
             on_trial_start=progress.on_trial_start,
             on_epoch=progress.on_epoch,
             on_baseline_epoch=progress.on_baseline_epoch,
+            on_step=progress.on_step,
         )
 
 

@@ -41,6 +41,8 @@ from koopman_search.search.storage.retry import storage_task
 from koopman_search.search.studyfile.spec import StudySpec
 from koopman_search.trainer.records import EpochRecord
 
+StepCallback = Callable[[int, int, int, int], None]  # trainer.loop.StepCallback: (epoch, epochs, step, steps)
+
 __all__ = [
     "baseline_attr",
     "baseline_config_hash",
@@ -146,6 +148,7 @@ def ensure_baseline(
     artifact_store: Any,
     stop: threading.Event | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> MatchedBaseline:
     """The study's baseline curve: fixed from the study file, already computed, computed here, or waited
     for while another worker computes it. ``on_epoch(record)`` follows the run when it is computed here."""
@@ -181,7 +184,7 @@ def ensure_baseline(
             trial = claim_waiting_trial(study)
             if trial is not None:
                 try:
-                    return _run(spec, storage, study, main_study, trial, artifact_store, stop, on_epoch)
+                    return _run(spec, storage, study, main_study, trial, artifact_store, stop, (on_epoch, on_step))
                 except _QueuedAgain as again:  # failed by its environment: run it again after a pause
                     if stop.wait(again.pause):
                         raise BaselineError("stopped while waiting to run the baseline again") from None
@@ -207,7 +210,7 @@ def _run(
     trial: optuna.Trial,
     artifact_store: Any,
     stop: threading.Event,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
+    hooks: tuple[Callable[[EpochRecord], None] | None, StepCallback | None] = (None, None),
 ) -> MatchedBaseline:
     _publish(main_study, spec, layout.baseline_state_attr("running"))
     with TrainingJob(storage, artifact_store, trial, f"the baseline of study {spec.name}") as job:
@@ -222,7 +225,7 @@ def _run(
             f", resuming after epoch {last['epoch']}" if last else "",
         )
         try:
-            records = _train(spec, job, trial, (checkpoints, digests), stop, on_epoch)
+            records = _train(spec, job, trial, (checkpoints, digests), stop, hooks)
         except (Exception, KeyboardInterrupt) as exc:
             _failed_run(spec, study, main_study, job, exc)
     final = records[-1]
@@ -240,7 +243,7 @@ def _train(
     trial: optuna.Trial,
     warmup: tuple[dict[int, str], dict[str, dict[str, Any]]],
     stop: threading.Event,
-    on_epoch: Callable[[EpochRecord], None] | None,
+    hooks: tuple[Callable[[EpochRecord], None] | None, StepCallback | None],
 ) -> list[EpochRecord]:
     """The baseline's epochs (resumed from its last checkpoint where there is one), each checkpointed; the
     warmup epochs' checkpoints are kept and recorded in ``warmup`` (epoch -> artifact id, artifact id ->
@@ -248,6 +251,7 @@ def _train(
     from koopman_search.trainer.loop import HybridKoopmanTrainer
 
     checkpoints, digests = warmup
+    on_epoch, on_step = hooks
     keep = warmup_epochs(spec) if spec.shared_warmup else set()
     cfg = spec.baseline_config
     trainer = job.resume(cfg) or HybridKoopmanTrainer(cfg)
@@ -270,7 +274,7 @@ def _train(
             on_epoch(record)
         return stop.is_set()
 
-    records = trainer.fit(callback=record_epoch)
+    records = trainer.fit(callback=record_epoch, on_step=on_step)
     if trainer.stopped and trainer.epoch < spec.epochs:
         raise InterruptedError(f"stopped after epoch {trainer.epoch}")
     bad = [r.epoch for r in records if not math.isfinite(r.val_ppl)]

@@ -108,8 +108,10 @@ class TrialRunner:
         baseline: MatchedBaseline,
         stop: threading.Event | None = None,
         on_epoch: Callable[[int, EpochRecord], None] | None = None,
+        on_step: Callable[[int | None, int, int, int, int], None] | None = None,
     ) -> None:
         self._spec = spec
+        self._on_step = on_step
         self._study = study
         self._storage = storage
         self._store = artifact_store
@@ -320,7 +322,8 @@ class TrialRunner:
                 return True
             return self._stop.is_set()
 
-        trainer.fit(callback=on_epoch)
+        hook = self._on_step
+        trainer.fit(callback=on_epoch, on_step=None if hook is None else lambda *at: hook(trial.number, *at))
         return verdicts
 
     def _environment_failed(self, trial: optuna.Trial, job: TrainingJob, reason: str) -> tuple[bool, bool, float]:

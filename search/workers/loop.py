@@ -67,6 +67,7 @@ def run_worker(
     on_trial_start: Callable[[int], None] | None = None,
     on_epoch: Callable[[int, EpochRecord], None] | None = None,
     on_baseline_epoch: Callable[[EpochRecord], None] | None = None,
+    on_step: Callable[[int | None, int, int, int, int], None] | None = None,
     sleep: Callable[[float], bool] | None = None,
 ) -> WorkerSummary:
     """Pull trials from the study in ``spec.storage_url`` until its queue is empty (and no other worker's
@@ -75,7 +76,8 @@ def run_worker(
 
     ``seed_offset`` is added to the sampler's seed: give each concurrent worker its own, or they propose
     the same parameters. ``on_trial_start(number)``, ``on_epoch(number, record)``, ``on_outcome(outcome)``
-    and ``on_baseline_epoch(record)`` report progress (the worker processes of :mod:`koopman_search.search.workers` pass
+    ``on_baseline_epoch(record)`` and ``on_step(number or None for the baseline, epoch, epochs, step, steps)``
+    report progress (the worker processes of :mod:`koopman_search.search.workers` pass
     them on to their supervisor)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
@@ -83,9 +85,10 @@ def run_worker(
     storage = open_storage(spec.storage_url)
     study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
-    baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch)
+    base_step = None if on_step is None else lambda *at: on_step(None, *at)
+    baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch, on_step=base_step)
     _warn_baseline_over_limit(spec, baseline)
-    runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch)
+    runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch, on_step=on_step)
     summary = WorkerSummary()
     delay = IDLE_MIN
     env_in_a_row = 0

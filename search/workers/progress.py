@@ -36,6 +36,8 @@ EPOCH_FIELDS = ("val_ppl", "val_koopman_forward_ppl", "total_loss", "lm_loss", "
 
 
 FALLBACK_COLUMNS = 100  # the bars' width where the terminal reports none
+STEP_REDRAW_S = 0.5  # the epoch bar follows the steps at most this often on a terminal
+STEP_LINE_S = 60.0  # and in a log or a pipe, one line about the steps at most this often
 
 
 def is_live(stream: TextIO) -> bool:
@@ -96,6 +98,7 @@ class _Running:
     at: float = 0.0  # when that estimate was made
     per_epoch: float | None = None
     epochs: int | None = None
+    step_mark: tuple[int, int, float] | None = None  # (epoch, step, time) of the first step seen in an epoch
 
 
 @dataclass
@@ -122,6 +125,27 @@ class TrialsProgress:
         run.eta, run.at = trial_eta(fields), self.clock()
         run.per_epoch, run.epochs = fields.get("seconds"), int(fields["epochs"])
         self.baseline = run
+
+    def step(self, number: int | None, epoch: int, epochs: int, step: int, steps: int) -> float | None:
+        """Note a step inside an epoch (``number`` None: the baseline's); returns that run's ETA in seconds.
+        Before a run has finished an epoch, its epoch time is guessed from its steps so far."""
+        now = self.clock()
+        if number is None:
+            run = self.baseline = self.baseline or _Running(now)
+        else:
+            run = self.running.setdefault(number, _Running(now))
+        if run.step_mark is None or run.step_mark[0] != epoch:
+            run.step_mark = (epoch, step, now)
+        _, first_step, first_at = run.step_mark
+        per_epoch = run.per_epoch
+        if per_epoch is None and step > first_step:
+            per_epoch = (now - first_at) / (step - first_step) * steps
+        run.epochs = epochs
+        if per_epoch is None:
+            return None
+        run.per_epoch = run.per_epoch or per_epoch
+        run.eta, run.at = per_epoch * ((epochs - epoch) + (1 - step / max(steps, 1))), now
+        return run.eta
 
     def started(self, number: int) -> None:
         self.running[number] = _Running(self.clock())
@@ -206,6 +230,9 @@ class LiveProgress:
         self._format_outcome = format_outcome
         self._bars: tuple[Any, Any] | None = None
         self._ncols = ncols
+        self._clock = clock
+        self._texts: dict[int | None, str] = {}  # each run's last epoch line, shown beside its step count
+        self._step_shown = clock()  # when a step was last drawn (live) or a line written (a log)
 
     # -- output ------------------------------------------------------------------------------------------
     def _line(self, text: str) -> None:
@@ -216,6 +243,7 @@ class LiveProgress:
             return
         self._err.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         self._err.flush()
+        self._step_shown = self._clock()  # a step line only after STEP_LINE_S with no other line
 
     def _ensure_bars(self) -> tuple[Any, Any]:
         if self._bars is None:
@@ -238,7 +266,7 @@ class LiveProgress:
             self._bars = (overall, epochs)
         return self._bars
 
-    def _redraw(self, text: str, epoch: int = 0, epochs: int = 1) -> None:
+    def _redraw(self, text: str, epoch: float = 0, epochs: int = 1) -> None:
         overall, bar = self._ensure_bars()
         overall.total, overall.n = self.trials.total, self.trials.done
         overall.set_description_str(self.trials.line(), refresh=False)
@@ -275,11 +303,29 @@ class LiveProgress:
     def on_baseline_epoch(self, record: EpochRecord) -> None:
         fields = epoch_fields(record)
         self.trials.baseline_epoch(fields)
+        self._texts[None] = epoch_text(fields)
         text = f"epoch {record.epoch}/{record.epochs}  {epoch_text(fields)}  ETA {format_duration(trial_eta(fields))}"
         if self.live:
             self._redraw(f"baseline {text}", record.epoch, record.epochs)
         else:
             self._line(f"baseline {text} ({self.trials.line()})")
+
+    def on_step(self, number: int | None, epoch: int, epochs: int, step: int, steps: int) -> None:
+        """A step inside an epoch: the epoch bar moves with it (redrawn at most every
+        :data:`STEP_REDRAW_S`); in a log, a line once :data:`STEP_LINE_S` passed without one."""
+        eta = self.trials.step(number, epoch, epochs, step, steps)
+        now = self._clock()
+        if now - self._step_shown < (STEP_REDRAW_S if self.live else STEP_LINE_S) and step < steps:
+            return
+        self._step_shown = now
+        who = "baseline" if number is None else f"trial {number}"
+        where = f"epoch {epoch}/{epochs} step {step}/{steps}"
+        if self.live:
+            last = self._texts.get(number)
+            text = f"{who} {where}  ETA {format_duration(eta)}" + (f"  (last: {last})" if last else "")
+            self._redraw(text, epoch - 1 + step / max(steps, 1), epochs)
+        elif step < steps:  # the epoch's own line follows its last step
+            self._line(f"{who} {where}, ETA {format_duration(eta)} ({self.trials.line()})")
 
     def on_trial_start(self, number: int) -> None:
         self.trials.started(number)
@@ -291,6 +337,7 @@ class LiveProgress:
     def on_epoch(self, number: int, record: EpochRecord) -> None:
         fields = epoch_fields(record)
         eta = self.trials.epoch(number, fields)
+        self._texts[number] = epoch_text(fields)
         text = f"epoch {record.epoch}/{record.epochs}  {epoch_text(fields)}  ETA {format_duration(eta)}"
         if self.live:
             self._redraw(f"trial {number} {text}", record.epoch, record.epochs)

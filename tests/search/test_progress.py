@@ -91,6 +91,40 @@ def test_run_eta_is_the_running_trial_left_plus_the_waiting_trials_at_the_mean_d
     assert trials.line() == "trials 1/3 done, 1 running, ETA 1 min 20 s"
 
 
+def test_the_first_epoch_is_timed_from_its_steps_before_it_ends() -> None:
+    clock = Clock()
+    trials = TrialsProgress(total=2, clock=clock)
+    assert trials.step(None, 1, 4, 1, 100) is None  # one step: no rate yet
+    clock.now = 5.0
+    # the baseline: 10 more steps in 5 s, so 50 s an epoch; 89 steps of epoch 1 and 3 epochs left
+    assert trials.step(None, 1, 4, 11, 100) == pytest.approx(50 * (3 + 0.89))
+    assert trials.eta() == pytest.approx(50 * 3.89 + 2 * 50 * 4)  # then two trials timed as the baseline
+    assert trials.line().endswith("ETA 9 min 54 s")
+
+
+def test_steps_move_the_epoch_bar_on_a_terminal_and_write_a_line_a_minute_in_a_log() -> None:
+    out, err, clock = io.StringIO(), io.StringIO(), Clock()
+    live = LiveProgress(1, out=out, err=err, live=True, clock=clock, ncols=200)
+    with live.session():
+        live.on_trial_start(0)
+        live.on_epoch(0, record(1))
+        clock.now = 1.0
+        live.on_step(0, 2, 4, 50, 100)
+    screen = err.getvalue()
+    # 1.5 of 4 epochs: the bar at 37.5%, with the last epoch's numbers beside the step count
+    assert re.search(r"\|#{7}5 {12}\| trial 0 epoch 2/4 step 50/100  ETA 25 s  \(last: val_ppl 512\.34", screen)
+
+    err = io.StringIO()
+    clock.now = 1000.0
+    log = LiveProgress(1, out=out, err=err, live=False, clock=clock)
+    log.on_trial_start(0)
+    for second in range(10, 130, 10):  # a step every 10 s for 2 minutes: a line after 60 s and 120 s quiet
+        clock.now = 1000.0 + second
+        log.on_step(0, 1, 4, second // 10, 100)
+    steps = [line[9:] for line in err.getvalue().splitlines() if "step " in line]
+    assert [s.split(",")[0] for s in steps] == ["trial 0 epoch 1/4 step 6/100", "trial 0 epoch 1/4 step 12/100"]
+
+
 def test_a_retry_queued_meanwhile_raises_the_total_instead_of_showing_more_done_than_expected() -> None:
     trials = TrialsProgress(total=1, clock=Clock())
     for n in (0, 1):
@@ -152,6 +186,7 @@ def test_launch_prints_the_baseline_each_trial_start_every_epoch_and_the_run_cou
     epoch_line = r"^\d\d:\d\d:\d\d trial \d epoch 2/2  val_ppl [\d.]+  val_koopman_forward_ppl [\d.]+ .*ETA 0 s$"
     assert len(re.findall(epoch_line, err, re.MULTILINE)) == 2
     assert re.search(r"^\d\d:\d\d:\d\d trials 2/2 done, ETA 0 s$", err, re.MULTILINE)
+    assert "step " not in err  # epochs of 2 steps end long before a minute: no step lines in a log
     assert [line.split()[1] for line in out.splitlines() if " | COMPLETE " in line] == ["0", "1"]
 
 

@@ -69,6 +69,13 @@ def test_records_show_warmup_then_the_koopman_epochs(corpus: Corpus) -> None:
         assert r.seconds > 0 and r.tokens_per_s > 0
 
 
+def test_on_step_follows_every_step_of_every_epoch(corpus: Corpus) -> None:
+    trainer = HybridKoopmanTrainer(tiny_config({"train.epochs": 2}), corpus)
+    seen: list[tuple[int, ...]] = []
+    trainer.fit(on_step=lambda *at: seen.append(at))
+    assert seen == [(epoch, 2, step, 5) for epoch in (1, 2) for step in range(1, 6)]
+
+
 def test_total_loss_is_lm_loss_plus_weighted_koopman_loss(corpus: Corpus) -> None:
     # a large weight, so that the Koopman share (≈ 1e-5 at initialisation) shows in float32 sums
     cfg = tiny_config(
