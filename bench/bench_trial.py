@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"  # bench/_common.py's
 
 
 def _trainer_from(folder: Path) -> None:
@@ -61,6 +62,7 @@ def run_trial(args: argparse.Namespace) -> int:
             "train.max_steps_per_epoch": args.steps,
             "train.max_eval_batches": args.eval_batches,
             "train.device": args.device,
+            "data.source": args.data,
         },
         origin="bench_trial",
     )
@@ -140,6 +142,7 @@ def compare(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default=str(REPO / "studies" / "wikitext2.toml"))
+    p.add_argument("--data", default=f"files:{WIKITEXT2}", help="the trainer's data source (default: %(default)s)")
     p.add_argument("--trial", type=int, default=0, help="which [[enqueue]] trial (default 0, the first)")
     p.add_argument("--steps", type=int, default=5, help="training steps per epoch (default 5)")
     p.add_argument("--eval-batches", type=int, default=5, help="validation batches per epoch (default 5)")

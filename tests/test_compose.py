@@ -324,6 +324,8 @@ def test_data_and_study_paths_mirror_the_checkout(compose: dict[str, Any]) -> No
         assert data["type"] == "bind" and data["read_only"] is True
         studies = mounts["/app/studies"]
         assert studies["source"] == "./studies" and studies["read_only"] is True
+        # the study files' hf: source is replaced by the mounted copy
+        assert compose["services"][name]["environment"]["KOOPMAN_DATA_SOURCE"] == f"files:{data['target']}"
 
 
 def test_study_file_used_by_the_services_exists(compose: dict[str, Any]) -> None:

@@ -289,10 +289,12 @@ def test_the_study_file_exists_and_its_data_is_mounted_where_it_resolves(base: l
         study = find(base, "Job", job)["spec"]["template"]["spec"]["containers"][0]["args"][1]
         assert (REPO / study).is_file(), study
     text = (REPO / "studies" / "wikitext2.toml").read_text(encoding="utf-8")
-    source = tomllib.loads(text)["trainer"]["data"]["source"]
-    assert source.startswith("files:")
-    data_dir = posixpath.normpath(posixpath.join(WORKDIR, "studies", source[len("files:") :]))
+    assert tomllib.loads(text)["trainer"]["data"]["source"].startswith("hf:")  # what a clone has: the hub
     worker = find(base, "Job", "worker")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in worker["containers"][0]["env"]}
+    source = env["KOOPMAN_DATA_SOURCE"]  # the pod reads the data volume's copy instead
+    assert source.startswith("files:/")
+    data_dir = posixpath.normpath(source[len("files:") :])
     mounts = {m["mountPath"]: m for m in worker["containers"][0]["volumeMounts"]}
     data = [m for path, m in mounts.items() if data_dir.startswith(path.rstrip("/") + "/")]
     assert len(data) == 1 and data[0]["readOnly"] is True

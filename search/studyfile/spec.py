@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import stat
 import sys
@@ -258,6 +259,7 @@ MAX_TRIALS = 100_000  # a budget is a queue of WAITING trials in the database: e
 # A study name's longest form: Optuna keeps names in VARCHAR(512); the baseline's companion study and its
 # attrs add suffixes, so the name itself stays far below that.
 MAX_NAME_LENGTH = 128
+DATA_SOURCE_ENV = "KOOPMAN_DATA_SOURCE"  # replaces trainer.data.source of every study file (README, "Data")
 MAX_SEED = 2**31  # the sampler's seed plus a worker's offset (< 2**30) must stay below numpy's 2**32
 
 
@@ -475,7 +477,13 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
             key = f"trainer.{section}"
             raise SpecError.at(f"[{key}] must be a table, but got {section}={_show(body)}", origin, key)
     resolved = {section: dict(body) for section, body in sections.items()}
-    data = resolved.get("data", {})
+    data = resolved.setdefault("data", {})
+    override = os.environ.get(DATA_SOURCE_ENV, "").strip()
+    if override:  # a local copy in place of the file's source (tests, benchmarks, a machine with no network)
+        if override.startswith("files:"):  # relative to where the command runs, not to the study file
+            override = f"files:{os.path.abspath(Path(override.removeprefix('files:')).expanduser())}"
+        logger.debug("trainer.data.source=%s (from $%s)", override, DATA_SOURCE_ENV)
+        data["source"] = override
     source = data.get("source")
     if isinstance(source, str) and source.startswith("files:"):
         relative = expand_env(source.removeprefix("files:"), origin, "trainer.data.source")
@@ -491,7 +499,10 @@ def _trainer(sections: Mapping[str, Any], origin: str, base_dir: Path) -> Traine
         cfg = config_from_dict(resolved, origin=origin)
     except ConfigError as exc:
         # the trainer names keys [section.key]; in a study file they live under [trainer.section.key]
-        raise SpecError(str(exc).replace(f"({origin}, [", f"({origin}, [trainer.")) from None
+        message = str(exc).replace(f"({origin}, [", f"({origin}, [trainer.")
+        if override and "[trainer.data.source]" in message:
+            message += f", set by ${DATA_SOURCE_ENV}"
+        raise SpecError(message) from None
     if not cfg.koopman.enabled:
         raise SpecError.at(
             "koopman.enabled must be true in a study (the baseline turns it off by itself), but got enabled=false",

@@ -90,9 +90,15 @@ def test_quickstart_study_loads_as_a_tiny_cpu_study() -> None:
     assert spec.baseline == BaselineSetting("auto")
 
 
-def test_wikitext2_study_loads_with_the_users_setup_and_hand_tuned_trials_first(wikitext2_dir: Path) -> None:
+def test_wikitext2_study_loads_with_the_users_setup_and_hand_tuned_trials_first(
+    wikitext2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_spec(STUDIES / "wikitext2.toml").trainer.data.source == "hf:wikitext/wikitext-2-v1"  # as users get it
+    # a local copy in its place, relative to where the command runs; paths compared resolved (../shared may be a link)
+    monkeypatch.chdir(wikitext2_dir.parent)
+    monkeypatch.setenv("KOOPMAN_DATA_SOURCE", f"files:{wikitext2_dir.name}")
     spec = load_spec(STUDIES / "wikitext2.toml")
-    assert spec.trainer.data.source == f"files:{wikitext2_dir.resolve()}"
+    assert Path(spec.trainer.data.source.removeprefix("files:")).resolve() == wikitext2_dir.resolve()
     assert (spec.trainer.data.vocab_size, spec.trainer.data.seq_len, spec.trainer.data.batch_size) == (
         30000,
         128,
@@ -269,6 +275,17 @@ def test_to_dict_is_plain_json_without_the_storage_url(tmp_path: Path, monkeypat
     text = json.dumps(data, allow_nan=False)
     assert "s3cret" not in text and "storage" not in data["study"]
     assert set(data) == {"study", "trainer", "search", "rules", "baseline", "enqueue"}
+
+
+def test_a_bad_data_source_override_is_refused_naming_the_file_the_key_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KOOPMAN_DATA_SOURCE", "ftp:wikitext")
+    with pytest.raises(SpecError) as caught:
+        load_spec(STUDIES / "wikitext2.toml")
+    message = str(caught.value)
+    assert "source='ftp:wikitext'" in message and "wikitext2.toml, [trainer.data.source]" in message
+    assert message.endswith("set by $KOOPMAN_DATA_SOURCE") and "\n" not in message
 
 
 def test_to_dict_reads_back_into_the_same_spec() -> None:
