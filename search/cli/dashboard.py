@@ -82,14 +82,14 @@ def run(args: argparse.Namespace) -> int:
     storage = open_existing_storage(url)
     if study_names is not None:
         load_study(storage, study_names[0])  # a missing study is an error, not an empty dashboard
-    annotate_storage(storage, study_names)
+    store = open_artifact_store(artifacts) if artifacts else None
+    annotate_storage(storage, study_names, store)  # with the store: each trial note opens with its curves
     if not is_loopback(args.host):
         logger.warning(
             "serving on %s: the dashboard is reachable from other machines and has no login; "
             "anyone who can reach it can edit notes and delete studies",
             args.host,
         )
-    store = open_artifact_store(artifacts) if artifacts else None
     try:
         server = make_server_for(storage, args.host, args.port, store)
     except OSError as exc:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             f"the dashboard cannot listen on {args.host}:{args.port}, but got {exc.strerror or exc}; "
             "pick another --port or --host"
         ) from None
-    refresher = Refresher(storage, study_names, args.refresh) if args.refresh > 0 else None
+    refresher = Refresher(storage, study_names, args.refresh, store) if args.refresh > 0 else None
     if refresher is not None:
         refresher.start()
     logger.info("optuna-dashboard at %s (artifacts: %s); Ctrl-C to stop", server.url, artifacts or "none")

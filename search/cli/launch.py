@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         use_threads(args.threads)
         interrupted, failed = _run_with_progress(spec, study, lost), False
-    _annotate(study)
+    _annotate(study, spec)
     print()
     print(status_text(status_data(study)))
     return _ending(args, study, lost, failed, interrupted)
@@ -194,16 +194,17 @@ def _run_here(spec: Any, on_outcome: Any, lost: list[int], **callbacks: Any) -> 
             signal.signal(signal.SIGTERM, previous)
 
 
-def _annotate(study: Any) -> None:
+def _annotate(study: Any, spec: Any) -> None:
     """The study's dashboard note and figures, so that plain `optuna-dashboard URL` shows them too."""
     import optuna
     import sqlalchemy
 
     from koopman_search.search.review import annotate_study
+    from koopman_search.search.storage.artifacts import open_artifact_store
     from koopman_search.trainer.errors import KoopmanError
 
     try:
-        annotate_study(study)
+        annotate_study(study, open_artifact_store(spec.artifacts_dir))
     except (
         optuna.exceptions.OptunaError,
         sqlalchemy.exc.SQLAlchemyError,

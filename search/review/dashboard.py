@@ -47,6 +47,7 @@ from koopman_search.search.review.stored import (
     trial_facts,
 )
 from koopman_search.search.review.summary import best_trials, summarize
+from koopman_search.search.review.trial_image import trial_image_markdown
 from koopman_search.search.storage.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
 from koopman_search.search.storage.optuna_private import storage_of, study_id_of
 from koopman_search.search.studyfile.prune_settings import RuleSettings
@@ -174,6 +175,7 @@ def annotate_trial(
     values: Sequence[float] | None = None,
     baseline_curve: Sequence[float | None] | None = None,
     rules: StoredRules | RuleSettings | Mapping[str, Any] | None = None,
+    artifact_store: Any | None = None,
 ) -> bool:
     """Write the dashboard note of one finished trial. Returns whether the note is in place.
 
@@ -182,13 +184,16 @@ def annotate_trial(
     ``optuna.Trial`` (it then counts as pruned when it has a ``prune_reason`` attr, failed with a
     ``fail_reason``, else complete with ``values``). ``baseline_curve`` (val perplexity per epoch) and
     ``rules`` (``total_loss_max``, ``val_ppl_ratio_max``; a ``RuleSettings`` will do) default to what the
-    study stores. Never raises: problems are logged.
+    study stores. With ``artifact_store``, the note opens with the trial's curves as an image stored there
+    (:mod:`search.review.trial_image`). Never raises: problems are logged.
     """
     try:
         facts = trial_facts(trial, values)
-        note = trial_note(
-            facts, objective_names(study), _baseline_from(baseline_curve, study), _rules_from(rules, study)
-        )
+        baseline, stored_rules = _baseline_from(baseline_curve, study), _rules_from(rules, study)
+        image = None
+        if artifact_store is not None:
+            image = trial_image_markdown(study, facts, baseline, stored_rules, artifact_store)
+        note = trial_note(facts, objective_names(study), baseline, stored_rules, image)
         _write_note(study, facts.trial_id, note, AnnotationCounts())
     except Exception:  # the review is a side product: a failure here must never fail the trial
         logger.warning("could not write the dashboard note of trial %d", trial.number, exc_info=True)
@@ -196,8 +201,9 @@ def annotate_trial(
     return True
 
 
-def annotate_study(study: optuna.Study) -> AnnotationCounts:
-    """Write the study note and figures, and every missing or stale trial note; idempotent.
+def annotate_study(study: optuna.Study, artifact_store: Any | None = None) -> AnnotationCounts:
+    """Write the study note and figures, and every missing or stale trial note; idempotent. With
+    ``artifact_store``, each trial note opens with the trial's curves image (made once, stored there).
 
     Run by one process at a time (see the module docstring). Raises what the storage raises."""
     counts = AnnotationCounts()
@@ -213,7 +219,8 @@ def annotate_study(study: optuna.Study) -> AnnotationCounts:
     finished = study.get_trials(deepcopy=False, states=FINISHED)
     facts = [trial_facts(t) for t in finished]
     for fact in facts:
-        _write_note(study, fact.trial_id, trial_note(fact, names, baseline, rules), counts)
+        image = trial_image_markdown(study, fact, baseline, rules, artifact_store) if artifact_store else None
+        _write_note(study, fact.trial_id, trial_note(fact, names, baseline, rules, image), counts)
     all_facts = [trial_facts(t) for t in study.get_trials(deepcopy=False)]
     best = best_trials(study)
     summary = summarize(all_facts, baseline)
@@ -273,7 +280,9 @@ def study_figures(
 
 
 def annotate_storage(
-    storage: str | optuna.storages.BaseStorage, study_names: Sequence[str] | None = None
+    storage: str | optuna.storages.BaseStorage,
+    study_names: Sequence[str] | None = None,
+    artifact_store: Any | None = None,
 ) -> dict[str, AnnotationCounts]:
     """:func:`annotate_study` for the named studies, or for every koopman-search study in the storage.
 
@@ -285,7 +294,7 @@ def annotate_storage(
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)
         try:
-            done[name] = annotate_study(study)
+            done[name] = annotate_study(study, artifact_store)
         except (optuna.exceptions.OptunaError, ValueError, TypeError, KeyError) as exc:
             debug = logger.isEnabledFor(logging.DEBUG)
             logger.warning("could not annotate study %s: %s", name, exc, exc_info=debug)
@@ -347,9 +356,11 @@ class Refresher(threading.Thread):
         storage: str | optuna.storages.BaseStorage,
         study_names: Sequence[str] | None,
         interval_s: float,
+        artifact_store: Any | None = None,
     ) -> None:
         super().__init__(name="koopman-search-annotate", daemon=True)
         self._storage = storage
+        self._artifact_store = artifact_store
         self._study_names = study_names
         self._interval_s = interval_s
         self._stopping = threading.Event()
@@ -357,7 +368,7 @@ class Refresher(threading.Thread):
     def run(self) -> None:
         while not self._stopping.wait(self._interval_s):
             try:
-                annotate_storage(self._storage, self._study_names)
+                annotate_storage(self._storage, self._study_names, self._artifact_store)
             except optuna.exceptions.OptunaError as exc:  # e.g. a storage blip: try again next round
                 logger.warning("could not refresh the dashboard annotations: %s", exc)
 

@@ -27,7 +27,10 @@ __all__ = ["study_note", "trial_note"]
 
 logger = logging.getLogger(__name__)
 
-FIGURES_HINT = "Curves: the *Training losses*, *Val perplexity* and *Koopman weight* figures on the study page"
+FIGURES_HINT = (
+    "Curves of every trial: the *Training losses*, *Val perplexity*, *Linearity error* and *Koopman weight* "
+    "figures on the study page"
+)
 
 
 # optuna-dashboard draws a note's markdown tables without cell padding, so adjacent cells run together
@@ -142,14 +145,18 @@ def trial_note(
     names: Sequence[str],
     baseline: StoredBaseline | None,
     rules: StoredRules,
+    image: str | None = None,
 ) -> str:
-    """The note of one finished trial (markdown, a dozen lines)."""
+    """The note of one finished trial (markdown, a dozen lines); ``image``, the Markdown of its curves image
+    (search/review/trial_image.py), goes first under the heading."""
     heading = f"### Trial {trial.number}: {state_word(trial.state)}"
     if trial.state == TrialState.PRUNED.name and trial.pruned_epoch is not None:
         heading += f" at epoch {trial.pruned_epoch}"
     if trial.label:
         heading += f" · {_escape(trial.label)}"
     lines = [heading, ""]
+    if image:
+        lines += [image, ""]
     if trial.state == TrialState.PRUNED.name:
         lines.append(f"**Pruned:** {_escape(trial.prune_reason or 'no reason stored')}")
     elif trial.state == TrialState.FAIL.name:

@@ -58,6 +58,7 @@ __all__ = [
     "ASHA_RUNGS",
     "BULKY_TRIAL_ATTRS",
     "CHECKPOINT",
+    "CURVES_IMAGE",
     "EPOCHS_FROM_WARMUP",
     "EPOCHS_RESUMED",
     "EPOCHS_RUN",
@@ -141,6 +142,9 @@ BULKY_TRIAL_ATTRS = frozenset({RECORDS, CHECKPOINT, ASHA_RUNGS, CHECKPOINT_DIGES
 # ---- trial system attrs: Optuna's own marks (RetryHeartbeatStaleTrialCallback, enqueue_trial)
 FAILED_TRIAL = "failed_trial"
 RETRY_HISTORY = "retry_history"
+# study system attr CURVES_IMAGE + ":<trial id>": the artifact id of that trial's curves image (its note shows it;
+# a study artifact, as Optuna refuses new attrs on a finished trial)
+CURVES_IMAGE = SEARCH_ATTR_PREFIX + "curves_image"
 NOT_BEFORE = SEARCH_ATTR_PREFIX + "not_before"  # a queued retry's earliest start (Unix time): a pause after a fault
 FIXED_PARAMS = "fixed_params"
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -114,11 +115,11 @@ def run_worker(
         try:
             outcome = runner.run(trial)
         except KeyboardInterrupt:
-            _annotate(study, spec, baseline, trial_id_of(trial), None)
+            _annotate(study, spec, baseline, trial_id_of(trial), None, store)
             raise
         logger.debug("trial %d took %.1f s", trial.number, time.perf_counter() - started)
         if outcome.stored:
-            _annotate(study, spec, baseline, trial_id_of(trial), outcome.values)
+            _annotate(study, spec, baseline, trial_id_of(trial), outcome.values, store)
         summary.outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
@@ -196,7 +197,12 @@ def _wait_out_the_environment(
 
 
 def _annotate(
-    study: optuna.Study, spec: StudySpec, baseline: MatchedBaseline, trial_id: int, values: tuple[float, ...] | None
+    study: optuna.Study,
+    spec: StudySpec,
+    baseline: MatchedBaseline,
+    trial_id: int,
+    values: tuple[float, ...] | None,
+    store: Any,
 ) -> None:
     """The finished trial's optuna-dashboard note (a side product: it never fails the worker)."""
     from koopman_search.search.review.dashboard import annotate_trial
@@ -204,6 +210,8 @@ def _annotate(
     try:
         with storage_task("read the finished trial"):
             frozen = storage_of(study).get_trial(trial_id)
-        annotate_trial(study, frozen, values=values, baseline_curve=baseline.val_ppl, rules=spec.rules)
+        annotate_trial(
+            study, frozen, values=values, baseline_curve=baseline.val_ppl, rules=spec.rules, artifact_store=store
+        )
     except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KoopmanError):
         logger.warning("could not write the dashboard note of trial id %d", trial_id, exc_info=True)

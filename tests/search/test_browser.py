@@ -133,8 +133,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, optuna.Study]]:
     """The small finished study, annotated, behind a dashboard on a free loopback port."""
     url = f"sqlite:///{tmp_path / 'review-demo.db'}"
     study = make_review_study(url)
-    annotate_study(study)
-    server = make_server_for(url, "127.0.0.1", 0, FileSystemArtifactStore(str(tmp_path)))
+    store = FileSystemArtifactStore(str(tmp_path))
+    annotate_study(study, store)  # with the store: each trial note opens with its curves image
+    server = make_server_for(url, "127.0.0.1", 0, store)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]
@@ -197,6 +198,36 @@ def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(
     # neighbouring cells there is a gap (the dashboard gives the cells no padding of their own)
     gaps = chrome.execute_script(NOTE_TABLE_GAPS)
     assert len(gaps) >= 2 and min(min(row) for row in gaps) >= 8, gaps
+
+
+def test_a_trials_page_shows_its_curves_first_within_the_first_screen(
+    served: tuple[str, optuna.Study], chrome: webdriver.Chrome
+) -> None:
+    base, study = served
+    study_id = _get_json(f"{base}/api/studies")["study_summaries"][0]["study_id"]
+    chrome.set_window_size(WINDOW_WIDTH, 1000)
+    height = chrome.execute_script("return window.innerHeight")
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            continue  # no epochs, no curves
+        chrome.get(f"{base}/dashboard/studies/{study_id}/trials?numbers={trial.number}")
+        alt = f"Trial {trial.number}: val perplexity, losses and linearity per epoch"
+        image = _wait(
+            chrome,
+            f"the curves image of trial {trial.number}",
+            lambda d, a=alt: next(
+                (i for i in d.find_elements(By.TAG_NAME, "img") if i.get_attribute("alt") == a and
+                 d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)),
+                None,
+            ),
+        )  # fmt: skip
+        box = chrome.execute_script("var r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom]", image)
+        if box[0] >= height:
+            ARTIFACTS.mkdir(exist_ok=True)
+            chrome.save_screenshot(str(ARTIFACTS / "trial-curves-below.png"))
+        assert 0 <= box[0] < height and box[1] - box[0] > 100, (trial.number, box, height)
+    ARTIFACTS.mkdir(exist_ok=True)
+    chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial-curves.png"))
 
 
 def test_no_dashboard_page_is_wider_than_a_1400_px_window(

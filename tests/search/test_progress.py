@@ -188,6 +188,17 @@ def test_launch_prints_the_baseline_each_trial_start_every_epoch_and_the_run_cou
     assert re.search(r"^\d\d:\d\d:\d\d trials 2/2 done, ETA 0 s$", err, re.MULTILINE)
     assert "step " not in err  # epochs of 2 steps end long before a minute: no step lines in a log
     assert [line.split()[1] for line in out.splitlines() if " | COMPLETE " in line] == ["0", "1"]
+    # each finished trial's dashboard note opens with its curves image, stored in the study's artifact store
+    import optuna
+    import optuna_dashboard
+
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    attrs = stored._storage.get_study_system_attrs(stored._study_id)
+    for trial in stored.trials:
+        note = optuna_dashboard._note.get_note_from_system_attrs(attrs, trial._trial_id)["body"]
+        image = note.splitlines()[2]
+        assert image.startswith(f"![Trial {trial.number}: val perplexity") and f"/artifacts/{stored._study_id}/" in image
+        assert (tmp_path / "tiny-artifacts" / image.rsplit("/", 1)[1].rstrip(")")).is_file()
 
 
 def test_a_terminal_that_reports_no_size_still_gets_its_bars(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,6 +72,46 @@ def test_annotate_study_twice_writes_nothing_new(study: optuna.Study) -> None:
     assert again.notes_unchanged == len(study.trials) + 1
 
 
+def test_with_an_artifact_store_each_trial_note_opens_with_its_curves_image_made_once(
+    study: optuna.Study, tmp_path: Any
+) -> None:
+    from optuna.artifacts import FileSystemArtifactStore
+
+    store_dir = tmp_path / "artifacts"
+    store_dir.mkdir()
+    store = FileSystemArtifactStore(str(store_dir))
+    annotate_study(study, store)
+    with_records = [t for t in study.get_trials() if t.state != TrialState.FAIL]
+    images = sorted(store_dir.iterdir())
+    assert len(images) == len(with_records)  # one SVG per trial with epochs, none for the failed one
+    assert all(p.read_bytes().lstrip().startswith(b"<?xml") and b"<svg" in p.read_bytes() for p in images)
+    for trial in with_records:
+        heading, blank, image = _note_of(study, trial).splitlines()[:3]
+        assert heading.startswith(f"### Trial {trial.number}: ") and blank == ""
+        assert image.startswith(f"![Trial {trial.number}: val perplexity, losses and linearity per epoch]")
+        artifact = image.rsplit("/", 1)[1].rstrip(")")
+        assert image.endswith(f"(/artifacts/{study._study_id}/{artifact})") and (store_dir / artifact).is_file()
+    failed = _trial(study, TrialState.FAIL)
+    assert "![" not in _note_of(study, failed)
+    again = annotate_study(study, store)
+    assert again.notes_written == 0 and sorted(store_dir.iterdir()) == images  # nothing drawn or stored again
+
+
+def test_a_broken_artifact_store_leaves_the_note_without_its_image(
+    study: optuna.Study, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def write(self, artifact_id: str, content: Any) -> None:
+            raise OSError("disk full")
+
+    trial = _trial(study, TrialState.COMPLETE)
+    with caplog.at_level(logging.WARNING):
+        assert annotate_trial(study, trial, artifact_store=Broken())
+    note = _note_of(study, trial)
+    assert note.startswith(f"### Trial {trial.number}: ") and "![" not in note
+    assert f"could not make the curves image of trial {trial.number}" in caplog.text
+
+
 def test_annotate_study_keeps_a_note_edited_in_the_dashboard(study: optuna.Study) -> None:
     annotate_study(study)
     trial = study.trials[0]
