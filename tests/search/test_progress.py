@@ -197,7 +197,8 @@ def test_launch_prints_the_baseline_each_trial_start_every_epoch_and_the_run_cou
     for trial in stored.trials:
         note = optuna_dashboard._note.get_note_from_system_attrs(attrs, trial._trial_id)["body"]
         image = note.splitlines()[2]
-        assert image.startswith(f"![Trial {trial.number}: val perplexity") and f"/artifacts/{stored._study_id}/" in image
+        assert image.startswith(f"![Trial {trial.number}: val perplexity")
+        assert f"/artifacts/{stored._study_id}/" in image
         assert (tmp_path / "tiny-artifacts" / image.rsplit("/", 1)[1].rstrip(")")).is_file()
 
 
