@@ -124,8 +124,9 @@ def trial_image_markdown(
     if not artifact_id:
         try:
             artifact_id = _upload(study, trial, trial_curves_svg(trial, baseline, rules), artifact_store)
-        except Exception:  # matplotlib, the artifact store: the note is written without the image
-            logger.warning("could not make the curves image of trial %d", trial.number, exc_info=True)
+        except Exception as exc:  # matplotlib, the artifact store: the note is written without the image
+            debug = logger.isEnabledFor(logging.DEBUG)
+            logger.warning("could not make the curves image of trial %d: %s", trial.number, exc, exc_info=debug)
             return None
         storage.set_study_system_attr(study_id, key, artifact_id)
     alt = f"Trial {trial.number}: val perplexity, losses and linearity per epoch"
