@@ -20,6 +20,7 @@ runs go at a time, in separate processes, then the ``ks-2workers`` runs alone:
   ks-tpe-rungs        the same with sampler = "tpe-rungs": TPE fitted on the values trials reached at the
                       highest fidelity (end of training, else an asha rung) that enough trials reached
   ks-tpe-rungs-min6   tpe-rungs with asha_min_trials = 6
+  ks-rung2            koopman-search with asha_min_epochs = 2: the first rung after two Koopman epochs
   one-epoch-topk      every trial one Koopman epoch (shared warmup from the baseline's checkpoints; TPE on the
                       one-epoch values), then the best 1/eta by non-dominated sorting and crowding at that epoch
                       continue to the end (Egele et al. 2023, "Is one epoch all you need ...")
@@ -86,6 +87,7 @@ VARIANTS = (
     "ks-random",
     "ks-tpe-rungs",
     "ks-tpe-rungs-min6",
+    "ks-rung2",
     "one-epoch-topk",
     "optuna-gp",
     "optuna-hyperband",
@@ -156,6 +158,8 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
         study["asha_min_trials"] = 6
     if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6"):
         study["sampler"] = "tpe-rungs"
+    if variant == "ks-rung2":  # a high weight gets two Koopman epochs to buy linearity before a rung judges it
+        study["asha_min_epochs"] = 2
     if variant in ("plain", "optuna-hyperband"):
         for key in [k for k in study if k.startswith("asha_")]:
             del study[key]
