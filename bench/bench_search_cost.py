@@ -767,6 +767,14 @@ def reuse(args: argparse.Namespace) -> list[Run]:
 
 
 def finish(args: argparse.Namespace, runs: list[Run]) -> int:
+    baselines = {(r.baseline_final_ppl, r.baseline_final_nre) for r in runs if r.baseline_final_ppl is not None}
+    if args.reuse and len(baselines) > 1:  # the trainer changed since the reused runs: they do not compare
+        side = Path(tempfile.mkdtemp(prefix="bench-search-cost-runs-")) / "runs.json"
+        side.write_text(json.dumps({"runs": [asdict(r) for r in runs]}, indent=1) + "\n")
+        raise SystemExit(
+            f"--reuse {args.reuse}: its runs ran another baseline (final val_ppl, val_linear_nre: "
+            f"{sorted(baselines)}), so they do not compare with this run's; rerun them (this run's runs: {side})"
+        )
     summary = summarize(args, runs)
     summary["runs"] = [asdict(r) for r in runs]
     if args.json:

@@ -75,19 +75,16 @@ def run_worker(
     trial may still be retried), ``max_trials`` ran, or ``stop`` is set. The study must exist
     (``create``/``launch``); the trainer device is the spec's (:meth:`StudySpec.with_device`).
 
-    ``seed_offset`` is added to the sampler's seed: give each concurrent worker its own, or they propose
-    the same parameters. ``on_trial_start(number)``, ``on_epoch(number, record)``, ``on_outcome(outcome)``
-    ``on_baseline_epoch(record)`` and ``on_step(number or None for the baseline, epoch, epochs, step, steps)``
-    report progress (the worker processes of :mod:`koopman_search.search.workers` pass
-    them on to their supervisor)."""
+    ``seed_offset`` is added to the sampler's seed (each concurrent worker its own, or they propose the same
+    parameters); the ``on_*`` callbacks report progress (``on_step``'s number is None in the baseline)."""
     stop = stop or threading.Event()
     wait = sleep or stop.wait
     check_machine(spec)  # before the shared baseline or any trial is touched
     storage = open_storage(spec.storage_url)
     study = load_study(storage, spec.name, seed_offset=seed_offset, spec=spec)
     store = open_artifact_store(spec.artifacts_dir)
-    base_step = None if on_step is None else lambda *at: on_step(None, *at)
-    baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch, on_step=base_step)
+    in_baseline = None if on_step is None else lambda *at: on_step(None, *at)
+    baseline = ensure_baseline(spec, storage, study, store, stop=stop, on_epoch=on_baseline_epoch, on_step=in_baseline)
     _warn_baseline_over_limit(spec, baseline)
     runner = TrialRunner(spec, study, storage, store, baseline, stop=stop, on_epoch=on_epoch, on_step=on_step)
     summary = WorkerSummary()
