@@ -60,6 +60,12 @@ class Board:
             eta = trial_eta(event)
         return f"epoch {event['epoch']}/{event['epochs']}  {epoch_text(event)}  ETA {format_duration(eta)}"
 
+    def step_status(self, event: Mapping[str, Any]) -> str:
+        """A slot's status inside an epoch: ``epoch 2/4 step 120/509  ETA 3 min 2 s``."""
+        epoch, epochs, step, steps = (int(event[k]) for k in ("epoch", "epochs", "step", "steps"))
+        eta = self.trials.step(event.get("number"), epoch, epochs, step, steps)
+        return f"epoch {epoch}/{epochs} step {step}/{steps}  ETA {format_duration(eta)}"
+
     def _line(self, run: SlotRun) -> str:
         return f"{run.slot.label}: {run.status}"
 

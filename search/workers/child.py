@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -138,4 +139,19 @@ def _run(job: dict[str, Any], writer: EventWriter, stop: threading.Event) -> Any
         on_trial_start=lambda number: writer.emit(events.TRIAL, number=number),
         on_epoch=lambda number, r: writer.emit(events.EPOCH, number=number, **epoch_fields(r)),
         on_baseline_epoch=lambda r: writer.emit(events.BASELINE_EPOCH, **epoch_fields(r)),
+        on_step=_steps_to(writer),
     )
+
+
+def _steps_to(writer: EventWriter) -> Any:
+    """``on_step`` for run_worker: a STEP event every :data:`events.STEP_EVERY_S` at most (the epoch's last step
+    is left to its EPOCH event)."""
+    last = [time.monotonic()]
+
+    def on_step(number: int | None, epoch: int, epochs: int, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if step < steps and now - last[0] >= events.STEP_EVERY_S:
+            last[0] = now
+            writer.emit(events.STEP, number=number, epoch=epoch, epochs=epochs, step=step, steps=steps)
+
+    return on_step

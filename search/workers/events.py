@@ -30,6 +30,8 @@ READY = "ready"  # pid, device: the process is up; the baseline (or the wait for
 TRIAL = "trial"  # number: a trial was claimed
 EPOCH = "epoch"  # number and koopman_search.search.workers.progress.epoch_fields: a trial finished an epoch
 BASELINE_EPOCH = "baseline_epoch"  # epoch_fields: the baseline finished an epoch
+STEP = "step"  # number (None: the baseline), epoch, epochs, step, steps: inside an epoch, every STEP_EVERY_S at most
+STEP_EVERY_S = 1.0
 OUTCOME = "outcome"  # number, state, reason, line: a trial ended
 EXIT = "exit"  # reason: the process is about to exit 0
 

@@ -266,6 +266,9 @@ class Supervisor:
             self._board.update(run, f"trial {event['number']} {self._board.epoch_status(event)} (pid {proc.pid})")
         elif name == events.BASELINE_EPOCH:
             self._board.update(run, f"baseline {self._board.epoch_status(event)} (pid {proc.pid})")
+        elif name == events.STEP and self._board.live:  # in a log, the epochs' lines are enough
+            who = "baseline" if event.get("number") is None else f"trial {event['number']}"
+            self._board.update(run, f"{who} {self._board.step_status(event)} (pid {proc.pid})")
         elif name == events.OUTCOME:
             run.crashes = run.outages = 0
             run.current = None

@@ -19,6 +19,7 @@ import threading
 import time
 from itertools import count
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import optuna
@@ -209,6 +210,42 @@ def test_live_board_keeps_the_status_lines_below_the_log_and_results(tmp_path: P
     assert "\x1b[2F\x1b[J[slot 0] a log line\nslot 0 (CPU): " in screen
     assert "slot 0 (CPU): trial 0 PRUNED: total_loss 7.1 > 7.0 at epoch 2 (pid " in screen
     assert screen.endswith("\x1b[2F\x1b[Jslot 0 (CPU): finished (1 trial(s))\ntrials 1/? done, ETA ?\n")
+
+
+def test_live_board_follows_the_steps_inside_an_epoch_and_a_log_leaves_them_out(tmp_path: Path) -> None:
+    script = """
+        emit("trial", number=3)
+        emit("step", number=3, epoch=2, epochs=4, step=50, steps=100)
+        emit("step", number=None, epoch=1, epochs=4, step=7, steps=100)
+    """
+    screens = []
+    for live in (True, False):
+        err = io.StringIO()
+        sup = Supervisor(
+            tiny_spec(tmp_path), plan_slots([], 1), out=io.StringIO(), err=err, live=live,
+            command=fake_worker(tmp_path, script),
+        )  # fmt: skip
+        assert sup.run() == 0
+        screens.append(err.getvalue())
+    live_screen, log = screens
+    assert "slot 0 (CPU): trial 3 epoch 2/4 step 50/100  ETA ? (pid " in live_screen
+    assert "slot 0 (CPU): baseline epoch 1/4 step 7/100  ETA ? (pid " in live_screen
+    assert "step 50/100" not in log and "step 7/100" not in log
+
+
+def test_steps_reach_the_supervisor_at_most_once_a_second() -> None:
+    from koopman_search.search.workers.child import _steps_to
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    writer = SimpleNamespace(emit=lambda name, **fields: sent.append((name, fields)))
+    on_step = _steps_to(writer)  # type: ignore[arg-type]
+    for step in range(1, 101):
+        on_step(0, 1, 2, step, 100)  # a hundred steps within well under a second
+    assert sent == []
+    time.sleep(1.05)
+    on_step(0, 1, 2, 50, 100)
+    on_step(0, 1, 2, 51, 100)
+    assert sent == [("step", {"number": 0, "epoch": 1, "epochs": 2, "step": 50, "steps": 100})]
 
 
 def test_supervisor_restarts_a_crashing_slot_a_bounded_number_of_times(tmp_path: Path) -> None:
