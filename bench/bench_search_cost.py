@@ -14,9 +14,11 @@ runs go at a time, in separate processes, then the ``ks-2workers`` runs alone:
   plain               every trial to the end: no pruning, no shared warmup, rule limits 1e9 (never reached)
                       and a fixed baseline curve, so that no baseline run is spent (plain Optuna has none)
   koopman-search      the study file's own settings: shared warmup, the rules (7.0 / 1.3 against the auto
-                      baseline) and pruner = "asha" (eta and the first rung from the study file)
+                      baseline), pruner = "asha" (eta and the first rung from the study file) and its
+                      sampler ("tpe-rungs" since round 3 of BENCHMARKS.md; "tpe" before, now ks-tpe)
   ks-min6             the same with asha_min_trials = 6: a rung prunes only once 6 trials have a record there
   ks-random           the same as koopman-search with the random sampler: what TPE's learning adds
+  ks-tpe              the same with sampler = "tpe" (plain TPE: a pruned trial is only "pruned" to it)
   ks-tpe-rungs        the same with sampler = "tpe-rungs": TPE fitted on the values trials reached at the
                       highest fidelity (end of training, else an asha rung) that enough trials reached
   ks-tpe-rungs-min6   tpe-rungs with asha_min_trials = 6
@@ -85,6 +87,7 @@ VARIANTS = (
     "koopman-search",
     "ks-min6",
     "ks-random",
+    "ks-tpe",
     "ks-tpe-rungs",
     "ks-tpe-rungs-min6",
     "ks-rung2",
@@ -154,6 +157,8 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
     study.update(name=name, storage=f"sqlite:///{tmp / name}.db", artifacts=str(tmp / f"{name}-artifacts"), seed=seed)
     if variant == "ks-random":
         study["sampler"] = "random"
+    if variant == "ks-tpe":
+        study["sampler"] = "tpe"
     if variant in ("ks-min6", "ks-tpe-rungs-min6"):  # asha's rung decides from the 6th trial there on (2 x eta)
         study["asha_min_trials"] = 6
     if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6"):
@@ -163,7 +168,7 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
     if variant in ("plain", "optuna-hyperband"):
         for key in [k for k in study if k.startswith("asha_")]:
             del study[key]
-        study.update(shared_warmup=False, pruner="none")
+        study.update(shared_warmup=False, pruner="none", sampler="tpe")  # plain Optuna: TPE, no pruner
         d["rules"] = {"total_loss_max": OFF_LIMIT, "val_ppl_ratio_max": OFF_LIMIT}
         d["baseline"] = {"val_ppl": [1.0] * args.epochs}  # only the (off) ratio rule reads it
     if variant == "optuna-hyperband":
