@@ -118,7 +118,7 @@ def _open_baseline_study(spec: StudySpec, storage: RDBStorage) -> optuna.Study:
             )
             continue
         study.set_user_attr(CONFIG_HASH_ATTR, digest)
-        study.set_user_attr(layout.ROLE_ATTR, f"baseline of study {spec.name}")
+        study.set_user_attr(layout.ROLE_ATTR, layout.BASELINE_ROLE_PREFIX + spec.name)
         study.enqueue_trial({}, user_attrs={layout.ROLE: "baseline"})
         return study
     raise BaselineError(f"the baseline study {name} of study {spec.name} was made for another trainer config")

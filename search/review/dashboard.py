@@ -33,6 +33,7 @@ import optuna_dashboard
 from optuna.trial import FrozenTrial, TrialState
 
 from koopman_search.search.review import figures
+from koopman_search.search.review.dashboard_app import ReviewApp, storage_for
 from koopman_search.search.review.notes import study_note, trial_note
 from koopman_search.search.review.reach import findings
 from koopman_search.search.review.stored import (
@@ -48,7 +49,13 @@ from koopman_search.search.review.stored import (
 )
 from koopman_search.search.review.summary import best_trials, summarize
 from koopman_search.search.review.trial_image import trial_image_markdown
-from koopman_search.search.storage.layout import ROLE_ATTR, SPEC_ATTR, baseline_key_seed, study_attrs
+from koopman_search.search.storage.layout import (
+    BASELINE_ROLE_PREFIX,
+    ROLE_ATTR,
+    SPEC_ATTR,
+    baseline_key_seed,
+    study_attrs,
+)
 from koopman_search.search.storage.optuna_private import storage_of, study_id_of
 from koopman_search.search.studyfile.prune_settings import RuleSettings
 
@@ -246,7 +253,7 @@ def _mark_baseline_companions(study: optuna.Study, counts: AnnotationCounts) -> 
             companion = optuna.load_study(study_name=name, storage=storage_of(study))
         except KeyError:  # a fixed curve, or a companion not created yet
             continue
-        if not str(companion.user_attrs.get(ROLE_ATTR, "")).startswith("baseline of study"):
+        if not str(companion.user_attrs.get(ROLE_ATTR, "")).startswith(BASELINE_ROLE_PREFIX):
             continue  # not one the search made
         body = (
             f"## Baseline companion of study {study.study_name}\n\n"
@@ -342,8 +349,10 @@ def make_server_for(
     """An optuna-dashboard server bound to ``host:port`` (port 0: a free one); call ``serve_forever()``.
 
     With ``artifact_store`` (e.g. :func:`search.storage.artifacts.open_artifact_store`) the study's checkpoints
-    and uploaded files are listed and downloadable in the dashboard."""
-    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store)
+    and uploaded files are listed and downloadable in the dashboard. The study list and the importances are
+    koopman-search's (:class:`search.review.dashboard_app.ReviewApp`)."""
+    storage = storage_for(storage)
+    app = ReviewApp(optuna_dashboard.wsgi(storage, artifact_store=artifact_store), storage)
     server = make_server(host, port, app, server_class=DashboardServer, handler_class=_QuietHandler)
     return cast("DashboardServer", server)
 

@@ -223,8 +223,8 @@ def study_note(
     complete = summary.states.get("COMPLETE", 0)
     if complete < MIN_TRIALS_FOR_IMPORTANCE:
         lines += [
-            f"**Hyperparameter importance** (the dashboard's own plot) is fitted on {complete} complete trial(s) "
-            f"here: below {MIN_TRIALS_FOR_IMPORTANCE} it is noise, so the HTML report shows none.",
+            f"**Hyperparameter importance** is left empty, in the dashboard and in the HTML report, until "
+            f"{MIN_TRIALS_FOR_IMPORTANCE} trials are complete ({complete} so far): fitted on fewer, it is noise.",
             "",
         ]
     if findings:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASHA_RUNGS",
+    "BASELINE_ROLE_PREFIX",
     "BULKY_TRIAL_ATTRS",
     "CHECKPOINT",
     "CURVES_IMAGE",
@@ -114,6 +115,7 @@ SPEC_VERSION = 2  # 1: the whole definition in SPEC_ATTR; 2: a summary there, th
 SEARCH_ATTR_PREFIX = "koopman_search:"
 SPEC_DEFINITION_ATTR = SEARCH_ATTR_PREFIX + "definition"  # the whole study definition (StudySpec.to_dict())
 ROLE_ATTR = "koopman_search_role"  # on a companion study: what it is for ("baseline of study X")
+BASELINE_ROLE_PREFIX = "baseline of study "  # ROLE_ATTR of a baseline companion, before its study's name
 
 # ---- trial user attrs
 RECORDS = "records"

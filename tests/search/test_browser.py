@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from koopman_search.search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
+from koopman_search.search.storage.layout import BASELINE_ROLE_PREFIX, ROLE_ATTR
 from tests.search.review.synthetic import STUDY_NAME, make_review_study
 
 pytestmark = pytest.mark.browser
@@ -228,6 +229,33 @@ def test_a_trials_page_shows_its_curves_first_within_the_first_screen(
         assert 0 <= box[0] < height and box[1] - box[0] > 100, (trial.number, box, height)
     ARTIFACTS.mkdir(exist_ok=True)
     chrome.save_screenshot(str(ARTIFACTS / "dashboard-trial-curves.png"))
+
+
+def test_the_study_list_shows_the_study_first_and_its_baseline_as_such_and_no_importance_under_ten(
+    served: tuple[str, optuna.Study], chrome: webdriver.Chrome
+) -> None:
+    base, study = served
+    companion = optuna.create_study(study_name=f"{STUDY_NAME}.baseline-seed0", storage=study._storage)
+    companion.set_user_attr(ROLE_ATTR, BASELINE_ROLE_PREFIX + STUDY_NAME)  # created last: the newest study
+    chrome.set_window_size(WINDOW_WIDTH, 1000)
+    chrome.get(f"{base}/dashboard")
+    cards = _wait(chrome, "both studies listed", lambda d: [e.text for e in d.find_elements(By.TAG_NAME, "h5")][:2])
+    study_id = study._study_id
+    assert cards == [
+        f"{study_id}. {STUDY_NAME}",
+        f"{companion._study_id}. {STUDY_NAME}.baseline-seed0 (baseline of {STUDY_NAME}, not a search)",
+    ], cards
+    # the study page: 6 complete trials, so the stock importance plot draws no bar and no error shows
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < 10
+    chrome.get(f"{base}/dashboard/studies/{study_id}")
+    _wait(
+        chrome,
+        "the importance plot",
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#graph-hyperparameter-importances .main-svg"),
+    )
+    assert chrome.find_elements(By.CSS_SELECTOR, "#graph-hyperparameter-importances .bars path") == []
+    assert "Failed to load" not in chrome.find_element(By.TAG_NAME, "body").text
+    assert _severe(chrome) == []
 
 
 def test_no_dashboard_page_is_wider_than_a_1400_px_window(

@@ -240,4 +240,4 @@ def test_the_study_note_says_the_stock_importance_is_noise_under_ten_complete_tr
     note = optuna_dashboard._note.get_note_from_system_attrs(system_attrs, None)["body"]
     complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
     assert complete < 10
-    assert f"fitted on {complete} complete trial(s) here: below 10 it is noise" in note
+    assert f"until 10 trials are complete ({complete} so far)" in note
