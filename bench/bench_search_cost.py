@@ -23,6 +23,9 @@ runs go at a time, in separate processes, then the ``ks-2workers`` runs alone:
                       highest fidelity (end of training, else an asha rung) that enough trials reached
   ks-tpe-rungs-min6   tpe-rungs with asha_min_trials = 6
   ks-rung2            koopman-search with asha_min_epochs = 2: the first rung after two Koopman epochs
+  ks-tpe-rungs-eta2   tpe-rungs with asha_reduction_factor = 2: rungs after 1, 2, 4 Koopman epochs, the top
+                      half continuing at each (a high weight judged again after two epochs, as in ks-rung2,
+                      after only one epoch paid by every trial)
   one-epoch-topk      every trial one Koopman epoch (shared warmup from the baseline's checkpoints; TPE on the
                       one-epoch values), then the best 1/eta by non-dominated sorting and crowding at that epoch
                       continue to the end (Egele et al. 2023, "Is one epoch all you need ...")
@@ -91,6 +94,7 @@ VARIANTS = (
     "ks-tpe-rungs",
     "ks-tpe-rungs-min6",
     "ks-rung2",
+    "ks-tpe-rungs-eta2",
     "one-epoch-topk",
     "optuna-gp",
     "optuna-hyperband",
@@ -161,8 +165,10 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
         study["sampler"] = "tpe"
     if variant in ("ks-min6", "ks-tpe-rungs-min6"):  # asha's rung decides from the 6th trial there on (2 x eta)
         study["asha_min_trials"] = 6
-    if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6"):
+    if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6", "ks-tpe-rungs-eta2"):
         study["sampler"] = "tpe-rungs"
+    if variant == "ks-tpe-rungs-eta2":
+        study["asha_reduction_factor"] = 2
     if variant == "ks-rung2":  # a high weight gets two Koopman epochs to buy linearity before a rung judges it
         study["asha_min_epochs"] = 2
     if variant in ("plain", "optuna-hyperband"):
@@ -612,10 +618,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the runs of the variants not in --variants from this earlier result file (its settings must "
         "match this run's) and report them beside this run's",
     )
+    p.add_argument(
+        "--only-missing",
+        action="store_true",
+        help="with --reuse: keep the earlier runs of the variants in --variants too, and run only the (variant, "
+        "seed) pairs the file lacks (e.g. two more seeds)",
+    )
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants must be among {', '.join(VARIANTS)}, but got {unknown[0]!r}")
+    if args.only_missing and not args.reuse:
+        p.error("--only-missing needs --reuse JSON: the earlier runs it keeps")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -730,8 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     from koopman_search.trainer.data import load_corpus
 
     load_corpus(f"files:{Path(args.data).resolve()}", args.vocab)  # tokenize (or hit the cache) before timing
-    jobs = [(v, s) for s in args.seeds for v in variants if v not in SOLO]
-    solo = [(v, s) for s in args.seeds for v in variants if v in SOLO]
+    done = {(r.variant, r.seed) for r in reused}
+    jobs = [(v, s) for s in args.seeds for v in variants if v not in SOLO and (v, s) not in done]
+    solo = [(v, s) for s in args.seeds for v in variants if v in SOLO and (v, s) not in done]
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-search-cost-") as tmp:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -760,7 +775,7 @@ def reuse(args: argparse.Namespace) -> list[Run]:
             f"--reuse {args.reuse}: its {differ[0]} is {theirs.get(differ[0])!r}, "
             f"this run's {getattr(args, differ[0])!r}"
         )
-    running = set(args.variants.split(","))
+    running = set() if args.only_missing else set(args.variants.split(","))
     runs = []
     for entry in earlier["runs"]:
         if entry["variant"] in running or entry["seed"] not in args.seeds:
