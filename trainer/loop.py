@@ -73,6 +73,17 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _mean_and_se(sums: list[float], counts: list[int]) -> tuple[float, float]:
+    """The token-weighted mean of per-batch loss sums and its standard error, batches as clusters (the ratio
+    estimator's: sqrt(B / (B - 1) · Σ (s_i − mean · n_i)²) / Σ n_i); NaN standard error under two batches."""
+    n = sum(counts)
+    mean = sum(sums) / n
+    if len(sums) < 2:
+        return mean, math.nan
+    spread = sum((s - mean * c) ** 2 for s, c in zip(sums, counts, strict=True))
+    return mean, math.sqrt(len(sums) / (len(sums) - 1) * spread) / n
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
 
@@ -336,6 +347,7 @@ class HybridKoopmanTrainer:
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
             val_linear_ppl_ratio=_ratio(val["val_linear_ppl"], _ppl(val_loss)),
+            val_loss_se=val.get("val_loss_se", math.nan),
             koopman_k_norm=heads.k_norm() if heads is not None else math.nan,
             koopman_k_radius=radius,
             koopman_k_eig_re=eig_re,
@@ -372,9 +384,10 @@ class HybridKoopmanTrainer:
         metrics = KoopmanMetrics() if heads is not None else None
         linear = self._fit_linear() if self.cfg.train.linear_fit_tokens else None
         score = LinearScore(linear) if linear is not None else None
-        val_loss = self._val_loss(metrics, score)
+        val_loss, val_loss_se = self._val_loss_with_se(metrics, score)
         out: dict[str, Any] = {
             "val_loss": val_loss,
+            "val_loss_se": val_loss_se,
             "val_koopman_nre": math.nan,
             "val_koopman_gain": math.nan,
             "val_koopman_gain_blocks": [],
@@ -442,17 +455,24 @@ class HybridKoopmanTrainer:
 
     def _val_loss(self, metrics: KoopmanMetrics | None, linear: LinearScore | None = None) -> float:
         """Token-weighted validation cross-entropy; feeds ``metrics`` with the heads' view of every token."""
+        return self._val_loss_with_se(metrics, linear)[0]
+
+    def _val_loss_with_se(
+        self, metrics: KoopmanMetrics | None, linear: LinearScore | None = None
+    ) -> tuple[float, float]:
+        """(token-weighted validation cross-entropy, its standard error over the batches: the ratio estimator's,
+        each batch a cluster; NaN under two batches). Feeds ``metrics`` with the heads' view of every token."""
         d = self.cfg.data
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_tokens = 0
+        sums: list[torch.Tensor] = []  # per batch, on the device: one transfer at the end, no sync per batch
+        counts: list[int] = []
         limit = self.cfg.train.max_eval_batches
         for i, (x, y) in enumerate(window_batches(self.valid_tokens, d.seq_len, d.batch_size, None, drop_last=False)):
             if limit and i >= limit:
                 break
             with self._autocast():
                 loss_sum, hidden = lm_loss_and_hidden(self.model, x, y, reduction="sum")
-            total += loss_sum.double()
-            n_tokens += y.numel()
+            sums.append(loss_sum.double())
+            counts.append(y.numel())
             if metrics is not None and self.koopman is not None:
                 states = self.koopman.gather(hidden, None)  # (L+1, N, d)
                 x_phi, y_phi = self.koopman.lift_pairs(states)
@@ -460,7 +480,7 @@ class HybridKoopmanTrainer:
             if linear is not None:
                 states = torch.stack(hidden).flatten(1, 2).float()  # (L+1, N, d)
                 linear.update(states[:-1], states[1:])
-        return float(total) / n_tokens
+        return _mean_and_se(torch.stack(sums).cpu().tolist() if sums else [], counts)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

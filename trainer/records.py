@@ -52,6 +52,10 @@ class EpochRecord:
     phi_rank_ratio: float = math.nan  # phi_effective_rank ÷ the standardised states' own (1 = as spread)
     phi_scale: float = math.nan  # centred RMS of φ(h_out) per lifted coordinate, mean over blocks: a φ that
     #                              shrinks (the trivial minimum of a latent-only loss) shows here
+    # The standard error of val_loss over the validation batches (each batch a cluster of neighbouring tokens;
+    # NaN with fewer than two batches). val_ppl's relative standard error is the same number (d ppl / ppl =
+    # d loss): how much of a difference between two trials the validation set itself cannot tell apart.
+    val_loss_se: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ from koopman_search.search.pruning.rules import unjudged_epochs
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from koopman_search.search.review.summary import fmt
 
-__all__ = ["RuleReach", "findings", "rules_reach", "weight_bought_text"]
+__all__ = ["RuleReach", "findings", "noise_text", "rules_reach", "weight_bought_text"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,38 @@ def weight_bought_text(front: Sequence[TrialFacts], linearity_metric: str | None
     )
 
 
+def _last_finite(values: Sequence[float | None]) -> float | None:
+    return float(values[-1]) if values and _finite(values[-1]) else None
+
+
+def noise_text(trials: Sequence[TrialFacts]) -> str | None:
+    """How far the complete trials' final val_ppl differ, against what the validation set can tell apart:
+    twice the median standard error of their final val_loss over the validation batches (``val_loss_se``,
+    which is val_ppl's relative standard error). None under two complete trials, or when no trial stored it
+    (a study from before it was recorded)."""
+    finals: list[tuple[float, float | None]] = []
+    for t in trials:
+        if t.state != "COMPLETE":
+            continue
+        ppl = _last_finite(t.metric("val_ppl"))
+        if ppl is not None:
+            finals.append((ppl, _last_finite(t.metric("val_loss_se"))))
+    errors = sorted(se for _, se in finals if se is not None)
+    if len(finals) < 2 or not errors:
+        return None
+    resolution = 2 * errors[len(errors) // 2]  # two standard errors, relative
+    values = sorted(ppl for ppl, _ in finals)
+    best, worst = values[0], values[-1]
+    level = sum(1 for v in values[1:] if v / best - 1 <= resolution)
+    spread = (worst / best - 1) * 100
+    return (
+        f"val_ppl of the {len(values)} complete trials spans {fmt(best)}–{fmt(worst)} ({spread:.2g}% apart); the "
+        f"validation set tells apart differences over {resolution * 100:.2g}% (two standard errors over its "
+        f"batches), so {level} of them {'is' if level == 1 else 'are'} level with the best; seed-to-seed noise "
+        "is not measured (every trial trains with one seed)"
+    )
+
+
 def findings(
     trials: Sequence[TrialFacts],
     rules: StoredRules,
@@ -152,8 +184,11 @@ def findings(
     names: Sequence[str],
 ) -> list[str]:
     """The sentences every review shows under the study's summary: each rule's reach, then (for a Pareto
-    study) whether the front shows the weight buying anything."""
+    study) whether the front shows the weight buying anything, and how far the trials differ against noise."""
     lines = [reach.text() for reach in rules_reach(trials, rules, baseline).values()]
+    noise = noise_text(trials)
+    if noise:
+        lines.append(noise)
     if len(names) >= 2:
         bought = weight_bought_text(best, names[1])
         if bought:

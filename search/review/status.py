@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from koopman_search.search.pruning.rules import unjudged_epochs
-from koopman_search.search.review.reach import rules_reach, weight_bought_text
+from koopman_search.search.review.reach import noise_text, rules_reach, weight_bought_text
 from koopman_search.search.review.stored import objective_names, read_baseline, read_rules, trial_facts
 from koopman_search.search.review.summary import best_trials, summarize
 from koopman_search.search.storage import layout
@@ -101,4 +101,6 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
         "rules": {name: r.as_dict() for name, r in reach.items()},
         # set when the Pareto front holds a single Koopman weight: the study shows no trade-off
         "tradeoff": bought,
+        # the complete trials' val_ppl spread against what the validation set tells apart
+        "noise": noise_text(facts),
     }

@@ -109,6 +109,19 @@ def test_val_loss_is_token_weighted_over_every_validation_token(corpus: Corpus) 
     expected = float(F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")) / y.numel()
     assert val_loss == pytest.approx(expected, rel=1e-6)
     assert 0.0 <= nre < 1.0
+    # its standard error over the batches (clusters of windows): the ratio estimator's, by hand
+    per_token = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(n, 16)
+    sums = [float(per_token[i : i + 8].sum()) for i in range(0, n, 8)]
+    counts = [per_token[i : i + 8].numel() for i in range(0, n, 8)]
+    b = len(sums)
+    spread = sum((s - expected * c) ** 2 for s, c in zip(sums, counts, strict=True))
+    assert val["val_loss_se"] == pytest.approx(math.sqrt(b / (b - 1) * spread) / sum(counts), rel=1e-4)
+    assert 0 < val["val_loss_se"] < 0.1 * val_loss
+
+
+def test_one_validation_batch_has_no_standard_error(corpus: Corpus) -> None:
+    val = HybridKoopmanTrainer(tiny_config({"train.max_eval_batches": 1}), corpus).evaluate()
+    assert math.isfinite(val["val_loss"]) and math.isnan(val["val_loss_se"])
 
 
 def test_tiny_fallback_threshold_cuts_every_koopman_batch_and_warns_once_per_epoch(

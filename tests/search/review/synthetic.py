@@ -39,6 +39,7 @@ STEPS = 50
 BASELINE_VAL_PPL = [1402.5, 981.3, 760.2, 641.7, 569.9, 529.4, 504.8, 490.3, 481.6, 477.2]
 BASELINE_LM = [7.251, 6.894, 6.633, 6.462, 6.348, 6.271, 6.224, 6.196, 6.178, 6.164]
 BASELINE_LINEAR_NRE = [round(0.2 * 0.9**e, 5) for e in range(1, 11)]  # the baseline has the head-free measure too
+VAL_LOSS_SE = 0.004  # the validation set's standard error of val_loss in every epoch (0.4% of val_ppl)
 
 DISTRIBUTIONS = {
     "koopman_weight_max": FloatDistribution(0.01, 0.5, log=True),
@@ -158,6 +159,7 @@ def plan_records(plan: Plan) -> list[EpochRecord]:
                 koopman_k_eig_im=_eigs(0.3 * koopman, math.sin) if on else [],
                 val_linear_nre=BASELINE_LINEAR_NRE[e - 1] * (1 - 0.5 * weight),  # the weight buys linearity
                 val_linear_ppl=ppl * 1.02,
+                val_loss_se=VAL_LOSS_SE,
             )
         )
     return records

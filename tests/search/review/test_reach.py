@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from koopman_search.search.review.reach import findings, rules_reach, weight_bought_text
+from koopman_search.search.review.reach import findings, noise_text, rules_reach, weight_bought_text
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 
 
@@ -75,3 +75,31 @@ def test_a_front_of_one_weight_says_the_weight_bought_nothing() -> None:
     lines = findings(same, RULES, BASELINE, same, ["val_ppl", "val_linear_nre"])
     assert lines[-1] == text and len(lines) == 3
     assert len(findings(same, RULES, BASELINE, same, ["val_ppl"])) == 2  # one objective: no front to read
+
+
+def _final(number: int, ppl: float, se: float | None, state: str = "COMPLETE") -> TrialFacts:
+    columns = {"epoch": [1, 2], "val_ppl": [999.0, ppl], "val_loss_se": [0.5, se]}
+    return TrialFacts(number, number + 1, state, {}, (ppl, 1.0), columns)
+
+
+def test_noise_compares_the_trials_spread_with_two_standard_errors_of_the_validation_set() -> None:
+    trials = [
+        _final(0, 200.0, 0.004),
+        _final(1, 201.0, 0.005),  # 0.5% over the best: within 2 x 0.005 = 1%
+        _final(2, 201.9, 0.006),  # 0.95%: within
+        _final(3, 230.0, 0.002),  # 15% over
+        _final(4, 150.0, 0.001, state="PRUNED"),  # not complete: not counted
+    ]
+    # median standard error of the four complete trials' last epochs: sorted 0.002, 0.004, 0.005, 0.006 -> 0.005
+    assert noise_text(trials) == (
+        "val_ppl of the 4 complete trials spans 200.0–230.0 (15% apart); the validation set tells apart differences "
+        "over 1% (two standard errors over its batches), so 2 of them are level with the best; seed-to-seed "
+        "noise is not measured (every trial trains with one seed)"
+    )
+
+
+def test_no_noise_finding_without_two_complete_trials_or_a_stored_standard_error() -> None:
+    assert noise_text([_final(0, 200.0, 0.004)]) is None
+    assert noise_text([_final(0, 200.0, None), _final(1, 210.0, None)]) is None  # a study from before
+    lines = findings([_final(0, 200.0, 0.004), _final(1, 210.0, 0.004)], RULES, BASELINE, [], ["val_ppl"])
+    assert lines[-1].startswith("val_ppl of the 2 complete trials spans 200.0–210.0 (5% apart)")
