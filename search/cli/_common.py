@@ -183,8 +183,9 @@ def resolve_target(args: argparse.Namespace) -> StudyTarget:
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """``--n-trials``, ``--workers``, ``--trials-per-gpu`` and ``--threads`` are at least 1 when given."""
-    for name in ("n_trials", "workers", "trials_per_gpu", "threads"):
+    """``--n-trials``, ``--max-trials``, ``--workers``, ``--trials-per-gpu`` and ``--threads`` are at least 1 when
+    given."""
+    for name in ("n_trials", "max_trials", "workers", "trials_per_gpu", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, but got {name}={value}")

@@ -13,7 +13,7 @@ from koopman_search.search.cli._common import (
     spec_with_overrides,
     waiting_trials,
 )
-from koopman_search.search.errors import StudyNotFoundError
+from koopman_search.search.errors import SpecError, StudyNotFoundError
 from koopman_search.search.studyfile.spec import load_spec
 from koopman_search.search.studyfile.urls import redact_url
 
@@ -48,12 +48,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_study_args(p)
     add_worker_args(p)
     p.add_argument(
-        "--n-trials",
+        "--max-trials",
         type=int,
         metavar="N",
         help="run at most N trials from this command, split over its processes (default: until "
-        "the study's queue is empty); the study's own budget is set by create/launch",
+        "the study's queue is empty); the study's budget stays as create/launch --n-trials set it",
     )
+    # --n-trials is the study's budget in every command; a worker does not set it. Caught to say so, since
+    # this command once used the name for its own cap (now --max-trials).
+    p.add_argument("--n-trials", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -64,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from koopman_search.search.workers import build_supervisor
     from koopman_search.trainer.data import check_source
 
+    if args.n_trials is not None:
+        raise SpecError(
+            f"worker takes no --n-trials (got n_trials={args.n_trials}): --n-trials is the study's budget, set "
+            "by create or launch; --max-trials N caps the trials this command runs"
+        )
     check_counts(args)
     spec = spec_with_overrides(load_spec(args.study), args)  # validated before any storage is touched
     supervisor = build_supervisor(
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         trials_per_gpu=args.trials_per_gpu,
         workers=args.workers,
-        max_trials=args.n_trials,
+        max_trials=args.max_trials,
         threads=args.threads,
     )
     check_source(spec.trainer.data.source)  # this command trains: its data must be here
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         study = load_study(storage, spec.name)
         check_stored_definition(study, spec)  # the file the workers run is the one the study was made from
-        supervisor.expect_trials(waiting_trials(study, args.n_trials))
+        supervisor.expect_trials(waiting_trials(study, args.max_trials))
     except StudyNotFoundError:
         raise StudyNotFoundError(
             f"study {spec.name!r} does not exist in {redact_url(spec.storage_url)}; create it first with "

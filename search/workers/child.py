@@ -101,7 +101,7 @@ def child_main() -> int:
     if summary.interrupted:
         reason = "stopped"
     elif job.get("max_trials") is not None and n >= job["max_trials"]:
-        reason = f"ran its {n} trial(s) (--n-trials)"
+        reason = f"ran its {n} trial(s) (--max-trials)"
     else:
         reason = f"queue empty, {n} trial(s) run"
     writer.emit(events.EXIT, reason=reason)

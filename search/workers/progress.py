@@ -106,7 +106,7 @@ class TrialsProgress:
     """The n/N trials count and the run's ETA, for ``parallel`` trials at a time.
 
     ``total`` is the number of trials this run expects (the study's WAITING trials when it starts, at
-    most the ``--n-trials`` cap); None when unknown. A trial estimates its own remaining time from its
+    most the ``--max-trials`` cap); None when unknown. A trial estimates its own remaining time from its
     epoch times; the trials not yet started take the mean duration of those finished here (or, before
     any has finished, a running trial's epoch time × its epochs)."""
 

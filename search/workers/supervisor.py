@@ -64,7 +64,7 @@ class Supervisor:
         if not slots:
             raise SpecError("a supervisor needs at least one slot, but got slots=[]")
         if max_trials is not None and max_trials < 1:
-            raise SpecError(f"--n-trials must be >= 1, but got n_trials={max_trials}")
+            raise SpecError(f"--max-trials must be >= 1, but got max_trials={max_trials}")
         self._spec = spec
         self._command = list(command)
         # the slots' memory allocator, KOOPMAN_MALLOC (trainer/alloc.py); a bad value stops here, before any slot
@@ -315,7 +315,7 @@ class Supervisor:
         run.proc, run.readers = None, []
         if run.current is not None:  # it died in the middle of a trial
             if self._requeue(run.current, _describe_exit(code)):
-                run.started -= 1  # the killed attempt does not count toward --n-trials
+                run.started -= 1  # the killed attempt does not count toward --max-trials
             run.current = None
         how = _describe_exit(code)
         share_used = run.share is not None and run.started >= run.share

@@ -481,7 +481,7 @@ def test_a_killed_slots_trial_is_queued_again_at_once_and_the_command_ends_with_
     study = write_study(tmp_path, postgres_url, n_trials=4, epochs=4, start_epoch=1, slow=True)
     with logging_restored():
         assert main(["create", str(study)]) == 0
-    supervisor = Worker(study, ["--workers", "2", "--n-trials", "4"], worker_env, "supervisor", processes)
+    supervisor = Worker(study, ["--workers", "2", "--max-trials", "4"], worker_env, "supervisor", processes)
     victim = wait_for(
         running_with_checkpoint(postgres_url, (2, 3)), "a trial with a checkpoint to resume", alive=[supervisor]
     )

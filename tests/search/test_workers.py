@@ -293,7 +293,7 @@ def test_supervisor_does_not_restart_a_slot_that_failed_for_good(tmp_path: Path)
 
 def test_supervisor_restart_gets_the_rest_of_the_slots_trial_cap(tmp_path: Path) -> None:
     # each process finishes one trial, then crashes: finishing a trial resets the crash count, and the slot
-    # ends once it has started its share of --n-trials
+    # ends once it has started its share of --max-trials
     command = fake_worker(
         tmp_path,
         """
@@ -383,7 +383,8 @@ def test_worker_command_says_how_to_create_a_missing_study(tmp_path: Path, capsy
     [
         (["--gpus", "0;1"], "--gpus must be GPU indices separated by commas, like 0,1,3, or all, but got gpus='0;1'"),
         (["--workers", "0"], "--workers must be >= 1, but got workers=0"),
-        (["--n-trials", "0"], "--n-trials must be >= 1, but got n_trials=0"),
+        (["--max-trials", "0"], "--max-trials must be >= 1, but got max_trials=0"),
+        (["--n-trials", "4"], "worker takes no --n-trials (got n_trials=4): --n-trials is the study's budget"),
         (["--trials-per-gpu", "0"], "--trials-per-gpu must be >= 1, but got trials_per_gpu=0"),
     ],
 )
@@ -402,7 +403,7 @@ def test_worker_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> Non
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # help text is wrapped to the terminal
     assert "koopman-search worker studies/wikitext2.toml" in out and "--gpus all" in out
-    assert "--n-trials N run at most N trials from this command, split over its processes" in out
+    assert "--max-trials N run at most N trials from this command, split over its processes" in out
 
 
 # ---- trials that fail, in process --------------------------------------------------------------------------
