@@ -145,7 +145,8 @@ def weight_bought_text(front: Sequence[TrialFacts], linearity_metric: str | None
 
 
 def _last_finite(values: Sequence[float | None]) -> float | None:
-    return float(values[-1]) if values and _finite(values[-1]) else None
+    last = values[-1] if values else None
+    return float(last) if last is not None and _finite(last) else None
 
 
 def noise_text(trials: Sequence[TrialFacts]) -> str | None:
