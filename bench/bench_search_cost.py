@@ -26,6 +26,8 @@ runs go at a time, in separate processes, then the ``ks-2workers`` runs alone:
   ks-tpe-rungs-eta2   tpe-rungs with asha_reduction_factor = 2: rungs after 1, 2, 4 Koopman epochs, the top
                       half continuing at each (a high weight judged again after two epochs, as in ks-rung2,
                       after only one epoch paid by every trial)
+  ks-tpe-rungs-eta4   tpe-rungs with asha_reduction_factor = 4: rungs after 1 and 4 Koopman epochs, the top
+                      quarter continuing (fewer epochs, a sharper cut)
   one-epoch-topk      every trial one Koopman epoch (shared warmup from the baseline's checkpoints; TPE on the
                       one-epoch values), then the best 1/eta by non-dominated sorting and crowding at that epoch
                       continue to the end (Egele et al. 2023, "Is one epoch all you need ...")
@@ -95,6 +97,7 @@ VARIANTS = (
     "ks-tpe-rungs-min6",
     "ks-rung2",
     "ks-tpe-rungs-eta2",
+    "ks-tpe-rungs-eta4",
     "one-epoch-topk",
     "optuna-gp",
     "optuna-hyperband",
@@ -165,10 +168,10 @@ def build_spec(args: argparse.Namespace, variant: str, seed: int, tmp: Path) -> 
         study["sampler"] = "tpe"
     if variant in ("ks-min6", "ks-tpe-rungs-min6"):  # asha's rung decides from the 6th trial there on (2 x eta)
         study["asha_min_trials"] = 6
-    if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6", "ks-tpe-rungs-eta2"):
+    if variant in ("ks-tpe-rungs", "ks-tpe-rungs-min6", "ks-tpe-rungs-eta2", "ks-tpe-rungs-eta4"):
         study["sampler"] = "tpe-rungs"
-    if variant == "ks-tpe-rungs-eta2":
-        study["asha_reduction_factor"] = 2
+    if variant in ("ks-tpe-rungs-eta2", "ks-tpe-rungs-eta4"):
+        study["asha_reduction_factor"] = int(variant[-1])
     if variant == "ks-rung2":  # a high weight gets two Koopman epochs to buy linearity before a rung judges it
         study["asha_min_epochs"] = 2
     if variant in ("plain", "optuna-hyperband"):
