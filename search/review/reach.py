@@ -169,11 +169,12 @@ def noise_text(trials: Sequence[TrialFacts]) -> str | None:
     best, worst = values[0], values[-1]
     level = sum(1 for v in values[1:] if v / best - 1 <= resolution)
     spread = (worst / best - 1) * 100
+    others = "none of the others is" if level == 0 else f"{level} of the others {'is' if level == 1 else 'are'}"
     return (
         f"val_ppl of the {len(values)} complete trials spans {fmt(best)}–{fmt(worst)} ({spread:.2g}% apart); the "
         f"validation set tells apart differences over {resolution * 100:.2g}% (two standard errors over its "
-        f"batches), so {level} of them {'is' if level == 1 else 'are'} level with the best; seed-to-seed noise "
-        "is not measured (every trial trains with one seed)"
+        f"batches), so {others} level with the best; seed-to-seed noise is not measured (every trial trains "
+        "with one seed)"
     )
 
 

@@ -93,7 +93,7 @@ def test_noise_compares_the_trials_spread_with_two_standard_errors_of_the_valida
     # median standard error of the four complete trials' last epochs: sorted 0.002, 0.004, 0.005, 0.006 -> 0.005
     assert noise_text(trials) == (
         "val_ppl of the 4 complete trials spans 200.0–230.0 (15% apart); the validation set tells apart differences "
-        "over 1% (two standard errors over its batches), so 2 of them are level with the best; seed-to-seed "
+        "over 1% (two standard errors over its batches), so 2 of the others are level with the best; seed-to-seed "
         "noise is not measured (every trial trains with one seed)"
     )
 
@@ -103,3 +103,4 @@ def test_no_noise_finding_without_two_complete_trials_or_a_stored_standard_error
     assert noise_text([_final(0, 200.0, None), _final(1, 210.0, None)]) is None  # a study from before
     lines = findings([_final(0, 200.0, 0.004), _final(1, 210.0, 0.004)], RULES, BASELINE, [], ["val_ppl"])
     assert lines[-1].startswith("val_ppl of the 2 complete trials spans 200.0–210.0 (5% apart)")
+    assert "so none of the others is level with the best" in lines[-1]
