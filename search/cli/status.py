@@ -117,6 +117,8 @@ def status_text(data: dict[str, Any], full_names: bool = False, wide: bool = Fal
         lines.append(f"trade-off: {data['tradeoff']}")
     if data.get("noise"):
         lines.append(f"noise: {data['noise']}")
+    if data.get("against_baseline"):
+        lines.append(f"against the baseline: {data['against_baseline']}")
     if not wide:
         lines.append("--wide for every metric, and the notes in the table")
         lines = lines[:2] + [textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ") for line in lines[2:]]

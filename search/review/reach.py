@@ -22,7 +22,10 @@ from koopman_search.search.pruning.rules import unjudged_epochs
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 from koopman_search.search.review.summary import fmt
 
-__all__ = ["RuleReach", "findings", "noise_text", "rules_reach", "weight_bought_text"]
+__all__ = ["RuleReach", "against_baseline_text", "findings", "noise_text", "rules_reach", "weight_bought_text"]
+
+# Below this, φ is less spread than the states it encodes: collapsed (README, "What the words mean").
+PHI_COLLAPSED_BELOW = 0.8
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,50 @@ def noise_text(trials: Sequence[TrialFacts]) -> str | None:
     )
 
 
+def _at_epoch(columns: Any, metric: str, epoch: int) -> float | None:
+    """A stored record column's value at ``epoch``, or None."""
+    if not columns or epoch not in (columns.get("epoch") or []):
+        return None
+    values = columns.get(metric) or []
+    i = list(columns["epoch"]).index(epoch)
+    value = values[i] if i < len(values) else None
+    return float(value) if value is not None and _finite(value) else None
+
+
+def against_baseline_text(
+    front: Sequence[TrialFacts], baseline: StoredBaseline | None, metrics: Sequence[str]
+) -> str | None:
+    """The front's trials at their last epoch against the Koopman-off baseline at the same epoch, for each
+    objective but val_ppl that the baseline has too (val_linear_nre), and φ's spread against the states' own
+    (``phi_rank_ratio``). None when there is nothing to compare."""
+    parts = []
+    for metric in (m for m in metrics if m != "val_ppl"):
+        ratios = []
+        for t in front:
+            epoch = t.epoch_numbers[-1] if t.epoch_numbers else None
+            mine = _at_epoch(t.columns, metric, epoch) if epoch is not None else None
+            base = _at_epoch(baseline.columns, metric, epoch) if baseline is not None and epoch is not None else None
+            if mine is not None and base:
+                ratios.append(mine / base)
+        if ratios:
+            lo, hi = min(ratios), max(ratios)
+            span = f"{fmt(lo)}×" if lo == hi else f"{fmt(lo)}–{fmt(hi)}×"
+            parts.append(f"{metric} {span} the baseline's at the same epoch")
+    ranks = [r for r in (_last_finite(t.metric("phi_rank_ratio")) for t in front) if r is not None]
+    if ranks:
+        lo, hi = min(ranks), max(ranks)
+        span = fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+        collapsed = sum(1 for r in ranks if r < PHI_COLLAPSED_BELOW)
+        parts.append(
+            f"φ's effective rank {span} of the states' own (phi_rank_ratio; {collapsed} of {len(ranks)} under "
+            f"{PHI_COLLAPSED_BELOW}, collapsed)"
+        )
+    if not parts:
+        return None
+    who = "the best trial" if len(front) == 1 else f"the front's {len(front)} trials"
+    return f"{who} at the last epoch: " + "; ".join(parts)
+
+
 def findings(
     trials: Sequence[TrialFacts],
     rules: StoredRules,
@@ -191,6 +238,9 @@ def findings(
     noise = noise_text(trials)
     if noise:
         lines.append(noise)
+    koopman = against_baseline_text(best, baseline, names)
+    if koopman:
+        lines.append(koopman)
     if len(names) >= 2:
         bought = weight_bought_text(best, names[1])
         if bought:

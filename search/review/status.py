@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from koopman_search.search.pruning.rules import unjudged_epochs
-from koopman_search.search.review.reach import noise_text, rules_reach, weight_bought_text
+from koopman_search.search.review.reach import against_baseline_text, noise_text, rules_reach, weight_bought_text
 from koopman_search.search.review.stored import objective_names, read_baseline, read_rules, trial_facts
 from koopman_search.search.review.summary import best_trials, summarize
 from koopman_search.search.storage import layout
@@ -51,7 +51,8 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
     summary = summarize(facts, baseline)
     names = objective_names(study)
     reach = rules_reach(facts, read_rules(attrs), baseline)
-    bought = weight_bought_text(best_trials(study), names[1]) if len(names) >= 2 else None
+    front = best_trials(study)
+    bought = weight_bought_text(front, names[1]) if len(names) >= 2 else None
     trials = []
     for f in facts:
         last = {m: (f.metric(m)[-1] if f.metric(m) else None) for m in SHOWN_METRICS}
@@ -103,4 +104,6 @@ def status_data(study: optuna.Study) -> dict[str, Any]:
         "tradeoff": bought,
         # the complete trials' val_ppl spread against what the validation set tells apart
         "noise": noise_text(facts),
+        # the front's Koopman metrics against the baseline's at the same epoch, and φ's spread
+        "against_baseline": against_baseline_text(front, baseline, names),
     }

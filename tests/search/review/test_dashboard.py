@@ -241,3 +241,18 @@ def test_the_study_note_says_the_stock_importance_is_noise_under_ten_complete_tr
     complete = len(study.get_trials(states=(TrialState.COMPLETE,)))
     assert complete < 10
     assert f"until 10 trials are complete ({complete} so far)" in note
+
+
+def test_status_data_and_the_study_note_say_what_the_study_found(study: optuna.Study) -> None:
+    from koopman_search.search.review.status import status_data
+
+    data = status_data(study)
+    assert data["noise"].startswith("val_ppl of the 6 complete trials spans ")
+    assert "0.8% (two standard errors over its batches)" in data["noise"]  # VAL_LOSS_SE = 0.004
+    assert data["against_baseline"].startswith("the front's ")
+    assert (
+        "val_linear_nre " in data["against_baseline"] and "the baseline's at the same epoch" in data["against_baseline"]
+    )
+    annotate_study(study)
+    note = optuna_dashboard.get_note(study).replace("\\", "")  # the note escapes Markdown's _ and *
+    assert f"- {data['noise']}." in note and f"- {data['against_baseline']}." in note

@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from koopman_search.search.review.reach import findings, noise_text, rules_reach, weight_bought_text
+from koopman_search.search.review.reach import (
+    against_baseline_text,
+    findings,
+    noise_text,
+    rules_reach,
+    weight_bought_text,
+)
 from koopman_search.search.review.stored import StoredBaseline, StoredRules, TrialFacts
 
 
@@ -104,3 +110,24 @@ def test_no_noise_finding_without_two_complete_trials_or_a_stored_standard_error
     lines = findings([_final(0, 200.0, 0.004), _final(1, 210.0, 0.004)], RULES, BASELINE, [], ["val_ppl"])
     assert lines[-1].startswith("val_ppl of the 2 complete trials spans 200.0–210.0 (5% apart)")
     assert "so none of the others is level with the best" in lines[-1]
+
+
+def _koopman(number: int, nre: float, rank: float) -> TrialFacts:
+    columns = {"epoch": [1, 2, 3], "val_linear_nre": [0.2, 0.1, nre], "phi_rank_ratio": [None, 1.0, rank]}
+    return TrialFacts(number, number + 1, "COMPLETE", {}, (230.0, nre), columns)
+
+
+def test_the_front_against_the_baseline_at_the_same_epoch_and_phi_against_the_states() -> None:
+    baseline = StoredBaseline(
+        0, "complete", (1000.0, 800.0, 600.0), {"epoch": [1, 2, 3], "val_linear_nre": [0.3, 0.25, 0.2]}
+    )
+    front = [_koopman(0, 0.05, 1.1), _koopman(1, 0.1, 0.7)]
+    assert against_baseline_text(front, baseline, ["val_ppl", "val_linear_nre"]) == (
+        "the front's 2 trials at the last epoch: val_linear_nre 0.25–0.5× the baseline's at the same epoch; "
+        "φ's effective rank 0.7–1.1 of the states' own (phi_rank_ratio; 1 of 2 under 0.8, collapsed)"
+    )
+    assert against_baseline_text(front[:1], None, ["val_ppl", "val_linear_nre"]) == (
+        "the best trial at the last epoch: φ's effective rank 1.1 of the states' own (phi_rank_ratio; 0 of 1 "
+        "under 0.8, collapsed)"
+    )
+    assert against_baseline_text([], baseline, ["val_ppl", "val_linear_nre"]) is None
