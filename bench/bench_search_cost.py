@@ -81,6 +81,7 @@ from _common import (
     hypervolume_2d,
     machine_line,
     markdown_table,
+    pareto_front,
     setup_logging,
     study_file_dict,
 )
@@ -622,6 +623,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "match this run's) and report them beside this run's",
     )
     p.add_argument(
+        "--fronts",
+        metavar="JSON",
+        help="print the Pareto front of every run in this result file (variant, seed, then its (val_ppl, "
+        "val_linear_nre) points) and run nothing",
+    )
+    p.add_argument(
         "--only-missing",
         action="store_true",
         help="with --reuse: keep the earlier runs of the variants in --variants too, and run only the (variant, "
@@ -735,6 +742,9 @@ def log_run(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if args.fronts:
+        print(fronts_text(json.loads(Path(args.fronts).read_text())))
+        return 0
     variants = args.variants.split(",")
     if "syne-moasha" in variants:
         try:
@@ -787,6 +797,16 @@ def reuse(args: argparse.Namespace) -> list[Run]:
         runs.append(Run(**entry))
     logger.info("reused %d runs of %s from %s", len(runs), sorted({r.variant for r in runs}), args.reuse)
     return runs
+
+
+def fronts_text(result: dict[str, Any]) -> str:
+    """Each run's Pareto front of its final values, one line per run, by variant then seed."""
+    lines = []
+    for run in sorted(result["runs"], key=lambda r: (VARIANTS.index(r["variant"]), r["seed"])):
+        front = pareto_front([(float(a), float(b)) for a, b in run["finals"]])
+        points = ", ".join(f"({a:.1f}, {b:.4f})" for a, b in front)
+        lines.append(f"{run['variant']} seed {run['seed']}: {points or '-'}")
+    return "\n".join(lines)
 
 
 def finish(args: argparse.Namespace, runs: list[Run]) -> int:
