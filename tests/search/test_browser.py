@@ -7,7 +7,6 @@ them these tests FAIL, they do not skip. Screenshots go to ``test-artifacts/`` (
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +22,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from koopman_search.search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, make_server_for, write_report
+from koopman_search.search.review import FIGURE_IDS, SECTION_TITLES, annotate_study, write_report
 from koopman_search.search.storage.layout import BASELINE_ROLE_PREFIX, ROLE_ATTR
-from tests.search.review.synthetic import STUDY_NAME, make_review_study
+from tests.search.review.synthetic import STUDY_NAME, dashboard_at, make_review_study
 
 pytestmark = pytest.mark.browser
 
@@ -136,16 +135,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, optuna.Study]]:
     study = make_review_study(url)
     store = FileSystemArtifactStore(str(tmp_path))
     annotate_study(study, store)  # with the store: each trial note opens with its curves image
-    server = make_server_for(url, "127.0.0.1", 0, store)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    port = server.server_address[1]
-    try:
-        yield f"http://127.0.0.1:{port}", study
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with dashboard_at(url, store) as address:
+        yield address, study
 
 
 def test_dashboard_lists_the_study_and_renders_its_notes_and_figures(

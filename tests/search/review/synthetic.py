@@ -9,8 +9,10 @@ the ``koopman_search`` and ``baseline:seed=0`` study attrs, each trial through
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +22,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from koopman_search.search.pruning.rules import PruneRules
-from koopman_search.search.review import (
-    trial_facts,
-)
+from koopman_search.search.review import make_server_for, trial_facts
 from koopman_search.search.storage import layout
 from koopman_search.search.storage.layout import records_to_columns, round_significant
 from koopman_search.search.studyfile.spec import spec_from_dict
@@ -287,3 +287,18 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextmanager
+def dashboard_at(url: str, artifact_store: Any | None = None) -> Iterator[str]:
+    """koopman-search's dashboard server on ``url``'s storage, on a free loopback port, serving in a thread
+    while the block runs; yields its base address (``http://127.0.0.1:PORT``)."""
+    server = make_server_for(url, "127.0.0.1", 0, artifact_store)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -4,7 +4,6 @@ through a real server on a free loopback port."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +12,9 @@ from typing import Any
 import optuna
 import pytest
 
-from koopman_search.search.review import make_server_for
 from koopman_search.search.review.dashboard_app import list_label, order_studies
 from koopman_search.search.storage.layout import BASELINE_ROLE_PREFIX, ROLE_ATTR
+from tests.search.review.synthetic import dashboard_at
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -39,15 +38,8 @@ def _companion(url: str, owner: str) -> optuna.Study:
 @pytest.fixture
 def base(tmp_path: Path) -> Iterator[tuple[str, str]]:
     url = f"sqlite:///{tmp_path / 'list.db'}"
-    server = make_server_for(url, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", url
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with dashboard_at(url) as address:
+        yield address, url
 
 
 def _get(url: str) -> Any:
