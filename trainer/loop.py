@@ -347,7 +347,7 @@ class HybridKoopmanTrainer:
             val_linear_nre_blocks=val["val_linear_nre_blocks"],
             val_linear_ppl=val["val_linear_ppl"],
             val_linear_ppl_ratio=_ratio(val["val_linear_ppl"], _ppl(val_loss)),
-            val_loss_se=val.get("val_loss_se", math.nan),
+            val_loss_se=val["val_loss_se"],
             koopman_k_norm=heads.k_norm() if heads is not None else math.nan,
             koopman_k_radius=radius,
             koopman_k_eig_re=eig_re,

@@ -201,9 +201,10 @@ def against_baseline_text(
     for metric in (m for m in metrics if m != "val_ppl"):
         ratios = []
         for t in front:
-            epoch = t.epoch_numbers[-1] if t.epoch_numbers else None
-            mine = _at_epoch(t.columns, metric, epoch) if epoch is not None else None
-            base = _at_epoch(baseline.columns, metric, epoch) if baseline is not None and epoch is not None else None
+            if baseline is None or not t.epoch_numbers:
+                continue
+            mine = _at_epoch(t.columns, metric, t.epoch_numbers[-1])
+            base = _at_epoch(baseline.columns, metric, t.epoch_numbers[-1])
             if mine is not None and base:
                 ratios.append(mine / base)
         if ratios:
@@ -233,7 +234,8 @@ def findings(
     names: Sequence[str],
 ) -> list[str]:
     """The sentences every review shows under the study's summary: each rule's reach, then (for a Pareto
-    study) whether the front shows the weight buying anything, and how far the trials differ against noise."""
+    study) whether the front shows the weight buying anything, how far the trials differ against noise, and the
+    front's Koopman metrics against the baseline."""
     lines = [reach.text() for reach in rules_reach(trials, rules, baseline).values()]
     noise = noise_text(trials)
     if noise:
