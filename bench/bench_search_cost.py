@@ -53,12 +53,15 @@ seeds (the sampler's seed; the trainer's seed is the study's, so the baseline is
             as for epochs
   best      the lowest val_ppl of a complete trial
 
-The numbers also go to bench/results/search_cost.json (``--json`` to change, ``--json ""`` for none).
+The numbers also go to bench/results/search_cost.json (``--json`` to change, ``--json ""`` for none). With
+``--keep DIR`` every run's study stays in DIR; bench/replay_rungs.py replays pruning rules on plain's studies
+and measures how well a rung's values predict the final ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -617,6 +620,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log", metavar="FILE", help="the interrupted run's stderr (with --recover)")
     p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep every run's study (SQLite database and artifacts) in DIR, a new or empty folder, instead of a "
+        "scratch folder removed at the end: bench/replay_rungs.py replays pruning rules on plain's studies",
+    )
+    p.add_argument(
         "--reuse",
         metavar="JSON",
         help="keep the runs of the variants not in --variants from this earlier result file (its settings must "
@@ -638,6 +647,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants must be among {', '.join(VARIANTS)}, but got {unknown[0]!r}")
+    if args.keep:
+        keep = Path(args.keep)
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            p.error(f"--keep must name a new or empty folder, but {args.keep!r} holds files")
+        keep.mkdir(parents=True, exist_ok=True)
     if args.only_missing and not args.reuse:
         p.error("--only-missing needs --reuse JSON: the earlier runs it keeps")
     try:
@@ -761,7 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(v, s) for s in args.seeds for v in variants if v not in SOLO and (v, s) not in done]
     solo = [(v, s) for s in args.seeds for v in variants if v in SOLO and (v, s) not in done]
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-search-cost-") as tmp:
+    scratch = (
+        contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="bench-search-cost-")
+    )
+    with scratch as tmp:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {job: pool.submit(run_one, args, job[0], job[1], tmp) for job in jobs}
             for future in futures.values():
