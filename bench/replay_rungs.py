@@ -32,6 +32,8 @@ themselves cost, the most any pruner can keep):
   raw        val_linear_nre compared as it is at the rung, not divided by the baseline's value at the same epoch
              (a one-seed curve, here measured on few validation batches)
   smooth     val_linear_nre divided by the baseline's curve averaged over three epochs (e − 1, e, e + 1)
+  median     val_linear_nre divided by the median of the baseline's values at epochs e − 1, e, e + 1
+  ppl        ranked on val_ppl alone (the objective whose early values predict its end better)
   random     the same rungs and the same number kept, but who continues is drawn at random (each trial at a
              rung continues with probability keep / n), averaged over 50 draws: what the ranking adds
 """
@@ -53,7 +55,7 @@ OBJECTIVES = ("val_ppl", "val_linear_nre")
 TOTAL_LOSS_MAX, VAL_PPL_RATIO_MAX = 7.0, 1.3  # studies/wikitext2.toml's [rules]
 REF = 1.3  # bench_search_cost.py's reference point: 1.3 x the baseline's final value of each objective
 ETA = 3
-MODIFIERS = ("rung2", "eta2", "eta4", "progress", "union", "raw", "smooth", "random")
+MODIFIERS = ("rung2", "eta2", "eta4", "progress", "union", "raw", "smooth", "median", "random", "ppl")
 DRAWS = 50  # replays of a "random" rule per seed
 
 
@@ -158,6 +160,8 @@ def nre_curve(mods: set[str], base: Baseline) -> dict[str, list[float]]:
     if "smooth" in mods:
         windows = [curve[max(1, i - 1) : i + 2] for i in range(len(curve))]  # epoch 1 (untrained) left out
         curve = [curve[0]] + [statistics.mean(w) for w in windows[1:]]
+    if "median" in mods:
+        curve = [statistics.median(curve[max(0, i - 1) : i + 2]) for i in range(len(curve))]
     return {"val_linear_nre": curve}
 
 
@@ -197,10 +201,12 @@ def replay(
                 continue
             mine = rung_point(trial, k, base, curves)
             others = [rung_point(o, k, base, curves) for o, last in reached if last >= k]
+            if "ppl" in mods:  # ranked on val_ppl alone
+                mine, others = mine[:1], [o[:1] for o in others]
             d = decide(mine, others, eta)
             kept = rng.random() < d.keep / d.of if rng is not None and "random" in mods else d.kept
             if not kept and "union" in mods:
-                kept = any(sum(1 for o in others if o[m] < mine[m]) < d.keep for m in range(len(OBJECTIVES)))
+                kept = any(sum(1 for o in others if o[m] < mine[m]) < d.keep for m in range(len(mine)))
             if not kept:
                 stop, why = k, f"rung at Koopman epoch {k}: rank {d.rank} of {d.of}, keeps {d.keep}"
                 break
@@ -299,20 +305,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--plain {args.plain}: no cost-plain-*.db there")
     studies = {int(db.stem.rsplit("-", 1)[1]): load_trials(db) for db in dbs}
     print(f"baseline final val_ppl {base.val_ppl[-1]:.1f}, val_linear_nre {base.curves['val_linear_nre'][-1]:.4g}")
+    print("baseline val_linear_nre by epoch: " + ", ".join(f"{v:.3g}" for v in base.curves["val_linear_nre"]))
     if args.correlation:
         print("Spearman's rank correlation, a rung's values against the final ones (trials reaching the rung):")
         print(correlation_text(studies, base, (1, 3)))
         return 0
     print(f"seeds {sorted(studies)}; epochs and hypervolume as fractions of plain's (every trial, every epoch)")
+    finals = {seed: [(t.at("val_ppl", base.epochs), t.at("val_linear_nre", base.epochs)) for t in trials]
+              for seed, trials in studies.items()}  # fmt: skip
+    print(
+        "plain's hypervolume per seed: "
+        + ", ".join(f"{s}: {hypervolume_2d(f, ref):.5g}" for s, f in sorted(finals.items()))
+    )
     print("| rule | epochs vs plain (mean, min..max) | HV vs plain (mean, min..max) | per seed (epochs / HV) |")
     print("|---|---|---|---|")
     for rule in args.rules.split(","):
         ep, hv, cells = [], [], []
         for seed, trials in sorted(studies.items()):
             plain_epochs = sum(base.epochs for _ in trials)
-            plain_hv = hypervolume_2d(
-                [(t.at("val_ppl", base.epochs), t.at("val_linear_nre", base.epochs)) for t in trials], ref
-            )
+            plain_hv = hypervolume_2d(finals[seed], ref)
             draws = [random.Random(d) for d in range(DRAWS)] if "random" in rule.split("+") else [None]
             runs = [replay(trials, base, rule, rng) for rng in draws]
             ep.append(statistics.mean((paid + base.epochs) / plain_epochs for paid, _, _ in runs))
