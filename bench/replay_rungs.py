@@ -1,10 +1,16 @@
-"""Pruning rules replayed on finished plain studies: what each rule would have spent and kept on the same trials.
+"""Pruning rules replayed on finished unpruned studies: what each rule would have spent and kept on the same
+trials, and how well a rung's values predict the final ones.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_search_cost.py --variants plain --seeds 0,1,2,3,4 \
         --keep KEEP --json ""                 # plain's 40 trials per seed, every epoch recorded, kept in KEEP
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_search_cost.py --variants ks-tpe-rungs --seeds 0 \
         --keep KEEP-KS --json ""              # any study with the search's baseline: its curves are read
     .venv/bin/python bench/replay_rungs.py --plain KEEP --baseline KEEP-KS/cost-ks-tpe-rungs-0.db
+    .venv/bin/python bench/replay_rungs.py --plain studies/mine.db --correlation   # a study of your own
+
+Any study run with ``pruner = "none"`` (every trial trained to its last epoch) can be read: ``--correlation``
+needs nothing else (a study with ``baseline.val_ppl = "auto"`` holds its baseline); the replayed rules use
+studies/wikitext2.toml's rules and the reference point below.
 
 A plain study trains every trial to its last epoch and stores every epoch's record, so a pruning rule can be
 replayed on it without training anything: the trials are taken in their order (one worker: every earlier
@@ -56,7 +62,7 @@ TOTAL_LOSS_MAX, VAL_PPL_RATIO_MAX = 7.0, 1.3  # studies/wikitext2.toml's [rules]
 REF = 1.3  # bench_search_cost.py's reference point: 1.3 x the baseline's final value of each objective
 ETA = 3
 MODIFIERS = ("rung2", "eta2", "eta4", "progress", "union", "raw", "smooth", "median", "random", "ppl")
-DRAWS = 50  # replays of a "random" rule per seed
+DRAWS = 50  # replays of a "random" rule per study
 
 
 @dataclass
@@ -78,19 +84,36 @@ class Baseline:
     epochs: int
 
 
-def load_trials(db: Path) -> list[Trial]:
+def _start_of(params: dict[str, Any], columns: dict[str, list[Any]]) -> int:
+    """The trial's koopman_start_epoch: its parameter, else the epoch before its first with a Koopman weight."""
+    if "koopman_start_epoch" in params:
+        return int(params["koopman_start_epoch"])
+    weighted = [e for e, w in zip(columns["epoch"], columns["koopman_weight"], strict=True) if w]
+    return (weighted[0] - 1) if weighted else columns["epoch"][-1]
+
+
+def load_trials(db: Path) -> dict[str, list[Trial]]:
+    """The complete trials of each search in the SQLite database ``db`` (baseline companions left out), by
+    study name. A search with a pruned trial cannot be replayed (the trial's later epochs were never trained);
+    failed, running and waiting trials are left out."""
     import optuna
 
     from koopman_search.search.storage import layout
 
-    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
-    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
-    out = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if t.state.name != "COMPLETE":
-            raise SystemExit(f"{db}: trial {t.number} is {t.state.name}; a plain study's trials all complete")
-        columns = layout.trial_attrs(t)[layout.RECORDS]
-        out.append(Trial(t.number, int(t.params["koopman_start_epoch"]), dict(t.params), columns))
+    out = {}
+    for summary in optuna.get_all_study_summaries(f"sqlite:///{db}"):
+        study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+        if str(study.user_attrs.get(layout.ROLE_ATTR, "")).startswith(layout.BASELINE_ROLE_PREFIX):
+            continue
+        trials = []
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if t.state.name == "PRUNED":
+                raise SystemExit(f"{db}: study {summary.study_name}: trial {t.number} was pruned; replay a study run "
+                                 'with pruner = "none"')  # fmt: skip
+            columns = layout.trial_attrs(t).get(layout.RECORDS)
+            if t.state.name == "COMPLETE" and columns:
+                trials.append(Trial(t.number, _start_of(t.params, columns), dict(t.params), columns))
+        out[summary.study_name] = trials
     return out
 
 
@@ -110,7 +133,7 @@ def load_baseline(db: Path) -> Baseline:
                     {"val_linear_nre": [float(v) for v in records["val_linear_nre"]]},
                     len(records["epoch"]),
                 )
-    raise SystemExit(f"{db}: no complete baseline in its study")
+    raise SystemExit(f"{db}: no complete baseline in its studies (--baseline DB names one that has)")
 
 
 # ---- the rules -----------------------------------------------------------------------------------------------
@@ -244,8 +267,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
         return math.nan
 
 
-def correlation_text(studies: dict[int, list[Trial]], base: Baseline, rungs: Sequence[int]) -> str:
-    """Per seed, the rank correlation between a trial's values at each rung (as asha ranks them) and its final
+def correlation_text(studies: dict[str, list[Trial]], base: Baseline, rungs: Sequence[int]) -> str:
+    """Per study, the rank correlation between a trial's values at each rung (as asha ranks them) and its final
     values, per objective: what successive halving rests on (1: the rung orders trials as their ends will).
     The last pair of columns reads the values one epoch before the end (every trial at the same epoch): how
     well the final value is predicted at all, its own noise included."""
@@ -258,9 +281,9 @@ def correlation_text(studies: dict[int, list[Trial]], base: Baseline, rungs: Seq
 
     probes = [(f"Koopman epoch {k}", probe(k)) for k in rungs] + [(f"epoch {last - 1}", probe(None))]
     head = [f"{m} at {label}" for label, _ in probes for m in OBJECTIVES]
-    lines = ["| seed | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines = ["| study | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     columns: list[list[float]] = [[] for _ in head]
-    for seed, trials in sorted(studies.items()):
+    for name, trials in sorted(studies.items()):
         cells = []
         for _, values_of in probes:
             there = [(t, v) for t in trials if (v := values_of(t)) is not None]
@@ -268,7 +291,7 @@ def correlation_text(studies: dict[int, list[Trial]], base: Baseline, rungs: Seq
                 rho = spearman([v[m] for _, v in there], [t.at(metric, last) for t, _ in there])
                 columns[len(cells)].append(rho)
                 cells.append(f"{rho:+.2f} ({len(there)})")
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| mean | " + " | ".join(f"{statistics.mean(c):+.2f}" for c in columns) + " |")
     return "\n".join(lines)
 
@@ -283,8 +306,20 @@ def _params(trial: Trial) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = doc_parser(__doc__)
-    p.add_argument("--plain", required=True, metavar="DIR", help="bench_search_cost.py --keep DIR of plain runs")
-    p.add_argument("--baseline", required=True, metavar="DB", help="a study database holding the baseline")
+    p.add_argument(
+        "--plain",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="SQLite databases of studies run with no pruner, or folders of them (bench_search_cost.py --keep DIR "
+        "of plain runs)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="DB",
+        help="a study database holding a complete baseline (default: the first --plain database; plain runs of "
+        "bench_search_cost.py have none)",
+    )
     p.add_argument("--rules", default="rules,asha,asha+rung2,asha+eta4,asha+progress,asha+union,asha+raw,asha+smooth")
     p.add_argument("--explain", default="", help="a rule whose stops of plain's front trials are listed")
     p.add_argument(
@@ -298,36 +333,37 @@ def main(argv: list[str] | None = None) -> int:
         head, *mods = rule.split("+")
         if rule != "rules" and (head != "asha" or any(m not in MODIFIERS for m in mods)):
             p.error(f"--rules: each is asha with modifiers among {', '.join(MODIFIERS)} joined by +, but got {rule!r}")
-    base = load_baseline(Path(args.baseline))
+    dbs = [db for path in map(Path, args.plain) for db in (sorted(path.glob("*.db")) if path.is_dir() else [path])]
+    missing = [db for db in dbs if not db.is_file()]
+    if missing or not dbs:
+        raise SystemExit(f"--plain: no SQLite database at {missing[0] if missing else args.plain[0]}")
+    base = load_baseline(Path(args.baseline) if args.baseline else dbs[0])
     ref = (REF * base.val_ppl[-1], REF * base.curves["val_linear_nre"][-1])
-    dbs = sorted(Path(args.plain).glob("cost-plain-*.db"))
-    if not dbs:
-        raise SystemExit(f"--plain {args.plain}: no cost-plain-*.db there")
-    studies = {int(db.stem.rsplit("-", 1)[1]): load_trials(db) for db in dbs}
+    studies = {name: trials for db in dbs for name, trials in load_trials(db).items() if trials}
     print(f"baseline final val_ppl {base.val_ppl[-1]:.1f}, val_linear_nre {base.curves['val_linear_nre'][-1]:.4g}")
     print("baseline val_linear_nre by epoch: " + ", ".join(f"{v:.3g}" for v in base.curves["val_linear_nre"]))
     if args.correlation:
         print("Spearman's rank correlation, a rung's values against the final ones (trials reaching the rung):")
         print(correlation_text(studies, base, (1, 3)))
         return 0
-    print(f"seeds {sorted(studies)}; epochs and hypervolume as fractions of plain's (every trial, every epoch)")
-    finals = {seed: [(t.at("val_ppl", base.epochs), t.at("val_linear_nre", base.epochs)) for t in trials]
-              for seed, trials in studies.items()}  # fmt: skip
+    print(f"studies {', '.join(sorted(studies))}; epochs and hypervolume as fractions of the unpruned study's")
+    finals = {name: [(t.at("val_ppl", base.epochs), t.at("val_linear_nre", base.epochs)) for t in trials]
+              for name, trials in studies.items()}  # fmt: skip
     print(
-        "plain's hypervolume per seed: "
+        "the unpruned studies' hypervolume: "
         + ", ".join(f"{s}: {hypervolume_2d(f, ref):.5g}" for s, f in sorted(finals.items()))
     )
-    print("| rule | epochs vs plain (mean, min..max) | HV vs plain (mean, min..max) | per seed (epochs / HV) |")
+    print("| rule | epochs vs plain (mean, min..max) | HV vs plain (mean, min..max) | per study (epochs / HV) |")
     print("|---|---|---|---|")
     for rule in args.rules.split(","):
         ep, hv, cells = [], [], []
-        for seed, trials in sorted(studies.items()):
+        for name, trials in sorted(studies.items()):
             plain_epochs = sum(base.epochs for _ in trials)
-            plain_hv = hypervolume_2d(finals[seed], ref)
+            plain_hv = hypervolume_2d(finals[name], ref)
             draws = [random.Random(d) for d in range(DRAWS)] if "random" in rule.split("+") else [None]
             runs = [replay(trials, base, rule, rng) for rng in draws]
             ep.append(statistics.mean((paid + base.epochs) / plain_epochs for paid, _, _ in runs))
-            hv.append(statistics.mean(hypervolume_2d(finals, ref) / plain_hv for _, finals, _ in runs))
+            hv.append(statistics.mean(hypervolume_2d(kept, ref) / plain_hv for _, kept, _ in runs))
             stops = runs[0][2]
             cells.append(f"{ep[-1]:.1%} / {hv[-1]:.1%}")
             if rule == args.explain:
@@ -336,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for t, line in ((t, s) for t in trials for s in stops if s.startswith(f"trial {t.number} ")):
                     if (t.at("val_ppl", base.epochs), t.at("val_linear_nre", base.epochs)) in front:
-                        print(f"  seed {seed}: front trial ({_params(t)}) {line}", file=sys.stderr)
+                        print(f"  {name}: front trial ({_params(t)}) {line}", file=sys.stderr)
         print(
             f"| {rule} | {statistics.mean(ep):.1%} ({min(ep):.1%}..{max(ep):.1%}) | "
             f"{statistics.mean(hv):.1%} ({min(hv):.1%}..{max(hv):.1%}) | {', '.join(cells)} |"

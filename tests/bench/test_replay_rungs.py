@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,25 @@ def test_the_correlation_table_reads_each_rung_against_the_end() -> None:
     row = table.splitlines()[2]
     # Koopman epoch 1: +1 and -1; epoch 3 (the one before the last) is 1.0 for every trial: no correlation
     assert row == "| 7 | +1.00 (5) | -1.00 (5) | +nan (5) | +nan (5) |"
+
+
+@pytest.mark.slow
+def test_a_study_run_without_a_pruner_is_read_and_a_pruned_one_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from koopman_search.search.cli import main
+    from tests.search.study_files import write_study
+
+    unpruned = write_study(tmp_path / "unpruned", n_trials=6, epochs=4)  # no pruner, rules out of reach
+    assert main(["-q", "launch", str(unpruned), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert replay_rungs.main(["--plain", str(unpruned.parent / "tiny.db"), "--correlation"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("baseline final val_ppl ")  # the study's own auto baseline
+    row = next(line for line in out if line.startswith("| tiny | "))
+    assert row.split(" | ")[1].endswith("(6)")  # all six trials at their first Koopman epoch
+
+    pruned = write_study(tmp_path / "pruned", n_trials=2, epochs=4, val_ppl_ratio_max=0.5)  # the rule stops all
+    assert main(["-q", "launch", str(pruned), "--workers", "1"]) == 0
+    with pytest.raises(SystemExit, match="trial 0 was pruned"):
+        replay_rungs.main(["--plain", str(pruned.parent / "tiny.db"), "--correlation"])
