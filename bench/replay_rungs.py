@@ -15,7 +15,7 @@ studies/wikitext2.toml's rules and the reference point below.
 A plain study trains every trial to its last epoch and stores every epoch's record, so a pruning rule can be
 replayed on it without training anything: the trials are taken in their order (one worker: every earlier
 trial has finished when a trial reaches a rung), the study's rules (total loss over 7.0 from the first Koopman
-epoch, val_ppl over 1.3 x the baseline's at the same epoch) stop a trial first, then the rule's rungs decide
+epoch, val_ppl over 1.3 x the baseline's at the same epoch, a NaN loss) stop a trial first, then the rule's rungs decide
 with the search's own decision (koopman_search.search.pruning.asha.decide, on the values asha ranks: ratios to
 the baseline at the same epoch). A trial pays its Koopman epochs up to where it stopped (the shared warmup
 gives it the first s); the baseline's epochs are added once per study. The hypervolume is that of the trials
@@ -214,6 +214,9 @@ def replay(
         stop, why = n_k, ""
         for k in range(1, n_k + 1):
             epoch = trial.start + k
+            if any(math.isnan(trial.at(m, epoch)) for m in ("total_loss", "val_ppl")):
+                stop, why = k, "non-finite"
+                break
             if trial.at("total_loss", epoch) > TOTAL_LOSS_MAX:
                 stop, why = k, f"total_loss {trial.at('total_loss', epoch):.2f}"
                 break
