@@ -50,7 +50,7 @@ import math
 import random
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,38 +92,41 @@ def _start_of(params: dict[str, Any], columns: dict[str, list[Any]]) -> int:
     return (weighted[0] - 1) if weighted else columns["epoch"][-1]
 
 
+def _studies(db: Path) -> Iterator[Any]:
+    """Every study in the SQLite database ``db``."""
+    import optuna
+
+    url = f"sqlite:///{db}"
+    for summary in optuna.get_all_study_summaries(url, include_best_trial=False):
+        yield optuna.load_study(study_name=summary.study_name, storage=url)
+
+
 def load_trials(db: Path) -> dict[str, list[Trial]]:
     """The complete trials of each search in the SQLite database ``db`` (baseline companions left out), by
     study name. A search with a pruned trial cannot be replayed (the trial's later epochs were never trained);
     failed, running and waiting trials are left out."""
-    import optuna
-
     from koopman_search.search.storage import layout
 
     out = {}
-    for summary in optuna.get_all_study_summaries(f"sqlite:///{db}"):
-        study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+    for study in _studies(db):
         if str(study.user_attrs.get(layout.ROLE_ATTR, "")).startswith(layout.BASELINE_ROLE_PREFIX):
             continue
         trials = []
         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
             if t.state.name == "PRUNED":
-                raise SystemExit(f"{db}: study {summary.study_name}: trial {t.number} was pruned; replay a study run "
+                raise SystemExit(f"{db}: study {study.study_name}: trial {t.number} was pruned; replay a study run "
                                  'with pruner = "none"')  # fmt: skip
             columns = layout.trial_attrs(t).get(layout.RECORDS)
             if t.state.name == "COMPLETE" and columns:
                 trials.append(Trial(t.number, _start_of(t.params, columns), dict(t.params), columns))
-        out[summary.study_name] = trials
+        out[study.study_name] = trials
     return out
 
 
 def load_baseline(db: Path) -> Baseline:
-    import optuna
-
     from koopman_search.search.storage import layout
 
-    for summary in optuna.get_all_study_summaries(f"sqlite:///{db}"):
-        study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+    for study in _studies(db):
         for key, value in layout.study_attrs(study).items():
             complete = isinstance(value, dict) and value.get("state") == "complete"
             if layout.baseline_key_seed(key) is not None and complete:
@@ -140,11 +143,10 @@ def load_baseline(db: Path) -> Baseline:
 
 
 def geometric(first: int, eta: int, koopman_epochs: int) -> list[int]:
-    out, k = [], first
-    while k < koopman_epochs:
-        out.append(k)
-        k *= eta
-    return out
+    """Rungs after first, first·η, first·η², ... Koopman epochs, before the last: the search's own."""
+    from koopman_search.search.studyfile.prune_settings import AshaSettings
+
+    return AshaSettings(reduction_factor=eta, min_epochs=first).rungs(koopman_epochs)
 
 
 def progress_rungs(trial: Trial, koopman_epochs: int, epochs: int) -> list[int]:
@@ -207,6 +209,13 @@ def replay(
     mods = set(rule.split("+")[1:])
     curves, eta = nre_curve(mods, base), eta_of(mods)
     reached: list[tuple[Trial, int]] = []  # (trial, the last Koopman epoch it has a record at)
+    seen: dict[tuple[int, int], tuple[float, ...]] = {}  # (trial number, k) -> its rung values, read once
+
+    def point(t: Trial, k: int) -> tuple[float, ...]:
+        if (t.number, k) not in seen:
+            seen[t.number, k] = rung_point(t, k, base, curves)
+        return seen[t.number, k]
+
     paid, finals, stops = 0, [], []
     for trial in trials:
         n_k = epochs - trial.start
@@ -225,8 +234,8 @@ def replay(
                 break
             if k not in rungs:
                 continue
-            mine = rung_point(trial, k, base, curves)
-            others = [rung_point(o, k, base, curves) for o, last in reached if last >= k]
+            mine = point(trial, k)
+            others = [point(o, k) for o, last in reached if last >= k]
             if "ppl" in mods:  # ranked on val_ppl alone
                 mine, others = mine[:1], [o[:1] for o in others]
             d = decide(mine, others, eta)
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     for rule in args.rules.split(","):
         ep, hv, cells = [], [], []
         for name, trials in sorted(studies.items()):
-            plain_epochs = sum(base.epochs for _ in trials)
+            plain_epochs = base.epochs * len(trials)
             plain_hv = hypervolume_2d(finals[name], ref)
             draws = [random.Random(d) for d in range(DRAWS)] if "random" in rule.split("+") else [None]
             runs = [replay(trials, base, rule, rng) for rng in draws]
